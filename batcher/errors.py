@@ -1,0 +1,77 @@
+"""Every error batcher raises derives from :class:`BatcherError`.
+
+::
+
+    BatcherError
+    ├── UsageError                 a bad flag or option: exit 2, one line, no traceback
+    ├── ManifestError              the manifest as a whole is unusable (exit 2, nothing sent)
+    ├── SchemaError                a model registry file is malformed
+    ├── RowError                   one row failed; carries .row_id, .request_id, .status
+    │   └── InvalidRow             the row broke the model's schema; never sent
+    └── ApiError                   the API answered something the run cannot go on with
+        ├── AuthError              401 / 403: stop at once
+        ├── OutOfCredits           406: stop submitting, finish in-flight work
+        └── UnknownModel           404 on submit: the model slug does not exist
+
+Messages never contain the API key: the key lives only in the HTTP client's
+headers and is never formatted into text.
+"""
+
+from __future__ import annotations
+
+
+class BatcherError(Exception):
+    """Base of every error batcher raises on purpose."""
+
+
+class UsageError(BatcherError):
+    """A command-line flag or API option is wrong."""
+
+
+class ManifestError(BatcherError):
+    """The manifest cannot be used at all (unreadable, duplicate ids, unknown columns)."""
+
+
+class SchemaError(BatcherError):
+    """A model registry file is malformed."""
+
+
+class RowError(BatcherError):
+    """A single row ended in failure; the context travels as attributes."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        row_id: str | None = None,
+        request_id: str | None = None,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.row_id = row_id
+        self.request_id = request_id
+        self.status = status
+
+
+class InvalidRow(RowError):
+    """The row broke its model's parameter schema; it is never submitted."""
+
+
+class ApiError(BatcherError):
+    """The API answered in a way that stops the run (not a single row)."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class AuthError(ApiError):
+    """401 or 403: the key is missing, wrong, or lacks permission."""
+
+
+class OutOfCredits(ApiError):
+    """406: the account has no credits left for new jobs."""
+
+
+class UnknownModel(ApiError):
+    """404 on submit: no such model slug."""

@@ -1,0 +1,190 @@
+"""Validate one job's parameters against its model, reporting every problem at once.
+
+Values are coerced the way a CSV cell needs (``"0.8"`` -> 0.8, ``"true"`` -> True);
+an empty cell or ``None`` counts as "not given", so the server's default applies.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from batcher.schemas.spec import ModelSpec, ParamSpec, did_you_mean
+
+_TRUE = frozenset({"true", "t", "yes", "y", "1", "on"})
+_FALSE = frozenset({"false", "f", "no", "n", "0", "off"})
+
+
+def show(value: object, limit: int = 60) -> str:
+    """A short, readable rendering of a value for an error message."""
+    text = value if isinstance(value, str) else repr(value)
+    if isinstance(value, str) and (not value or value != value.strip() or "," in value):
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One broken rule: which parameter, what value, which rule."""
+
+    param: str
+    value: object
+    rule: str
+
+    def __str__(self) -> str:
+        return f"{self.param}={show(self.value)} {self.rule}"
+
+
+@dataclass(frozen=True)
+class Validated:
+    """The coerced parameters that were given, and every error and warning found."""
+
+    params: dict[str, Any]
+    errors: tuple[Problem, ...]
+    warnings: tuple[Problem, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def message(self) -> str:
+        return "; ".join(str(p) for p in self.errors)
+
+
+class _Bad(ValueError):
+    """A value could not be coerced; the text is the rule it broke."""
+
+
+def _is_missing(value: object) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    return isinstance(value, str) and value.strip() == ""
+
+
+def _to_int(value: object) -> int:
+    if isinstance(value, bool):
+        raise _Bad("is not an integer")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if value.is_integer():
+            return int(value)
+        raise _Bad("is not an integer")
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return int(text)
+        except ValueError:
+            pass
+        try:
+            number = float(text)
+        except ValueError:
+            raise _Bad("is not an integer") from None
+        if number.is_integer():
+            return int(number)
+    raise _Bad("is not an integer")
+
+
+def _to_number(value: object) -> float | int:
+    if isinstance(value, bool):
+        raise _Bad("is not a number")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        number = value
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise _Bad("is not a number") from None
+    else:
+        raise _Bad("is not a number")
+    if not math.isfinite(number):
+        raise _Bad("is not a finite number")
+    return number
+
+
+def _to_bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+    raise _Bad("is not a boolean (use true or false)")
+
+
+def _to_str(value: object, spec: ParamSpec) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise _Bad("is not a string")
+    text = str(value)
+    if spec.is_image and not text.strip():
+        raise _Bad("is empty")
+    return text
+
+
+def coerce(value: object, spec: ParamSpec) -> object:
+    """The value converted to the parameter's type, or :class:`ValueError` with the rule."""
+    if spec.type == "integer":
+        return _to_int(value)
+    if spec.type == "number":
+        return _to_number(value)
+    if spec.type == "boolean":
+        return _to_bool(value)
+    return _to_str(value, spec)
+
+
+def _range_problem(value: float, spec: ParamSpec) -> str | None:
+    if spec.minimum is not None and value < spec.minimum:
+        return f"is below the minimum {show(spec.minimum)}"
+    if spec.maximum is not None and value > spec.maximum:
+        return f"is above the maximum {show(spec.maximum)}"
+    return None
+
+
+def validate(model: ModelSpec, raw: Mapping[str, object]) -> Validated:
+    """Check and coerce one job's parameters; never raises for a bad value."""
+    params: dict[str, Any] = {}
+    errors: list[Problem] = []
+    warnings: list[Problem] = []
+    for name, value in raw.items():
+        spec = model.params.get(name)
+        if spec is None:
+            hint = did_you_mean(name, model.params)
+            errors.append(Problem(name, value, f"is not a parameter of {model.slug}{hint}"))
+            continue
+        if _is_missing(value):
+            if value is None and spec.nullable:
+                params[name] = None
+            continue
+        try:
+            coerced = coerce(value, spec)
+        except ValueError as exc:
+            errors.append(Problem(name, value, str(exc)))
+            continue
+        if isinstance(coerced, int | float) and not isinstance(coerced, bool):
+            problem = _range_problem(coerced, spec)
+            if problem:
+                errors.append(Problem(name, value, problem))
+                continue
+        if spec.enum is not None and coerced not in spec.enum:
+            allowed = ", ".join(spec.enum[:6]) + (", ..." if len(spec.enum) > 6 else "")
+            hint = did_you_mean(str(coerced), spec.enum)
+            rule = f"is not one of the allowed values ({allowed}){hint}"
+            if spec.enum_strict:
+                errors.append(Problem(name, value, rule))
+                continue
+            warnings.append(Problem(name, value, rule + "; sent anyway, the server decides"))
+        params[name] = coerced
+    for name in model.required_params:
+        if name not in params:
+            errors.append(Problem(name, raw.get(name, ""), "is required"))
+    return Validated(params, tuple(errors), tuple(warnings))
