@@ -1,0 +1,84 @@
+"""Run the emulator on a real socket: in-process (async context manager) or as `batcher sim`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from types import TracebackType
+from typing import Any
+
+from aiohttp import web
+
+from batcher.sim.app import Emulator
+from batcher.sim.config import SimConfig
+
+log = logging.getLogger(__name__)
+
+
+class SimServer:
+    """The emulator listening on ``host:port`` (port 0 picks a free one)::
+
+    async with SimServer(SimConfig(time_scale=0.001)) as sim:
+        client = SegmindClient(api_key=key, base_url=sim.base_url + "/v1")
+    """
+
+    def __init__(
+        self, config: SimConfig | None = None, *, host: str = "127.0.0.1", port: int = 0
+    ) -> None:
+        self.emulator = Emulator(config)
+        self._host = host
+        self._port = port
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    @property
+    def base_url(self) -> str:
+        if self.port is None:
+            raise RuntimeError("the emulator is not running")
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def config(self) -> SimConfig:
+        return self.emulator.config
+
+    def stats(self) -> dict[str, Any]:
+        return self.emulator.snapshot()
+
+    async def start(self) -> None:
+        # access_log=None: a line per request would cost more than the request itself.
+        self._runner = web.AppRunner(
+            self.emulator.app(), access_log=None, handler_cancellation=True
+        )
+        await self._runner.setup()
+        sock = socket.socket(socket.AF_INET6 if ":" in self._host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self._host, self._port))
+        site = web.SockSite(self._runner, sock, backlog=1024)
+        await site.start()
+        self.port = sock.getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> SimServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+async def serve(config: SimConfig, host: str, port: int) -> None:
+    """Serve until cancelled, printing the base URL first (scripts read that line)."""
+    async with SimServer(config, host=host, port=port) as sim:
+        print(f"batcher sim listening on {sim.base_url}", flush=True)
+        await asyncio.Event().wait()
