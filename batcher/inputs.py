@@ -1,0 +1,261 @@
+"""A job's image parameters (``face_image``, ``id_image``, ...) as the API wants them.
+
+A manifest value is one of:
+
+- an ``http(s)`` URL: sent unchanged (Segmind fetches it);
+- a ``data:`` URL or bare base64 image data: sent unchanged;
+- a local file path, relative to the manifest's folder (absolute paths allowed):
+  read, checked with Pillow, and sent as **plain base64** (no ``data:`` prefix).
+  Plain base64 is what Segmind's docs describe for image inputs; a data URL would
+  only add a guess about the media type.
+
+Each distinct file is read and encoded once per run, however many rows use it. The
+cache is keyed by the resolved absolute path and bounded in bytes (least recently
+used goes first), so a manifest with a million distinct files cannot exhaust memory.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import os
+import re
+import stat
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import anyio
+import anyio.to_thread
+from PIL import Image
+
+from batcher.errors import InvalidRow
+from batcher.sink import IMAGE_FORMATS, is_base64_image
+
+__all__ = ["ImageInputs", "InputError"]
+
+_URL = re.compile(r"https?://", re.IGNORECASE)
+_OTHER_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_WS = re.compile(r"\s+")
+_REFERENCE_MAX = 200
+#: Resolved-path memo entries kept (a name -> path map; small next to the data cache).
+_MAX_ALIASES = 65_536
+
+Kind = Literal["url", "inline", "other-url", "path"]
+
+
+class InputError(InvalidRow, ValueError):
+    """An image parameter cannot be used; the message names the parameter and the file.
+
+    It is an :class:`~batcher.errors.InvalidRow` (the row is never sent) and a
+    ValueError; the caller fills in ``row_id`` when it knows it.
+    """
+
+
+class _Problem(Exception):
+    """What is wrong with a file, without the parameter name (several may share it)."""
+
+
+@dataclass(eq=False)
+class _Pending:
+    """One in-flight read that concurrent resolves of the same file wait on."""
+
+    done: anyio.Event = field(default_factory=anyio.Event)
+    encoded: str | None = None
+    problem: str | None = None
+
+
+def _kind(value: str) -> Kind:
+    if _URL.match(value):
+        return "url"
+    if value[:5].lower() == "data:" or is_base64_image(value):
+        return "inline"
+    if _OTHER_URL.match(value):
+        return "other-url"
+    return "path"
+
+
+class ImageInputs:
+    """Resolves image parameters for a whole run, reading each local file once."""
+
+    def __init__(
+        self,
+        base_dir: Path,
+        *,
+        max_file_bytes: int = 20 * 1024 * 1024,
+        cache_bytes: int = 512 * 1024 * 1024,
+        max_pixels: int = 50_000_000,
+    ) -> None:
+        for name, limit in (
+            ("max_file_bytes", max_file_bytes),
+            ("cache_bytes", cache_bytes),
+            ("max_pixels", max_pixels),
+        ):
+            if limit <= 0:
+                raise ValueError(f"{name} must be positive, got {limit}")
+        self._base = os.path.abspath(base_dir)
+        self._max_file_bytes = max_file_bytes
+        self._cache_bytes = cache_bytes
+        self._max_pixels = max_pixels
+        self._cache: OrderedDict[str, str] = OrderedDict()
+        self._cached = 0
+        self._aliases: OrderedDict[str, str] = OrderedDict()
+        self._pending: dict[str, _Pending] = {}
+        #: File reads performed so far (cache hits and shared reads do not count).
+        self.reads = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageInputs(base_dir={self._base!r}, max_file_bytes={self._max_file_bytes}, "
+            f"cache_bytes={self._cache_bytes}, max_pixels={self._max_pixels})"
+        )
+
+    async def resolve(self, param: str, value: str) -> str:
+        """The value to send for ``param``: a URL or base64 as given, else the file's base64.
+
+        Raises :class:`InputError` for a missing, unreadable, oversized or non-image
+        file, or a URL scheme other than http(s).
+        """
+        if not value.strip():
+            raise InputError(f"{param}: empty value")
+        kind = _kind(value)
+        if kind in ("url", "inline"):
+            return value
+        if kind == "other-url":
+            scheme = value.partition(":")[0]
+            raise InputError(f"{param}={value}: unsupported URL scheme {scheme!r} (http(s) only)")
+        try:
+            path = await self._resolved(os.path.join(self._base, value))
+        except _Problem as exc:
+            raise InputError(f"{param}={value}: {exc}") from None
+
+        while (pending := self._pending.get(path)) is not None:
+            await pending.done.wait()
+            if pending.problem is not None:
+                raise InputError(f"{param}={value}: {pending.problem}")
+            if pending.encoded is not None:
+                return pending.encoded
+            # The reader died without a verdict (an unexpected error): look again, and
+            # read for ourselves if nobody else has started.
+        if (hit := self._cache.get(path)) is not None:
+            self._cache.move_to_end(path)
+            return hit
+
+        pending = self._pending[path] = _Pending()
+        try:
+            self.reads += 1
+            encoded = await anyio.to_thread.run_sync(self._load, path)
+            pending.encoded = encoded
+            self._store(path, encoded)
+        except _Problem as exc:
+            pending.problem = str(exc)
+            raise InputError(f"{param}={value}: {exc}") from None
+        finally:
+            del self._pending[path]
+            pending.done.set()
+        return encoded
+
+    def reference(self, param: str, value: str) -> str:
+        """A short, body-free record of ``value`` for the results table.
+
+        A URL stays (cut at 200 characters); a local path becomes ``file:<path as
+        given>``; inline data becomes ``base64:<sha256[:16]> (<n> bytes)`` of the decoded
+        image (of the text itself if it does not decode). ``param`` is accepted so the
+        call mirrors :meth:`resolve`; the reference does not depend on it.
+        """
+        kind = _kind(value)
+        if kind == "path":
+            return "file:" + value
+        if kind == "inline":
+            payload = value.partition(",")[2] if value[:5].lower() == "data:" else value
+            try:
+                body = base64.b64decode(_WS.sub("", payload), validate=True)
+            except binascii.Error:
+                body = value.encode("utf-8", "surrogatepass")
+            return f"base64:{hashlib.sha256(body).hexdigest()[:16]} ({len(body)} bytes)"
+        if len(value) > _REFERENCE_MAX:
+            return value[:_REFERENCE_MAX] + "..."
+        return value
+
+    async def _resolved(self, joined: str) -> str:
+        """The resolved absolute path for ``joined``; memoised so cache hits skip a thread."""
+        if (known := self._aliases.get(joined)) is not None:
+            self._aliases.move_to_end(joined)
+            return known
+        path = await anyio.to_thread.run_sync(_resolve_path, joined)
+        self._aliases[joined] = path
+        if len(self._aliases) > _MAX_ALIASES:
+            self._aliases.popitem(last=False)
+        return path
+
+    def _store(self, path: str, encoded: str) -> None:
+        size = len(encoded)  # ASCII: one byte a character
+        if size > self._cache_bytes:
+            return
+        self._cache[path] = encoded
+        self._cached += size
+        while self._cached > self._cache_bytes:
+            _, evicted = self._cache.popitem(last=False)
+            self._cached -= len(evicted)
+
+    def _load(self, path: str) -> str:
+        """Read, check and encode one file. Blocking: runs in a worker thread."""
+        data = _read_capped(path, self._max_file_bytes)
+        _check_image(data, self._max_pixels)
+        return base64.b64encode(data).decode("ascii")
+
+
+def _resolve_path(joined: str) -> str:
+    try:
+        return str(Path(joined).resolve())
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise _Problem(f"cannot resolve the path ({joined}): {exc}") from None
+
+
+def _read_capped(path: str, max_bytes: int) -> bytes:
+    try:
+        info = os.stat(path)
+        if stat.S_ISDIR(info.st_mode):
+            raise _Problem(f"is a folder, not a file ({path})")
+        # Checked before opening: opening a FIFO or a device could block for ever.
+        if not stat.S_ISREG(info.st_mode):
+            raise _Problem(f"not a regular file ({path})")
+        if info.st_size > max_bytes:
+            raise _Problem(f"file is {info.st_size} bytes, over the {max_bytes} byte limit")
+        with open(path, "rb") as handle:
+            data = handle.read(max_bytes + 1)  # +1: a file that grew since stat is caught
+    except FileNotFoundError:
+        raise _Problem(f"file not found (looked in {path})") from None
+    except PermissionError:
+        raise _Problem(f"permission denied ({path})") from None
+    except OSError as exc:
+        raise _Problem(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(data) > max_bytes:
+        raise _Problem(f"file is over the {max_bytes} byte limit")
+    if not data:
+        raise _Problem(f"file is empty ({path})")
+    return data
+
+
+def _check_image(data: bytes, max_pixels: int) -> None:
+    Image.init()
+    formats = [name for name in IMAGE_FORMATS if name in Image.OPEN]
+    try:
+        with Image.open(io.BytesIO(data), formats=formats) as image:
+            width, height = image.size
+            image.verify()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # The warning arrives here as an exception only when warnings are errors (as in
+        # the tests); otherwise Pillow prints it and the pixel check below rejects.
+        raise _Problem(f"image dimensions are absurd ({exc})") from None
+    except Exception as exc:  # Pillow's plugins raise many types for "not an image"
+        accepted = ", ".join(sorted({fmt for fmt, _ in IMAGE_FORMATS.values()}))
+        raise _Problem(f"not an image ({accepted}): {type(exc).__name__}: {exc}") from None
+    if width * height > max_pixels:
+        raise _Problem(
+            f"image is {width}x{height} ({width * height / 1e6:.1f} megapixels), "
+            f"over the {max_pixels / 1e6:g} megapixel limit"
+        )

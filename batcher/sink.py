@@ -1,0 +1,360 @@
+"""Turn a finished job's ``output`` into verified image files on disk.
+
+The flow for one job: :func:`output_items` normalises the API's ``output`` field
+into strings; each is either inline image data (:func:`decode_inline`) or a public
+URL (:func:`download`); :func:`write_image` checks the bytes with Pillow and
+writes them atomically under ``<out_dir>/images/``. The file work is blocking on
+purpose: callers run it in a worker thread (``anyio.to_thread.run_sync``).
+
+File names come from :func:`safe_stem`, which can never leave the images folder
+whatever the row id holds, and never maps two row ids to one name.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import logging
+import os
+import re
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import anyio
+from PIL import Image
+
+__all__ = [
+    "IMAGE_FORMATS",
+    "CorruptImage",
+    "DownloadLimits",
+    "DownloadTooLarge",
+    "IncompleteDownload",
+    "SavedImage",
+    "decode_inline",
+    "download",
+    "is_base64_image",
+    "output_items",
+    "remove_partials",
+    "safe_stem",
+    "write_image",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Pillow formats batcher accepts, with (format, extension) as written to disk.
+#: Opening is restricted to these so a hostile file cannot reach an obscure decoder.
+#: MPO is how Pillow names some multi-frame JPEGs; the file is a valid JPEG.
+IMAGE_FORMATS: dict[str, tuple[str, str]] = {
+    "PNG": ("png", "png"),
+    "JPEG": ("jpeg", "jpg"),
+    "MPO": ("jpeg", "jpg"),
+    "WEBP": ("webp", "webp"),
+    "GIF": ("gif", "gif"),
+    "BMP": ("bmp", "bmp"),
+    "TIFF": ("tiff", "tiff"),
+    "AVIF": ("avif", "avif"),
+}
+
+_STEM_MAX = 80
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_URL = re.compile(r"https?://", re.IGNORECASE)
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+_B64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
+_WS = re.compile(r"\s+")
+#: Shortest bare base64 taken as image data; real images are far longer.
+_MIN_B64_CHARS = 16
+_CHUNK = 64 * 1024
+_PART = ".part"
+
+
+class CorruptImage(ValueError):
+    """The bytes are not an image Pillow can decode (or not one of IMAGE_FORMATS)."""
+
+
+class IncompleteDownload(Exception):
+    """The body ended before its declared length: transient, safe to retry."""
+
+
+class DownloadTooLarge(ValueError):
+    """The body is (or declares itself) larger than ``DownloadLimits.max_bytes``."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SavedImage:
+    """One image written to disk; ``path`` is POSIX and relative to the output dir."""
+
+    path: str
+    width: int
+    height: int
+    format: str
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class DownloadLimits:
+    """Bounds on fetching one output URL."""
+
+    max_bytes: int = 50 * 1024 * 1024
+    timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.max_bytes <= 0:
+            raise ValueError(f"max_bytes must be positive, got {self.max_bytes}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
+
+
+def safe_stem(row_id: str) -> str:
+    """A file-name stem for ``row_id`` that cannot escape a folder or collide.
+
+    Characters outside ``[A-Za-z0-9._-]`` become ``_``; leading dots and dashes go
+    (no hidden files, nothing a shell tool reads as an option); the readable part is
+    capped at 80 characters. The first 8 hex digits of the id's SHA-256 are always
+    appended, so ids that clean to the same text ("a/b", "a_b") stay distinct.
+    """
+    digest = hashlib.sha256(row_id.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    readable = _UNSAFE.sub("_", row_id).lstrip(".-")[:_STEM_MAX] or "row"
+    return f"{readable}_{digest}"
+
+
+def output_items(output: object) -> list[str]:
+    """Normalise the API's ``output`` into a non-empty list of strings.
+
+    Accepts a string, a ``{"url": ...}`` / ``{"image": ...}`` mapping, or a list of
+    either (the v2 shape for ``samples > 1`` and ``base64: true`` is not documented).
+    """
+    elements = output if isinstance(output, list) else [output]
+    if not elements:
+        raise ValueError("output is an empty list: the job returned no images")
+    items = [_output_item(element, index) for index, element in enumerate(elements)]
+    return items
+
+
+def _output_item(element: object, index: int) -> str:
+    value = element
+    if isinstance(element, dict):
+        value = next((element[key] for key in ("url", "image") if key in element), None)
+        if value is None:
+            keys = ", ".join(sorted(map(str, element))) or "none"
+            raise ValueError(
+                f"output[{index}] is an object without 'url' or 'image' (keys: {keys})"
+            )
+    if not isinstance(value, str):
+        raise ValueError(
+            f"output[{index}] is {type(value).__name__}, expected a URL or base64 string"
+        )
+    value = value.strip()
+    if not value:
+        raise ValueError(f"output[{index}] is an empty string")
+    return value
+
+
+def is_base64_image(text: str) -> bool:
+    """True when ``text`` looks like bare base64 of an image (cheap, no full decode).
+
+    The whole string must be standard base64 (whitespace allowed) and its first bytes
+    must carry a known image signature. The signature test is what keeps a path such
+    as ``/data/face/img1`` (valid base64 alphabet) from being taken for image data.
+    """
+    compact = _WS.sub("", text)
+    if len(compact) < _MIN_B64_CHARS or len(compact) % 4 or not _B64.fullmatch(compact):
+        return False
+    return _has_image_signature(base64.b64decode(compact[:_MIN_B64_CHARS]))
+
+
+def _has_image_signature(head: bytes) -> bool:
+    return (
+        head.startswith(b"\x89PNG\r\n\x1a\n")
+        or head.startswith(b"\xff\xd8\xff")
+        or head.startswith((b"GIF87a", b"GIF89a"))
+        or (head.startswith(b"RIFF") and head[8:12] == b"WEBP")
+        or head.startswith((b"II*\x00", b"MM\x00*"))
+        or (head.startswith(b"BM") and head[6:10] == b"\0\0\0\0")  # reserved words
+        or head[4:8] == b"ftyp"
+    )
+
+
+def decode_inline(item: str) -> bytes | None:
+    """Decode inline image data; ``None`` for an http(s) URL to download instead.
+
+    Inline data is a ``data:image/...;base64,`` URL or bare base64 whose bytes start
+    with an image signature. Anything else (another scheme, a path, junk) is a
+    ValueError. CPU-bound for large strings: call it from a worker thread.
+    """
+    text = item.strip()
+    if _URL.match(text):
+        return None
+    if text[:5].lower() == "data:":
+        return _decode_data_url(text)
+    if is_base64_image(text):
+        return base64.b64decode(_WS.sub("", text), validate=True)
+    if scheme := _SCHEME.match(text):
+        raise ValueError(f"unsupported output scheme {scheme.group()!r}: {_preview(text)}")
+    raise ValueError(f"output is neither an http(s) URL nor base64 image data: {_preview(text)}")
+
+
+def _decode_data_url(text: str) -> bytes:
+    header, comma, payload = text.partition(",")
+    media_type, *params = header[5:].split(";")
+    media_type = media_type.strip().lower()
+    if not comma or "base64" not in (p.strip().lower() for p in params):
+        raise ValueError(f"data URL is not base64-encoded: {_preview(text)}")
+    if not (media_type.startswith("image/") or media_type in ("", "application/octet-stream")):
+        raise ValueError(f"data URL holds {media_type!r}, not an image")
+    try:
+        data = base64.b64decode(_WS.sub("", payload), validate=True)
+    except binascii.Error as exc:
+        raise ValueError(f"data URL payload is not valid base64: {exc}") from None
+    if not data:
+        raise ValueError("data URL payload is empty")
+    return data
+
+
+def _preview(text: str, limit: int = 60) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+async def download(session: aiohttp.ClientSession, url: str, limits: DownloadLimits) -> bytes:
+    """Fetch a public output URL into memory, within ``limits``.
+
+    ``session`` must NOT carry the ``x-api-key`` header: output URLs are public
+    (often a CDN or a signed bucket URL) and the key must never leave for another
+    host; a session that has it is refused. A non-2xx answer raises
+    ``aiohttp.ClientResponseError``; a body cut short raises :class:`IncompleteDownload`
+    (retry it); a body over the cap raises :class:`DownloadTooLarge`; the whole fetch
+    past ``timeout_s`` raises ``TimeoutError``.
+    """
+    scheme = url.partition(":")[0].lower() if ":" in url else ""
+    if scheme not in ("http", "https"):
+        raise ValueError(f"refusing to download {scheme or 'scheme-less'!r} URL: only http(s)")
+    if any(name.lower() == "x-api-key" for name in session.headers):
+        raise ValueError("download session carries x-api-key; output URLs need no key")
+
+    shown = url.partition("?")[0]  # a signed URL's query is a credential: keep it out of errors
+    with anyio.fail_after(limits.timeout_s):
+        async with session.get(url) as response:
+            response.raise_for_status()
+            declared = response.content_length
+            if declared is not None and declared > limits.max_bytes:
+                raise DownloadTooLarge(
+                    f"{shown}: Content-Length {declared} is over the {limits.max_bytes} byte cap"
+                )
+            body = bytearray()
+            try:
+                async for chunk in response.content.iter_chunked(_CHUNK):
+                    body += chunk
+                    if len(body) > limits.max_bytes:
+                        raise DownloadTooLarge(
+                            f"{shown}: body passed the {limits.max_bytes} byte cap"
+                        )
+            except aiohttp.ClientPayloadError as exc:
+                raise IncompleteDownload(
+                    f"{shown}: body cut short after {len(body)} bytes"
+                ) from exc
+            # aiohttp checks the length itself; this guards a plain (not re-encoded) body.
+            encoded = "Content-Encoding" in response.headers
+            if declared is not None and not encoded and len(body) != declared:
+                raise IncompleteDownload(f"{shown}: got {len(body)} of {declared} bytes")
+    return bytes(body)
+
+
+def _identify(data: bytes) -> tuple[int, int, str]:
+    """Check ``data`` decodes as an allowed image; return width, height, Pillow format."""
+    Image.init()
+    formats = [name for name in IMAGE_FORMATS if name in Image.OPEN]
+    # Pillow's plugins raise a zoo of types for bad data (OSError, SyntaxError,
+    # struct.error, DecompressionBomb*...): any of them means "not a usable image".
+    try:
+        with Image.open(io.BytesIO(data), formats=formats) as probe:
+            probe.verify()
+        with Image.open(io.BytesIO(data), formats=formats) as image:
+            image.load()  # verify() skips pixel data; a truncated JPEG fails only here
+            width, height = image.size
+            fmt = image.format
+    except Exception as exc:
+        raise CorruptImage(f"not a decodable image ({type(exc).__name__}: {exc})") from exc
+    if fmt not in IMAGE_FORMATS:
+        raise CorruptImage(f"unsupported image format {fmt!r}")
+    return width, height, fmt
+
+
+def write_image(out_dir: Path, row_id: str, index: int, data: bytes) -> SavedImage:
+    """Verify ``data`` and write it atomically as ``images/<stem>_<index>.<ext>``. Blocking.
+
+    The bytes go to a ``.part`` file in the same folder, are fsynced, then renamed over
+    the final name, so a crash leaves either the old file or the new one, never half
+    (leftover ``.part`` files are swept by :func:`remove_partials`). Rewriting the same
+    row and sample replaces the file: retries are idempotent.
+    """
+    if isinstance(index, bool) or index < 0:
+        raise ValueError(f"index must be a sample number >= 0, got {index!r}")
+    width, height, pillow_format = _identify(data)
+    fmt, ext = IMAGE_FORMATS[pillow_format]
+
+    images_dir = out_dir / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    name = f"{safe_stem(row_id)}_{index}.{ext}"
+    root = images_dir.resolve()
+    final = root / name
+    # safe_stem already guarantees this; checked again so a future change cannot regress.
+    if final.resolve().parent != root:
+        raise ValueError(f"refusing to write {name!r} outside {root}")
+
+    _atomic_write(final, data)
+    logger.debug("saved %s (%dx%d %s, %d bytes)", final, width, height, fmt, len(data))
+    return SavedImage(
+        path=f"images/{name}",
+        width=width,
+        height=height,
+        format=fmt,
+        bytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+
+
+def _atomic_write(final: Path, data: bytes) -> None:
+    temp = final.with_name(f"{final.name}.{secrets.token_hex(4)}{_PART}")
+    # os.open rather than tempfile: the mode then follows the umask like any output file.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    fd = os.open(temp, flags | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, final)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(final.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (POSIX only; Windows cannot open a folder)."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_partials(out_dir: Path) -> int:
+    """Delete ``*.part`` files a crash left in ``out_dir/images``; return how many. Blocking."""
+    images_dir = out_dir / "images"
+    if not images_dir.is_dir():
+        return 0
+    removed = 0
+    for path in images_dir.glob(f"*{_PART}"):
+        if path.is_file() or path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed += 1
+    if removed:
+        logger.info("removed %d partial file(s) from %s", removed, images_dir)
+    return removed
