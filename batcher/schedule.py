@@ -1,0 +1,417 @@
+"""When to poll a job next: the square-root checking rule over a learned latency model.
+
+With a cost ``c1`` per status poll and ``c2`` per second a completion goes unnoticed,
+the optimal density of polls at ``t`` seconds after submit is
+``sqrt(c2 * h(t) / (2 * c1))``, ``h`` being the hazard of the job's latency
+(Barlow, Hunter & Proschan 1963; Keller 1974; see ``POLLING.md``). This module turns
+that into one pure decision, :func:`next_poll_delay`; the caller keeps the heap of
+ids and the clock. Latency is modelled per model as a log-normal learned online
+(:class:`LatencyModel`), starting from the model page's prior.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from batcher.errors import UsageError
+
+__all__ = [
+    "PRESSURE_GAIN",
+    "LatencyModel",
+    "PollConfig",
+    "cost_ratio_for",
+    "expected_polls",
+    "next_poll_delay",
+    "normal_cdf",
+    "normal_pdf",
+    "normal_ppf",
+    "normal_sf",
+    "poll_times",
+    "simulate_schedule",
+]
+
+#: At full pressure (submits waiting for rate-limit tokens) a poll is worth
+#: ``1 + PRESSURE_GAIN`` times more than when the limit is slack, so unclamped gaps
+#: grow by ``sqrt(1 + PRESSURE_GAIN)``, about 3.2x. Then a poll spent is a job's
+#: worth of throughput lost (jobs/min <= RPM / requests per job): a 163 s job drops
+#: from ~14.5 status polls to ~5.6 while detection stays under 5% of its median
+#: (2.5 s -> 7.2 s late); a 7.7 s job hits the gap cap first (5.7 -> 4.3 polls).
+PRESSURE_GAIN = 9.0
+
+_SIGMA_FLOOR = 0.05
+_FORGET = 0.999  # weight kept by the past per new observation: ~1,000-job memory
+_TINY_S = 1e-9
+_SQRT2 = math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+# --- the standard normal, pure Python -------------------------------------------------
+
+
+def normal_pdf(z: float) -> float:
+    """Density of the standard normal at ``z``."""
+    return _INV_SQRT_2PI * math.exp(-0.5 * z * z)
+
+
+def normal_cdf(z: float) -> float:
+    """``P(Z <= z)``; through ``erfc`` so the lower tail keeps its relative precision."""
+    return 0.5 * math.erfc(-z / _SQRT2)
+
+
+def normal_sf(z: float) -> float:
+    """``P(Z > z)``, accurate in the upper tail where ``1 - normal_cdf`` is not."""
+    return 0.5 * math.erfc(z / _SQRT2)
+
+
+# Acklam's rational approximation of the inverse normal CDF (relative error < 1.2e-9),
+# then one Halley step on erfc, which brings it to double precision.
+_A = (-3.969683028665376e01, 2.209460984245205e02, -2.759285104469687e02,
+      1.383577518672690e02, -3.066479806614716e01, 2.506628277459239e00)  # fmt: skip
+_B = (-5.447609879822406e01, 1.615858368580409e02, -1.556989798598866e02,
+      6.680131188771972e01, -1.328068155288572e01)  # fmt: skip
+_C = (-7.784894002430293e-03, -3.223964580411365e-01, -2.400758277161838e00,
+      -2.549732539343734e00, 4.374664141464968e00, 2.938163982698783e00)  # fmt: skip
+_D = (7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e00,
+      3.754408661907416e00)  # fmt: skip
+_P_LOW = 0.02425
+
+
+def _acklam(p: float) -> float:
+    if p < _P_LOW:
+        q = math.sqrt(-2.0 * math.log(p))
+        num = ((((_C[0] * q + _C[1]) * q + _C[2]) * q + _C[3]) * q + _C[4]) * q + _C[5]
+        return num / ((((_D[0] * q + _D[1]) * q + _D[2]) * q + _D[3]) * q + 1.0)
+    if p > 1.0 - _P_LOW:
+        q = math.sqrt(-2.0 * math.log1p(-p))
+        num = ((((_C[0] * q + _C[1]) * q + _C[2]) * q + _C[3]) * q + _C[4]) * q + _C[5]
+        return -num / ((((_D[0] * q + _D[1]) * q + _D[2]) * q + _D[3]) * q + 1.0)
+    q = p - 0.5
+    r = q * q
+    num = (((((_A[0] * r + _A[1]) * r + _A[2]) * r + _A[3]) * r + _A[4]) * r + _A[5]) * q
+    return num / (((((_B[0] * r + _B[1]) * r + _B[2]) * r + _B[3]) * r + _B[4]) * r + 1.0)
+
+
+def normal_ppf(p: float) -> float:
+    """The ``z`` with ``normal_cdf(z) == p``, for ``0 < p < 1``."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"normal_ppf needs 0 < p < 1, got {p!r}")
+    z = _acklam(p)
+    err = normal_cdf(z) - p
+    u = err / normal_pdf(z)
+    return z - u / (1.0 + 0.5 * z * u)
+
+
+def _mills_inverse(z: float) -> float:
+    """``pdf(z) / sf(z)``, the hazard of the standard normal, finite for every ``z``."""
+    if z < 35.0:
+        return normal_pdf(z) / normal_sf(z)
+    # sf underflows near z = 38; from z = 35 the asymptotic series is exact to 1e-10.
+    inv = 1.0 / (z * z)
+    return z / (1.0 + inv * (-1.0 + inv * (3.0 - 15.0 * inv)))
+
+
+# --- configuration --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class PollConfig:
+    """How status polls are spaced; every duration is multiplied by ``time_scale``."""
+
+    #: Multiplies the latency priors and every duration below (the emulator can run
+    #: time-scaled: 0.001 makes a 163 s job 0.163 s).
+    time_scale: float = 1.0
+    #: No poll before this quantile of the latency distribution.
+    first_quantile: float = 0.03
+    #: c2/c1 of POLLING.md with the rate limit slack: how many polls one second of
+    #: detection lag is worth, for a job far longer than ``lag_reference_s``.
+    cost_ratio: float = 5.5
+    #: Lag also costs throughput in proportion to the job's own length (an in-flight
+    #: slot idles for lag/median of its work), so for a model of median ``m`` the
+    #: ratio used is ``cost_ratio * (1 + lag_reference_s / m)``: a second of lag on a
+    #: 5 s job counts double. See :func:`cost_ratio_for` for why one constant fails.
+    lag_reference_s: float = 5.0
+    min_gap_s: float = 0.5
+    #: A gap is at most this fraction of the model's current median latency, so a
+    #: wrong model costs bounded lag. Not 0.1: for a 7.7 s model that cap (0.77 s)
+    #: binds over the whole completion window and alone costs ~7 polls a job.
+    max_gap_fraction: float = 0.2
+    #: A gap is never longer than this, whatever the median.
+    max_gap_s: float = 120.0
+    #: Results vanish this long after submit.
+    retention_s: float = 3600.0
+    #: Every job is polled by ``submit + retention_safety * retention_s``.
+    retention_safety: float = 0.5
+    #: Gaps are multiplied by a uniform factor in ``[1 - jitter, 1 + jitter]``.
+    jitter: float = 0.1
+    #: The model-page prior counts as this many observed completions.
+    prior_weight: float = 5.0
+
+    def __post_init__(self) -> None:
+        positive = {
+            "time_scale": self.time_scale,
+            "cost_ratio": self.cost_ratio,
+            "lag_reference_s": self.lag_reference_s,
+            "min_gap_s": self.min_gap_s,
+            "max_gap_fraction": self.max_gap_fraction,
+            "max_gap_s": self.max_gap_s,
+            "retention_s": self.retention_s,
+            "prior_weight": self.prior_weight,
+        }
+        for name, value in positive.items():
+            if not (math.isfinite(value) and value > 0):
+                raise UsageError(f"PollConfig.{name} must be a positive number, got {value!r}")
+        if not 0.0 < self.first_quantile < 0.5:
+            raise UsageError(
+                f"PollConfig.first_quantile must be in (0, 0.5), got {self.first_quantile!r}"
+            )
+        if not 0.0 < self.retention_safety <= 1.0:
+            raise UsageError(
+                f"PollConfig.retention_safety must be in (0, 1], got {self.retention_safety!r}"
+            )
+        if not 0.0 <= self.jitter < 1.0:
+            raise UsageError(f"PollConfig.jitter must be in [0, 1), got {self.jitter!r}")
+        if self.max_gap_s < self.min_gap_s:
+            raise UsageError(
+                f"PollConfig.max_gap_s ({self.max_gap_s}) is below min_gap_s ({self.min_gap_s})"
+            )
+        if self.min_gap_s >= self.retention_safety * self.retention_s:
+            raise UsageError("PollConfig.min_gap_s must be far shorter than the retention window")
+
+    @property
+    def deadline_s(self) -> float:
+        """Seconds after submit by which every job has been polled at least once."""
+        return self.retention_safety * self.retention_s * self.time_scale
+
+
+# --- the latency model ----------------------------------------------------------------
+
+
+class LatencyModel:
+    """Online log-normal estimate of one model's submit->completion latency.
+
+    The log-latencies are summarised by a weighted mean and sum of squared deviations
+    (West's update: the running sums of ``log t`` and ``log**2 t`` without their
+    cancellation). The prior enters as ``prior_weight`` observations at ``log median``
+    with variance ``sigma**2``; every observation multiplies the weight of the past by
+    0.999, so the estimate follows drift (a slower GPU pool, longer queues) over about
+    a thousand completions.
+    """
+
+    __slots__ = ("_m2", "_mean", "_n", "_weight")
+
+    def __init__(self, median_s: float, sigma: float, cfg: PollConfig) -> None:
+        if not (math.isfinite(median_s) and median_s > 0):
+            raise UsageError(f"prior median latency must be positive, got {median_s!r}")
+        if not (math.isfinite(sigma) and sigma > 0):
+            raise UsageError(f"prior latency sigma must be positive, got {sigma!r}")
+        self._weight = cfg.prior_weight
+        self._mean = math.log(median_s * cfg.time_scale)
+        self._m2 = cfg.prior_weight * sigma * sigma
+        self._n = 0
+
+    def __repr__(self) -> str:
+        return f"LatencyModel(median={self.median:.4g}, sigma={self.sigma:.3f}, n={self._n})"
+
+    def observe(self, seen_at_elapsed: float, last_gap: float) -> None:
+        """Record a completion first seen ``seen_at_elapsed`` s after submit.
+
+        It happened somewhere in the last poll gap, so the midpoint of that gap,
+        ``seen_at_elapsed - last_gap / 2``, is recorded; a gap longer than the elapsed
+        time (which a caller should not pass) is floored at half the elapsed time.
+        """
+        if not (math.isfinite(seen_at_elapsed) and seen_at_elapsed >= 0):
+            raise ValueError(f"seen_at_elapsed must be >= 0, got {seen_at_elapsed!r}")
+        if not (math.isfinite(last_gap) and last_gap >= 0):
+            raise ValueError(f"last_gap must be >= 0, got {last_gap!r}")
+        t = max(seen_at_elapsed - 0.5 * last_gap, 0.5 * seen_at_elapsed, _TINY_S)
+        x = math.log(t)
+        self._weight = self._weight * _FORGET + 1.0
+        self._m2 *= _FORGET
+        delta = x - self._mean
+        self._mean += delta / self._weight
+        self._m2 += delta * (x - self._mean)
+        self._n += 1
+
+    @property
+    def n(self) -> int:
+        """Completions observed (not counting the prior)."""
+        return self._n
+
+    @property
+    def mu(self) -> float:
+        """Mean of log-latency."""
+        return self._mean
+
+    @property
+    def sigma(self) -> float:
+        """Standard deviation of log-latency, floored at 0.05."""
+        return max(math.sqrt(max(self._m2, 0.0) / self._weight), _SIGMA_FLOOR)
+
+    @property
+    def median(self) -> float:
+        """Median latency in (time-scaled) seconds."""
+        return math.exp(self._mean)
+
+    def z(self, t: float) -> float:
+        """Standard score of ``log t``."""
+        return (math.log(t) - self._mean) / self.sigma
+
+    def quantile(self, p: float) -> float:
+        """The latency that a fraction ``p`` of jobs beats."""
+        return math.exp(self._mean + self.sigma * normal_ppf(p))
+
+    def survival(self, t: float) -> float:
+        """``P(latency > t)``."""
+        return 1.0 if t <= 0 else normal_sf(self.z(t))
+
+    def hazard(self, t: float) -> float:
+        """Chance per second of completing at ``t``, given it has not completed yet."""
+        if t <= 0:
+            return 0.0
+        return _mills_inverse(self.z(t)) / (self.sigma * t)
+
+
+# --- the decision ---------------------------------------------------------------------
+
+
+def _gap_bounds(model: LatencyModel, cfg: PollConfig) -> tuple[float, float]:
+    lo = cfg.min_gap_s * cfg.time_scale
+    hi = min(cfg.max_gap_s * cfg.time_scale, cfg.max_gap_fraction * model.median)
+    return lo, max(hi, lo)
+
+
+def cost_ratio_for(model: LatencyModel, cfg: PollConfig, pressure: float = 0.0) -> float:
+    """c2/c1, polls worth one (time-scaled) second of lag, for this model and pressure.
+
+    One constant cannot serve both a 7.7 s and a 163 s model: under the square-root
+    rule polls per job grow like ``sqrt(ratio * median)`` and lag like
+    ``sqrt(median / ratio)``, so a ratio lean enough for InfiniteYou (<= 16 polls
+    needs ratio <~ 7) leaves InstantID late (<= 0.5 s needs ratio >~ 8). Pricing a
+    second of lag both as wall-clock time and as a fraction of the median resolves
+    it; with the defaults InfiniteYou gets 5.7 and InstantID 9.1. Pressure divides
+    the ratio by up to ``1 + PRESSURE_GAIN``.
+    """
+    scale = cfg.time_scale
+    ratio = cfg.cost_ratio / scale * (1.0 + cfg.lag_reference_s * scale / model.median)
+    return ratio / (1.0 + PRESSURE_GAIN * _clamp_pressure(pressure))
+
+
+def _clamp_pressure(pressure: float) -> float:
+    if not math.isfinite(pressure):
+        raise ValueError(f"pressure must be a number in [0, 1], got {pressure!r}")
+    return min(max(pressure, 0.0), 1.0)  # a rate limiter's ratio may overshoot a hair
+
+
+def _sqrt_rule_gap(
+    elapsed: float, model: LatencyModel, ratio: float, lo: float, hi: float
+) -> float:
+    """``sqrt(2 c1 / (c2 h))`` with ``h`` taken at the middle of the gap, clamped."""
+    gap = hi
+    at = elapsed
+    for _ in range(3):  # gap = g(h(elapsed + gap / 2)): 3 rounds land within 1% of it
+        h = model.hazard(at)
+        gap = hi if h <= 0 else min(max(math.sqrt(2.0 / (ratio * h)), lo), hi)
+        at = elapsed + 0.5 * gap
+    return gap
+
+
+def next_poll_delay(
+    *,
+    elapsed: float,
+    model: LatencyModel,
+    cfg: PollConfig,
+    pressure: float = 0.0,
+    rng: random.Random | None = None,
+) -> float:
+    """Seconds from now until the next status poll of a job submitted ``elapsed`` s ago.
+
+    - Before the ``first_quantile`` of the latency: wait until it (jitter only delays),
+      or until the retention deadline if that comes first.
+    - After: the square-root rule with c2/c1 from :func:`cost_ratio_for`;
+      ``pressure`` in [0, 1] is how hard the rate limit binds (1: submits are waiting
+      for tokens) and thins polls out. The gap is clamped to
+      [``min_gap_s``, min(``max_gap_s``, ``max_gap_fraction`` x median)], never below
+      the minimum, and jittered inside those bounds.
+    - Retention: a job is never scheduled past ``deadline_s`` after submit unless it
+      was polled in the last ``min_gap_s`` before it. From then on, the square-root
+      rule applies whatever the model says (even before its first quantile: a model
+      that slow is wrong or cold), clamped as above, so the cadence stays between
+      ``min_gap_s`` and ``max_gap_s`` until the job ends or the caller gives up.
+    """
+    if not (math.isfinite(elapsed) and elapsed >= 0):
+        raise ValueError(f"elapsed must be >= 0, got {elapsed!r}")
+    pressure = _clamp_pressure(pressure)
+    lo, hi = _gap_bounds(model, cfg)
+    # A poll within a min gap of the deadline counts as the poll by it: timers fire a
+    # hair early, and a second poll a millisecond later would be a request wasted.
+    deadline = cfg.deadline_s
+    deadline_met = elapsed >= deadline - lo
+    first = model.quantile(cfg.first_quantile)
+    if elapsed < first and not deadline_met:
+        delay = first - elapsed
+        if rng is not None:
+            delay *= 1.0 + cfg.jitter * rng.random()
+    else:
+        delay = _sqrt_rule_gap(elapsed, model, cost_ratio_for(model, cfg, pressure), lo, hi)
+        if rng is not None:
+            delay = min(max(delay * rng.uniform(1.0 - cfg.jitter, 1.0 + cfg.jitter), lo), hi)
+    if not deadline_met:
+        delay = min(delay, deadline - elapsed)
+    return delay
+
+
+# --- simulation -----------------------------------------------------------------------
+
+
+def poll_times(delay: Callable[[float], float], until: float) -> list[float]:
+    """Elapsed times of the polls a deterministic schedule makes, up to the first >= until."""
+    times: list[float] = []
+    t = 0.0
+    while not times or times[-1] < until:
+        step = delay(t)
+        if not step > 0:
+            raise ValueError(f"schedule made no progress at t={t!r} (delay {step!r})")
+        t += step
+        times.append(t)
+    return times
+
+
+def simulate_schedule(
+    delay: Callable[[float], float], latencies: Sequence[float]
+) -> tuple[float, float]:
+    """(mean status polls per job, mean detection lag) of a deterministic schedule.
+
+    A schedule without jitter polls every job at the same elapsed times, so those are
+    computed once and each latency is placed among them by bisection.
+    """
+    if not latencies:
+        raise ValueError("simulate_schedule needs at least one latency")
+    if any(not (math.isfinite(t) and t >= 0) for t in latencies):
+        raise ValueError("latencies must be finite and >= 0")
+    times = poll_times(delay, max(latencies))
+    polls = 0
+    lag = 0.0
+    for t in latencies:
+        i = bisect.bisect_left(times, t)  # the first poll at or after completion sees it
+        polls += i + 1
+        lag += times[i] - t
+    return polls / len(latencies), lag / len(latencies)
+
+
+def expected_polls(
+    model: LatencyModel,
+    cfg: PollConfig,
+    latencies: Sequence[float],
+    *,
+    pressure: float = 0.0,
+) -> tuple[float, float]:
+    """(mean status polls per job, mean detection lag) of :func:`next_poll_delay`
+    without jitter, over the given true latencies; for tests and benchmarks."""
+    return simulate_schedule(
+        lambda t: next_poll_delay(elapsed=t, model=model, cfg=cfg, pressure=pressure),
+        latencies,
+    )
