@@ -120,11 +120,11 @@ class Emulator:
         headers: dict[str, str] = {}
         if mode in ("retry-after", "both"):
             # Whole seconds as HTTP says, unless time-scaled, where that would be far too coarse.
-            headers["Retry-After"] = (
-                str(math.ceil(wait)) if self.config.time_scale >= 1 else f"{wait:.3f}"
-            )
+            # Always rounded up: a client that waits exactly this long must then pass.
+            up = math.ceil(wait) if self.config.time_scale >= 1 else math.ceil(wait * 1e3) / 1e3
+            headers["Retry-After"] = str(up) if self.config.time_scale >= 1 else f"{up:.3f}"
         if mode in ("reset-at", "both"):
-            at = datetime.now(UTC) + timedelta(seconds=wait)
+            at = datetime.now(UTC) + timedelta(seconds=wait + 0.001)  # ms precision: round up
             headers["x-rate-limit-reset-at-utc"] = at.isoformat(timespec="milliseconds")
         return headers
 
@@ -347,6 +347,7 @@ class Emulator:
 
     def snapshot(self) -> dict[str, Any]:
         """Stats plus live state, as ``GET /__sim/stats`` serves them."""
+        self.jobs.expire()
         snap = self.stats.snapshot(self.config.time_scale)
         snap.update(
             live_jobs=len(self.jobs),

@@ -56,7 +56,9 @@ def image_request(
     if fmt not in FORMATS:
         fmt = out.default_format
     quality = int(params.get(out.quality_param or "", 85))
-    canon = json.dumps([model.slug, dict(params), seed, index], sort_keys=True, default=str)
+    # The base64 flag changes how the image travels, not the picture.
+    drawn = {k: v for k, v in params.items() if k != out.base64_param}
+    canon = json.dumps([model.slug, drawn, seed, index], sort_keys=True, default=str)
     digest = hashlib.sha256(canon.encode()).hexdigest()
     return ImageRequest(width, height, fmt, quality, digest)
 

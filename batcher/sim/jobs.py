@@ -109,6 +109,7 @@ class JobTable:
         self._jobs: dict[str, Job] = {}
         self._workers: dict[str, list[float]] = {}  # per model: heap of times a worker frees
         self._warm_until: dict[str, float] = {}
+        self._ready_at: dict[str, float] = {}  # when a cold model's boot ends
         self._expiry: list[tuple[float, str]] = []  # heap of (expires_at, request_id)
 
     def __len__(self) -> int:
@@ -137,6 +138,9 @@ class JobTable:
         start = self._start_time(model.slug, now)
         if self._cfg.cold_start_s and start > self._warm_until.get(model.slug, -math.inf):
             start += self._cfg.scaled(self._cfg.cold_start_s)
+            self._ready_at[model.slug] = start
+        # A job that arrives while the model boots waits for the boot too.
+        start = max(start, self._ready_at.get(model.slug, -math.inf))
         done = start + self._latency(model)
         if self._cfg.capacity is not None:
             heapq.heappush(self._workers[model.slug], done)
@@ -148,7 +152,7 @@ class JobTable:
         if not isinstance(seed, int) or seed < 0:
             seed = self._rng.randrange(1 << 40)
         job = Job(
-            request_id=str(uuid.UUID(int=self._rng.getrandbits(128), version=4)),
+            request_id=str(uuid.uuid4()),  # unique across emulators, even with one seed
             model=model,
             params=params,
             seed=seed,

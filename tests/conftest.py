@@ -1,0 +1,153 @@
+"""Shared fixtures: an API key, emulators on 127.0.0.1 port 0, a raw HTTP helper, and the
+model pages' example payloads."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
+
+import aiohttp
+import pytest
+
+from batcher.sim import SimConfig, SimServer
+
+StartSim = Callable[..., Awaitable[SimServer]]
+
+#: The InstantID page's example payload (shared/api/000_...txt).
+INSTANTID_PAYLOAD: dict[str, Any] = {
+    "prompt": "photo of a man",
+    "face_image": "https://segmind-sd-models.s3.amazonaws.com/outputs/instantid_input.jpg",
+    "negative_prompt": "lowquality, badquality, sketches",
+    "style": "Vibrant Color",
+    "samples": 1,
+    "num_inference_steps": 10,
+    "guidance_scale": 5,
+    "seed": 354849415,
+    "identity_strength": 0.8,
+    "adapter_strength": 0.8,
+    "enhance_face_region": True,
+    "base64": False,
+}
+
+#: The InfiniteYou page's example payload (shared/api/004_...txt), prompt shortened.
+INFINITE_YOU_PAYLOAD: dict[str, Any] = {
+    "seed": 6255,
+    "width": 864,
+    "height": 1152,
+    "prompt": "A sophisticated gentleman exuding confidence, in an elegant library",
+    "id_image": "https://segmind-resources.s3.amazonaws.com/output/"
+    "e533504e-4e22-4219-88a1-152e002e1a99-man2.png",
+    "num_steps": 30,
+    "model_version": "aes_stage2",
+    "output_format": "webp",
+    "enable_realism": True,
+    "guidance_scale": 3.5,
+    "output_quality": 80,
+    "enable_anti_blur": False,
+    "infusenet_guidance_end": 1,
+    "infusenet_guidance_start": 0,
+    "infusenet_conditioning_scale": 1,
+}
+
+TERMINAL = ("COMPLETED", "FAILED")
+
+
+class Api:
+    """Raw HTTP to the emulated API with one session and key; answers are (status, JSON body).
+
+    ``headers=None`` sends the key; pass a mapping to send exactly those headers instead.
+    """
+
+    def __init__(self, http: aiohttp.ClientSession, key: str) -> None:
+        self.http = http
+        self.key = key
+
+    def _headers(self, headers: Mapping[str, str] | None) -> dict[str, str]:
+        return {"x-api-key": self.key} if headers is None else dict(headers)
+
+    async def submit(
+        self,
+        base_url: str,
+        model: str,
+        payload: Mapping[str, Any],
+        *,
+        headers: Mapping[str, str] | None = None,
+        version: str = "v2",
+    ) -> tuple[int, Any]:
+        """POST a job; the body is JSON, or bytes for an image (v1 sync)."""
+        url = f"{base_url}/{version}/{model}"
+        async with self.http.post(url, json=payload, headers=self._headers(headers)) as resp:
+            if resp.content_type == "application/json":
+                return resp.status, await resp.json()
+            return resp.status, await resp.read()
+
+    async def get(self, url: str, *, headers: Mapping[str, str] | None = None) -> tuple[int, Any]:
+        async with self.http.get(url, headers=self._headers(headers)) as resp:
+            return resp.status, await resp.json()
+
+    async def wait(self, status_url: str, *, interval: float = 0.002) -> tuple[int, Any]:
+        """Poll until a terminal state (5 s at most); the last (status, body)."""
+        async with asyncio.timeout(5.0):
+            while True:
+                code, body = await self.get(status_url)
+                if body.get("status") in TERMINAL:
+                    return code, body
+                await asyncio.sleep(interval)
+
+    async def run(self, base_url: str, model: str, payload: Mapping[str, Any]) -> dict[str, Any]:
+        """Submit and wait until done; the submit answer (request_id and the URLs)."""
+        code, sub = await self.submit(base_url, model, payload)
+        assert code == 200, sub
+        await self.wait(sub["status_url"])
+        return dict(sub)
+
+    async def download(self, url: str) -> tuple[int, bytes, str]:
+        """An output URL, with no key (outputs are public): status, bytes, Content-Type."""
+        async with self.http.get(url) as resp:
+            return resp.status, await resp.read(), resp.content_type
+
+
+@pytest.fixture
+def api_key() -> str:
+    return "sk-sim-test-0123456789"
+
+
+@pytest.fixture
+def instantid_payload() -> dict[str, Any]:
+    return dict(INSTANTID_PAYLOAD)
+
+
+@pytest.fixture
+def infinite_you_payload() -> dict[str, Any]:
+    return dict(INFINITE_YOU_PAYLOAD)
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[StartSim]:
+    """A factory: ``await sim(time_scale=0.001, ...)`` starts an emulator; all stop at teardown."""
+    servers: list[SimServer] = []
+
+    async def start(config: SimConfig | None = None, **knobs: Any) -> SimServer:
+        if config is not None and knobs:
+            raise TypeError("give a SimConfig or knobs, not both")
+        server = SimServer(config or SimConfig(**knobs), host="127.0.0.1", port=0)
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A plain client session with no default headers (each test says what it sends)."""
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+def api(http: aiohttp.ClientSession, api_key: str) -> Api:
+    return Api(http, api_key)

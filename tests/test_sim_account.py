@@ -1,0 +1,150 @@
+"""The account: credits (406 once spent, top-up) and the stats that judge a client."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from conftest import Api, StartSim
+
+INSTANT: dict[str, Any] = {
+    "latency_median_s": {"instantid": 0.0, "infinite-you": 0.0},
+    "image_size": (16, 16),
+}
+
+
+async def _credits(api: Api, base_url: str) -> Any:
+    return (await api.get(f"{base_url}/__sim/stats"))[1]["credits_remaining_usd"]
+
+
+async def test_credits_pay_for_jobs_then_406(
+    sim: StartSim, api: Api, instantid_payload: dict[str, Any]
+) -> None:
+    server = await sim(credits_usd=0.06, **INSTANT)
+    for _ in range(2):  # 2 x 0.025
+        code, sub = await api.submit(server.base_url, "instantid", instantid_payload)
+        assert code == 200
+    _, final = await api.get(sub["status_url"])
+    assert final["metrics"]["cost"] == pytest.approx(0.025)
+    assert await _credits(api, server.base_url) == pytest.approx(0.01)
+    code, body = await api.submit(server.base_url, "instantid", instantid_payload)
+    assert code == 406
+    assert "credits" in body["error"].lower()
+    code, _ = await api.submit(server.base_url, "instantid", instantid_payload, version="v1")
+    assert code == 406
+    stats = server.stats()
+    assert stats["accepted"] == 2
+    assert stats["requests"]["submit"] == {"200": 2, "406": 1}
+    assert await _credits(api, server.base_url) == pytest.approx(0.01)  # a 406 costs nothing
+
+
+async def test_each_model_costs_its_own_price(
+    sim: StartSim,
+    api: Api,
+    instantid_payload: dict[str, Any],
+    infinite_you_payload: dict[str, Any],
+) -> None:
+    server = await sim(credits_usd=0.07, **INSTANT)
+    code, _ = await api.submit(server.base_url, "infinite-you", infinite_you_payload)
+    assert code == 200
+    assert await _credits(api, server.base_url) == pytest.approx(0.02)  # 0.05 (assumed price)
+    code, _ = await api.submit(server.base_url, "instantid", instantid_payload)
+    assert code == 406  # 0.025 > 0.02
+
+
+async def test_top_up_lets_submits_pass_again(
+    sim: StartSim, api: Api, instantid_payload: dict[str, Any]
+) -> None:
+    server = await sim(credits_usd=0.025, **INSTANT)
+    assert (await api.submit(server.base_url, "instantid", instantid_payload))[0] == 200
+    assert (await api.submit(server.base_url, "instantid", instantid_payload))[0] == 406
+    async with api.http.post(f"{server.base_url}/__sim/credits", json={"add_usd": 0.05}) as resp:
+        assert resp.status == 200
+        assert (await resp.json())["credits_remaining_usd"] == pytest.approx(0.05)
+    for _ in range(2):
+        assert (await api.submit(server.base_url, "instantid", instantid_payload))[0] == 200
+    assert (await api.submit(server.base_url, "instantid", instantid_payload))[0] == 406
+
+
+async def test_rejected_submit_is_not_billed(
+    sim: StartSim, api: Api, instantid_payload: dict[str, Any]
+) -> None:
+    server = await sim(credits_usd=0.025, **INSTANT)
+    code, _ = await api.submit(server.base_url, "instantid", {**instantid_payload, "samples": 9})
+    assert code == 400
+    assert await _credits(api, server.base_url) == pytest.approx(0.025)
+    assert (await api.submit(server.base_url, "instantid", instantid_payload))[0] == 200
+
+
+async def test_unlimited_credits_by_default(
+    sim: StartSim, api: Api, instantid_payload: dict[str, Any]
+) -> None:
+    server = await sim(**INSTANT)
+    for _ in range(50):
+        assert (await api.submit(server.base_url, "instantid", instantid_payload))[0] == 200
+    assert await _credits(api, server.base_url) is None
+
+
+# -- stats ---------------------------------------------------------------------------------------
+
+
+async def test_paid_twice_counts_identical_payloads_per_key(
+    sim: StartSim, api: Api, instantid_payload: dict[str, Any]
+) -> None:
+    server = await sim(**INSTANT)
+    base = server.base_url
+    await api.submit(base, "instantid", instantid_payload)
+    assert server.stats()["paid_twice"] == 0
+    await api.submit(base, "instantid", {**instantid_payload, "seed": 1})  # another job
+    await api.submit(base, "instantid", instantid_payload, headers={"x-api-key": "sk-other"})
+    assert server.stats()["paid_twice"] == 0
+    await api.submit(base, "instantid", dict(reversed(instantid_payload.items())))  # same job
+    stats = server.stats()
+    assert stats["paid_twice"] == 1
+    assert stats["accepted"] == 4
+
+
+async def test_detection_lag_and_polls_per_job(
+    sim: StartSim, api: Api, instantid_payload: dict[str, Any]
+) -> None:
+    # A 20 ms job polled 3 times while it runs, then once 0.1 s after it finished.
+    server = await sim(time_scale=0.01, latency_median_s={"instantid": 2.0}, latency_sigma=0.0)
+    code, sub = await api.submit(server.base_url, "instantid", instantid_payload)
+    assert code == 200
+    for _ in range(3):
+        assert (await api.get(sub["status_url"]))[1]["status"] == "PROCESSING"
+    await asyncio.sleep(0.12)
+    assert (await api.get(sub["status_url"]))[1]["status"] == "COMPLETED"
+    await api.get(sub["status_url"])  # later polls do not count again
+    stats = server.stats()
+    assert stats["polls_per_job"]["n"] == 1
+    assert stats["polls_per_job"]["max"] == 4
+    lag = stats["detection_lag_s"]
+    assert lag["n"] == 1
+    assert 0.09 < lag["max"] < 0.5
+    assert stats["detection_lag_model_s"]["max"] == pytest.approx(lag["max"] / 0.01)
+
+
+async def test_detection_lag_counts_a_failure_seen_on_the_result_route(
+    sim: StartSim, api: Api, instantid_payload: dict[str, Any]
+) -> None:
+    server = await sim(**INSTANT)
+    code, sub = await api.submit(
+        server.base_url, "instantid", {**instantid_payload, "prompt": "sim:no-face"}
+    )
+    assert code == 200
+    assert (await api.get(sub["response_url"]))[0] == 422
+    stats = server.stats()
+    assert stats["detection_lag_s"]["n"] == 1
+    assert stats["polls_per_job"] == {"n": 1, "mean": 0.0, "p50": 0.0, "p95": 0.0, "max": 0.0}
+
+
+async def test_live_jobs_drops_when_retention_passes_without_requests(
+    sim: StartSim, api: Api, instantid_payload: dict[str, Any]
+) -> None:
+    server = await sim(time_scale=0.005, retention_s=10.0, **INSTANT)  # 50 ms
+    assert (await api.submit(server.base_url, "instantid", instantid_payload))[0] == 200
+    assert server.stats()["live_jobs"] == 1
+    await asyncio.sleep(0.1)
+    assert server.stats()["live_jobs"] == 0  # no API request in between to expire it

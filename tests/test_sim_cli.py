@@ -1,0 +1,59 @@
+"""`batcher sim`: its own process, the "listening on URL" line scripts read, flags as knobs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+async def sim_process(api_key: str) -> AsyncIterator[str]:
+    env = {k: v for k, v in os.environ.items() if k != "SEGMIND_API_KEY"}
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "batcher", "sim", "--port", "0", "--api-key", api_key),
+        *("--time-scale", "0.001", "--latency", "instantid=0", "--fail-rate", "1"),
+        *("--rate-limit", "3", "--rate-period", "60000", "--rate-limit-headers", "both"),
+        stdout=asyncio.subprocess.PIPE,
+        env=env,
+        cwd=ROOT,
+    )
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()
+        found = re.fullmatch(r"batcher sim listening on (http://127\.0\.0\.1:\d+)\n", line)
+        assert found, line
+        yield found[1]
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+
+
+async def test_cli_flags_reach_the_emulator(
+    sim_process: str, http: aiohttp.ClientSession, api_key: str
+) -> None:
+    payload = {"prompt": "x", "face_image": "https://example.com/face.jpg"}
+    url = f"{sim_process}/v2/instantid"
+    async with http.post(url, json=payload, headers={"x-api-key": "sk-wrong"}) as resp:
+        assert resp.status == 401  # --api-key: only that key
+    key = {"x-api-key": api_key}
+    async with http.post(url, json=payload, headers=key) as resp:
+        assert resp.status == 200
+        sub = await resp.json()
+    async with http.get(sub["status_url"], headers=key) as resp:
+        assert resp.status == 422  # --fail-rate 1, --latency instantid=0
+    async with http.get(sub["response_url"], headers=key) as resp:
+        assert resp.status == 422
+    async with http.get(sub["status_url"], headers=key) as resp:
+        assert resp.status == 429  # --rate-limit 3
+        assert {"Retry-After", "x-rate-limit-reset-at-utc"} <= set(resp.headers)
