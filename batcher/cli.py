@@ -8,11 +8,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
-from batcher.errors import BatcherError
+from batcher.client import DEFAULT_BASE_URL
+from batcher.errors import BatcherError, UsageError
 
 EXIT_USAGE = 2
 
@@ -36,6 +40,132 @@ def _size(text: str) -> tuple[int, int]:
     if not sep:
         raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT")
     return int(w), int(h)
+
+
+def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run (or resume) a manifest: submit, poll, download, write results.parquet",
+        description="Validate every row of MANIFEST, submit the jobs under the rate limit, poll "
+        "them, download the images into OUT/images/ and write OUT/results.parquet. Running the "
+        "same command again resumes from the checkpoint in OUT. The API key is read from "
+        "SEGMIND_API_KEY. Exit status: 0 all rows COMPLETED; 3 finished with FAILED or INVALID "
+        "rows; 4 stopped early, resumable (Ctrl-C, out of credits, API unreachable); 2 usage, "
+        "manifest or key error.",
+    )
+    p.add_argument("manifest", type=Path, help="CSV, Parquet or JSONL; one row = one job")
+    p.add_argument("--out", type=Path, required=True, help="output folder (also the checkpoint)")
+    p.add_argument(
+        "--model", help="model for rows without a model column (instantid, infinite-you)"
+    )
+    p.add_argument(
+        "--base-url", default=DEFAULT_BASE_URL, help=f"API address (default {DEFAULT_BASE_URL})"
+    )
+    p.add_argument(
+        "--rate",
+        default="48/min",
+        help="API requests allowed, every request counted: N/s, N/min or N/h "
+        "(default 48/min, just under the Pro plan's 50/min; Free plan: 5/min)",
+    )
+    p.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=200,
+        help="jobs submitted and not yet finished, at most (default 200)",
+    )
+    p.add_argument(
+        "--simulate",
+        action="store_true",
+        help="run against the built-in emulator, time-scaled (nothing is billed)",
+    )
+    p.add_argument(
+        "--time-scale",
+        type=float,
+        help="service durations relative to real time (default 1; 0.01 with "
+        "--simulate). For a time-scaled `batcher sim`, pass its --time-scale",
+    )
+    p.add_argument(
+        "--resubmit-unknown",
+        action="store_true",
+        help="at-least-once: send again a submit whose outcome is unknown (the "
+        "connection was lost after sending), including such rows from earlier runs. "
+        "Default: at-most-once, those rows end FAILED and say so",
+    )
+    p.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="submit again the rows that ended FAILED in earlier runs",
+    )
+    p.add_argument(
+        "--max-failed-retries",
+        type=int,
+        default=1,
+        help="times a FAILED job is resubmitted before its row is FAILED (default 1)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", "-q", action="store_true", help="only warnings and the summary")
+    p.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from batcher.backoff import RetryConfig
+    from batcher.gate import parse_rate
+    from batcher.options import RunOptions
+    from batcher.run import run
+
+    _setup_logging(args.quiet)
+    options = RunOptions(
+        manifest=args.manifest,
+        out=args.out,
+        model=args.model,
+        base_url=args.base_url,
+        rate=parse_rate(args.rate),
+        max_in_flight=args.max_in_flight,
+        simulate=args.simulate,
+        time_scale=args.time_scale,
+        resubmit_unknown=args.resubmit_unknown,
+        retry_failed=args.retry_failed,
+        retry=_retry_config(RetryConfig, args.max_failed_retries),
+        progress=False if args.no_progress else None,
+    )
+    result = run(options)
+    print(result.text(), file=sys.stderr)
+    return result.exit_code
+
+
+def _retry_config(cls: Any, max_failed_retries: int) -> Any:
+    try:
+        return cls(max_failed_retries=max_failed_retries)
+    except ValueError as exc:
+        raise UsageError(f"--max-failed-retries: {exc}") from None
+
+
+def _add_validate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "validate",
+        help="check a manifest against the model schemas; sends nothing",
+        description="Check MANIFEST as `batcher run` would (columns, ids, every row against its "
+        "model's schema, local image files) and print every problem; nothing is sent. Exit "
+        "status: 0 every row valid; 3 some rows invalid; 2 the manifest is unusable.",
+    )
+    p.add_argument("manifest", type=Path, help="CSV, Parquet or JSONL")
+    p.add_argument("--model", help="model for rows without a model column")
+    p.add_argument("--max-errors", type=int, default=50, help="rows to list at most (default 50)")
+    p.set_defaults(func=_cmd_validate)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from batcher.validate_cmd import validate_manifest
+
+    return validate_manifest(args.manifest, args.model, args.max_errors)
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
 
 
 def _add_sim_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -162,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
+    _add_run_parser,
+    _add_validate_parser,
     _add_sim_parser,
 ]
 

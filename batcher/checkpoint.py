@@ -1,0 +1,372 @@
+"""The run's source of truth: one SQLite file (WAL) in the output folder.
+
+Every state change of a job is written here before the next step happens to it
+(a request_id is durable before the job is polled). Writes from all stages are
+group-committed on one worker thread, so the event loop never blocks on disk and
+a thousand transitions cost one fsync, not a thousand.
+
+Row states::
+
+    PENDING -> SUBMITTING -> SUBMITTED -> COMPLETED
+                  |              |     \\-> FAILED
+                  |              \\-> PENDING   (result expired before it was fetched)
+                  \\-> FAILED      (outcome unknown, at-most-once policy)
+    INVALID                        (never sent)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+PENDING, SUBMITTING, SUBMITTED = "PENDING", "SUBMITTING", "SUBMITTED"
+COMPLETED, FAILED, INVALID = "COMPLETED", "FAILED", "INVALID"
+TERMINAL = (COMPLETED, FAILED, INVALID)
+
+#: Ordered migrations: index + 1 is the schema version they bring the file to.
+_MIGRATIONS = (
+    """
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        number INTEGER NOT NULL,
+        model TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        params TEXT NOT NULL,
+        state TEXT NOT NULL,
+        error TEXT,
+        request_id TEXT,
+        status_url TEXT,
+        response_url TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        retries INTEGER NOT NULL DEFAULT 0,
+        unknown_submits INTEGER NOT NULL DEFAULT 0,
+        polls INTEGER NOT NULL DEFAULT 0,
+        submitted_at REAL,
+        started_at REAL,
+        completed_at REAL,
+        latency_s REAL,
+        notice_lag_s REAL,
+        inference_time REAL,
+        metrics TEXT,
+        outputs TEXT,
+        width INTEGER,
+        height INTEGER,
+        bytes INTEGER,
+        sha256 TEXT,
+        warnings TEXT
+    );
+    CREATE INDEX jobs_state_number ON jobs(state, number);
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+)
+
+#: Columns a caller may set through :meth:`Checkpoint.update`.
+COLUMNS = frozenset({
+    "state", "error", "request_id", "status_url", "response_url", "attempts", "retries",
+    "unknown_submits", "polls", "submitted_at", "started_at", "completed_at", "latency_s",
+    "notice_lag_s", "inference_time", "metrics", "outputs", "width", "height", "bytes",
+    "sha256", "warnings",
+})  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class NewRow:
+    """A manifest row as it enters the checkpoint."""
+
+    id: str
+    number: int
+    model: str
+    digest: str
+    params: Mapping[str, Any]
+    state: str = PENDING
+    error: str | None = None
+    warnings: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Job:
+    """A row read back from the checkpoint, with what the pipeline needs to act on it."""
+
+    id: str
+    number: int
+    model: str
+    params: dict[str, Any]
+    state: str
+    request_id: str | None
+    status_url: str | None
+    response_url: str | None
+    attempts: int
+    unknown_submits: int
+    polls: int
+    submitted_at: float | None
+
+
+_JOB_COLUMNS = (
+    "id, number, model, params, state, request_id, status_url, response_url, attempts, "
+    "unknown_submits, polls, submitted_at"
+)
+
+
+def _job(row: Sequence[Any]) -> Job:
+    return Job(
+        id=row[0],
+        number=row[1],
+        model=row[2],
+        params=json.loads(row[3]),
+        state=row[4],
+        request_id=row[5],
+        status_url=row[6],
+        response_url=row[7],
+        attempts=row[8],
+        unknown_submits=row[9],
+        polls=row[10],
+        submitted_at=row[11],
+    )
+
+
+class Checkpoint:
+    """Async access to the checkpoint file; all SQLite work runs on one worker thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._db: sqlite3.Connection | None = None
+        self._pending: list[tuple[str, Sequence[Any], asyncio.Future[None]]] = []
+        self._wake = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Checkpoint:
+        await self._call(self._open)
+        self._flusher = asyncio.create_task(self._flush_forever(), name="checkpoint-flush")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
+            self._flusher = None
+        await self._flush_once()  # whatever was queued when the flusher stopped
+        if self._db is not None:
+            await self._call(self._db.close)
+            self._db = None
+        self._executor.shutdown(wait=True)
+
+    def _open(self) -> None:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
+            db.executescript(f"BEGIN; {script}; PRAGMA user_version={number}; COMMIT;")
+        self._db = db
+
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError("checkpoint is not open")
+        return self._db
+
+    # -- group-committed writes --------------------------------------------------------------
+
+    async def _write(self, sql: str, params: Sequence[Any]) -> None:
+        """Queue one statement; returns once it is committed with whatever else was queued."""
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((sql, params, future))
+        self._wake.set()
+        await future
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self._flush_once()
+
+    async def _flush_once(self) -> None:
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        try:
+            await self._call(self._apply, [(sql, params) for sql, params, _ in batch])
+        except Exception as exc:  # surface to every writer that waited on this batch
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for *_, future in batch:
+            if not future.done():
+                future.set_result(None)
+
+    def _apply(self, statements: Iterable[tuple[str, Sequence[Any]]]) -> None:
+        db = self._conn
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, params in statements:
+                db.execute(sql, params)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    # -- meta --------------------------------------------------------------------------------
+
+    async def get_meta(self, key: str) -> str | None:
+        def get() -> str | None:
+            row = self._conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+            return None if row is None else str(row[0])
+
+        result: str | None = await self._call(get)
+        return result
+
+    async def set_meta(self, key: str, value: str) -> None:
+        await self._write("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    # -- loading the manifest ----------------------------------------------------------------
+
+    async def add_rows(self, rows: Sequence[NewRow]) -> list[tuple[str, int]]:
+        """Insert rows not yet known; return (id, number) of known ids whose digest changed."""
+
+        def add() -> list[tuple[str, int]]:
+            db = self._conn
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                changed: list[tuple[str, int]] = []
+                ids = [r.id for r in rows]
+                known: dict[str, str] = {}
+                for start in range(0, len(ids), 500):
+                    chunk = ids[start : start + 500]
+                    marks = ",".join("?" * len(chunk))
+                    for rid, digest in db.execute(
+                        f"SELECT id, digest FROM jobs WHERE id IN ({marks})", chunk
+                    ):
+                        known[rid] = digest
+                fresh = []
+                for r in rows:
+                    if r.id in known:
+                        if known[r.id] != r.digest:
+                            changed.append((r.id, r.number))
+                        continue
+                    fresh.append(
+                        (
+                            r.id,
+                            r.number,
+                            r.model,
+                            r.digest,
+                            json.dumps(r.params, sort_keys=True),
+                            r.state,
+                            r.error,
+                            r.warnings,
+                        )
+                    )
+                db.executemany(
+                    "INSERT INTO jobs(id, number, model, digest, params, state, error, warnings)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    fresh,
+                )
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return changed
+
+        result: list[tuple[str, int]] = await self._call(add)
+        return result
+
+    # -- reading work ------------------------------------------------------------------------
+
+    async def jobs_in(
+        self, states: Sequence[str], *, after: int = -1, limit: int = 1000
+    ) -> list[Job]:
+        """Rows in the given states, in manifest order, after row ``after``."""
+        marks = ",".join("?" * len(states))
+        sql = (
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN ({marks}) AND number > ? "
+            "ORDER BY number LIMIT ?"
+        )
+
+        def get() -> list[Job]:
+            return [_job(r) for r in self._conn.execute(sql, (*states, after, limit))]
+
+        result: list[Job] = await self._call(get)
+        return result
+
+    async def counts(self) -> dict[str, int]:
+        def get() -> dict[str, int]:
+            sql = "SELECT state, COUNT(*) FROM jobs GROUP BY state"
+            return {state: n for state, n in self._conn.execute(sql)}
+
+        result: dict[str, int] = await self._call(get)
+        return result
+
+    async def reopen_failed(self, *, unknown_only: bool) -> int:
+        """Send FAILED rows back to PENDING (the user asked to pay for them again)."""
+        where = "state='FAILED'" + (
+            " AND unknown_submits > 0 AND request_id IS NULL" if unknown_only else ""
+        )
+
+        def run() -> int:
+            cur = self._conn.execute(f"UPDATE jobs SET state='PENDING', error=NULL WHERE {where}")
+            return cur.rowcount
+
+        result: int = await self._call(run)
+        return result
+
+    # -- transitions -------------------------------------------------------------------------
+
+    async def update(self, job_id: str, **fields: Any) -> None:
+        """Set columns of one row; durable when this returns."""
+        unknown = set(fields) - COLUMNS
+        if unknown:
+            raise ValueError(f"not checkpoint columns: {sorted(unknown)}")
+        for name in ("metrics", "outputs"):
+            if name in fields and not isinstance(fields[name], str | None):
+                fields[name] = json.dumps(fields[name], sort_keys=True)
+        names = sorted(fields)
+        sets = ", ".join(f"{n}=?" for n in names)
+        await self._write(
+            f"UPDATE jobs SET {sets} WHERE id=?", [*(fields[n] for n in names), job_id]
+        )
+
+    async def increment(self, job_id: str, column: str, by: int = 1) -> None:
+        if column not in COLUMNS:
+            raise ValueError(f"not a checkpoint column: {column}")
+        await self._write(f"UPDATE jobs SET {column}={column}+? WHERE id=?", (by, job_id))
+
+    # -- export ------------------------------------------------------------------------------
+
+    def iter_rows_blocking(
+        self, columns: Sequence[str], batch: int = 10_000
+    ) -> Iterable[list[tuple[Any, ...]]]:
+        """Every row in manifest order, in batches; call from a worker thread only.
+
+        Uses its own connection, so it may run beside the writer thread (WAL readers
+        never block the writer).
+        """
+        db = sqlite3.connect(self.path)
+        try:
+            cur = db.execute(f"SELECT {', '.join(columns)} FROM jobs ORDER BY number")
+            while chunk := cur.fetchmany(batch):
+                yield chunk
+        finally:
+            db.close()

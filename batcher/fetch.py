@@ -1,0 +1,117 @@
+"""Fetch stage: GET the result of a COMPLETED job, then save every output image.
+
+Result fetches have the gate's first priority: the job is paid for and its result
+expires. Output images are public URLs (no key, not rate limited) or inline
+base64; each is verified to decode before it is written atomically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import anyio
+from anyio.abc import ObjectReceiveStream
+
+from batcher.backoff import backoff_delay
+from batcher.client import Outcome, TransportError
+from batcher.gate import Priority
+from batcher.pipeline import Flight, RunContext
+from batcher.poll import _get, settle_not_ok
+from batcher.retry import CallStats
+from batcher.sink import (
+    CorruptImage,
+    IncompleteDownload,
+    SavedImage,
+    decode_inline,
+    download,
+    output_items,
+    write_image,
+)
+
+log = logging.getLogger(__name__)
+
+
+async def work(
+    ctx: RunContext, receive: ObjectReceiveStream[Flight], reschedule: Callable[[Flight], None]
+) -> None:
+    async with receive:
+        async for flight in receive:
+            await fetch_one(ctx, flight, reschedule)
+
+
+async def fetch_one(ctx: RunContext, flight: Flight, reschedule: Callable[[Flight], None]) -> None:
+    stats = CallStats()
+    reply = await _get(ctx, Priority.FETCH, flight.response_url, stats)
+    ctx.counters.api_requests["result"] += 1 + stats.retries + stats.rate_limited
+    if isinstance(reply, TransportError):
+        reschedule(flight)  # the status said COMPLETED: poll again, fetch again
+        return
+    body = reply.body
+    if reply.outcome is not Outcome.OK:
+        await settle_not_ok(ctx, flight, reply, reschedule)
+        return
+    if body.get("status", "COMPLETED") != "COMPLETED":
+        reschedule(flight)
+        return
+    job = flight.job
+    seen = ctx.now()
+    raw_metrics = body.get("metrics")
+    metrics: dict[str, Any] = raw_metrics if isinstance(raw_metrics, dict) else {}
+    try:
+        items = output_items(body.get("output"))
+        saved = [await _save(ctx, job.id, i, item) for i, item in enumerate(items)]
+    except (ValueError, CorruptImage, IncompleteDownload, aiohttp.ClientError, TimeoutError) as exc:
+        await ctx.fail(
+            job,
+            f"output could not be saved: {exc}",
+            metrics=metrics,
+            polls=job.polls + flight.polls,
+            request_id=flight.request_id,
+        )
+        return
+    latency = seen - flight.submitted_mono
+    total = _number(metrics, "total_time")
+    await ctx.complete(
+        job,
+        polls=job.polls + flight.polls,
+        completed_at=flight.submitted_wall + latency,
+        latency_s=latency,
+        notice_lag_s=None if total is None else max(0.0, latency - total),
+        inference_time=_number(metrics, "inference_time"),
+        metrics=metrics,
+        outputs=[s.path for s in saved],
+        width=saved[0].width if saved else None,
+        height=saved[0].height if saved else None,
+        bytes=sum(s.bytes for s in saved),
+        sha256=",".join(s.sha256 for s in saved),
+    )
+
+
+async def _save(ctx: RunContext, row_id: str, index: int, item: str) -> SavedImage:
+    data = decode_inline(item)
+    if data is None:
+        data = await _download(ctx, item)
+    return await anyio.to_thread.run_sync(write_image, ctx.out, row_id, index, data)
+
+
+async def _download(ctx: RunContext, url: str) -> bytes:
+    """Download with retries for transient failures (cut bodies, resets, timeouts)."""
+    attempt = 0
+    while True:
+        try:
+            return await download(ctx.downloads, url, ctx.options.downloads)
+        except (IncompleteDownload, aiohttp.ClientConnectionError, TimeoutError):
+            attempt += 1
+            if attempt >= ctx.retry.max_attempts:
+                raise
+            ctx.counters.retries += 1
+            await asyncio.sleep(backoff_delay(attempt, ctx.retry, ctx.rng))
+
+
+def _number(metrics: dict[str, Any], key: str) -> float | None:
+    value = metrics.get(key)
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None

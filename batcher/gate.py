@@ -1,0 +1,170 @@
+"""One gate for every API request: the account's rate limit, priorities, and 429s.
+
+Segmind's per-minute limit is assumed to count every request (submit, status,
+result), so all of them pass here. When requests wait, a result fetch goes before
+a status poll, and a poll before a new submit: finishing paid work comes first.
+A 429 pauses everyone (the whole pipeline slows, not one request) and cuts the
+rate; steady success brings it back up (AIMD).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import random
+import re
+from dataclasses import dataclass
+from enum import IntEnum
+
+from aiolimiter import AsyncLimiter
+
+from batcher.backoff import RetryConfig, backoff_delay
+from batcher.errors import UsageError
+
+_PERIODS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0,
+            "h": 3600.0, "hour": 3600.0}  # fmt: skip
+
+
+class Priority(IntEnum):
+    """Lower goes first."""
+
+    FETCH = 0
+    POLL = 1
+    SUBMIT = 2
+
+
+@dataclass(frozen=True, kw_only=True)
+class RateConfig:
+    """The client's request budget. The default stays just under Pro's 50 requests/minute."""
+
+    requests: float = 48.0
+    period_s: float = 60.0
+    #: The rate never adapts below this fraction of the configured one.
+    floor_fraction: float = 0.05
+    #: Each 429 multiplies the rate by this; each success adds back a sliver.
+    decrease: float = 0.7
+
+    def __post_init__(self) -> None:
+        if not (self.requests > 0 and self.period_s > 0):
+            raise UsageError(f"rate must be positive, got {self.requests}/{self.period_s}s")
+        if not 0 < self.floor_fraction <= 1 or not 0 < self.decrease < 1:
+            raise UsageError("floor_fraction must be in (0, 1] and decrease in (0, 1)")
+
+    @property
+    def per_second(self) -> float:
+        return self.requests / self.period_s
+
+    def scaled(self, time_scale: float) -> RateConfig:
+        """The same budget over a time-scaled period (for a time-scaled emulator)."""
+        return RateConfig(
+            requests=self.requests,
+            period_s=self.period_s * time_scale,
+            floor_fraction=self.floor_fraction,
+            decrease=self.decrease,
+        )
+
+
+def parse_rate(text: str) -> RateConfig:
+    """``"50/min"``, ``"2/s"``, ``"3000/h"`` -> a :class:`RateConfig`."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*/\s*([a-z]+)\s*", text.lower())
+    if not match or match.group(2) not in _PERIODS:
+        raise UsageError(f"--rate {text!r} is not N/s, N/min or N/h (e.g. 50/min)")
+    return RateConfig(requests=float(match.group(1)), period_s=_PERIODS[match.group(2)])
+
+
+class RequestGate:
+    """Grants API requests one at a time at the current rate, highest priority first.
+
+    Run :meth:`serve` in the run's task group; callers ``await gate.acquire(priority)``
+    before each request and report 429s with :meth:`rate_limited`.
+    """
+
+    def __init__(
+        self,
+        config: RateConfig,
+        *,
+        retry: RetryConfig | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self._retry = retry or RetryConfig()
+        self._rng = rng or random.Random()
+        self._rate = config.per_second
+        self._limiter = AsyncLimiter(1, 1 / self._rate)
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+        self._wake = asyncio.Event()
+        self._paused_until = 0.0
+        self._streak_429 = 0
+        #: Share of recent grants that left a submit waiting: 1.0 means the limit binds.
+        self.pressure = 0.0
+        self.granted = 0
+        self.limited = 0
+
+    @property
+    def rate(self) -> float:
+        """Current requests per second after adaptation."""
+        return self._rate
+
+    async def acquire(self, priority: Priority) -> None:
+        """Wait for this request's turn."""
+        future = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (int(priority), next(self._seq), future))
+        self._wake.set()
+        await future  # a cancelled waiter is skipped by serve()
+
+    def waiting(self, priority: Priority) -> int:
+        return sum(1 for p, _, f in self._waiters if p == priority and not f.done())
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not any(not f.done() for *_, f in self._waiters):
+                self._waiters.clear()
+                self._wake.clear()
+                await self._wake.wait()
+            pause = self._paused_until - loop.time()
+            if pause > 0:
+                await asyncio.sleep(pause)
+                continue
+            await self._limiter.acquire()
+            if self._paused_until > loop.time():
+                continue  # a 429 arrived while we waited for the token
+            while self._waiters:
+                _, _, future = heapq.heappop(self._waiters)
+                if not future.done():
+                    future.set_result(None)
+                    self.granted += 1
+                    starved = any(
+                        p == Priority.SUBMIT and not f.done() for p, _, f in self._waiters
+                    )
+                    self.pressure += 0.05 * (float(starved) - self.pressure)
+                    break
+
+    def rate_limited(self, retry_after: float | None) -> float:
+        """A 429 came back: pause every request, slow down; returns the pause in seconds."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self.limited += 1
+        if now >= self._paused_until:  # cut once per pause, not once per 429 in the burst
+            floor = self.config.per_second * self.config.floor_fraction
+            self._set_rate(max(floor, self._rate * self.config.decrease))
+            self._streak_429 += 1
+        if retry_after is None:
+            wait = max(1 / self._rate, backoff_delay(self._streak_429, self._retry, self._rng))
+        else:
+            wait = retry_after
+        self._paused_until = max(self._paused_until, now + wait)
+        return wait
+
+    def succeeded(self) -> None:
+        """A request got through: creep back towards the configured rate."""
+        self._streak_429 = 0
+        target = self.config.per_second
+        if self._rate < target:
+            self._set_rate(min(target, self._rate + target * 0.01))
+
+    def _set_rate(self, per_second: float) -> None:
+        self._rate = per_second
+        self._limiter = AsyncLimiter(1, 1 / per_second)

@@ -1,0 +1,105 @@
+"""Intake: every manifest row validated and recorded in the checkpoint before any submit.
+
+A row that breaks its model's schema, or names a missing or non-image local file,
+is recorded INVALID with the reason and never sent. A row whose id is already in
+the checkpoint with other parameters means the manifest changed under a run: that
+stops the run before anything is sent, so nothing done before is overwritten.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+import anyio
+
+from batcher.checkpoint import INVALID, PENDING, Checkpoint, NewRow
+from batcher.errors import ManifestError
+from batcher.inputs import ImageInputs, InputError
+from batcher.manifest import ManifestRow, read_rows
+from batcher.schemas import get_model, show, validate
+
+BATCH = 2000
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A manifest row after validation: what to send, or why it cannot be sent."""
+
+    row: ManifestRow
+    params: dict[str, Any]
+    errors: tuple[str, ...]
+    warnings: tuple[str, ...]
+
+    def message(self) -> str:
+        return "; ".join(self.errors)
+
+
+async def check_row(row: ManifestRow, inputs: ImageInputs) -> Checked:
+    """Validate one row against its model, and its local image files."""
+    if row.problems:
+        return Checked(row, dict(row.params), row.problems, ())
+    model = get_model(row.model)
+    result = validate(model, row.params)
+    errors = [str(p) for p in result.errors]
+    for name in model.image_params:
+        value = result.params.get(name)
+        if isinstance(value, str) and not any(p.param == name for p in result.errors):
+            try:
+                await inputs.resolve(name, value)
+            except InputError as exc:
+                errors.append(str(exc))
+    params = result.params if not errors else dict(row.params)
+    return Checked(row, params, tuple(errors), tuple(str(w) for w in result.warnings))
+
+
+async def check_rows(
+    rows: Iterator[ManifestRow], inputs: ImageInputs, batch: int = BATCH
+) -> AsyncIterator[list[Checked]]:
+    """Batches of checked rows, the manifest read in a worker thread."""
+    while chunk := await anyio.to_thread.run_sync(lambda: list(islice(rows, batch))):
+        yield [await check_row(row, inputs) for row in chunk]
+
+
+async def load(
+    checkpoint: Checkpoint, manifest: str, default_model: str | None, inputs: ImageInputs
+) -> int:
+    """Record every row; returns how many were read. Raises ManifestError if rows changed."""
+    rows = read_rows(manifest, default_model=default_model)
+    changed: list[tuple[str, int]] = []
+    total = 0
+    async for checked in check_rows(rows, inputs):
+        total += len(checked)
+        new = [
+            NewRow(
+                id=c.row.id,
+                number=c.row.number,
+                model=c.row.model,
+                digest=c.row.digest,
+                params=_jsonable(c.params),
+                state=INVALID if c.errors else PENDING,
+                error=c.message() or None,
+                warnings="; ".join(c.warnings) or None,
+            )
+            for c in checked
+        ]
+        changed += await checkpoint.add_rows(new)
+    if changed:
+        listed = ", ".join(f"row {n} (id {show(i)})" for i, n in changed[:5])
+        more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+        raise ManifestError(
+            f"{manifest}: the manifest changed since this output folder was used: {listed}{more} "
+            "now have different parameters. Nothing was sent and nothing was overwritten. "
+            "Restore the manifest, or use a new --out folder for the changed rows"
+        )
+    return total
+
+
+def _jsonable(params: dict[str, Any]) -> dict[str, Any]:
+    """Parameters as JSON can hold them (typed manifests may carry odd cell types)."""
+    return {
+        k: v if isinstance(v, str | int | float | bool | None) else str(v)
+        for k, v in params.items()
+    }

@@ -1,0 +1,80 @@
+"""What a run is asked to do: one frozen, keyword-only object shared by the CLI and the API."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from batcher.backoff import RetryConfig
+from batcher.client import DEFAULT_BASE_URL
+from batcher.errors import UsageError
+from batcher.gate import RateConfig
+from batcher.schedule import PollConfig
+from batcher.sim.config import SimConfig
+from batcher.sink import DownloadLimits
+
+#: With --simulate, durations run this much faster, so demos finish in seconds.
+SIMULATE_TIME_SCALE = 0.01
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """Every option of ``batcher run``; defaults are right for Segmind's Pro plan."""
+
+    manifest: Path
+    out: Path
+    model: str | None = None
+    base_url: str = DEFAULT_BASE_URL
+    rate: RateConfig = field(default_factory=RateConfig)
+    #: Jobs submitted and not yet finished, at most.
+    max_in_flight: int = 200
+    #: Run against the in-process emulator (time-scaled) instead of the real API.
+    simulate: bool = False
+    #: The emulator's knobs with --simulate (its time_scale is the run's).
+    sim: SimConfig | None = None
+    #: Durations of the service relative to real time: 1.0 for the real API.
+    time_scale: float | None = None
+    #: Send again a submit whose outcome is unknown (at-least-once). Default: at-most-once.
+    resubmit_unknown: bool = False
+    #: Submit again rows that ended FAILED in an earlier run.
+    retry_failed: bool = False
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    poll: PollConfig = field(default_factory=PollConfig)
+    downloads: DownloadLimits = field(default_factory=DownloadLimits)
+    #: A tqdm bar (None: when stderr is a terminal).
+    progress: bool | None = None
+    #: Seconds between plain progress lines when there is no bar.
+    log_every_s: float = 30.0
+    #: How many submits may be on the wire at once.
+    submit_concurrency: int = 8
+    #: The key; None reads SEGMIND_API_KEY. Never printed.
+    api_key: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.max_in_flight < 1:
+            raise UsageError(f"--max-in-flight must be >= 1, got {self.max_in_flight}")
+        if self.time_scale is not None and not self.time_scale > 0:
+            raise UsageError(f"--time-scale must be > 0, got {self.time_scale}")
+        if self.submit_concurrency < 1:
+            raise UsageError("submit_concurrency must be >= 1")
+        if not self.base_url.startswith(("http://", "https://")):
+            raise UsageError(f"--base-url must be an http(s) URL, got {self.base_url!r}")
+
+    @property
+    def scale(self) -> float:
+        """The effective time scale."""
+        if self.time_scale is not None:
+            return self.time_scale
+        return SIMULATE_TIME_SCALE if self.simulate else 1.0
+
+    def scaled_retry(self) -> RetryConfig:
+        s = self.scale
+        return replace(self.retry, base_s=self.retry.base_s * s, cap_s=self.retry.cap_s * s)
+
+    def scaled_poll(self) -> PollConfig:
+        return replace(self.poll, time_scale=self.scale)
+
+    def sim_config(self) -> SimConfig:
+        """The emulator's config for --simulate: the user's knobs, at the run's time scale."""
+        base = self.sim or SimConfig(rate_limit=50, rate_period_s=60.0)
+        return replace(base, time_scale=self.scale)

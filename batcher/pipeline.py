@@ -1,0 +1,177 @@
+"""The state one run shares across its stages, and the transitions that end a job.
+
+Each job in flight holds one of ``max_in_flight`` slots from its submit until it is
+COMPLETED, FAILED, or handed back for resubmission; :class:`RunContext` releases the
+slot in exactly those transitions, after the checkpoint has recorded them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from batcher.backoff import RetryConfig
+from batcher.checkpoint import FAILED, PENDING, Checkpoint, Job
+from batcher.client import ApiClient
+from batcher.gate import RequestGate
+from batcher.inputs import ImageInputs
+from batcher.options import RunOptions
+from batcher.schedule import LatencyModel, PollConfig
+from batcher.schemas import registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Flight:
+    """A submitted job while it is tracked in memory (the checkpoint has its request_id)."""
+
+    job: Job
+    request_id: str
+    status_url: str
+    response_url: str
+    submitted_wall: float  # epoch seconds
+    submitted_mono: float  # loop time
+    polls: int = 0
+    last_poll_mono: float | None = None
+    last_gap: float = 0.0
+    processing_since: float | None = None
+    state: str = "QUEUED"
+
+    def elapsed(self, now: float) -> float:
+        return now - self.submitted_mono
+
+
+@dataclass
+class Counters:
+    """Live figures for the progress bar and the summary."""
+
+    submitted: int = 0
+    completed: int = 0
+    failed: int = 0
+    invalid: int = 0
+    skipped: int = 0
+    resubmitted_expired: int = 0
+    unknown_submits: int = 0
+    retries: int = 0
+    failed_reasons: Counter[str] = field(default_factory=Counter)
+    api_requests: Counter[str] = field(default_factory=Counter)
+
+
+class RunContext:
+    """Everything the stages share: clients, gate, checkpoint, slots and the stop signals."""
+
+    def __init__(
+        self,
+        *,
+        options: RunOptions,
+        checkpoint: Checkpoint,
+        api: ApiClient,
+        downloads: aiohttp.ClientSession,
+        gate: RequestGate,
+        inputs: ImageInputs,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.options = options
+        self.out: Path = options.out
+        self.checkpoint = checkpoint
+        self.api = api
+        self.downloads = downloads
+        self.gate = gate
+        self.inputs = inputs
+        self.rng = rng or random.Random()
+        self.retry: RetryConfig = options.scaled_retry()
+        self.poll: PollConfig = options.scaled_poll()
+        self.counters = Counters()
+        self.latency: dict[str, LatencyModel] = {
+            slug: LatencyModel(m.median_latency_s, m.latency_sigma, self.poll)
+            for slug, m in registry().items()
+        }
+        #: Slots taken: by jobs in flight, and by submit workers about to take a job.
+        self.in_flight = 0
+        #: Jobs taken for submit and not yet finished or requeued.
+        self.active = 0
+        self._slot_freed = asyncio.Event()
+        #: Submits between the gate's grant and their answer (a crash now leaves them unknown).
+        self.sending = 0
+        #: Jobs to submit again (expired, retried FAILED), ahead of new rows.
+        self.requeued: deque[Job] = deque()
+        self.requeue_signal = asyncio.Event()
+        self.stop_submitting = asyncio.Event()
+        #: The feeder has returned: no new job will be taken for submit.
+        self.feed_done = False
+        self.stop_reason: str | None = None
+        self.flights: dict[str, Flight] = {}
+        self.started_mono = time.monotonic()
+
+    def now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    async def acquire_slot(self) -> None:
+        """Wait until fewer than max_in_flight jobs are in flight, then take a slot."""
+        while self.in_flight >= self.options.max_in_flight:
+            self._slot_freed.clear()
+            await self._slot_freed.wait()
+        self.in_flight += 1
+
+    def take_resumed_slot(self) -> None:
+        """A job resumed from the checkpoint is in flight already, whatever the cap."""
+        self.in_flight += 1
+        self.active += 1
+
+    def release_slot(self) -> None:
+        self.in_flight -= 1
+        self._slot_freed.set()
+        self.requeue_signal.set()  # the feeder may be waiting for in-flight work to end
+
+    def _release(self, job_id: str) -> None:
+        self.flights.pop(job_id, None)
+        self.active -= 1
+        self.release_slot()
+
+    def stop(self, reason: str) -> None:
+        """Stop submitting new jobs; what is in flight goes on."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            log.warning("%s", reason)
+        self.stop_submitting.set()
+        self.requeue_signal.set()
+
+    async def complete(self, job: Job, **fields: Any) -> None:
+        await self.checkpoint.update(job.id, state="COMPLETED", error=None, **fields)
+        self.counters.completed += 1
+        self._release(job.id)
+
+    async def fail(self, job: Job, error: str, **fields: Any) -> None:
+        await self.checkpoint.update(job.id, state=FAILED, error=error, **fields)
+        self.counters.failed += 1
+        self.counters.failed_reasons[_reason(error)] += 1
+        self._release(job.id)
+
+    async def requeue(self, job: Job, why: str, **fields: Any) -> None:
+        """Hand a job back to be submitted again (its old request is gone or failed)."""
+        await self.checkpoint.update(
+            job.id, state=PENDING, request_id=None, status_url=None, response_url=None, **fields
+        )
+        log.info("row %s: %s; submitting it again", job.id, why)
+        self._release(job.id)
+        self.requeued.append(job)
+        self.requeue_signal.set()
+
+    async def unsubmitted(self, job: Job) -> None:
+        """A job taken for submit that was not sent (the run is stopping): back to PENDING."""
+        await self.checkpoint.update(job.id, state=PENDING)
+        self._release(job.id)
+
+
+def _reason(error: str) -> str:
+    """A short key to group failures by in the summary."""
+    return error if len(error) <= 100 else error[:97] + "..."

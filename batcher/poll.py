@@ -1,0 +1,162 @@
+"""Poller pool: thousands of request_ids, each polled when its schedule says.
+
+One scheduler task keeps a heap of (due time, job); due polls run as tasks, at most
+``concurrency`` at once, each through the gate at poll priority. The next poll of a
+job comes from :func:`batcher.schedule.next_poll_delay`, fitted online to the
+latency seen so far for its model and thinned when the rate limit binds.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+from collections.abc import Callable
+
+import anyio
+from anyio.abc import ObjectSendStream
+
+from batcher.client import Outcome, Reply, TransportError
+from batcher.errors import AuthError
+from batcher.gate import Priority
+from batcher.pipeline import Flight, RunContext
+from batcher.retry import CallStats, call
+from batcher.schedule import next_poll_delay
+
+log = logging.getLogger(__name__)
+
+DONE = ("COMPLETED", "FAILED")
+
+
+class Poller:
+    """Schedules and runs status polls; hands COMPLETED jobs to the fetch stream."""
+
+    def __init__(
+        self, ctx: RunContext, to_fetch: ObjectSendStream[Flight], *, concurrency: int = 256
+    ) -> None:
+        self._ctx = ctx
+        self._to_fetch = to_fetch
+        self._heap: list[tuple[float, int, Flight]] = []
+        self._seq = itertools.count()
+        self._wake = anyio.Event()
+        self._limit = anyio.Semaphore(concurrency)
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def track(self, flight: Flight) -> None:
+        """Start polling a submitted job."""
+        self._ctx.flights[flight.job.id] = flight
+        self._schedule(flight)
+
+    def _schedule(self, flight: Flight, delay: float | None = None) -> None:
+        ctx = self._ctx
+        now = ctx.now()
+        if delay is None:
+            delay = next_poll_delay(
+                elapsed=flight.elapsed(now),
+                model=ctx.latency[flight.job.model],
+                cfg=ctx.poll,
+                pressure=ctx.gate.pressure,
+                rng=ctx.rng,
+            )
+        heapq.heappush(self._heap, (now + delay, next(self._seq), flight))
+        self._wake.set()
+
+    async def run(self) -> None:
+        async with anyio.create_task_group() as tg:
+            while True:
+                if not self._heap:
+                    self._wake = anyio.Event()
+                    await self._wake.wait()
+                    continue
+                due = self._heap[0][0]
+                wait = due - self._ctx.now()
+                if wait > 0:
+                    self._wake = anyio.Event()
+                    with anyio.move_on_after(wait):
+                        await self._wake.wait()
+                    continue
+                _, _, flight = heapq.heappop(self._heap)
+                await self._limit.acquire()
+                tg.start_soon(self._poll_guarded, flight)
+
+    async def _poll_guarded(self, flight: Flight) -> None:
+        try:
+            await self.poll(flight)
+        finally:
+            self._limit.release()
+
+    async def poll(self, flight: Flight) -> None:
+        ctx = self._ctx
+        stats = CallStats()
+        reply = await _get(ctx, Priority.POLL, flight.status_url, stats)
+        now = ctx.now()
+        flight.polls += 1
+        if flight.last_poll_mono is not None:
+            flight.last_gap = now - flight.last_poll_mono
+        else:
+            flight.last_gap = flight.elapsed(now)
+        flight.last_poll_mono = now
+        ctx.counters.api_requests["status"] += 1 + stats.retries + stats.rate_limited
+        if isinstance(reply, TransportError):
+            self._schedule(flight)  # every retry failed; try again on the usual schedule
+            return
+        state = str(reply.body.get("status", ""))
+        if reply.outcome is Outcome.OK and state not in DONE:
+            if state == "PROCESSING" and flight.processing_since is None:
+                flight.processing_since = now
+            flight.state = state
+            self._schedule(flight)
+            return
+        if reply.outcome is Outcome.OK:  # COMPLETED; failures are often fast, so they don't train
+            ctx.latency[flight.job.model].observe(flight.elapsed(now), flight.last_gap)
+            flight.state = "COMPLETED"
+            await self._to_fetch.send(flight)
+            return
+        await settle_not_ok(ctx, flight, reply, self._schedule)
+
+
+async def _get(
+    ctx: RunContext, priority: Priority, url: str, stats: CallStats
+) -> Reply | TransportError:
+    return await call(
+        ctx.gate,
+        priority,
+        lambda: ctx.api.get(url),
+        retry=ctx.retry,
+        rng=ctx.rng,
+        safe_to_resend=True,
+        stats=stats,
+    )
+
+
+async def settle_not_ok(
+    ctx: RunContext, flight: Flight, reply: Reply, reschedule: Callable[[Flight], None]
+) -> None:
+    """A status or result GET that is not a plain success: FAILED, expired, or an error."""
+    job = flight.job
+    outcome = reply.outcome
+    common = {"polls": job.polls + flight.polls}
+    if outcome is Outcome.FAILED:
+        error = str(reply.body.get("error") or reply.error_text())
+        if job.attempts <= ctx.retry.max_failed_retries:
+            await ctx.requeue(job, f"job FAILED ({error})", **common)
+            return
+        await ctx.fail(job, error, metrics=reply.body.get("metrics"), **common)
+        return
+    if outcome is Outcome.NOT_FOUND:
+        ctx.counters.resubmitted_expired += 1
+        await ctx.requeue(
+            job, f"request {flight.request_id} is gone (expired or unknown)", **common
+        )
+        return
+    if outcome is Outcome.AUTH:
+        raise AuthError(
+            f"the API refused the key ({reply.error_text()}); check "
+            "SEGMIND_API_KEY. Nothing was lost: run again to resume",
+            status=reply.status,
+        )
+    # 5xx/429 past every retry, or a 4xx on a GET: keep the job, try later.
+    log.warning("row %s: %s while polling; trying again later", job.id, reply.error_text())
+    reschedule(flight)

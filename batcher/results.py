@@ -1,0 +1,101 @@
+"""results.parquet: one row per manifest row, written from the checkpoint.
+
+Written in batches (a million rows never sit in memory) to a temporary file that
+replaces the old one in one rename, so the file on disk is always complete and
+valid, whenever and however the run ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batcher.checkpoint import Checkpoint
+from batcher.inputs import ImageInputs
+from batcher.schemas import registry
+
+RESULTS = "results.parquet"
+
+_TS = pa.timestamp("us", tz="UTC")
+SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("row", pa.int64()),
+    ("model", pa.string()),
+    ("status", pa.string()),
+    ("error", pa.string()),
+    ("request_id", pa.string()),
+    ("attempts", pa.int64()),
+    ("retries", pa.int64()),
+    ("unknown_submits", pa.int64()),
+    ("submitted_at", _TS),
+    ("completed_at", _TS),
+    ("latency_s", pa.float64()),
+    ("notice_lag_s", pa.float64()),
+    ("inference_time", pa.float64()),
+    ("metrics", pa.string()),
+    ("polls", pa.int64()),
+    ("outputs", pa.list_(pa.string())),
+    ("width", pa.int64()),
+    ("height", pa.int64()),
+    ("bytes", pa.int64()),
+    ("sha256", pa.string()),
+    ("params", pa.string()),
+    ("warnings", pa.string()),
+])  # fmt: skip
+
+_SOURCE = (
+    "id", "number", "model", "state", "error", "request_id", "attempts", "retries",
+    "unknown_submits", "submitted_at", "completed_at", "latency_s", "notice_lag_s",
+    "inference_time", "metrics", "polls", "outputs", "width", "height", "bytes", "sha256",
+    "params", "warnings",
+)  # fmt: skip
+
+
+def _params_for_results(
+    raw: str, model: str, inputs: ImageInputs, image_params: dict[str, tuple[str, ...]]
+) -> str:
+    """The parameters as sent, image values shortened to a reference."""
+    params: dict[str, Any] = json.loads(raw)
+    for name in image_params.get(model, ()):
+        value = params.get(name)
+        if isinstance(value, str):
+            params[name] = inputs.reference(name, value)
+    return json.dumps(params, sort_keys=True, ensure_ascii=False)
+
+
+def write_results(checkpoint: Checkpoint, out: Path, manifest_dir: Path) -> Path:
+    """Write ``out/results.parquet`` atomically. Blocking: call from a worker thread."""
+    final = out / RESULTS
+    tmp = out / (RESULTS + ".part")
+    inputs = ImageInputs(manifest_dir)
+    image_params = {slug: m.image_params for slug, m in registry().items()}
+    with pq.ParquetWriter(tmp, SCHEMA) as writer:
+        for chunk in checkpoint.iter_rows_blocking(_SOURCE):
+            cols = list(zip(*chunk, strict=True))
+            data = dict(zip(_SOURCE, cols, strict=True))
+            data["params"] = tuple(
+                _params_for_results(p, m, inputs, image_params)
+                for p, m in zip(data["params"], data["model"], strict=True)
+            )
+            data["outputs"] = tuple(json.loads(o) if o else [] for o in data["outputs"])
+            data["submitted_at"] = tuple(_us(t) for t in data["submitted_at"])
+            data["completed_at"] = tuple(_us(t) for t in data["completed_at"])
+            data["status"] = data.pop("state")
+            data["row"] = data.pop("number")
+            table = pa.table(
+                {f.name: pa.array(data[f.name], type=f.type) for f in SCHEMA}, schema=SCHEMA
+            )
+            writer.write_table(table)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    return final
+
+
+def _us(epoch: float | None) -> int | None:
+    return None if epoch is None else round(epoch * 1_000_000)

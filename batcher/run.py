@@ -1,0 +1,307 @@
+"""A whole run: manifest -> intake -> submit -> poll -> fetch -> sink, resumable.
+
+``arun`` is the async API, ``run`` the blocking one (with Ctrl-C/SIGTERM handling);
+the CLI is a thin layer over ``run``. The checkpoint in the output folder makes the
+same call, repeated, a resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import random
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anyio
+
+from batcher.checkpoint import FAILED, PENDING, SUBMITTED, SUBMITTING, Checkpoint
+from batcher.client import ApiClient
+from batcher.errors import BatcherError, UsageError
+from batcher.fetch import work as fetch_work
+from batcher.gate import RequestGate
+from batcher.inputs import ImageInputs
+from batcher.intake import load
+from batcher.manifest import fingerprint, scan
+from batcher.options import RunOptions
+from batcher.pipeline import Flight, RunContext
+from batcher.poll import Poller
+from batcher.progress import Progress, Summary, summarize
+from batcher.results import write_results
+from batcher.sim import SimServer
+from batcher.sink import remove_partials
+from batcher.submit import UNKNOWN_OUTCOME, ApiUnreachable, feed
+from batcher.submit import work as submit_work
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.sqlite"
+EXIT_OK, EXIT_USAGE, EXIT_FAILED_ROWS, EXIT_STOPPED = 0, 2, 3, 4
+#: After Ctrl-C, submits already on the wire get this long to be answered.
+GRACE_S = 3.0
+FETCH_WORKERS = 16
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """How a run ended."""
+
+    exit_code: int
+    summary: Summary | None
+    results: Path | None
+    stop_reason: str | None
+
+    def text(self) -> str:
+        parts = [self.summary.text()] if self.summary else []
+        if self.results:
+            parts.append(f"results: {self.results}")
+        if self.stop_reason:
+            parts.append(f"stopped: {self.stop_reason}")
+        return "\n".join(parts)
+
+
+@contextlib.contextmanager
+def _lock(out: Path) -> Iterator[None]:
+    """One run per output folder at a time."""
+    with open(out / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UsageError(f"another batcher run is using {out}") from None
+        yield
+
+
+def _api_key(options: RunOptions) -> str:
+    key = options.api_key or os.environ.get("SEGMIND_API_KEY", "")
+    if key:
+        return key
+    if options.simulate:
+        return "sim-key"
+    raise UsageError(
+        "SEGMIND_API_KEY is not set: export your Segmind API key (or use "
+        "--simulate to run against the built-in emulator)"
+    )
+
+
+@contextlib.asynccontextmanager
+async def _service(options: RunOptions) -> AsyncIterator[str]:
+    """The base URL to talk to: the in-process emulator with --simulate, else the option."""
+    if not options.simulate:
+        yield options.base_url
+        return
+    async with SimServer(options.sim_config()) as sim:
+        yield sim.base_url
+
+
+async def arun(options: RunOptions, *, interrupted: asyncio.Event | None = None) -> RunResult:
+    """Run (or resume) the job described by ``options``; see :func:`run`."""
+    out = options.out
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot create the folder ({exc.strerror})") from None
+    key = _api_key(options)
+    with _lock(out):
+        info = await anyio.to_thread.run_sync(
+            lambda: scan(options.manifest, default_model=options.model)
+        )
+        await anyio.to_thread.run_sync(remove_partials, out)
+        async with Checkpoint(out / CHECKPOINT) as cp:
+            inputs = ImageInputs(options.manifest.parent)
+            await _intake(cp, options, inputs)
+            return await _work(options, cp, inputs, key, info.rows, interrupted)
+
+
+async def _intake(cp: Checkpoint, options: RunOptions, inputs: ImageInputs) -> None:
+    print_ = await anyio.to_thread.run_sync(fingerprint, options.manifest)
+    if await cp.get_meta("manifest") != print_:
+        await load(cp, str(options.manifest), options.model, inputs)
+        await cp.set_meta("manifest", print_)
+    if options.retry_failed:
+        n = await cp.reopen_failed(unknown_only=False)
+        log.info("--retry-failed: %d FAILED rows will be submitted again", n)
+    elif options.resubmit_unknown:
+        n = await cp.reopen_failed(unknown_only=True)
+        log.info("--resubmit-unknown: %d rows with an unknown submit outcome go again", n)
+
+
+async def _resume(ctx: RunContext, poller: Poller) -> None:
+    """Jobs a previous run left on the wire or in flight."""
+    cp = ctx.checkpoint
+    for job in await cp.jobs_in([SUBMITTING], limit=1 << 30):
+        # The process died between the gate's grant and the answer: maybe billed.
+        await cp.update(job.id, unknown_submits=job.unknown_submits + 1)
+        ctx.counters.unknown_submits += 1
+        if ctx.options.resubmit_unknown:
+            await cp.update(job.id, state=PENDING)
+        else:
+            await cp.update(job.id, state=FAILED, error=UNKNOWN_OUTCOME)
+    now_wall, now = time.time(), ctx.now()
+    limit = ctx.poll.retention_s * ctx.poll.time_scale
+    for job in await cp.jobs_in([SUBMITTED], limit=1 << 30):
+        age = now_wall - (job.submitted_at or now_wall)
+        ctx.take_resumed_slot()
+        if age >= limit or not (job.request_id and job.status_url and job.response_url):
+            ctx.counters.resubmitted_expired += 1
+            await ctx.requeue(job, "its result expired while batcher was not running")
+            continue
+        poller.track(
+            Flight(
+                job=job,
+                request_id=job.request_id,
+                status_url=job.status_url,
+                response_url=job.response_url,
+                submitted_wall=job.submitted_at or now_wall,
+                submitted_mono=now - age,
+            )
+        )
+
+
+async def _work(
+    options: RunOptions,
+    cp: Checkpoint,
+    inputs: ImageInputs,
+    key: str,
+    total: int,
+    interrupted: asyncio.Event | None,
+) -> RunResult:
+    started = time.monotonic()
+    counts = await cp.counts()
+    done_before = sum(counts.get(s, 0) for s in ("COMPLETED", "FAILED", "INVALID"))
+    gate = RequestGate(options.rate.scaled(options.scale), retry=options.scaled_retry())
+    error: BatcherError | None = None
+    async with (
+        _service(options) as base_url,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as api_session,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as downloads,
+    ):
+        ctx = RunContext(
+            options=options,
+            checkpoint=cp,
+            api=ApiClient(api_session, base_url, key),
+            downloads=downloads,
+            gate=gate,
+            inputs=inputs,
+            rng=random.Random(),
+        )
+        try:
+            await _pipeline(ctx, total, done_before, interrupted)
+        except BatcherError as exc:
+            error = exc
+        finally:
+            with anyio.CancelScope(shield=True):
+                results = await anyio.to_thread.run_sync(
+                    write_results, cp, options.out, options.manifest.parent
+                )
+                summary = await anyio.to_thread.run_sync(
+                    summarize, results, ctx, time.monotonic() - started
+                )
+    if isinstance(error, ApiUnreachable):
+        ctx.stop(str(error))
+    elif error is not None:
+        raise error
+    return RunResult(_exit_code(summary, ctx), summary, results, ctx.stop_reason)
+
+
+def _exit_code(summary: Summary, ctx: RunContext) -> int:
+    c = summary.counts
+    unfinished = sum(n for s, n in c.items() if s not in ("COMPLETED", "FAILED", "INVALID"))
+    if ctx.stop_reason or unfinished:
+        return EXIT_STOPPED
+    if c.get("FAILED", 0) or c.get("INVALID", 0):
+        return EXIT_FAILED_ROWS
+    return EXIT_OK
+
+
+async def _pipeline(
+    ctx: RunContext, total: int, done_before: int, interrupted: asyncio.Event | None
+) -> None:
+    to_submit_send, to_submit = anyio.create_memory_object_stream[Any](0)
+    to_fetch_send, to_fetch = anyio.create_memory_object_stream[Flight](FETCH_WORKERS)
+    poller = Poller(ctx, to_fetch_send)
+    progress = Progress(
+        ctx,
+        total=total,
+        done_before=done_before,
+        enabled=ctx.options.progress,
+        log_every_s=ctx.options.log_every_s,
+    )
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ctx.gate.serve)
+            tg.start_soon(poller.run)
+            tg.start_soon(progress.run)
+            for _ in range(FETCH_WORKERS):
+                tg.start_soon(fetch_work, ctx, to_fetch.clone(), poller.track)
+            await _resume(ctx, poller)
+            tg.start_soon(feed, ctx, to_submit_send)
+            for _ in range(ctx.options.submit_concurrency):
+                tg.start_soon(submit_work, ctx, to_submit.clone(), poller.track)
+            to_submit.close()
+            await _until_done(ctx, interrupted)
+            tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise _first_batcher_error(group) from None
+
+
+async def _until_done(ctx: RunContext, interrupted: asyncio.Event | None) -> None:
+    """Return when nothing is left to do, or soon after an interrupt."""
+    while True:
+        if interrupted is not None and interrupted.is_set():
+            ctx.stop(
+                "interrupted: jobs in flight are saved in the checkpoint. Run the same "
+                "command again to resume"
+            )
+            with anyio.move_on_after(GRACE_S):
+                # A counter changed from many places: polling it for <= 3 s beats an event each.
+                while ctx.sending:  # noqa: ASYNC110
+                    await anyio.sleep(0.05)
+            return
+        if ctx.feed_done and ctx.active == 0:
+            return
+        ctx.requeue_signal.clear()
+        with anyio.move_on_after(0.2):
+            await ctx.requeue_signal.wait()
+
+
+def _first_batcher_error(group: BaseExceptionGroup) -> BaseException:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_batcher_error(exc)
+            if isinstance(found, BatcherError):
+                return found
+        elif isinstance(exc, BatcherError):
+            return exc
+    return group
+
+
+def run(options: RunOptions) -> RunResult:
+    """Run (or resume) a job, blocking. Ctrl-C or SIGTERM stops submitting and exits soon
+    with everything saved; a second Ctrl-C exits at once (the checkpoint stays valid)."""
+
+    async def main() -> RunResult:
+        interrupted = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            if interrupted.is_set():
+                os._exit(130)  # the second Ctrl-C: SQLite's WAL keeps the checkpoint valid
+            interrupted.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
+        try:
+            return await arun(options, interrupted=interrupted)
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    return asyncio.run(main())

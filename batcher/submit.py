@@ -1,0 +1,243 @@
+"""Submit stage: PENDING rows from the checkpoint -> POST /v2/{model} -> the poller.
+
+A feeder reads PENDING rows in manifest order (requeued jobs first) into a bounded
+stream; workers take a slot, then a job, and submit it. The row is marked
+SUBMITTING before the POST and SUBMITTED with its request_id before it is polled,
+so a crash between the two is visible on resume.
+
+Unknown outcome (the connection was lost after the POST went out): the job may
+exist and be billed. By default (at-most-once) the row ends FAILED with a reason
+that says so, and is not sent again; ``resubmit_unknown`` (at-least-once) sends it
+again at once. Either way the row's ``unknown_submits`` counts it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import anyio
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+
+from batcher.checkpoint import PENDING, SUBMITTED, SUBMITTING, Job
+from batcher.client import Outcome, Reply, TransportError
+from batcher.errors import ApiError, AuthError, UnknownModel
+from batcher.gate import Priority
+from batcher.inputs import InputError
+from batcher.pipeline import Flight, RunContext
+from batcher.retry import CallStats, call
+from batcher.schemas import get_model
+
+log = logging.getLogger(__name__)
+
+UNKNOWN_OUTCOME = (
+    "submit outcome unknown: the connection was lost after the request was sent, so the job "
+    "may exist and be billed; not sent again (at-most-once). Run again with "
+    "--resubmit-unknown to submit it again"
+)
+
+
+class ApiUnreachable(ApiError):
+    """The API could not be reached at all after every retry: stop, resumable."""
+
+
+async def feed(ctx: RunContext, send: ObjectSendStream[Job]) -> None:
+    """Send jobs to the workers until there is nothing left or submitting stops."""
+    try:
+        await _feed(ctx, send)
+    finally:
+        ctx.feed_done = True
+        ctx.requeue_signal.set()
+
+
+async def _feed(ctx: RunContext, send: ObjectSendStream[Job]) -> None:
+    cursor = -1
+    page: list[Job] = []
+    exhausted = False
+    async with send:
+        while not ctx.stop_submitting.is_set():
+            if ctx.requeued:
+                job = ctx.requeued.popleft()
+            elif page:
+                job = page.pop(0)
+            elif not exhausted:
+                page = await ctx.checkpoint.jobs_in([PENDING], after=cursor, limit=512)
+                exhausted = not page
+                cursor = page[-1].number if page else cursor
+                continue
+            elif ctx.active == 0:
+                return  # nothing pending, nothing in flight: nothing can be requeued
+            else:
+                ctx.requeue_signal.clear()
+                await ctx.requeue_signal.wait()
+                continue
+            await send.send(job)
+
+
+async def work(
+    ctx: RunContext, receive: ObjectReceiveStream[Job], track: Callable[[Flight], None]
+) -> None:
+    """Take a slot, then a job, and submit it; the slot goes with the job."""
+    async with receive:
+        while True:
+            await ctx.acquire_slot()
+            try:
+                job = await receive.receive()
+            except anyio.EndOfStream:
+                ctx.release_slot()
+                return
+            ctx.active += 1
+            if ctx.stop_submitting.is_set():
+                await ctx.unsubmitted(job)
+                continue
+            await submit_one(ctx, job, track)
+
+
+async def _payload(ctx: RunContext, job: Job) -> dict[str, Any] | str:
+    """The parameters to send, local images as base64; or why the row cannot be sent."""
+    params = dict(job.params)
+    for name in get_model(job.model).image_params:
+        value = params.get(name)
+        if isinstance(value, str):
+            try:
+                params[name] = await ctx.inputs.resolve(name, value)
+            except InputError as exc:
+                return str(exc)
+    return params
+
+
+async def submit_one(ctx: RunContext, job: Job, track: Callable[[Flight], None]) -> None:
+    payload = await _payload(ctx, job)
+    if isinstance(payload, str):
+        await ctx.fail(job, payload)
+        return
+    stats = CallStats()
+    while True:
+        job = _with(job, attempts=job.attempts + 1)
+        sent_at = time.time()
+        result = await _post(ctx, job, payload, stats)
+        ctx.counters.api_requests["submit"] += 1 + stats.retries + stats.rate_limited
+        ctx.counters.retries += stats.retries
+        if isinstance(result, TransportError):
+            if not result.maybe_sent:
+                await ctx.unsubmitted(job)
+                raise ApiUnreachable(f"cannot reach the API at {ctx.api.base_url}: {result}")
+            ctx.counters.unknown_submits += 1
+            job = _with(job, unknown_submits=job.unknown_submits + 1)
+            await ctx.checkpoint.update(job.id, unknown_submits=job.unknown_submits)
+            if ctx.options.resubmit_unknown:
+                log.warning("row %s: %s; sending it again (--resubmit-unknown)", job.id, result)
+                continue
+            await ctx.fail(job, UNKNOWN_OUTCOME, retries=stats.retries)
+            return
+        await _settle(ctx, job, result, sent_at, stats, track)
+        return
+
+
+async def _post(
+    ctx: RunContext, job: Job, payload: dict[str, Any], stats: CallStats
+) -> Reply | TransportError:
+    """POST through the gate; the row is SUBMITTING from the grant until the answer."""
+    on_wire = False
+
+    async def mark_sending() -> None:
+        # After the gate's grant: a row still waiting for a token is not on the wire.
+        nonlocal on_wire
+        await ctx.checkpoint.update(job.id, state=SUBMITTING, attempts=job.attempts)
+        if not on_wire:
+            on_wire = True
+            ctx.sending += 1
+
+    try:
+        return await call(
+            ctx.gate,
+            Priority.SUBMIT,
+            lambda: ctx.api.submit(job.model, payload),
+            retry=ctx.retry,
+            rng=ctx.rng,
+            safe_to_resend=False,
+            stats=stats,
+            before_send=mark_sending,
+        )
+    finally:
+        if on_wire:
+            ctx.sending -= 1
+
+
+async def _settle(
+    ctx: RunContext,
+    job: Job,
+    reply: Reply,
+    sent_at: float,
+    stats: CallStats,
+    track: Callable[[Flight], None],
+) -> None:
+    outcome = reply.outcome
+    if outcome is Outcome.OK:
+        body = reply.body
+        request_id = str(body.get("request_id") or "")
+        if not request_id:
+            await ctx.fail(job, f"submit answered {reply.status} without a request_id")
+            return
+        base = f"{ctx.api.base_url}/v2/requests/{request_id}"
+        status_url = str(body.get("status_url") or body.get("poll_url") or base + "/status")
+        response_url = str(body.get("response_url") or base)
+        await ctx.checkpoint.update(
+            job.id,
+            state=SUBMITTED,
+            request_id=request_id,
+            status_url=status_url,
+            response_url=response_url,
+            submitted_at=sent_at,
+            retries=stats.retries,
+        )
+        ctx.counters.submitted += 1
+        loop_now = ctx.now()
+        track(
+            Flight(
+                job=job,
+                request_id=request_id,
+                status_url=status_url,
+                response_url=response_url,
+                submitted_wall=sent_at,
+                submitted_mono=loop_now - (time.time() - sent_at),
+            )
+        )
+        return
+    if outcome is Outcome.AUTH:
+        await ctx.unsubmitted(job)
+        raise AuthError(
+            f"the API refused the key ({reply.error_text()}); check "
+            "SEGMIND_API_KEY. Nothing was lost: run again to resume",
+            status=reply.status,
+        )
+    if outcome is Outcome.NOT_FOUND:
+        await ctx.unsubmitted(job)
+        raise UnknownModel(
+            f"the API does not know model {job.model!r} ({reply.error_text()})", status=404
+        )
+    if outcome is Outcome.NO_CREDITS:
+        await ctx.unsubmitted(job)
+        ctx.stop(
+            f"out of credits ({reply.error_text()}): no new submits; finishing the "
+            f"jobs in flight. Top up, then run the same command again to resume"
+        )
+        return
+    if outcome in (Outcome.RETRY, Outcome.RATE_LIMITED):
+        await ctx.fail(
+            job,
+            f"gave up after {stats.retries + 1} attempts: {reply.error_text()}",
+            retries=stats.retries,
+        )
+        return
+    await ctx.fail(job, reply.error_text(), retries=stats.retries)  # 400, 422, other 4xx
+
+
+def _with(job: Job, **changes: Any) -> Job:
+    return replace(job, **changes)
+
+
+__all__ = ["UNKNOWN_OUTCOME", "ApiUnreachable", "feed", "submit_one", "work"]
