@@ -160,6 +160,26 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return validate_manifest(args.manifest, args.model, args.max_errors)
 
 
+def _add_report_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "report",
+        help="throughput, latency percentiles and failures of a run, with a PNG chart",
+        description="Read DIR/results.parquet and print completed and failed counts (by "
+        "reason), throughput over time, latency percentiles (queue, inference_time, end to end), "
+        "polls and API requests per job; write DIR/report.png (needs the `report` extra: "
+        "pip install 'batcher[report]').",
+    )
+    p.add_argument("dir", type=Path, help="the --out folder of a `batcher run`")
+    p.add_argument("--no-chart", action="store_true", help="text only, no report.png")
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from batcher.report import report_main
+
+    return report_main(args.dir, chart=not args.no_chart)
+
+
 def _setup_logging(quiet: bool) -> None:
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO,
@@ -294,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     _add_run_parser,
     _add_validate_parser,
+    _add_report_parser,
     _add_sim_parser,
 ]
 

@@ -1,0 +1,381 @@
+"""`batcher report DIR`: what a run's results.parquet says about the API's speed and cost.
+
+The text report needs pyarrow only; the chart (DIR/report.png: throughput over time and a
+latency histogram) needs matplotlib, an optional extra (``pip install 'batcher[report]'``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from batcher.errors import UsageError
+from batcher.results import RESULTS
+
+CHART = "report.png"
+CHART_HINT = "no chart: matplotlib is not installed (pip install 'batcher[report]')"
+QUANTILES = (0.5, 0.9, 0.95, 0.99)
+# Bucket widths, seconds: the smallest giving at most _MAX_BUCKETS buckets is used, so a
+# time-scaled emulator run (seconds) and a day-long real run both read well.
+_BUCKET_S = (
+    1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400,
+)  # fmt: skip
+_MAX_BUCKETS = 24
+_TOP_REASONS = 10
+_REASON_CHARS = 100
+# A per-row count of 429 answers, once results.parquet has one; absent today, so the line
+# is left out rather than shown as 0.
+_RATE_LIMITED = "rate_limited"
+# Request ids and other long hex tokens would split one failure reason into many.
+_IDS = re.compile(
+    r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b|\b[0-9a-f]{16,}\b", re.I
+)
+_QUEUE_TIME = r'"queue_time"\s*:\s*(?P<v>-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)'
+# The columns the report reads; images, params and hashes are left on disk.
+_COLUMNS = (
+    "status", "error", "attempts", "retries", "unknown_submits", "submitted_at", "completed_at",
+    "latency_s", "notice_lag_s", "inference_time", "metrics", "polls", _RATE_LIMITED,
+)  # fmt: skip
+_LATENCIES = (
+    ("queue_time", "queue time (server)"),
+    ("inference_time", "inference_time (server)"),
+    ("latency_s", "end-to-end latency_s"),
+)
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Percentiles (linear interpolation) and maximum of one figure over ``n`` rows."""
+
+    n: int
+    p50: float
+    p90: float
+    p95: float
+    p99: float
+    max: float
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Completions counted in equal time buckets from ``start_s`` (epoch seconds, UTC)."""
+
+    start_s: float
+    bucket_s: int
+    counts: tuple[int, ...]
+    first_submit_s: float | None
+    last_s: float
+
+    def per_minute(self, count: int) -> float:
+        return count * 60 / self.bucket_s
+
+    @property
+    def overall_per_minute(self) -> float | None:
+        """Completions per minute from the first submit to the last completion."""
+        if self.first_submit_s is None or self.last_s <= self.first_submit_s:
+            return None
+        return sum(self.counts) * 60 / (self.last_s - self.first_submit_s)
+
+
+@dataclass(frozen=True)
+class Report:
+    """Every figure of the report; ``None`` where results.parquet cannot tell."""
+
+    path: Path
+    rows: int
+    counts: dict[str, int]
+    failed_reasons: tuple[tuple[str, int], ...]
+    throughput: Throughput | None
+    latency: dict[str, Spread]
+    polls: tuple[float, Spread] | None
+    notice_lag: tuple[float, Spread] | None
+    requests: tuple[int, int, int] | None
+    retries: int | None
+    unknown_submits: int | None
+    rate_limited: int | None
+    # End-to-end latencies of completed rows for the chart's histogram, a pyarrow array.
+    latency_values: Any = field(default=None, repr=False)
+
+
+def read_results(out_dir: Path) -> tuple[Path, pa.Table]:
+    """DIR/results.parquet (or that file itself) as a table; UsageError if unusable."""
+    path = out_dir if out_dir.suffix == ".parquet" and out_dir.is_file() else out_dir / RESULTS
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file; pass the --out DIR of a `batcher run`")
+    try:
+        names = pq.read_schema(path).names
+        if "status" not in names:
+            raise UsageError(f"{path}: not a batcher results file (no status column)")
+        table = pq.read_table(path, columns=[n for n in names if n in _COLUMNS])
+    except (OSError, pa.ArrowException) as exc:
+        raise UsageError(f"{path}: not a readable Parquet file ({exc})") from None
+    return path, table
+
+
+def build_report(path: Path, table: pa.Table) -> Report:
+    """The report's figures. Percentiles and throughput are over COMPLETED rows."""
+    status = table.column("status")
+    found = pc.value_counts(status)
+    counts = dict(zip(*(found.field(f).to_pylist() for f in ("values", "counts")), strict=True))
+    done = table.filter(pc.equal(status, "COMPLETED"))
+    failed = table.filter(pc.equal(status, "FAILED"))
+    latency = {
+        label: s
+        for name, label in _LATENCIES
+        if (s := _spread(_queue_times(done) if name == "queue_time" else _col(done, name)))
+    }
+    polls = _col(done, "polls")
+    attempts = _col(table, "attempts")
+    all_polls = _col(table, "polls")
+    requests = None
+    if attempts is not None and all_polls is not None:
+        requests = (_sum(attempts), _sum(all_polls), done.num_rows)
+    e2e = _col(done, "latency_s")
+    return Report(
+        path=path,
+        rows=table.num_rows,
+        counts={str(k): int(n) for k, n in counts.items()},
+        failed_reasons=_reasons(_col(failed, "error")),
+        throughput=_throughput(table, done),
+        latency=latency,
+        polls=_mean_spread(polls),
+        notice_lag=_mean_spread(_col(done, "notice_lag_s")),
+        requests=requests,
+        retries=_optional_sum(table, "retries"),
+        unknown_submits=_optional_sum(table, "unknown_submits"),
+        rate_limited=_optional_sum(table, _RATE_LIMITED),
+        latency_values=None if e2e is None else pc.drop_null(e2e),
+    )
+
+
+def format_report(report: Report) -> str:
+    """The report as text, one figure per line, for a terminal or a file."""
+    c = report.counts
+    unfinished = sum(n for s, n in c.items() if s not in ("COMPLETED", "FAILED", "INVALID"))
+    lines = [
+        f"{report.path}: {report.rows} rows",
+        f"completed {c.get('COMPLETED', 0)}, failed {c.get('FAILED', 0)}, "
+        f"invalid {c.get('INVALID', 0)}" + (f", not finished {unfinished}" if unfinished else ""),
+    ]
+    if report.failed_reasons:
+        lines.append("failed by reason:")
+        shown = report.failed_reasons[:_TOP_REASONS]
+        lines += [f"  {n:>6}  {reason}" for reason, n in shown]
+        rest = report.failed_reasons[_TOP_REASONS:]
+        if rest:
+            lines.append(f"  {sum(n for _, n in rest):>6}  ({len(rest)} other reasons)")
+    lines += _throughput_lines(report.throughput)
+    if report.latency:
+        lines.append(f"latency of completed jobs, s {'n':>8} {'p50':>9} {'p90':>9} "
+                     f"{'p95':>9} {'p99':>9} {'max':>9}")  # fmt: skip
+        for label, s in report.latency.items():
+            figures = " ".join(f"{v:>9.2f}" for v in (s.p50, s.p90, s.p95, s.p99, s.max))
+            lines.append(f"  {label:<26} {s.n:>8} {figures}")
+    if report.polls:
+        mean, s = report.polls
+        lines.append(f"polls per completed job: mean {mean:.2f}, p95 {s.p95:.2f}, max {s.max:g}")
+    if report.notice_lag:
+        mean, s = report.notice_lag
+        lines.append(
+            f"notice_lag_s (completion seen minus server total_time): "
+            f"mean {mean:.2f} s, p95 {s.p95:.2f} s"
+        )
+    if report.requests:
+        submits, polls, results = report.requests
+        total = submits + polls + results
+        per_job = f": {total / results:.2f} per completed job" if results else ""
+        lines.append(
+            f"API requests: {total} ({submits} submits + {polls} polls + {results} results)"
+            f"{per_job}, not counting requests repeated after a 429, 5xx or lost connection"
+        )
+    extras = [
+        f"{label} {n}"
+        for label, n in (
+            ("transient retries", report.retries),
+            ("unknown submit outcomes", report.unknown_submits),
+            ("429 answers", report.rate_limited),
+        )
+        if n is not None
+    ]
+    if extras:
+        lines.append(", ".join(extras))
+    return "\n".join(lines)
+
+
+def write_chart(report: Report, path: Path) -> Path | None:
+    """Throughput over time and a latency histogram as a PNG; None without matplotlib.
+
+    Drawn on an explicit Agg canvas, never through pyplot: no display and no global state.
+    """
+    try:
+        # matplotlib is an optional extra: CI's type check may run without it.
+        from matplotlib.backends.backend_agg import (  # type: ignore[import-not-found, unused-ignore]
+            FigureCanvasAgg,
+        )
+        from matplotlib.figure import Figure  # type: ignore[import-not-found, unused-ignore]
+    except ImportError:
+        return None
+    fig = Figure(figsize=(10, 7), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    top, bottom = fig.subplots(2, 1)
+    t = report.throughput
+    if t is not None:
+        unit, name = (1, "seconds") if t.bucket_s < 120 else (60, "minutes")
+        if t.bucket_s >= 7200:
+            unit, name = 3600, "hours"
+        x = [i * t.bucket_s / unit for i in range(len(t.counts))]
+        top.bar(x, [t.per_minute(n) for n in t.counts], width=t.bucket_s / unit,
+                align="edge", color="tab:blue")  # fmt: skip
+        start = datetime.fromtimestamp(t.start_s, UTC).strftime("%Y-%m-%d %H:%M:%S")
+        top.set_xlabel(f"{name} since {start} UTC ({_width(t.bucket_s)} buckets)")
+    top.set_ylabel("completions / min")
+    top.set_title("Throughput")
+    values = report.latency_values
+    if values is not None and len(values):
+        # numpy comes with matplotlib; hist() of a Python list is slow for a million rows.
+        bottom.hist(values.to_numpy(), bins=min(50, max(10, len(values) // 20)),
+                    color="tab:gray")  # fmt: skip
+        e2e = report.latency.get("end-to-end latency_s")
+        if e2e is not None:
+            for q, value, color in (("p50", e2e.p50, "tab:green"), ("p95", e2e.p95, "tab:orange"),
+                                    ("p99", e2e.p99, "tab:red")):  # fmt: skip
+                bottom.axvline(value, color=color, linestyle="--", label=f"{q} {value:.2f} s")
+            bottom.legend()
+        bottom.yaxis.get_major_locator().set_params(integer=True)
+    bottom.set_xlabel("submit to completion seen, s")
+    bottom.set_ylabel("completed jobs")
+    bottom.set_title("End-to-end latency")
+    tmp = path.with_name(path.name + ".part")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+    return path
+
+
+def report_main(out_dir: Path, *, chart: bool = True) -> int:
+    """Print the report of ``out_dir/results.parquet``; write report.png next to it."""
+    path, table = read_results(out_dir)
+    report = build_report(path, table)
+    print(format_report(report))
+    if chart:
+        if report.throughput is None and not report.latency:
+            print("no chart: no completed rows")
+        elif (written := write_chart(report, path.with_name(CHART))) is None:
+            print(CHART_HINT)
+        else:
+            print(f"chart: {written}")
+    return 0
+
+
+def _col(table: pa.Table, name: str) -> Any:
+    return table.column(name) if name in table.column_names else None
+
+
+def _sum(column: Any) -> int:
+    return int(pc.sum(column).as_py() or 0)
+
+
+def _optional_sum(table: pa.Table, name: str) -> int | None:
+    column = _col(table, name)
+    return None if column is None else _sum(column)
+
+
+def _spread(values: Any) -> Spread | None:
+    if values is None:
+        return None
+    values = pc.drop_null(values)
+    if not len(values):
+        return None
+    p50, p90, p95, p99 = (float(q) for q in pc.quantile(values, q=list(QUANTILES)).to_pylist())
+    return Spread(len(values), p50, p90, p95, p99, float(pc.max(values).as_py()))
+
+
+def _mean_spread(values: Any) -> tuple[float, Spread] | None:
+    spread = _spread(values)
+    return None if spread is None else (float(pc.mean(values).as_py()), spread)
+
+
+def _queue_times(done: pa.Table) -> Any:
+    """``queue_time`` from each completed row's metrics JSON, where the server sent one."""
+    metrics = _col(done, "metrics")
+    if metrics is None:
+        return None
+    # A regex over the JSON text, not json.loads per row: a million rows in well under a
+    # second. results.parquet's metrics are flat objects of numbers, as json.dumps wrote them.
+    found = pc.struct_field(pc.extract_regex(metrics, _QUEUE_TIME), "v")
+    return pc.cast(pc.drop_null(found), pa.float64())
+
+
+def _reason(error: str | None) -> str:
+    """The key failures are grouped by: ids masked, whitespace folded, length capped."""
+    text = _IDS.sub("<id>", " ".join((error or "(no error text)").split()))
+    return text if len(text) <= _REASON_CHARS else text[: _REASON_CHARS - 3] + "..."
+
+
+def _reasons(errors: Any) -> tuple[tuple[str, int], ...]:
+    if errors is None:
+        return ()
+    grouped = Counter(_reason(e) for e in errors.to_pylist())
+    return tuple(sorted(grouped.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _epoch_us(column: Any) -> Any:
+    """A UTC timestamp column as int64 epoch microseconds, nulls dropped (no tz database)."""
+    return pc.cast(pc.drop_null(column), pa.timestamp("us", tz="UTC")).cast(pa.int64())
+
+
+def _throughput(table: pa.Table, done: pa.Table) -> Throughput | None:
+    completed = _col(done, "completed_at")
+    if completed is None or not len(us := _epoch_us(completed)):
+        return None
+    bounds = pc.min_max(us)
+    first_us, last_us = int(bounds["min"].as_py()), int(bounds["max"].as_py())
+    span_s = (last_us - first_us) / 1e6
+    bucket_s = next(
+        (b for b in _BUCKET_S if span_s / b < _MAX_BUCKETS), math.ceil(span_s / _MAX_BUCKETS)
+    )
+    width_us = bucket_s * 1_000_000
+    start_us = first_us // width_us * width_us  # aligned: buckets start on round times
+    counts = [0] * ((last_us - start_us) // width_us + 1)
+    found = pc.value_counts(pc.divide(pc.subtract(us, start_us), width_us))
+    for i, n in zip(*(found.field(f).to_pylist() for f in ("values", "counts")), strict=True):
+        counts[i] = n
+    submitted = _col(table, "submitted_at")
+    submits = None if submitted is None else pc.min(_epoch_us(submitted)).as_py()
+    return Throughput(
+        start_us / 1e6, bucket_s, tuple(counts),
+        None if submits is None else submits / 1e6, last_us / 1e6,
+    )  # fmt: skip
+
+
+def _throughput_lines(t: Throughput | None) -> list[str]:
+    if t is None:
+        return ["throughput: no completed rows"]
+    total = sum(t.counts)
+    overall = t.overall_per_minute
+    since = "" if overall is None else f", {overall:.1f}/min from the first submit"
+    end = datetime.fromtimestamp(t.last_s, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    lines = [f"throughput: {total} completions, the last at {end} UTC{since}",
+             f"  completions per minute in {_width(t.bucket_s)} buckets (UTC):"]  # fmt: skip
+    peak = max(t.counts)
+    many_days = t.last_s - t.start_s >= 86400
+    for i, n in enumerate(t.counts):
+        when = datetime.fromtimestamp(t.start_s + i * t.bucket_s, UTC)
+        label = when.strftime("%m-%d %H:%M" if many_days else "%H:%M:%S")
+        bar = "#" * round(30 * n / peak)
+        lines.append(f"  {label}  {n:>6}  {t.per_minute(n):>8.1f}/min  {bar}")
+    return lines
+
+
+def _width(seconds: int) -> str:
+    if seconds % 3600 == 0:
+        return f"{seconds // 3600} h"
+    return f"{seconds // 60} min" if seconds % 60 == 0 else f"{seconds} s"

@@ -1,0 +1,270 @@
+"""`batcher report`: figures checked against values computed here; the chart, with and
+without matplotlib."""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from batcher.errors import UsageError
+from batcher.report import CHART, CHART_HINT, build_report, read_results, report_main
+from batcher.results import RESULTS, SCHEMA
+
+T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
+UUID = "{:08x}-1234-4abc-8def-0123456789ab"
+
+
+def write(out: Path, rows: list[dict[str, Any]], schema: pa.Schema = SCHEMA) -> Path:
+    """results.parquet with every SCHEMA column; columns a row does not give are null."""
+    out.mkdir(parents=True, exist_ok=True)
+    full = [{f.name: r.get(f.name) for f in schema} for r in rows]
+    pq.write_table(pa.Table.from_pylist(full, schema=schema), out / RESULTS)
+    return out
+
+
+def completion_times() -> list[float]:
+    """150 completions every 2 s for 5 minutes, then 50 every 6 s: 30/min, then 10/min."""
+    return [2.0 * i for i in range(150)] + [300.0 + 6.0 * i for i in range(50)]
+
+
+def run_rows() -> list[dict[str, Any]]:
+    rng = random.Random(7)
+    rows: list[dict[str, Any]] = []
+    for i, t in enumerate(completion_times()):
+        latency = rng.lognormvariate(3.0, 0.5)
+        inference = latency * rng.uniform(0.3, 0.7)
+        metrics: dict[str, float] = {"inference_time": inference}
+        if i % 10:  # every 10th server answer lacks queue_time
+            metrics["queue_time"] = rng.uniform(0.0, 5.0)
+        rows.append({
+            "id": f"c{i}", "row": i, "model": "instantid", "status": "COMPLETED",
+            "attempts": 2 if i % 25 == 0 else 1, "retries": 1 if i % 40 == 0 else 0,
+            "unknown_submits": 0, "polls": rng.randint(1, 8),
+            "submitted_at": T0 + timedelta(seconds=t - latency),
+            "completed_at": T0 + timedelta(seconds=t),
+            "latency_s": latency, "notice_lag_s": rng.uniform(0.0, 4.0),
+            "inference_time": inference, "metrics": json.dumps(metrics), "outputs": ["a.png"],
+        })  # fmt: skip
+    errors = ["FAILED (422): NSFW content detected"] * 3 + [
+        f"job {UUID.format(1)} timed out",
+        f"job {UUID.format(2)} timed out",
+        None,
+    ]
+    for j, error in enumerate(errors):
+        rows.append({
+            "id": f"f{j}", "row": 1000 + j, "model": "instantid", "status": "FAILED",
+            "error": error, "attempts": 2, "retries": 3, "unknown_submits": 1 if j == 5 else 0,
+            "polls": 4, "submitted_at": T0,
+        })  # fmt: skip
+    for k in range(4):
+        rows.append({"id": f"i{k}", "row": 2000 + k, "status": "INVALID", "error": "bad seed",
+                     "attempts": 0, "retries": 0, "unknown_submits": 0, "polls": 0})  # fmt: skip
+    rows.append({"id": "p0", "row": 3000, "status": "PENDING", "attempts": 0, "polls": 0})
+    return rows
+
+
+def pct(values: list[float]) -> list[float]:
+    """p50, p90, p95, p99, max, by linear interpolation, independently of the module."""
+    cuts = statistics.quantiles(values, n=100, method="inclusive")
+    return [cuts[49], cuts[89], cuts[94], cuts[98], max(values)]
+
+
+def figures(text: str, prefix: str) -> list[float]:
+    """The numbers on the line of ``text`` that starts with ``prefix``."""
+    (line,) = [ln for ln in text.splitlines() if ln.strip().startswith(prefix)]
+    return [float(w) for w in line[len(line) - len(line.lstrip()) + len(prefix) :].split()]
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    return write(tmp_path / "run", run_rows())
+
+
+def test_text_report_numbers(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = run_rows()
+    done = [r for r in rows if r["status"] == "COMPLETED"]
+    assert report_main(run_dir, chart=False) == 0
+    text = capsys.readouterr().out
+    assert f"{run_dir / RESULTS}: {len(rows)} rows" in text
+    assert "completed 200, failed 6, invalid 4, not finished 1" in text
+
+    # Failed reasons: ids masked so both timeouts group; the missing text has its own group.
+    assert "       3  FAILED (422): NSFW content detected" in text
+    assert "       2  job <id> timed out" in text
+    assert "       1  (no error text)" in text
+
+    # Throughput: 30 s buckets, ten of 15 completions (30/min) then ten of 5 (10/min).
+    assert "in 30 s buckets" in text
+    buckets = [ln.split() for ln in text.splitlines() if ln.startswith("  12:")]
+    assert [b[0] for b in buckets[:3]] == ["12:00:00", "12:00:30", "12:01:00"]
+    assert [int(b[1]) for b in buckets] == [15] * 10 + [5] * 10
+    assert [b[2] for b in buckets] == ["30.0/min"] * 10 + ["10.0/min"] * 10
+    first_submit = min(r["submitted_at"] for r in rows if r.get("submitted_at"))
+    span = (T0 + timedelta(seconds=594) - first_submit).total_seconds()
+    assert f"the last at 2024-05-01 12:09:54 UTC, {200 * 60 / span:.1f}/min" in text
+
+    # Latency percentiles over completed rows, each figure to the printed 2 decimals.
+    queue = [json.loads(r["metrics"])["queue_time"] for i, r in enumerate(done) if i % 10]
+    for prefix, values in (
+        ("queue time (server)", queue),
+        ("inference_time (server)", [r["inference_time"] for r in done]),
+        ("end-to-end latency_s", [r["latency_s"] for r in done]),
+    ):
+        n, *printed = figures(text, prefix)
+        assert n == len(values)
+        assert printed == pytest.approx(pct(values), abs=0.0051)
+
+    polls = [r["polls"] for r in done]
+    assert (
+        f"polls per completed job: mean {statistics.fmean(polls):.2f}, "
+        f"p95 {pct(polls)[2]:.2f}, max {max(polls)}" in text
+    )
+    lags = [r["notice_lag_s"] for r in done]
+    assert f"mean {statistics.fmean(lags):.2f} s, p95 {pct(lags)[2]:.2f} s" in text
+
+    submits = sum(r.get("attempts") or 0 for r in rows)
+    all_polls = sum(r.get("polls") or 0 for r in rows)
+    total = submits + all_polls + 200
+    assert (
+        f"API requests: {total} ({submits} submits + {all_polls} polls + 200 results): "
+        f"{total / 200:.2f} per completed job" in text
+    )
+    retries = sum(r.get("retries") or 0 for r in rows)
+    assert f"transient retries {retries}, unknown submit outcomes 1" in text
+    assert "429 answers" not in text  # no per-row 429 column: left out, not shown as 0
+
+
+def test_report_object_matches_independent_percentiles(run_dir: Path) -> None:
+    path, table = read_results(run_dir)
+    report = build_report(path, table)
+    latencies = [r["latency_s"] for r in run_rows() if r["status"] == "COMPLETED"]
+    s = report.latency["end-to-end latency_s"]
+    assert [s.p50, s.p90, s.p95, s.p99, s.max] == pytest.approx(pct(latencies), rel=1e-9)
+    assert report.throughput is not None
+    assert report.throughput.bucket_s == 30
+    assert report.rate_limited is None
+
+
+def test_rate_limited_column_is_reported_when_present(tmp_path: Path) -> None:
+    schema = SCHEMA.append(pa.field("rate_limited", pa.int64()))
+    rows = [{"id": "a", "status": "COMPLETED", "rate_limited": 3},
+            {"id": "b", "status": "FAILED", "rate_limited": 2}]  # fmt: skip
+    path, table = read_results(write(tmp_path, rows, schema))
+    assert build_report(path, table).rate_limited == 5
+
+
+def test_empty_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = write(tmp_path, [])
+    assert report_main(out) == 0
+    text = capsys.readouterr().out
+    assert "0 rows" in text
+    assert "completed 0, failed 0, invalid 0" in text
+    assert "throughput: no completed rows" in text
+    assert "no chart: no completed rows" in text
+    assert "latency of completed jobs" not in text
+    assert not (out / CHART).exists()
+
+
+def test_all_failed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [{"id": str(i), "row": i, "status": "FAILED", "error": "FAILED (422): boom",
+             "attempts": 2, "polls": 3, "retries": 0, "unknown_submits": 0,
+             "submitted_at": T0} for i in range(5)]  # fmt: skip
+    out = write(tmp_path, rows)
+    assert report_main(out) == 0
+    text = capsys.readouterr().out
+    assert "completed 0, failed 5, invalid 0" in text
+    assert "       5  FAILED (422): boom" in text
+    assert "throughput: no completed rows" in text
+    assert "API requests: 25 (10 submits + 15 polls + 0 results), not counting" in text
+    assert "per completed job" not in text
+    assert "polls per completed job" not in text
+    assert not (out / CHART).exists()
+
+
+def test_missing_or_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match=r"results\.parquet: no such file"):
+        report_main(tmp_path / "nowhere")
+    (tmp_path / RESULTS).write_text("not parquet")
+    with pytest.raises(UsageError, match="not a readable Parquet file"):
+        report_main(tmp_path)
+    pq.write_table(pa.table({"x": [1]}), tmp_path / RESULTS)
+    with pytest.raises(UsageError, match="not a batcher results file"):
+        report_main(tmp_path)
+
+
+def test_accepts_the_parquet_file_itself(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert report_main(run_dir / RESULTS, chart=False) == 0
+    assert "completed 200" in capsys.readouterr().out
+
+
+def test_chart_png(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    assert report_main(run_dir) == 0
+    assert f"chart: {run_dir / CHART}" in capsys.readouterr().out
+    with Image.open(run_dir / CHART) as image:
+        assert image.format == "PNG"
+        assert image.size == (1000, 700)
+        image.load()  # decodes every pixel, not just the header
+        colors = image.convert("RGB").getcolors(maxcolors=1 << 20)
+        assert colors is not None
+        assert len(colors) > 10  # bars, text and lines drawn, not a blank canvas
+    assert not list(run_dir.glob("*.part"))
+
+
+def test_no_chart_flag(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert report_main(run_dir, chart=False) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert not [ln for ln in lines if ln.startswith(("chart:", "no chart:"))]
+    assert not (run_dir / CHART).exists()
+
+
+def test_without_matplotlib(
+    run_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # None in sys.modules makes any import of that name raise ImportError.
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert report_main(run_dir) == 0
+    text = capsys.readouterr().out
+    assert "completed 200" in text
+    assert text.rstrip().endswith(CHART_HINT)
+    assert "pip install 'batcher[report]'" in CHART_HINT
+    assert not (run_dir / CHART).exists()
+
+
+def test_queue_time_only_where_the_server_sent_a_number(tmp_path: Path) -> None:
+    metrics = ['{"queue_time": 1.5e-05, "inference_time": 2}', '{"queue_time": null}',
+               '{"queue_time": "3"}', '{"total_time": 4}', None]  # fmt: skip
+    rows = [{"id": str(i), "status": "COMPLETED", "metrics": m} for i, m in enumerate(metrics)]
+    path, table = read_results(write(tmp_path, rows))
+    spread = build_report(path, table).latency["queue time (server)"]
+    assert (spread.n, spread.p50, spread.max) == (1, 1.5e-05, 1.5e-05)
+
+
+def test_long_run_with_a_gap_keeps_empty_buckets(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Two sessions two days apart (a resumed run): the quiet hours show as zero buckets.
+    days = [0.0, 60.0, 2 * 86400.0, 2 * 86400.0 + 7200.0]
+    rows = [{"id": str(i), "status": "COMPLETED", "submitted_at": T0 + timedelta(seconds=t),
+             "completed_at": T0 + timedelta(seconds=t + 30), "latency_s": 30.0}
+            for i, t in enumerate(days)]  # fmt: skip
+    assert report_main(write(tmp_path, rows), chart=False) == 0
+    text = capsys.readouterr().out
+    assert "in 3 h buckets" in text
+    buckets = [ln.split() for ln in text.splitlines() if ln.startswith("  05-")]
+    assert buckets[0][:3] == ["05-01", "12:00", "2"]
+    assert buckets[-1][:3] == ["05-03", "12:00", "2"]
+    assert sum(int(b[2]) for b in buckets) == 4
+    assert len(buckets) == 17  # 05-01 12:00 to 05-03 14:00:30 in 3 h buckets
