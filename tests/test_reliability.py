@@ -185,6 +185,10 @@ def test_kill_9_at_varied_moments_loses_nothing_and_pays_twice_only_on_the_wire(
     for row_id, request_id in stored.items():  # a stored request_id was never submitted again
         assert table[row_id]["request_id"] == request_id
     stats = sim.stats()
+    print(
+        f"rows={ROWS} kills={kills} on_wire_at_kills={on_wire_at_kills} "
+        f"paid_twice={stats['paid_twice']} accepted={stats['accepted']} moments={moments}"
+    )
     assert stats["paid_twice"] <= on_wire_at_kills
     assert stats["accepted"] == ROWS + stats["paid_twice"]
 
