@@ -30,7 +30,7 @@ from typing import Literal
 
 import anyio
 import anyio.to_thread
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from batcher.errors import InvalidRow
 from batcher.sink import IMAGE_FORMATS, is_base64_image
@@ -253,7 +253,14 @@ def _check_image(data: bytes, max_pixels: int) -> None:
         raise _Problem(f"image dimensions are absurd ({exc})") from None
     except Exception as exc:  # Pillow's plugins raise many types for "not an image"
         accepted = ", ".join(sorted({fmt for fmt, _ in IMAGE_FORMATS.values()}))
-        raise _Problem(f"not an image ({accepted}): {type(exc).__name__}: {exc}") from None
+        # Pillow's "cannot identify image file <_io.BytesIO object at 0x...>" names our
+        # buffer, not the user's file: say what it means instead.
+        why = (
+            "its content matches none of these formats"
+            if isinstance(exc, UnidentifiedImageError)
+            else f"{type(exc).__name__}: {exc}"
+        )
+        raise _Problem(f"not an image ({accepted}): {why}") from None
     if width * height > max_pixels:
         raise _Problem(
             f"image is {width}x{height} ({width * height / 1e6:.1f} megapixels), "

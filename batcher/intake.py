@@ -8,6 +8,8 @@ stops the run before anything is sent, so nothing done before is overwritten.
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -21,7 +23,12 @@ from batcher.inputs import ImageInputs, InputError
 from batcher.manifest import ManifestRow, read_rows
 from batcher.schemas import get_model, show, validate
 
+log = logging.getLogger(__name__)
+
 BATCH = 2000
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+#: INVALID rows named on the terminal by a run; the rest are counted (all are in results).
+SHOWN_INVALID = 10
 
 
 @dataclass(frozen=True)
@@ -34,7 +41,9 @@ class Checked:
     warnings: tuple[str, ...]
 
     def message(self) -> str:
-        return "; ".join(self.errors)
+        # Manifest values (a path, an id) reach the terminal: never a raw ESC or NUL.
+        text = "; ".join(self.errors)
+        return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 async def check_row(row: ManifestRow, inputs: ImageInputs) -> Checked:
@@ -69,9 +78,15 @@ async def load(
     """Record every row; returns how many were read. Raises ManifestError if rows changed."""
     rows = read_rows(manifest, default_model=default_model)
     changed: list[tuple[str, int]] = []
-    total = 0
+    invalid: list[str] = []
+    total = invalid_count = 0
     async for checked in check_rows(rows, inputs):
         total += len(checked)
+        for c in checked:
+            if c.errors:
+                invalid_count += 1
+                if len(invalid) < SHOWN_INVALID:
+                    invalid.append(f"row {c.row.number} (id {show(c.row.id)}): {c.message()}")
         new = [
             NewRow(
                 id=c.row.id,
@@ -89,10 +104,17 @@ async def load(
     if changed:
         listed = ", ".join(f"row {n} (id {show(i)})" for i, n in changed[:5])
         more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+        have = "has" if len(changed) == 1 else "have"
         raise ManifestError(
             f"{manifest}: the manifest changed since this output folder was used: {listed}{more} "
-            "now have different parameters. Nothing was sent and nothing was overwritten. "
+            f"now {have} different parameters. Nothing was sent and nothing was overwritten. "
             "Restore the manifest, or use a new --out folder for the changed rows"
+        )
+    for line in invalid:
+        log.warning("INVALID, not sent: %s", line)
+    if invalid_count > len(invalid):
+        log.warning(
+            "%d more INVALID rows; every reason is in results.parquet", invalid_count - len(invalid)
         )
     return total
 

@@ -12,7 +12,7 @@ import logging
 import random
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +104,10 @@ class RunContext:
         self.sending = 0
         #: Jobs to submit again (expired, retried FAILED), ahead of new rows.
         self.requeued: deque[Job] = deque()
+        #: Rows an earlier run left in flight, taken over by this one. They never enter
+        #: through the feeder's pages: requeued, they are PENDING in the checkpoint *and*
+        #: in ``requeued``, and read from both they would be submitted (and paid) twice.
+        self.resumed: set[str] = set()
         self.requeue_signal = asyncio.Event()
         self.stop_submitting = asyncio.Event()
         #: The feeder has returned: no new job will be taken for submit.
@@ -163,12 +167,14 @@ class RunContext:
         )
         log.info("row %s: %s; submitting it again", job.id, why)
         self._release(job.id)
-        self.requeued.append(job)
+        # The row's polls so far go with it: the next attempt adds its own to them.
+        self.requeued.append(replace(job, polls=fields.get("polls", job.polls)))
         self.requeue_signal.set()
 
     async def unsubmitted(self, job: Job) -> None:
-        """A job taken for submit that was not sent (the run is stopping): back to PENDING."""
-        await self.checkpoint.update(job.id, state=PENDING)
+        """A job taken for submit that was not sent, or refused before a job existed (the
+        run is stopping): back to PENDING with ``job.attempts``, the submits that counted."""
+        await self.checkpoint.update(job.id, state=PENDING, attempts=job.attempts)
         self._release(job.id)
 
 

@@ -148,6 +148,7 @@ async def _resume(ctx: RunContext, poller: Poller) -> None:
     limit = ctx.poll.retention_s * ctx.poll.time_scale
     for job in await cp.jobs_in([SUBMITTED], limit=1 << 30):
         age = now_wall - (job.submitted_at or now_wall)
+        ctx.resumed.add(job.id)
         ctx.take_resumed_slot()
         if age >= limit or not (job.request_id and job.status_url and job.response_url):
             ctx.counters.resubmitted_expired += 1
@@ -234,20 +235,23 @@ async def _pipeline(
         enabled=ctx.options.progress,
         log_every_s=ctx.options.log_every_s,
     )
+    # The workers close their clones; these four ends are the run's to close, however it
+    # ends (an unclosed stream is a ResourceWarning, an error under the tests' settings).
     try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(ctx.gate.serve)
-            tg.start_soon(poller.run)
-            tg.start_soon(progress.run)
-            for _ in range(FETCH_WORKERS):
-                tg.start_soon(fetch_work, ctx, to_fetch.clone(), poller.track)
-            await _resume(ctx, poller)
-            tg.start_soon(feed, ctx, to_submit_send)
-            for _ in range(ctx.options.submit_concurrency):
-                tg.start_soon(submit_work, ctx, to_submit.clone(), poller.track)
-            to_submit.close()
-            await _until_done(ctx, interrupted)
-            tg.cancel_scope.cancel()
+        with to_submit_send, to_submit, to_fetch_send, to_fetch:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(ctx.gate.serve)
+                tg.start_soon(poller.run)
+                tg.start_soon(progress.run)
+                for _ in range(FETCH_WORKERS):
+                    tg.start_soon(fetch_work, ctx, to_fetch.clone(), poller.track)
+                await _resume(ctx, poller)
+                tg.start_soon(feed, ctx, to_submit_send)
+                for _ in range(ctx.options.submit_concurrency):
+                    tg.start_soon(submit_work, ctx, to_submit.clone(), poller.track)
+                to_submit.close()
+                await _until_done(ctx, interrupted)
+                tg.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise _first_batcher_error(group) from None
 

@@ -63,6 +63,8 @@ async def _feed(ctx: RunContext, send: ObjectSendStream[Job]) -> None:
                 job = ctx.requeued.popleft()
             elif page:
                 job = page.pop(0)
+                if job.id in ctx.resumed:
+                    continue  # requeued by this run: it is in (or went through) `requeued`
             elif not exhausted:
                 page = await ctx.checkpoint.jobs_in([PENDING], after=cursor, limit=512)
                 exhausted = not page
@@ -74,6 +76,10 @@ async def _feed(ctx: RunContext, send: ObjectSendStream[Job]) -> None:
                 ctx.requeue_signal.clear()
                 await ctx.requeue_signal.wait()
                 continue
+            # Counted at the hand-off, not when the worker runs: until then the job would be
+            # in no count, and `active == 0` above could end the feed under a job that is
+            # about to be submitted (and maybe requeued, with no feeder left to take it).
+            ctx.active += 1
             await send.send(job)
 
 
@@ -89,7 +95,6 @@ async def work(
             except anyio.EndOfStream:
                 ctx.release_slot()
                 return
-            ctx.active += 1
             if ctx.stop_submitting.is_set():
                 await ctx.unsubmitted(job)
                 continue
@@ -114,16 +119,19 @@ async def submit_one(ctx: RunContext, job: Job, track: Callable[[Flight], None])
     if isinstance(payload, str):
         await ctx.fail(job, payload)
         return
-    stats = CallStats()
+    stats = CallStats()  # the row's retries over all its attempts
     while True:
         job = _with(job, attempts=job.attempts + 1)
         sent_at = time.time()
+        retries, rate_limited = stats.retries, stats.rate_limited
         result = await _post(ctx, job, payload, stats)
-        ctx.counters.api_requests["submit"] += 1 + stats.retries + stats.rate_limited
-        ctx.counters.retries += stats.retries
+        # Only this attempt's requests: earlier attempts of the row were counted already.
+        retries = stats.retries - retries
+        ctx.counters.api_requests["submit"] += 1 + retries + stats.rate_limited - rate_limited
+        ctx.counters.retries += retries
         if isinstance(result, TransportError):
             if not result.maybe_sent:
-                await ctx.unsubmitted(job)
+                await ctx.unsubmitted(_with(job, attempts=job.attempts - 1))
                 raise ApiUnreachable(f"cannot reach the API at {ctx.api.base_url}: {result}")
             ctx.counters.unknown_submits += 1
             job = _with(job, unknown_submits=job.unknown_submits + 1)
@@ -207,20 +215,23 @@ async def _settle(
             )
         )
         return
+    # 401, 404 and 406 create no job: the attempt does not count (it would use up the
+    # row's --max-failed-retries when the run resumes).
+    unsent = _with(job, attempts=job.attempts - 1)
     if outcome is Outcome.AUTH:
-        await ctx.unsubmitted(job)
+        await ctx.unsubmitted(unsent)
         raise AuthError(
             f"the API refused the key ({reply.error_text()}); check "
             "SEGMIND_API_KEY. Nothing was lost: run again to resume",
             status=reply.status,
         )
     if outcome is Outcome.NOT_FOUND:
-        await ctx.unsubmitted(job)
+        await ctx.unsubmitted(unsent)
         raise UnknownModel(
             f"the API does not know model {job.model!r} ({reply.error_text()})", status=404
         )
     if outcome is Outcome.NO_CREDITS:
-        await ctx.unsubmitted(job)
+        await ctx.unsubmitted(unsent)
         ctx.stop(
             f"out of credits ({reply.error_text()}): no new submits; finishing the "
             f"jobs in flight. Top up, then run the same command again to resume"

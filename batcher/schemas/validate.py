@@ -7,6 +7,7 @@ an empty cell or ``None`` counts as "not given", so the server's default applies
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -15,12 +16,16 @@ from batcher.schemas.spec import ModelSpec, ParamSpec, did_you_mean
 
 _TRUE = frozenset({"true", "t", "yes", "y", "1", "on"})
 _FALSE = frozenset({"false", "f", "no", "n", "0", "off"})
+#: Characters that must not reach a terminal raw (NUL, ESC sequences, line breaks).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def show(value: object, limit: int = 60) -> str:
     """A short, readable rendering of a value for an error message."""
     text = value if isinstance(value, str) else repr(value)
-    if isinstance(value, str) and (not value or value != value.strip() or "," in value):
+    if isinstance(value, str) and (
+        not value or value != value.strip() or "," in value or _CONTROL.search(value)
+    ):
         text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 

@@ -1,0 +1,217 @@
+"""The checkpoint: group-committed transitions, manifest rows and their digests, and
+ordered schema migrations."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import AsyncIterator, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import batcher.checkpoint as checkpoint_module
+from batcher.checkpoint import (
+    COMPLETED,
+    FAILED,
+    INVALID,
+    PENDING,
+    SUBMITTED,
+    SUBMITTING,
+    Checkpoint,
+    NewRow,
+)
+
+
+def _row(n: int, *, digest: str = "d", state: str = PENDING, **params: Any) -> NewRow:
+    return NewRow(
+        id=f"r{n}",
+        number=n,
+        model="instantid",
+        digest=f"{digest}{n}",
+        params={"prompt": f"p{n}", **params},
+        state=state,
+        error="bad" if state == INVALID else None,
+    )
+
+
+def _read(path: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    """What another process would see on disk right now."""
+    db = sqlite3.connect(path)
+    try:
+        return db.execute(sql, args).fetchall()
+    finally:
+        db.close()
+
+
+@pytest.fixture
+async def cp(tmp_path: Path) -> AsyncIterator[Checkpoint]:
+    async with Checkpoint(tmp_path / "checkpoint.sqlite") as checkpoint:
+        yield checkpoint
+
+
+# -- group commit ------------------------------------------------------------------------------
+
+
+async def test_concurrent_transitions_are_group_committed_and_durable_on_return(
+    cp: Checkpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await cp.add_rows([_row(n) for n in range(300)])
+    batches: list[int] = []
+    apply = Checkpoint._apply
+
+    def counting(self: Checkpoint, statements: Iterable[tuple[str, Sequence[Any]]]) -> None:
+        statements = list(statements)
+        batches.append(len(statements))
+        apply(self, statements)
+
+    monkeypatch.setattr(Checkpoint, "_apply", counting)
+
+    await asyncio.gather(
+        *(cp.update(f"r{n}", state=SUBMITTED, request_id=f"q{n}") for n in range(300))
+    )
+
+    assert sum(batches) == 300
+    assert len(batches) <= 3, batches  # not one transaction per transition
+    on_disk = _read(cp.path, "SELECT COUNT(*) FROM jobs WHERE state=? AND request_id LIKE 'q%'",
+                    SUBMITTED)  # fmt: skip
+    assert on_disk == [(300,)]
+
+
+async def test_close_commits_what_was_queued(tmp_path: Path) -> None:
+    cp = Checkpoint(tmp_path / "c.sqlite")
+    await cp.__aenter__()
+    await cp.add_rows([_row(n) for n in range(20)])
+    writers = [asyncio.create_task(cp.update(f"r{n}", state=COMPLETED)) for n in range(20)]
+    await asyncio.sleep(0)  # queued, maybe not committed
+
+    await cp.close()
+
+    async with asyncio.timeout(5):  # every writer got its answer: none waits for ever
+        await asyncio.gather(*writers)
+    assert _read(tmp_path / "c.sqlite", "SELECT COUNT(*) FROM jobs WHERE state=?", COMPLETED) == [
+        (20,)
+    ]
+
+
+# -- transitions ------------------------------------------------------------------------------
+
+
+async def test_transitions_read_back_in_manifest_order(cp: Checkpoint) -> None:
+    await cp.add_rows([_row(n) for n in (5, 1, 3, 2, 4)] + [_row(6, state=INVALID)])
+
+    await cp.update("r1", state=SUBMITTING, attempts=1)
+    await cp.update(
+        "r1",
+        state=SUBMITTED,
+        request_id="q1",
+        status_url="http://h/s",
+        response_url="http://h/r",
+        submitted_at=100.0,
+    )
+    await cp.update("r2", state=COMPLETED, metrics={"inference_time": 1.5}, outputs=["a.png"])
+    await cp.increment("r3", "polls", 4)
+
+    assert [j.id for j in await cp.jobs_in([PENDING])] == ["r3", "r4", "r5"]
+    assert [j.id for j in await cp.jobs_in([PENDING], after=3, limit=1)] == ["r4"]
+    (job,) = await cp.jobs_in([SUBMITTED])
+    assert (job.request_id, job.status_url, job.attempts, job.submitted_at) == (
+        "q1",
+        "http://h/s",
+        1,
+        100.0,
+    )
+    assert (await cp.jobs_in([PENDING], limit=1))[0].polls == 4
+    assert await cp.counts() == {PENDING: 3, SUBMITTED: 1, COMPLETED: 1, INVALID: 1}
+    metrics, outputs = _read(cp.path, "SELECT metrics, outputs FROM jobs WHERE id='r2'")[0]
+    assert (json.loads(metrics), json.loads(outputs)) == ({"inference_time": 1.5}, ["a.png"])
+
+
+async def test_update_refuses_a_column_that_does_not_exist(cp: Checkpoint) -> None:
+    await cp.add_rows([_row(1)])
+    with pytest.raises(ValueError, match="not checkpoint columns"):
+        await cp.update("r1", state=COMPLETED, sneaky="x")
+    with pytest.raises(ValueError, match="not a checkpoint column"):
+        await cp.increment("r1", "id")
+    assert _read(cp.path, "SELECT state FROM jobs") == [(PENDING,)]
+
+
+async def test_reopen_failed_sends_back_only_what_was_asked(cp: Checkpoint) -> None:
+    await cp.add_rows([_row(n) for n in range(1, 5)])
+    await cp.update("r1", state=FAILED, error="No face detected", request_id="q1")
+    await cp.update("r2", state=FAILED, error="unknown outcome", unknown_submits=1)
+    await cp.update("r3", state=FAILED, error="No face", request_id="q3", unknown_submits=1)
+    await cp.update("r4", state=COMPLETED)
+
+    assert await cp.reopen_failed(unknown_only=True) == 1
+    assert [j.id for j in await cp.jobs_in([PENDING])] == ["r2"]
+    assert await cp.reopen_failed(unknown_only=False) == 2
+    assert [j.id for j in await cp.jobs_in([PENDING])] == ["r1", "r2", "r3"]
+    assert _read(cp.path, "SELECT COUNT(*) FROM jobs WHERE error IS NOT NULL") == [(0,)]
+
+
+# -- manifest rows -----------------------------------------------------------------------------
+
+
+async def test_add_rows_reports_a_changed_digest_and_overwrites_nothing(cp: Checkpoint) -> None:
+    assert await cp.add_rows([_row(n) for n in range(1, 4)]) == []
+    await cp.update("r2", state=COMPLETED, request_id="q2")
+
+    same = await cp.add_rows([_row(n) for n in range(1, 4)] + [_row(4)])
+    changed = await cp.add_rows([_row(1), _row(2, digest="other", prompt="new"), _row(3)])
+
+    assert same == []  # the same rows again, and one new row
+    assert changed == [("r2", 2)]
+    rows = _read(cp.path, "SELECT id, digest, state, request_id, params FROM jobs ORDER BY number")
+    assert [r[0] for r in rows] == ["r1", "r2", "r3", "r4"]
+    assert rows[1][1:4] == ("d2", COMPLETED, "q2")  # the first run's row stands
+    assert json.loads(rows[1][4]) == {"prompt": "p2"}
+
+
+async def test_add_rows_finds_conflicts_across_many_ids(cp: Checkpoint) -> None:
+    await cp.add_rows([_row(n) for n in range(1200)])  # more than one IN (...) chunk
+    edited = [_row(n, digest="x") if n in (3, 700, 1199) else _row(n) for n in range(1200)]
+
+    assert sorted(await cp.add_rows(edited)) == [("r1199", 1199), ("r3", 3), ("r700", 700)]
+
+
+# -- migrations --------------------------------------------------------------------------------
+
+
+async def test_a_new_file_is_brought_to_the_latest_schema(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite"
+    async with Checkpoint(path) as cp:
+        await cp.add_rows([_row(1)])
+        await cp.set_meta("manifest", "size=1")
+
+    assert _read(path, "PRAGMA user_version") == [(len(checkpoint_module._MIGRATIONS),)]
+    assert _read(path, "PRAGMA journal_mode") == [("wal",)]
+    async with Checkpoint(path) as again:  # reopening runs no migration twice
+        assert await again.get_meta("manifest") == "size=1"
+        assert await again.counts() == {PENDING: 1}
+
+
+async def test_migrations_run_in_order_from_the_files_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "c.sqlite"
+    async with Checkpoint(path) as cp:
+        await cp.add_rows([_row(1)])
+    first = len(checkpoint_module._MIGRATIONS)
+    monkeypatch.setattr(
+        checkpoint_module,
+        "_MIGRATIONS",
+        (
+            *checkpoint_module._MIGRATIONS,
+            "ALTER TABLE jobs ADD COLUMN note TEXT; UPDATE jobs SET note = 'v2';",
+            "UPDATE jobs SET note = note || '+v3';",
+        ),
+    )
+
+    async with Checkpoint(path) as cp:
+        assert await cp.counts() == {PENDING: 1}
+
+    assert _read(path, "PRAGMA user_version") == [(first + 2,)]
+    assert _read(path, "SELECT id, note FROM jobs") == [("r1", "v2+v3")]

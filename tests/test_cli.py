@@ -1,0 +1,190 @@
+"""The `batcher` command: help for every subcommand, one-line errors with exit 2, the demo
+on the built-in emulator, and an API key that is written nowhere."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from batcher.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "manifests" / "demo_instantid.csv"
+KEY = "sk-cli-Zq8x3Kp1-distinctive"
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    (action,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    choices: dict[str, argparse.ArgumentParser] = action.choices
+    return choices
+
+
+async def _batcher(*args: str, env: dict[str, str], cwd: Path) -> tuple[int, bytes, bytes]:
+    """``python -m batcher ARGS`` in a child process; (exit code, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "batcher",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+        cwd=cwd,
+    )
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode is not None
+    return proc.returncode, stdout, stderr
+
+
+def _env(key: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "SEGMIND_API_KEY"}
+    if key is not None:
+        env["SEGMIND_API_KEY"] = key
+    return env
+
+
+def _files_holding(folder: Path, secret: bytes) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file() and secret in p.read_bytes()]
+
+
+# -- help -------------------------------------------------------------------------------------
+
+
+def test_there_are_subcommands() -> None:
+    assert set(_subcommands()) >= {"run", "validate", "sim"}
+
+
+@pytest.mark.parametrize("name", sorted(_subcommands()))
+def test_every_subcommand_and_option_has_help(
+    name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = _subcommands()[name]
+    assert parser.description, f"`batcher {name}` has no description"
+    for action in parser._actions:
+        assert action.help, (name, action.dest)
+        assert action.help != argparse.SUPPRESS, (name, action.dest)
+
+    with pytest.raises(SystemExit) as exited:
+        main([name, "--help"])
+
+    assert exited.value.code == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith(f"usage: batcher {name}")
+    assert parser.description.split()[0] in shown
+
+
+def test_the_top_level_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0
+    shown = capsys.readouterr().out
+    for name in _subcommands():
+        assert name in shown
+
+
+# -- errors are one line, exit 2 ------------------------------------------------------------------
+
+
+async def test_run_without_a_key_exits_2_with_one_line(tmp_path: Path) -> None:
+    code, stdout, stderr = await _batcher(
+        "run", str(DEMO), "--model", "instantid", "--out", str(tmp_path / "out"),
+        env=_env(None), cwd=tmp_path,
+    )  # fmt: skip
+
+    assert code == 2
+    lines = stderr.decode().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("batcher: SEGMIND_API_KEY is not set")
+    assert "--simulate" in lines[0]
+    assert stdout == b""
+
+
+def test_bad_flags_exit_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = str(tmp_path / "out")
+    for argv in (
+        ["run", str(DEMO), "--out", out, "--rate", "fast", "--simulate"],
+        ["run", str(DEMO), "--out", out, "--max-in-flight", "0", "--simulate"],
+        ["run", str(DEMO), "--out", out, "--model", "nope", "--simulate"],
+        ["run", str(tmp_path / "missing.csv"), "--out", out, "--simulate"],
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("batcher: "), (argv, err)
+        assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("rows", "code"),
+    [
+        (["a,p,face.png"], 0),
+        (["a,p,face.png", "b,p,missing.png"], 3),
+        (["a,p,face.png", "a,p,face.png"], 2),
+    ],
+    ids=["valid", "invalid-row", "duplicate-id"],
+)
+def test_validate_exit_status(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], rows: list[str], code: int
+) -> None:
+    Image.new("RGB", (32, 32)).save(tmp_path / "face.png")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("\n".join(["id,prompt,face_image", *rows]) + "\n")
+
+    assert main(["validate", str(manifest), "--model", "instantid"]) == code
+    err = capsys.readouterr().err
+    if code == 3:
+        assert "face_image=missing.png" in err
+
+
+# -- the demo, and the key -------------------------------------------------------------------------
+
+
+async def test_simulate_runs_the_demo_and_the_key_is_written_nowhere(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+
+    code, stdout, stderr = await _batcher(
+        "run", str(DEMO), "--model", "instantid", "--out", str(out), "--simulate",
+        "--no-progress", env=_env(KEY), cwd=tmp_path,
+    )  # fmt: skip
+
+    assert code == 0, stderr.decode()[-2000:]
+    rows = pq.read_table(out / "results.parquet").to_pylist()
+    assert len(rows) == 12
+    assert {r["status"] for r in rows} == {"COMPLETED"}
+    assert b"rows: 12  completed: 12" in stderr
+    assert KEY.encode() not in stdout + stderr
+    assert _files_holding(out, KEY.encode()) == []
+
+
+async def test_a_refused_key_exits_2_with_one_clear_line_and_a_resumable_folder(
+    tmp_path: Path, sim: Any
+) -> None:
+    server = await sim(time_scale=0.002, api_keys=frozenset({"sk-the-right-key"}))
+    # --rate 2/min: the 401 is back long before a second submit could be cut off on the wire.
+    out = tmp_path / "out"
+
+    code, stdout, stderr = await _batcher(
+        "run", str(DEMO), "--model", "instantid", "--out", str(out), "--no-progress",
+        "--base-url", server.base_url, "--time-scale", "0.002", "--rate", "2/min",
+        env=_env(KEY), cwd=tmp_path,
+    )  # fmt: skip
+
+    assert code == 2
+    text = stderr.decode()
+    assert "Traceback" not in text
+    (line,) = [x for x in text.splitlines() if x.startswith("batcher: ")]
+    assert "refused the key" in line
+    assert "run again to resume" in line
+    assert KEY.encode() not in stdout + stderr
+    assert _files_holding(out, KEY.encode()) == []
+    rows = pq.read_table(out / "results.parquet").to_pylist()
+    assert {r["status"] for r in rows} == {"PENDING"}  # the checkpoint holds every row
+    assert server.stats()["accepted"] == 0

@@ -1,0 +1,348 @@
+"""HTTP units with aioresponses: the answer table (classify), the API client, and one call
+through the gate with its retry policy (retry.call). Nothing leaves the process except
+the one test that needs a refused connection, which dials a closed port on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+from unittest.mock import Mock
+
+import aiohttp
+import pytest
+from aioresponses import aioresponses
+from yarl import URL
+
+from batcher.backoff import RetryConfig
+from batcher.client import ApiClient, Outcome, Reply, TransportError, classify
+from batcher.gate import Priority, RateConfig, RequestGate
+from batcher.retry import CallStats, call
+
+BASE = "http://127.0.0.1:8399"
+SUBMIT = f"{BASE}/v2/instantid"
+STATUS = f"{BASE}/v2/requests/r-1/status"
+KEY = "sk-units-SECRET-4242"
+FAST = RetryConfig(base_s=0.001, cap_s=0.002, max_attempts=4)
+
+
+class _Response(aiohttp.ClientResponse):
+    """aioresponses 0.7.9 builds responses without the ``stream_writer`` that aiohttp 3.14's
+    ClientResponse requires; this fills it in."""
+
+    def __init__(self, method: str, url: URL, **kwargs: Any) -> None:
+        kwargs.setdefault("stream_writer", Mock(output_size=0))
+        super().__init__(method, url, **kwargs)
+
+
+def _answer(
+    m: aioresponses,
+    method: str,
+    url: str,
+    status: int = 200,
+    body: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> None:
+    m.add(url, method, status=status, payload=body or {}, response_class=_Response, **kwargs)
+
+
+@pytest.fixture
+def mocked() -> Iterator[aioresponses]:
+    with aioresponses() as m:
+        yield m
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[ApiClient]:
+    async with aiohttp.ClientSession() as session:
+        yield ApiClient(session, BASE + "/", KEY)
+
+
+@pytest.fixture
+async def gate() -> AsyncIterator[RequestGate]:
+    """A fast gate, served for the test's length."""
+    gate = RequestGate(RateConfig(requests=1000, period_s=1.0), retry=FAST)
+    task = asyncio.create_task(gate.serve())
+    yield gate
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+def _sent(m: aioresponses, method: str, url: str) -> list[Any]:
+    calls: list[Any] = m.requests.get((method, URL(url)), [])
+    return calls
+
+
+# -- classify ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "outcome"),
+    [
+        (200, {"status": "QUEUED"}, Outcome.OK),
+        (200, {"status": "COMPLETED", "output": "https://x/y.png"}, Outcome.OK),
+        (400, {"error": "Invalid parameters"}, Outcome.REJECTED),
+        (401, {"error": "Unauthorized"}, Outcome.AUTH),
+        (403, {"error": "Forbidden"}, Outcome.AUTH),
+        (404, {"error": "Request r-1 not found"}, Outcome.NOT_FOUND),
+        (406, {"error": "Insufficient credits"}, Outcome.NO_CREDITS),
+        (422, {"status": "FAILED", "error": "No face detected"}, Outcome.FAILED),
+        (422, {"error": "validation error"}, Outcome.REJECTED),
+        (429, {"error": "Too many requests"}, Outcome.RATE_LIMITED),
+        (500, {"error": "Internal server error"}, Outcome.RETRY),
+        (502, {}, Outcome.RETRY),
+        (504, {"error": "Gateway timeout"}, Outcome.RETRY),
+        (408, {}, Outcome.RETRY),
+        (200, {"status": "FAILED", "error": "blocked"}, Outcome.FAILED),  # the body decides
+    ],
+)
+def test_classify_maps_every_answer_of_the_contract(
+    status: int, body: dict[str, Any], outcome: Outcome
+) -> None:
+    assert classify(status, body) is outcome
+    assert Reply(status, body).outcome is outcome
+
+
+def test_error_text_carries_the_status_and_the_servers_words() -> None:
+    assert Reply(422, {"error": "No face detected"}).error_text() == "HTTP 422: No face detected"
+    assert Reply(502, {}).error_text() == "HTTP 502"
+
+
+# -- ApiClient ----------------------------------------------------------------------------------
+
+
+async def test_submit_posts_the_params_with_the_key_header(
+    mocked: aioresponses, client: ApiClient
+) -> None:
+    _answer(mocked, "POST", SUBMIT, body={"request_id": "r-1", "status": "QUEUED"})
+
+    reply = await client.submit("instantid", {"prompt": "a", "face_image": "https://x/f.jpg"})
+
+    assert (reply.status, reply.body["request_id"], reply.outcome) == (200, "r-1", Outcome.OK)
+    (sent,) = _sent(mocked, "POST", SUBMIT)
+    assert sent.kwargs["headers"]["x-api-key"] == KEY
+    assert sent.kwargs["json"] == {"prompt": "a", "face_image": "https://x/f.jpg"}
+
+
+async def test_the_key_is_in_no_repr(client: ApiClient) -> None:
+    assert KEY not in repr(client)
+    assert KEY not in str(client)
+    assert client.base_url == BASE  # the trailing slash is dropped
+
+
+async def test_a_non_json_body_becomes_the_error_text(
+    mocked: aioresponses, client: ApiClient
+) -> None:
+    mocked.get(STATUS, status=502, body="<html>Bad gateway</html>", response_class=_Response)
+
+    reply = await client.get(STATUS)
+
+    assert reply.outcome is Outcome.RETRY
+    assert reply.body == {"error": "<html>Bad gateway</html>"}
+
+
+@pytest.mark.parametrize(
+    "exc", [aiohttp.ServerDisconnectedError(), aiohttp.ClientOSError(104, "reset"), TimeoutError()]
+)
+async def test_a_lost_connection_may_have_been_sent(
+    mocked: aioresponses, client: ApiClient, exc: Exception
+) -> None:
+    mocked.post(SUBMIT, exception=exc)
+
+    with pytest.raises(TransportError) as raised:
+        await client.submit("instantid", {"prompt": "a"})
+
+    assert raised.value.maybe_sent is True
+    assert KEY not in str(raised.value)
+
+
+async def test_a_refused_connection_was_not_sent() -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    async with aiohttp.ClientSession() as session:
+        api = ApiClient(session, f"http://127.0.0.1:{port}", KEY)
+        with pytest.raises(TransportError) as raised:
+            await api.submit("instantid", {"prompt": "a"})
+    assert raised.value.maybe_sent is False
+    assert KEY not in str(raised.value)
+
+
+# -- retry.call ---------------------------------------------------------------------------------
+
+
+async def _call(
+    gate: RequestGate,
+    send: Any,
+    *,
+    safe: bool,
+    priority: Priority = Priority.POLL,
+    stats: CallStats | None = None,
+    **kwargs: Any,
+) -> Reply | TransportError:
+    return await call(
+        gate,
+        priority,
+        send,
+        retry=FAST,
+        rng=random.Random(0),
+        safe_to_resend=safe,
+        stats=stats,
+        **kwargs,
+    )
+
+
+async def test_5xx_is_retried_then_succeeds(
+    mocked: aioresponses, client: ApiClient, gate: RequestGate
+) -> None:
+    _answer(mocked, "POST", SUBMIT, 500, {"error": "Internal server error"})
+    _answer(mocked, "POST", SUBMIT, 502)
+    _answer(mocked, "POST", SUBMIT, 200, {"request_id": "r-1"})
+    stats = CallStats()
+    granted: list[int] = []
+
+    async def before_send() -> None:
+        granted.append(gate.granted)
+
+    reply = await _call(
+        gate,
+        lambda: client.submit("instantid", {"prompt": "a"}),
+        safe=False,
+        priority=Priority.SUBMIT,
+        stats=stats,
+        before_send=before_send,
+    )
+
+    assert isinstance(reply, Reply)
+    assert (reply.status, reply.body) == (200, {"request_id": "r-1"})
+    assert stats.retries == 2
+    assert len(_sent(mocked, "POST", SUBMIT)) == 3
+    assert granted == [1, 2, 3]  # each attempt went through the gate, after its grant
+
+
+async def test_5xx_past_max_attempts_returns_the_last_answer(
+    mocked: aioresponses, client: ApiClient, gate: RequestGate
+) -> None:
+    for _ in range(FAST.max_attempts):
+        _answer(mocked, "GET", STATUS, 504, {"error": "Gateway timeout"})
+
+    reply = await _call(gate, lambda: client.get(STATUS), safe=True)
+
+    assert isinstance(reply, Reply)
+    assert reply.status == 504
+    assert len(_sent(mocked, "GET", STATUS)) == FAST.max_attempts
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [(422, {"status": "FAILED", "error": "No face detected"}), (400, {"error": "bad"})],
+)
+async def test_a_definite_answer_is_not_retried(
+    mocked: aioresponses, client: ApiClient, gate: RequestGate, status: int, body: dict[str, Any]
+) -> None:
+    _answer(mocked, "GET", STATUS, status, body)
+
+    reply = await _call(gate, lambda: client.get(STATUS), safe=True)
+
+    assert isinstance(reply, Reply)
+    assert reply.status == status
+    assert len(_sent(mocked, "GET", STATUS)) == 1
+
+
+async def test_429_waits_for_retry_after_through_the_gate_for_every_request(
+    mocked: aioresponses, client: ApiClient, gate: RequestGate
+) -> None:
+    loop = asyncio.get_running_loop()
+    sent_at: list[float] = []
+
+    def record(url: URL, **kwargs: Any) -> None:
+        sent_at.append(loop.time())
+
+    mocked.add(
+        STATUS,
+        "GET",
+        status=429,
+        payload={"error": "Too many requests"},
+        headers={"Retry-After": "0.15"},
+        callback=record,
+        response_class=_Response,
+    )
+    _answer(mocked, "GET", STATUS, 200, {"status": "PROCESSING"}, callback=record)
+    stats = CallStats()
+
+    task = asyncio.create_task(_call(gate, lambda: client.get(STATUS), safe=True, stats=stats))
+    while not sent_at:  # noqa: ASYNC110 -- the mock's callback has no event to wait on
+        await asyncio.sleep(0.001)
+    await asyncio.sleep(0.01)
+    # Another request, even a result fetch, waits out the same pause.
+    other = loop.time()
+    await gate.acquire(Priority.FETCH)
+    other_waited = loop.time() - other
+    reply = await task
+
+    assert isinstance(reply, Reply)
+    assert reply.status == 200
+    assert stats.rate_limited == 1
+    assert stats.retries == 0
+    assert sent_at[1] - sent_at[0] >= 0.15 - 0.005
+    assert other_waited >= 0.15 - 0.01 - 0.005
+    assert gate.limited == 1
+    assert gate.rate == pytest.approx(1000 * 0.7, rel=0.05)  # cut, creeping back on success
+
+
+async def test_a_post_whose_connection_dropped_is_not_resent(
+    mocked: aioresponses, client: ApiClient, gate: RequestGate
+) -> None:
+    mocked.post(SUBMIT, exception=aiohttp.ServerDisconnectedError())
+    _answer(mocked, "POST", SUBMIT, 200, {"request_id": "r-2"})  # must stay unused
+    stats = CallStats()
+
+    result = await _call(
+        gate,
+        lambda: client.submit("instantid", {"prompt": "a"}),
+        safe=False,
+        priority=Priority.SUBMIT,
+        stats=stats,
+    )
+
+    assert isinstance(result, TransportError)
+    assert result.maybe_sent is True
+    assert len(_sent(mocked, "POST", SUBMIT)) == 1
+    assert stats.retries == 0
+
+
+async def test_a_get_whose_connection_dropped_is_retried(
+    mocked: aioresponses, client: ApiClient, gate: RequestGate
+) -> None:
+    mocked.get(STATUS, exception=aiohttp.ServerDisconnectedError())
+    mocked.get(STATUS, exception=aiohttp.ClientOSError(104, "Connection reset by peer"))
+    _answer(mocked, "GET", STATUS, 200, {"status": "COMPLETED"})
+    stats = CallStats()
+
+    reply = await _call(gate, lambda: client.get(STATUS), safe=True, stats=stats)
+
+    assert isinstance(reply, Reply)
+    assert reply.body == {"status": "COMPLETED"}
+    assert stats.retries == 2
+    assert len(_sent(mocked, "GET", STATUS)) == 3
+
+
+async def test_a_post_that_never_connected_is_retried(
+    gate: RequestGate,
+) -> None:
+    """Nothing was sent, so sending again cannot create a second job."""
+    attempts: list[int] = []
+
+    async def send() -> Reply:
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise TransportError("cannot connect", maybe_sent=False)
+        return Reply(200, {"request_id": "r-3"})
+
+    reply = await _call(gate, send, safe=False, priority=Priority.SUBMIT)
+
+    assert isinstance(reply, Reply)
+    assert reply.body == {"request_id": "r-3"}
+    assert len(attempts) == 3

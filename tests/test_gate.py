@@ -1,0 +1,170 @@
+"""RequestGate: one request at a time at the account's rate, paid work first, and a 429
+that pauses everyone."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from batcher.backoff import RetryConfig
+from batcher.errors import UsageError
+from batcher.gate import Priority, RateConfig, RequestGate, parse_rate
+
+FETCH, POLL, SUBMIT = Priority.FETCH, Priority.POLL, Priority.SUBMIT
+
+
+def _gate(per_second: float) -> RequestGate:
+    return RequestGate(
+        RateConfig(requests=per_second, period_s=1.0),
+        retry=RetryConfig(base_s=0.01, cap_s=0.02),
+        rng=random.Random(1),
+    )
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Callable[[RequestGate], None]]:
+    """``serve(gate)`` runs the gate until the test ends."""
+    tasks: list[asyncio.Task[None]] = []
+
+    def start(gate: RequestGate) -> None:
+        tasks.append(asyncio.create_task(gate.serve()))
+
+    yield start
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _acquire(gate: RequestGate, priority: Priority, granted: list[Priority]) -> None:
+    await gate.acquire(priority)
+    granted.append(priority)
+
+
+async def test_waiters_are_granted_fetch_then_poll_then_submit(
+    serve: Callable[[RequestGate], None],
+) -> None:
+    gate = _gate(1000)
+    granted: list[Priority] = []
+    order = [SUBMIT, POLL, FETCH, SUBMIT, FETCH, POLL, SUBMIT]
+    tasks = [asyncio.create_task(_acquire(gate, p, granted)) for p in order]
+    await asyncio.sleep(0)  # every waiter is queued before the gate opens
+    assert gate.waiting(SUBMIT) == 3
+
+    serve(gate)
+    await asyncio.gather(*tasks)
+
+    assert granted == [FETCH, FETCH, POLL, POLL, SUBMIT, SUBMIT, SUBMIT]
+    assert gate.granted == len(order)
+
+
+async def test_a_later_fetch_goes_before_submits_already_waiting(
+    serve: Callable[[RequestGate], None],
+) -> None:
+    gate = _gate(40)  # a grant every 25 ms
+    granted: list[Priority] = []
+    submits = [asyncio.create_task(_acquire(gate, SUBMIT, granted)) for _ in range(3)]
+    serve(gate)
+    while not granted:  # noqa: ASYNC110 -- waiting for the first grant, whenever it comes
+        await asyncio.sleep(0.001)
+
+    late = [asyncio.create_task(_acquire(gate, p, granted)) for p in (POLL, FETCH)]
+    await asyncio.gather(*submits, *late)
+
+    assert granted == [SUBMIT, FETCH, POLL, SUBMIT, SUBMIT]
+    assert gate.pressure > 0  # submits were left waiting: the limit binds
+
+
+async def test_grants_are_spaced_at_the_rate_without_a_burst(
+    serve: Callable[[RequestGate], None],
+) -> None:
+    gate = _gate(100)  # one per 10 ms
+    loop = asyncio.get_running_loop()
+    times: list[float] = []
+
+    async def one() -> None:
+        await gate.acquire(POLL)
+        times.append(loop.time())
+
+    serve(gate)
+    await asyncio.gather(*(one() for _ in range(6)))
+
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert min(gaps) >= 0.01 - 0.002, gaps
+
+
+async def test_a_429_pauses_every_priority_and_cuts_the_rate_once_per_pause(
+    serve: Callable[[RequestGate], None],
+) -> None:
+    gate = _gate(1000)
+    serve(gate)
+    loop = asyncio.get_running_loop()
+    await gate.acquire(SUBMIT)
+
+    assert gate.rate_limited(0.1) == 0.1
+    gate.rate_limited(0.05)  # a second 429 of the same burst
+    start = loop.time()
+    await gate.acquire(FETCH)
+
+    assert loop.time() - start >= 0.1 - 0.005
+    assert gate.limited == 2
+    assert gate.rate == pytest.approx(700)  # cut by 0.7 once, not twice
+    gate.succeeded()
+    assert gate.rate == pytest.approx(710)  # and creeps back
+    for _ in range(100):
+        gate.succeeded()
+    assert gate.rate == pytest.approx(1000)  # never past the configured rate
+
+
+async def test_a_429_without_a_hint_backs_off_and_never_below_the_floor(
+    serve: Callable[[RequestGate], None],
+) -> None:
+    gate = _gate(1000)
+    serve(gate)
+    await gate.acquire(POLL)
+    wait = gate.rate_limited(None)
+    assert 1 / gate.rate <= wait <= 0.02  # the backoff's cap
+
+    storm = _gate(1000)
+    for _ in range(40):  # a long storm of 429s, each asking for no pause at all
+        storm.rate_limited(0.0)
+    assert storm.rate == pytest.approx(1000 * storm.config.floor_fraction)
+
+
+async def test_a_cancelled_waiter_is_skipped(serve: Callable[[RequestGate], None]) -> None:
+    gate = _gate(1000)
+    gone = asyncio.create_task(gate.acquire(FETCH))
+    await asyncio.sleep(0)
+    gone.cancel()
+    granted: list[Priority] = []
+    kept = asyncio.create_task(_acquire(gate, SUBMIT, granted))
+    await asyncio.sleep(0)
+
+    serve(gate)
+    await kept
+
+    assert granted == [SUBMIT]
+    assert gate.granted == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "per_second"),
+    [("50/min", 50 / 60), ("2/s", 2.0), ("3000/h", 3000 / 3600), (" 5 / minute ", 5 / 60)],
+)
+def test_parse_rate(text: str, per_second: float) -> None:
+    assert parse_rate(text).per_second == pytest.approx(per_second)
+
+
+@pytest.mark.parametrize("text", ["50", "50/week", "fast", "-3/min", "0/s"])
+def test_parse_rate_refuses_nonsense(text: str) -> None:
+    with pytest.raises(UsageError):
+        parse_rate(text)
+
+
+def test_a_scaled_rate_keeps_its_requests_over_a_shorter_period() -> None:
+    rate = RateConfig(requests=48, period_s=60).scaled(0.01)
+    assert (rate.requests, rate.period_s) == (48, pytest.approx(0.6))
+    assert rate.per_second == pytest.approx(80)

@@ -1,0 +1,359 @@
+"""Stopping and starting again: interrupt, cancel, expired results, out of credits, a bad
+key, a changed manifest. The checkpoint carries the run; the emulator's counters prove
+that nothing was paid twice and nothing was left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import dataclasses
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from batcher.backoff import RetryConfig
+from batcher.errors import AuthError, ManifestError
+from batcher.gate import RateConfig
+from batcher.options import RunOptions
+from batcher.run import EXIT_FAILED_ROWS, EXIT_OK, EXIT_STOPPED, arun
+from batcher.schedule import PollConfig
+from batcher.sim import SimServer
+from batcher.submit import UNKNOWN_OUTCOME
+
+SCALE = 0.002
+KEY = "sk-resume-0123456789abcdef"
+
+
+def _manifest(tmp_path: Path, *, instantid: int, infinite_you: int = 0) -> Path:
+    """InfiniteYou rows first, so long jobs are in flight while short ones finish."""
+    Image.new("RGB", (64, 64), (200, 150, 120)).save(tmp_path / "face.png")
+    path = tmp_path / "jobs.csv"
+    iy = ["id_image", "width", "height"] if infinite_you else []
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "model", "prompt", "face_image", *iy])
+        for n in range(infinite_you):
+            w.writerow([f"y{n}", "infinite-you", f"gentleman {n}", "", "face.png", 256, 256])
+        for n in range(instantid):
+            w.writerow([f"i{n}", "instantid", f"portrait {n}", "face.png", *([""] * len(iy))])
+    return path
+
+
+def _options(manifest: Path, sim: SimServer, **changes: Any) -> RunOptions:
+    return RunOptions(
+        manifest=manifest,
+        out=manifest.parent / "out",
+        base_url=sim.base_url,
+        time_scale=sim.config.time_scale,
+        api_key=KEY,
+        progress=False,
+        **changes,
+    )
+
+
+def _results(out: Path) -> dict[str, dict[str, Any]]:
+    return {r["id"]: r for r in pq.read_table(out / "results.parquet").to_pylist()}
+
+
+def _count(sim: SimServer, endpoint: str, outcome: str) -> int:
+    count: int = sim.stats()["requests"].get(endpoint, {}).get(outcome, 0)
+    return count
+
+
+async def _until(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        # The emulator's counters have no event to wait on: a 2 ms poll is the cheap way.
+        while not check():  # noqa: ASYNC110
+            await asyncio.sleep(0.002)
+
+
+async def _interrupted_run(options: RunOptions, when: Callable[[], bool]) -> Any:
+    """Run until ``when()`` holds, then set the run's interrupt event; the RunResult."""
+    interrupted = asyncio.Event()
+    task = asyncio.create_task(arun(options, interrupted=interrupted))
+    await _until(lambda: when() or task.done())
+    interrupted.set()
+    return await task
+
+
+# -- 4. resume ---------------------------------------------------------------------------
+
+
+async def test_an_interrupted_run_resumes_without_paying_twice_and_a_third_run_does_nothing(
+    tmp_path: Path, sim: Any
+) -> None:
+    manifest = _manifest(tmp_path, instantid=24, infinite_you=6)
+    server = await sim(time_scale=SCALE, image_size=(64, 64))
+    options = _options(manifest, server, max_in_flight=10)
+
+    first = await _interrupted_run(options, lambda: _count(server, "result", "200") >= 4)
+
+    assert first.exit_code == EXIT_STOPPED
+    assert "run the same command again to resume" in first.text().lower()
+    at_stop = _results(options.out)
+    states = Counter(r["status"] for r in at_stop.values())
+    assert states["COMPLETED"] >= 4
+    assert states["SUBMITTED"] >= 1
+    assert states["PENDING"] >= 1
+    assert set(states) == {"COMPLETED", "SUBMITTED", "PENDING"}
+    assert server.stats()["accepted"] == states["COMPLETED"] + states["SUBMITTED"]
+
+    second = await arun(options)
+
+    assert second.exit_code == EXIT_OK, second.text()
+    final = _results(options.out)
+    assert {r["status"] for r in final.values()} == {"COMPLETED"}
+    for row_id, before in at_stop.items():
+        after = final[row_id]
+        if before["status"] == "COMPLETED":  # not touched again
+            assert after == before
+        elif before["status"] == "SUBMITTED":  # polled and fetched, not resubmitted
+            assert after["request_id"] == before["request_id"]
+            assert after["attempts"] == 1
+    stats = server.stats()
+    assert stats["accepted"] == len(final)
+    assert stats["paid_twice"] == 0
+    assert second.summary is not None
+    assert second.summary.completed_this_run == len(final) - states["COMPLETED"]
+
+    requests_before = server.stats()["requests"]
+    third = await arun(options)
+
+    assert third.exit_code == EXIT_OK
+    assert server.stats()["requests"] == requests_before  # not one API request
+    assert third.summary is not None
+    assert third.summary.api_requests == 0
+    assert _results(options.out) == final
+
+
+async def test_a_cancelled_run_keeps_a_valid_table_and_resumes_at_most_once(
+    tmp_path: Path, sim: Any
+) -> None:
+    manifest = _manifest(tmp_path, instantid=16, infinite_you=6)
+    server = await sim(time_scale=SCALE, image_size=(64, 64))
+    options = _options(manifest, server, max_in_flight=10)
+
+    task = asyncio.create_task(arun(options))
+    await _until(lambda: server.stats()["accepted"] >= 8)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    at_cancel = _results(options.out)  # written on the way out, however the run ended
+    assert len(at_cancel) == 22
+    states = Counter(r["status"] for r in at_cancel.values())
+    assert set(states) <= {"COMPLETED", "SUBMITTED", "SUBMITTING", "PENDING"}
+    assert states["SUBMITTED"] >= 1
+
+    second = await arun(options)
+
+    final = _results(options.out)
+    for row_id, before in at_cancel.items():
+        after = final[row_id]
+        if before["status"] == "SUBMITTING":  # the answer was lost with the run: maybe billed
+            assert (after["status"], after["error"]) == ("FAILED", UNKNOWN_OUTCOME)
+            assert after["unknown_submits"] == 1
+        else:
+            assert after["status"] == "COMPLETED", (row_id, after["error"])
+        if before["status"] in ("SUBMITTED", "COMPLETED"):
+            assert after["request_id"] == before["request_id"]
+    assert second.exit_code == (EXIT_FAILED_ROWS if states["SUBMITTING"] else EXIT_OK)
+    stats = server.stats()
+    assert stats["paid_twice"] == 0
+    completed = sum(r["status"] == "COMPLETED" for r in final.values())
+    assert completed <= stats["accepted"] <= completed + states["SUBMITTING"]
+
+
+# -- 3. expired results --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("client_knows_retention", [False, True], ids=["server-404", "known"])
+async def test_a_result_that_expired_while_stopped_is_submitted_again_and_completes(
+    tmp_path: Path, sim: Any, client_knows_retention: bool
+) -> None:
+    manifest = _manifest(tmp_path, instantid=8)
+    # Jobs take 100 model seconds and results are kept 300 (0.2 s and 0.6 s of wall time).
+    server = await sim(
+        time_scale=SCALE,
+        latency_median_s={"instantid": 100.0},
+        latency_sigma=0.05,
+        retention_s=300.0,
+        image_size=(64, 64),
+    )
+    poll = PollConfig(retention_s=300.0) if client_knows_retention else PollConfig()
+    options = _options(manifest, server, poll=poll)
+
+    first = await _interrupted_run(options, lambda: server.stats()["accepted"] >= 3)
+
+    assert first.exit_code == EXIT_STOPPED
+    at_stop = _results(options.out)
+    waiting = {i: r["request_id"] for i, r in at_stop.items() if r["status"] == "SUBMITTED"}
+    assert len(waiting) >= 3
+    await asyncio.sleep(300.0 * SCALE + 0.1)  # the results of those jobs are gone now
+
+    second = await arun(options)
+
+    assert second.exit_code == EXIT_OK, second.text()
+    final = _results(options.out)
+    assert {r["status"] for r in final.values()} == {"COMPLETED"}
+    for row_id, old_request in waiting.items():
+        assert final[row_id]["request_id"] != old_request
+        assert final[row_id]["attempts"] == 2
+    stats = server.stats()
+    assert stats["accepted"] == len(final) + len(waiting)  # each expired job paid again
+    assert stats["paid_twice"] == len(waiting)
+    gone = _count(server, "status", "404") + _count(server, "result", "404")
+    if client_knows_retention:  # requeued on resume without asking the server
+        assert gone == 0
+    else:  # asked, told 404, requeued
+        assert gone >= len(waiting)
+
+
+# -- 5. out of credits, bad key ----------------------------------------------------------------
+
+
+async def test_out_of_credits_finishes_the_jobs_in_flight_and_a_top_up_finishes_the_rest(
+    tmp_path: Path, sim: Any
+) -> None:
+    manifest = _manifest(tmp_path, instantid=10, infinite_you=6)
+    # Enough for the six InfiniteYou jobs ($0.05) and two InstantID ones ($0.025).
+    server = await sim(time_scale=SCALE, credits_usd=0.35, image_size=(64, 64))
+    options = _options(manifest, server)
+    done_at_first_406: list[int] = []
+
+    async def watch() -> None:
+        await _until(lambda: _count(server, "submit", "406") > 0)
+        done_at_first_406.append(_count(server, "result", "200"))
+
+    watcher = asyncio.create_task(watch())
+    first = await arun(options)
+    await watcher
+
+    assert first.exit_code == EXIT_STOPPED
+    assert first.stop_reason is not None
+    assert "out of credits" in first.stop_reason
+    assert "run the same command again to resume" in first.text()
+    rows = _results(options.out)
+    accepted = server.stats()["accepted"]
+    states = Counter(r["status"] for r in rows.values())
+    # Jobs were in flight when the 406 came; every one of them was finished and saved.
+    assert done_at_first_406[0] < accepted
+    assert states == {"COMPLETED": accepted, "PENDING": len(rows) - accepted}
+    for row in rows.values():
+        if row["status"] == "COMPLETED":
+            assert (options.out / row["outputs"][0]).is_file()
+
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(server.base_url + "/__sim/credits", json={"add_usd": 5.0}) as resp,
+    ):
+        assert resp.status == 200
+    second = await arun(options)
+
+    assert second.exit_code == EXIT_OK, second.text()
+    final = _results(options.out)
+    assert {r["status"] for r in final.values()} == {"COMPLETED"}
+    for row_id, row in rows.items():
+        if row["status"] == "COMPLETED":
+            assert final[row_id]["request_id"] == row["request_id"]
+    # A submit refused for credits created no job: it is not an attempt.
+    assert {r["attempts"] for r in final.values()} == {1}
+    stats = server.stats()
+    assert stats["accepted"] == len(final)
+    assert stats["paid_twice"] == 0
+
+
+async def test_a_refused_key_stops_the_run_with_the_checkpoint_intact(
+    tmp_path: Path, sim: Any
+) -> None:
+    manifest = _manifest(tmp_path, instantid=10, infinite_you=6)
+    server = await sim(time_scale=SCALE, api_keys=frozenset({KEY}), image_size=(64, 64))
+    options = _options(manifest, server, max_in_flight=8)
+    await _interrupted_run(options, lambda: server.stats()["accepted"] >= 6)
+    before = _results(options.out)
+    assert any(r["status"] == "SUBMITTED" for r in before.values())
+    bad_key = "sk-revoked-key-5551234"
+    # A slow rate here: the 401 is answered long before a second request could go out,
+    # so no submit is cut off on the wire (which would rightly count as unknown).
+    bad = dataclasses.replace(options, api_key=bad_key, rate=RateConfig(requests=2))
+
+    with pytest.raises(AuthError) as raised:
+        await arun(bad)
+
+    message = str(raised.value)
+    assert "refused the key" in message
+    assert "SEGMIND_API_KEY" in message
+    assert bad_key not in message
+    assert KEY not in message
+    assert raised.value.status == 401
+    assert _results(options.out) == before  # nothing changed by the refused run
+    assert _count(server, "submit", "401") + _count(server, "status", "401") == 1
+
+    third = await arun(options)
+
+    assert third.exit_code == EXIT_OK, third.text()
+    final = _results(options.out)
+    assert {r["status"] for r in final.values()} == {"COMPLETED"}
+    for row_id, row in before.items():
+        if row["request_id"]:
+            assert final[row_id]["request_id"] == row["request_id"]
+    assert server.stats()["accepted"] == len(final)
+    assert server.stats()["paid_twice"] == 0
+
+
+async def test_a_changed_manifest_stops_the_rerun_before_any_request(
+    tmp_path: Path, sim: Any
+) -> None:
+    manifest = _manifest(tmp_path, instantid=4)
+    server = await sim(time_scale=SCALE, image_size=(64, 64))
+    options = _options(manifest, server)
+    assert (await arun(options)).exit_code == EXIT_OK
+    done = _results(options.out)
+    requests = server.stats()["requests"]
+    manifest.write_text(manifest.read_text().replace("portrait 2", "portrait two"))
+
+    with pytest.raises(ManifestError, match=r"changed since this output folder was used: row 3"):
+        await arun(options)
+
+    assert server.stats()["requests"] == requests
+    assert _results(options.out) == done
+
+
+async def test_a_resumed_job_sent_back_for_resubmission_is_submitted_once(
+    tmp_path: Path, sim: Any
+) -> None:
+    """A job an earlier run left in flight, requeued by this run (FAILED, or expired), is
+    PENDING in the checkpoint and in the requeue line at once: it must go out once."""
+    Image.new("RGB", (64, 64)).save(tmp_path / "face.png")
+    manifest = tmp_path / "jobs.csv"
+    manifest.write_text(
+        "id,model,prompt,face_image,id_image\n"
+        "fast,instantid,portrait sim:no-face,face.png,\n"
+        "slow,infinite-you,gentleman sim:blocked,,face.png\n"
+    )
+    server = await sim(time_scale=SCALE, image_size=(64, 64))
+    once = RetryConfig(max_failed_retries=0)
+    first = await _interrupted_run(
+        _options(manifest, server, retry=once),
+        lambda: _count(server, "status", "422") >= 1 and server.stats()["accepted"] == 2,
+    )
+    assert first.exit_code == EXIT_STOPPED
+    at_stop = _results(manifest.parent / "out")
+    assert (at_stop["fast"]["status"], at_stop["slow"]["status"]) == ("FAILED", "SUBMITTED")
+
+    # "fast" comes back as PENDING ahead of "slow"; one slot makes the feeder page the
+    # checkpoint again right after "slow" is requeued by its FAILED answer.
+    second = await arun(_options(manifest, server, retry_failed=True, max_in_flight=1))
+
+    assert second.exit_code == EXIT_FAILED_ROWS
+    final = _results(manifest.parent / "out")
+    assert {r["status"] for r in final.values()} == {"FAILED"}
+    assert final["fast"]["attempts"] == final["slow"]["attempts"] == 2
+    assert server.stats()["accepted"] == 4  # two per row, none twice in one attempt
