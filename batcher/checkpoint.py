@@ -197,6 +197,11 @@ class Checkpoint:
         self._wake.set()
         await future
 
+    async def flush(self) -> None:
+        """Return once every write queued so far is committed, including writes whose
+        callers were cancelled while they waited (the statement was queued all the same)."""
+        await self._write("SELECT 1", ())  # batches commit in order: after it, all before it
+
     async def _flush_forever(self) -> None:
         while True:
             await self._wake.wait()
@@ -245,7 +250,11 @@ class Checkpoint:
     # -- loading the manifest ----------------------------------------------------------------
 
     async def add_rows(self, rows: Sequence[NewRow]) -> list[tuple[str, int]]:
-        """Insert rows not yet known; return (id, number) of known ids whose digest changed."""
+        """Insert rows not yet known; return (id, number) of known ids whose digest changed.
+
+        An INVALID row was never sent, so its new version (fixed, or its missing image
+        file now there) simply replaces it.
+        """
 
         def add() -> list[tuple[str, int]]:
             db = self._conn
@@ -257,13 +266,15 @@ class Checkpoint:
                 for start in range(0, len(ids), 500):
                     chunk = ids[start : start + 500]
                     marks = ",".join("?" * len(chunk))
-                    for rid, digest in db.execute(
-                        f"SELECT id, digest FROM jobs WHERE id IN ({marks})", chunk
+                    for rid, digest, state in db.execute(
+                        f"SELECT id, digest, state FROM jobs WHERE id IN ({marks})", chunk
                     ):
-                        known[rid] = digest
+                        known[rid] = digest if state != INVALID else ""
                 fresh = []
                 for r in rows:
-                    if r.id in known:
+                    if known.get(r.id) == "":  # INVALID, never sent: the new version replaces it
+                        db.execute("DELETE FROM jobs WHERE id=?", (r.id,))
+                    elif r.id in known:
                         if known[r.id] != r.digest:
                             changed.append((r.id, r.number))
                         continue

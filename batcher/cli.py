@@ -136,7 +136,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _retry_config(cls: Any, max_failed_retries: int) -> Any:
     try:
         return cls(max_failed_retries=max_failed_retries)
-    except ValueError as exc:
+    except (ValueError, BatcherError) as exc:
         raise UsageError(f"--max-failed-retries: {exc}") from None
 
 

@@ -106,7 +106,8 @@ class ApiClient:
             async with self._session.request(
                 method, url, json=payload, headers=headers, timeout=self._timeout
             ) as resp:
-                raw = await resp.read()
+                # Should a server ever echo the key, it must not reach a message or a file.
+                raw = (await resp.read()).replace(self.__key.encode(), b"***")
                 return Reply(resp.status, _json_body(raw), resp.headers)
         except aiohttp.ClientConnectorError as exc:
             # The connection never opened: nothing was sent.

@@ -67,7 +67,7 @@ async def fetch_one(ctx: RunContext, flight: Flight, reschedule: Callable[[Fligh
     except (ValueError, CorruptImage, IncompleteDownload, aiohttp.ClientError, TimeoutError) as exc:
         await ctx.fail(
             job,
-            f"output could not be saved: {exc}",
+            f"output could not be saved: {exc or type(exc).__name__}",
             metrics=metrics,
             polls=job.polls + flight.polls,
             request_id=flight.request_id,

@@ -122,7 +122,8 @@ async def arun(options: RunOptions, *, interrupted: asyncio.Event | None = None)
 
 async def _intake(cp: Checkpoint, options: RunOptions, inputs: ImageInputs) -> None:
     print_ = await anyio.to_thread.run_sync(fingerprint, options.manifest)
-    if await cp.get_meta("manifest") != print_:
+    counts = await cp.counts()
+    if await cp.get_meta("manifest") != print_ or counts.get("INVALID", 0):
         await load(cp, str(options.manifest), options.model, inputs)
         await cp.set_meta("manifest", print_)
     if options.retry_failed:
@@ -199,6 +200,8 @@ async def _work(
             error = exc
         finally:
             with anyio.CancelScope(shield=True):
+                # Transitions queued by stages cancelled mid-write belong in the table too.
+                await cp.flush()
                 results = await anyio.to_thread.run_sync(
                     write_results, cp, options.out, options.manifest.parent
                 )
