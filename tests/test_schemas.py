@@ -1,0 +1,101 @@
+"""Model schemas: every parameter of both pages, validation that reports every problem at
+once, CSV-style coercion, and a third model added as data only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from batcher.errors import UsageError
+from batcher.schemas import get_model, registry, validate
+
+IID = {"face_image": "https://x/f.jpg", "prompt": "p"}
+
+
+def test_both_models_carry_every_parameter_of_their_pages() -> None:
+    iid, iy = get_model("instantid"), get_model("infinite-you")
+    assert set(iid.params) == {
+        "face_image", "prompt", "adapter_strength", "base64", "enhance_face_region",
+        "guidance_scale", "identity_strength", "negative_prompt", "num_inference_steps",
+        "pose_image", "samples", "seed", "style"}  # fmt: skip
+    assert set(iy.params) == {
+        "id_image", "control_image", "enable_anti_blur", "enable_realism", "guidance_scale",
+        "height", "infusenet_conditioning_scale", "infusenet_guidance_end",
+        "infusenet_guidance_start", "model_version", "num_steps", "output_format",
+        "output_quality", "prompt", "seed", "width"}  # fmt: skip
+    assert iid.image_params == ("face_image", "pose_image")
+    assert iy.image_params == ("id_image", "control_image")
+    assert iid.required_params == ("face_image", "prompt")
+    assert iy.required_params == ("id_image",)
+    gs = iid.params["guidance_scale"]
+    assert (gs.type, gs.default, gs.minimum, gs.maximum) == ("number", 5, 1, 25)
+    assert iy.params["output_format"].enum == ("png", "jpg", "webp")
+    assert len(iid.params["style"].enum or ()) == 29
+
+
+def test_every_problem_is_reported_at_once_naming_param_value_and_rule() -> None:
+    result = validate(get_model("instantid"), {
+        "prompt": "p", "guidance_scale": 99, "samples": "0", "seeed": "1",
+        "enhance_face_region": "maybe"})  # fmt: skip
+    messages = [str(p) for p in result.errors]
+    assert "guidance_scale=99 is above the maximum 25" in messages
+    assert "samples=0 is below the minimum 1" in messages
+    assert 'seeed=1 is not a parameter of instantid (did you mean "seed"?)' in messages
+    assert any(m.startswith("enhance_face_region=maybe is not a boolean") for m in messages)
+    assert any(m.startswith("face_image=") and m.endswith("is required") for m in messages)
+    assert len(messages) == 5
+    assert not result.ok
+
+
+def test_csv_cells_are_coerced_and_empty_cells_mean_not_given() -> None:
+    result = validate(get_model("instantid"), {
+        **IID, "adapter_strength": "0.8", "enhance_face_region": "true", "samples": "2.0",
+        "seed": " 42 ", "negative_prompt": ""})  # fmt: skip
+    assert result.ok, result.message()
+    assert result.params == {**IID, "adapter_strength": 0.8, "enhance_face_region": True,
+                             "samples": 2, "seed": 42}  # fmt: skip
+    bad = validate(
+        get_model("instantid"),
+        {**IID, "num_inference_steps": "ten", "guidance_scale": "nan", "samples": "1.5"},
+    )
+    assert [str(p) for p in bad.errors] == [
+        "num_inference_steps=ten is not an integer",
+        "guidance_scale=nan is not a finite number",
+        "samples=1.5 is not an integer",
+    ]
+
+
+def test_unknown_style_warns_but_unknown_strict_enum_is_an_error() -> None:
+    style = validate(get_model("instantid"), {**IID, "style": "Neonn"})
+    assert style.ok
+    assert style.params["style"] == "Neonn"
+    assert 'did you mean "Neon"?' in str(style.warnings[0])
+    fmt = validate(get_model("infinite-you"), {"id_image": "https://x", "output_format": "gif"})
+    assert [str(p) for p in fmt.errors] == [
+        "output_format=gif is not one of the allowed values (png, jpg, webp)"
+    ]
+
+
+def test_nullable_seed_and_unknown_model() -> None:
+    assert validate(get_model("infinite-you"), {"id_image": "https://x", "seed": None}).ok
+    with pytest.raises(UsageError, match=r'did you mean "instantid"\?'):
+        get_model("instantd")
+
+
+def test_a_third_model_is_a_data_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = {"slug": "toy-model", "title": "Toy", "latency": {"median_s": 3, "sigma": 0.2},
+            "cost_usd": 0.01, "output": {"default_format": "jpg"},
+            "params": {"prompt": {"type": "string", "required": True},
+                       "steps": {"type": "integer", "default": 8, "minimum": 1, "maximum": 50},
+                       "image": {"type": "image"}}}  # fmt: skip
+    (tmp_path / "toy-model.json").write_text(json.dumps(spec))
+    monkeypatch.setenv("BATCHER_MODEL_DIRS", str(tmp_path))
+    assert "toy-model" in registry()
+    toy = get_model("toy-model")
+    assert toy.image_params == ("image",)
+    assert toy.median_latency_s == 3
+    assert [str(p) for p in validate(toy, {"prompt": "x", "steps": "60"}).errors] == [
+        "steps=60 is above the maximum 50"
+    ]
