@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -111,9 +112,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from batcher.backoff import RetryConfig
     from batcher.gate import parse_rate
     from batcher.options import RunOptions
-    from batcher.run import run
+    from batcher.run import exit_at_once, run
 
     _setup_logging(args.quiet)
+    # Outside the run (reading options, printing the summary) Ctrl-C has nothing to
+    # save: exit at once, 130, as during the run's own second Ctrl-C; no traceback.
+    signal.signal(signal.SIGINT, exit_at_once)
     options = RunOptions(
         manifest=args.manifest,
         out=args.out,

@@ -303,12 +303,29 @@ def run(options: RunOptions) -> RunResult:
                 os._exit(130)  # the second Ctrl-C: SQLite's WAL keeps the checkpoint valid
             interrupted.set()
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in _STOP_SIGNALS:
             loop.add_signal_handler(sig, on_signal)
         try:
             return await arun(options, interrupted=interrupted)
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in _STOP_SIGNALS:
                 loop.remove_signal_handler(sig)
+                # Everything is saved by now: a signal while the loop shuts down exits
+                # at once instead of raising KeyboardInterrupt out of asyncio.run.
+                signal.signal(sig, exit_at_once)
 
-    return asyncio.run(main())
+    previous = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
+    try:
+        return asyncio.run(main())
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def exit_at_once(signum: int, frame: object) -> None:
+    """A signal handler for a moment with nothing to save: exit 130 (the checkpoint,
+    SQLite in WAL mode, is valid at any instant)."""
+    os._exit(130)

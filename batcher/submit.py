@@ -149,29 +149,49 @@ async def _post(
     ctx: RunContext, job: Job, payload: dict[str, Any], stats: CallStats
 ) -> Reply | TransportError:
     """POST through the gate; the row is SUBMITTING from the grant until the answer."""
-    on_wire = False
+    marked = False  # the row is SUBMITTING in the checkpoint
+    on_wire = False  # a request of this row may be at the server, unanswered
 
     async def mark_sending() -> None:
         # After the gate's grant: a row still waiting for a token is not on the wire.
-        nonlocal on_wire
-        await ctx.checkpoint.update(job.id, state=SUBMITTING, attempts=job.attempts)
-        if not on_wire:
-            on_wire = True
+        nonlocal marked
+        if not marked:
+            marked = True
             ctx.sending += 1
+        await ctx.checkpoint.update(job.id, state=SUBMITTING, attempts=job.attempts)
+
+    async def send() -> Reply:
+        nonlocal on_wire
+        on_wire = True
+        try:
+            reply = await ctx.api.submit(job.model, payload)
+        except TransportError as exc:
+            on_wire = exc.maybe_sent
+            raise
+        on_wire = False
+        return reply
 
     try:
         return await call(
             ctx.gate,
             Priority.SUBMIT,
-            lambda: ctx.api.submit(job.model, payload),
+            send,
             retry=ctx.retry,
             rng=ctx.rng,
             safe_to_resend=False,
             stats=stats,
             before_send=mark_sending,
         )
+    except BaseException:
+        if marked and not on_wire:
+            # Stopped between attempts (in a backoff after a refused connection or a 5xx,
+            # or waiting for the gate): nothing of this row is at the server, so it is
+            # PENDING, not a maybe-billed "unknown outcome" when the run resumes.
+            with anyio.CancelScope(shield=True):
+                await ctx.checkpoint.update(job.id, state=PENDING, attempts=job.attempts - 1)
+        raise
     finally:
-        if on_wire:
+        if marked:
             ctx.sending -= 1
 
 

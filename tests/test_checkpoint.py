@@ -215,3 +215,23 @@ async def test_migrations_run_in_order_from_the_files_version(
 
     assert _read(path, "PRAGMA user_version") == [(first + 2,)]
     assert _read(path, "SELECT id, note FROM jobs") == [("r1", "v2+v3")]
+
+
+async def test_flush_commits_the_writes_of_cancelled_writers(cp: Checkpoint) -> None:
+    """A stage cancelled while its transition waits for the commit: the transition was
+    queued, and flush() (before results are written) makes it count."""
+    await cp.add_rows([_row(1), _row(2)])
+    writers = [
+        asyncio.create_task(cp.update("r1", state=SUBMITTED, request_id="q1")),
+        asyncio.create_task(cp.update("r2", state=COMPLETED)),
+    ]
+    await asyncio.sleep(0)  # both queued
+    for writer in writers:
+        writer.cancel()
+
+    await cp.flush()
+
+    assert _read(cp.path, "SELECT id, state, request_id FROM jobs ORDER BY number") == [
+        ("r1", SUBMITTED, "q1"),
+        ("r2", COMPLETED, None),
+    ]

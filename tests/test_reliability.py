@@ -260,9 +260,11 @@ def test_second_ctrl_c_exits_at_once_and_the_run_still_resumes(
     time.sleep(0.05)
     sent = time.monotonic()
     proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=30)
+    _, stderr = proc.communicate(timeout=30)
     assert time.monotonic() - sent < 2
-    assert proc.returncode == 130
+    # 130 from batcher's handler; or, when the first Ctrl-C had already stopped the run and
+    # the interpreter was shutting down, death by SIGINT (which a shell also reports as 130).
+    assert proc.returncode in (130, -signal.SIGINT), stderr.decode()[-3000:]
     again = _start(manifest, out, sim, "--resubmit-unknown")
     _, stderr = again.communicate(timeout=120)
     assert again.returncode == 0, stderr.decode()[-2000:]

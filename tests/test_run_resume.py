@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import dataclasses
+import sqlite3
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 from PIL import Image
 
 from batcher.backoff import RetryConfig
+from batcher.client import ApiClient, Reply, TransportError
 from batcher.errors import AuthError, ManifestError
 from batcher.gate import RateConfig
 from batcher.options import RunOptions
@@ -62,6 +64,21 @@ def _results(out: Path) -> dict[str, dict[str, Any]]:
     return {r["id"]: r for r in pq.read_table(out / "results.parquet").to_pylist()}
 
 
+def _in_checkpoint(out: Path, state: str) -> int:
+    """Rows in ``state`` as the run has recorded them so far (the file is WAL: readable live)."""
+    path = out / "checkpoint.sqlite"
+    if not path.exists():
+        return 0
+    db = sqlite3.connect(path)
+    try:
+        count: int = db.execute("SELECT COUNT(*) FROM jobs WHERE state=?", (state,)).fetchone()[0]
+    except sqlite3.OperationalError:  # not created yet
+        return 0
+    finally:
+        db.close()
+    return count
+
+
 def _count(sim: SimServer, endpoint: str, outcome: str) -> int:
     count: int = sim.stats()["requests"].get(endpoint, {}).get(outcome, 0)
     return count
@@ -69,7 +86,7 @@ def _count(sim: SimServer, endpoint: str, outcome: str) -> int:
 
 async def _until(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
     async with asyncio.timeout(timeout_s):
-        # The emulator's counters have no event to wait on: a 2 ms poll is the cheap way.
+        # Neither the emulator's counters nor the checkpoint file can be awaited: poll them.
         while not check():  # noqa: ASYNC110
             await asyncio.sleep(0.002)
 
@@ -90,10 +107,13 @@ async def test_an_interrupted_run_resumes_without_paying_twice_and_a_third_run_d
     tmp_path: Path, sim: Any
 ) -> None:
     manifest = _manifest(tmp_path, instantid=24, infinite_you=6)
-    server = await sim(time_scale=SCALE, image_size=(64, 64))
+    # InfiniteYou jobs take 0.8 s: they are surely in flight when the run is stopped.
+    server = await sim(
+        time_scale=SCALE, latency_median_s={"infinite-you": 400.0}, image_size=(64, 64)
+    )
     options = _options(manifest, server, max_in_flight=10)
 
-    first = await _interrupted_run(options, lambda: _count(server, "result", "200") >= 4)
+    first = await _interrupted_run(options, lambda: _in_checkpoint(options.out, "COMPLETED") >= 4)
 
     assert first.exit_code == EXIT_STOPPED
     assert "run the same command again to resume" in first.text().lower()
@@ -137,11 +157,13 @@ async def test_a_cancelled_run_keeps_a_valid_table_and_resumes_at_most_once(
     tmp_path: Path, sim: Any
 ) -> None:
     manifest = _manifest(tmp_path, instantid=16, infinite_you=6)
-    server = await sim(time_scale=SCALE, image_size=(64, 64))
+    server = await sim(
+        time_scale=SCALE, latency_median_s={"infinite-you": 400.0}, image_size=(64, 64)
+    )
     options = _options(manifest, server, max_in_flight=10)
 
     task = asyncio.create_task(arun(options))
-    await _until(lambda: server.stats()["accepted"] >= 8)
+    await _until(lambda: _in_checkpoint(options.out, "SUBMITTED") >= 6)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -190,7 +212,7 @@ async def test_a_result_that_expired_while_stopped_is_submitted_again_and_comple
     poll = PollConfig(retention_s=300.0) if client_knows_retention else PollConfig()
     options = _options(manifest, server, poll=poll)
 
-    first = await _interrupted_run(options, lambda: server.stats()["accepted"] >= 3)
+    first = await _interrupted_run(options, lambda: _in_checkpoint(options.out, "SUBMITTED") >= 3)
 
     assert first.exit_code == EXIT_STOPPED
     at_stop = _results(options.out)
@@ -224,7 +246,12 @@ async def test_out_of_credits_finishes_the_jobs_in_flight_and_a_top_up_finishes_
 ) -> None:
     manifest = _manifest(tmp_path, instantid=10, infinite_you=6)
     # Enough for the six InfiniteYou jobs ($0.05) and two InstantID ones ($0.025).
-    server = await sim(time_scale=SCALE, credits_usd=0.35, image_size=(64, 64))
+    server = await sim(
+        time_scale=SCALE,
+        credits_usd=0.35,
+        latency_median_s={"infinite-you": 400.0},  # 0.8 s: in flight when the 406 comes
+        image_size=(64, 64),
+    )
     options = _options(manifest, server)
     done_at_first_406: list[int] = []
 
@@ -276,7 +303,7 @@ async def test_a_refused_key_stops_the_run_with_the_checkpoint_intact(
     manifest = _manifest(tmp_path, instantid=10, infinite_you=6)
     server = await sim(time_scale=SCALE, api_keys=frozenset({KEY}), image_size=(64, 64))
     options = _options(manifest, server, max_in_flight=8)
-    await _interrupted_run(options, lambda: server.stats()["accepted"] >= 6)
+    await _interrupted_run(options, lambda: _in_checkpoint(options.out, "SUBMITTED") >= 4)
     before = _results(options.out)
     assert any(r["status"] == "SUBMITTED" for r in before.values())
     bad_key = "sk-revoked-key-5551234"
@@ -339,10 +366,11 @@ async def test_a_resumed_job_sent_back_for_resubmission_is_submitted_once(
         "slow,infinite-you,gentleman sim:blocked,,face.png\n"
     )
     server = await sim(time_scale=SCALE, image_size=(64, 64))
+    out = manifest.parent / "out"
     once = RetryConfig(max_failed_retries=0)
     first = await _interrupted_run(
         _options(manifest, server, retry=once),
-        lambda: _count(server, "status", "422") >= 1 and server.stats()["accepted"] == 2,
+        lambda: _in_checkpoint(out, "FAILED") == _in_checkpoint(out, "SUBMITTED") == 1,
     )
     assert first.exit_code == EXIT_STOPPED
     at_stop = _results(manifest.parent / "out")
@@ -357,3 +385,35 @@ async def test_a_resumed_job_sent_back_for_resubmission_is_submitted_once(
     assert {r["status"] for r in final.values()} == {"FAILED"}
     assert final["fast"]["attempts"] == final["slow"]["attempts"] == 2
     assert server.stats()["accepted"] == 4  # two per row, none twice in one attempt
+
+
+async def test_an_unreachable_api_stops_resumably_with_no_row_taken_for_sent(
+    tmp_path: Path, sim: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = _manifest(tmp_path, instantid=12)
+    server = await sim(time_scale=SCALE, image_size=(64, 64))
+    options = _options(manifest, server)
+
+    async def refused(self: ApiClient, model: str, params: Any) -> Reply:
+        # A refused connection, at once: no submit can then be caught half-way through
+        # connecting when the run stops (that one would rightly count as maybe sent).
+        raise TransportError("cannot connect: [Errno 111] Connection refused", maybe_sent=False)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ApiClient, "submit", refused)
+        first = await arun(options)
+
+    assert first.exit_code == EXIT_STOPPED
+    assert first.stop_reason is not None
+    assert "cannot reach the API" in first.stop_reason
+    # Every submit was refused a connection: none is a maybe-billed "unknown outcome",
+    # including those still retrying (in a backoff, at the gate) when the first gave up.
+    rows = _results(options.out)
+    assert {(r["status"], r["attempts"]) for r in rows.values()} == {("PENDING", 0)}
+
+    second = await arun(options)
+
+    assert second.exit_code == EXIT_OK, second.text()
+    final = _results(options.out)
+    assert {(r["status"], r["unknown_submits"]) for r in final.values()} == {("COMPLETED", 0)}
+    assert server.stats()["accepted"] == len(final)
