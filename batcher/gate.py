@@ -91,7 +91,8 @@ class RequestGate:
         self._retry = retry or RetryConfig()
         self._rng = rng or random.Random()
         self._rate = config.per_second
-        self._limiter = AsyncLimiter(1, 1 / self._rate)
+        self._limiter = _limiter(self._rate)
+        self._primed = False
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._seq = itertools.count()
         self._wake = asyncio.Event()
@@ -128,6 +129,9 @@ class RequestGate:
             if pause > 0:
                 await asyncio.sleep(pause)
                 continue
+            if not self._primed:  # a new bucket: its spare token is for catching up only
+                self._primed = True
+                await self._limiter.acquire()
             await self._limiter.acquire()
             if self._paused_until > loop.time():
                 continue  # a 429 arrived while we waited for the token
@@ -167,4 +171,18 @@ class RequestGate:
 
     def _set_rate(self, per_second: float) -> None:
         self._rate = per_second
-        self._limiter = AsyncLimiter(1, 1 / per_second)
+        self._limiter = _limiter(per_second)
+        self._primed = False
+
+
+#: Tokens the bucket holds. With one, every grant that the event loop serves late
+#: loses that lateness for good (a 1 ms lag at 80 requests/s wastes 8% of the budget);
+#: with two, it is made up at the next grant. A new bucket (at start, after a rate
+#: cut) starts with its spare token spent, so it does not open with a burst; any
+#: window of the server's period sees at most one request above the configured rate
+#: (48/min: 49 of Pro's 50).
+_BURST = 2
+
+
+def _limiter(per_second: float) -> AsyncLimiter:
+    return AsyncLimiter(_BURST, _BURST / per_second)

@@ -25,6 +25,7 @@ __all__ = [
     "PollConfig",
     "cost_ratio_for",
     "expected_polls",
+    "first_poll_quantile",
     "next_poll_delay",
     "normal_cdf",
     "normal_pdf",
@@ -37,9 +38,10 @@ __all__ = [
 #: At full pressure (submits waiting for rate-limit tokens) a poll is worth
 #: ``1 + PRESSURE_GAIN`` times more than when the limit is slack, so unclamped gaps
 #: grow by ``sqrt(1 + PRESSURE_GAIN)``, about 3.2x. Then a poll spent is a job's
-#: worth of throughput lost (jobs/min <= RPM / requests per job): a 163 s job drops
-#: from ~14.5 status polls to ~5.6 while detection stays under 5% of its median
-#: (2.5 s -> 7.2 s late); a 7.7 s job hits the gap cap first (5.7 -> 4.3 polls).
+#: worth of throughput lost (jobs/min <= RPM / requests per job). With the first poll
+#: and the gap cap moved up too (``PollConfig.bound_*``), a 163 s job (sigma 0.25)
+#: drops from ~14.3 status polls to ~1.3 (noticed ~60 s late instead of ~2.5 s) and a
+#: 7.7 s job (sigma 0.35) from ~5.6 to ~1.2 (~4 s late instead of ~0.5 s).
 PRESSURE_GAIN = 9.0
 
 _SIGMA_FLOOR = 0.05
@@ -149,6 +151,12 @@ class PollConfig:
     jitter: float = 0.1
     #: The model-page prior counts as this many observed completions.
     prior_weight: float = 5.0
+    #: When the rate limit binds (pressure 1) a poll costs a job's worth of throughput
+    #: and lag costs none while slots are free: the first poll moves up to this
+    #: quantile, and the gap cap to this fraction of the median, in proportion to the
+    #: pressure. A 7.7 s job then takes ~1.1 status polls instead of ~5.7.
+    bound_first_quantile: float = 0.9
+    bound_max_gap_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         positive = {
@@ -167,6 +175,16 @@ class PollConfig:
         if not 0.0 < self.first_quantile < 0.5:
             raise UsageError(
                 f"PollConfig.first_quantile must be in (0, 0.5), got {self.first_quantile!r}"
+            )
+        if not self.first_quantile <= self.bound_first_quantile < 1.0:
+            raise UsageError(
+                "PollConfig.bound_first_quantile must be in [first_quantile, 1), "
+                f"got {self.bound_first_quantile!r}"
+            )
+        if not self.max_gap_fraction <= self.bound_max_gap_fraction:
+            raise UsageError(
+                "PollConfig.bound_max_gap_fraction must be >= max_gap_fraction, "
+                f"got {self.bound_max_gap_fraction!r}"
             )
         if not 0.0 < self.retention_safety <= 1.0:
             raise UsageError(
@@ -278,10 +296,19 @@ class LatencyModel:
 # --- the decision ---------------------------------------------------------------------
 
 
-def _gap_bounds(model: LatencyModel, cfg: PollConfig) -> tuple[float, float]:
+def _gap_bounds(model: LatencyModel, cfg: PollConfig, pressure: float) -> tuple[float, float]:
     lo = cfg.min_gap_s * cfg.time_scale
-    hi = min(cfg.max_gap_s * cfg.time_scale, cfg.max_gap_fraction * model.median)
+    fraction = cfg.max_gap_fraction + pressure * (
+        cfg.bound_max_gap_fraction - cfg.max_gap_fraction
+    )
+    hi = min(cfg.max_gap_s * cfg.time_scale, fraction * model.median)
     return lo, max(hi, lo)
+
+
+def first_poll_quantile(cfg: PollConfig, pressure: float) -> float:
+    """The latency quantile before which a job is not polled, at this rate-limit pressure."""
+    p = _clamp_pressure(pressure)
+    return cfg.first_quantile + p * (cfg.bound_first_quantile - cfg.first_quantile)
 
 
 def cost_ratio_for(model: LatencyModel, cfg: PollConfig, pressure: float = 0.0) -> float:
@@ -329,13 +356,15 @@ def next_poll_delay(
 ) -> float:
     """Seconds from now until the next status poll of a job submitted ``elapsed`` s ago.
 
-    - Before the ``first_quantile`` of the latency: wait until it (jitter only delays),
-      or until the retention deadline if that comes first.
-    - After: the square-root rule with c2/c1 from :func:`cost_ratio_for`;
-      ``pressure`` in [0, 1] is how hard the rate limit binds (1: submits are waiting
-      for tokens) and thins polls out. The gap is clamped to
-      [``min_gap_s``, min(``max_gap_s``, ``max_gap_fraction`` x median)], never below
-      the minimum, and jittered inside those bounds.
+    - Before the first-poll quantile of the latency (:func:`first_poll_quantile`):
+      wait until it (jitter only delays), or until the retention deadline if sooner.
+    - After: the square-root rule with c2/c1 from :func:`cost_ratio_for`. The gap is
+      clamped to [``min_gap_s``, min(``max_gap_s``, fraction x median)], the fraction
+      going from ``max_gap_fraction`` to ``bound_max_gap_fraction`` with the pressure,
+      never below the minimum, and jittered inside those bounds.
+    - ``pressure`` in [0, 1] is how hard the rate limit binds (1: submits are waiting
+      for tokens). It raises the first-poll quantile, the gap cap and c1/c2 together:
+      polls are what the run is short of, and a later notice costs no throughput.
     - Retention: a job is never scheduled past ``deadline_s`` after submit unless it
       was polled in the last ``min_gap_s`` before it. From then on, the square-root
       rule applies whatever the model says (even before its first quantile: a model
@@ -345,18 +374,22 @@ def next_poll_delay(
     if not (math.isfinite(elapsed) and elapsed >= 0):
         raise ValueError(f"elapsed must be >= 0, got {elapsed!r}")
     pressure = _clamp_pressure(pressure)
-    lo, hi = _gap_bounds(model, cfg)
+    lo, hi = _gap_bounds(model, cfg, pressure)
     # A poll within a min gap of the deadline counts as the poll by it: timers fire a
     # hair early, and a second poll a millisecond later would be a request wasted.
     deadline = cfg.deadline_s
     deadline_met = elapsed >= deadline - lo
-    first = model.quantile(cfg.first_quantile)
+    first = model.quantile(first_poll_quantile(cfg, pressure))
+    gap = _sqrt_rule_gap(elapsed, model, cost_ratio_for(model, cfg, pressure), lo, hi)
     if elapsed < first and not deadline_met:
-        delay = first - elapsed
+        # Not before the first quantile, nor sooner than the rule's own gap (a job
+        # polled just before that quantile is not polled again at once). Both grow
+        # with the pressure, so the delay does too.
+        delay = max(first - elapsed, gap)
         if rng is not None:
             delay *= 1.0 + cfg.jitter * rng.random()
     else:
-        delay = _sqrt_rule_gap(elapsed, model, cost_ratio_for(model, cfg, pressure), lo, hi)
+        delay = gap
         if rng is not None:
             delay = min(max(delay * rng.uniform(1.0 - cfg.jitter, 1.0 + cfg.jitter), lo), hi)
     if not deadline_met:
