@@ -1,6 +1,7 @@
 """The `batcher` command: a thin shell over the Python API.
 
-User mistakes print one line to stderr and exit 2; no traceback reaches the user.
+User mistakes print a ``batcher: ...`` message to stderr (one line, or one line per
+problem of a manifest) and exit 2; no traceback reaches the user.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batcher.client import DEFAULT_BASE_URL
 from batcher.errors import BatcherError, UsageError
+
+if TYPE_CHECKING:
+    from batcher.gate import RateConfig
 
 EXIT_USAGE = 2
 
@@ -41,6 +45,18 @@ def _size(text: str) -> tuple[int, int]:
     if not sep:
         raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT")
     return int(w), int(h)
+
+
+def _rate(text: str) -> RateConfig:
+    from batcher.gate import parse_rate
+
+    try:
+        return parse_rate(text)
+    except BatcherError:
+        # One message for every bad value (a zero, a sign, a typo): the form that works.
+        raise UsageError(
+            f"--rate: {text!r} must be a positive number of requests per s, min or h, like 48/min"
+        ) from None
 
 
 def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -110,7 +126,6 @@ def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from batcher.backoff import RetryConfig
-    from batcher.gate import parse_rate
     from batcher.options import RunOptions
     from batcher.run import exit_at_once, run
 
@@ -123,7 +138,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         out=args.out,
         model=args.model,
         base_url=args.base_url,
-        rate=parse_rate(args.rate),
+        rate=_rate(args.rate),
         max_in_flight=args.max_in_flight,
         simulate=args.simulate,
         time_scale=args.time_scale,

@@ -104,15 +104,17 @@ async def _service(options: RunOptions) -> AsyncIterator[str]:
 async def arun(options: RunOptions, *, interrupted: asyncio.Event | None = None) -> RunResult:
     """Run (or resume) the job described by ``options``; see :func:`run`."""
     out = options.out
+    # A bad key, option or manifest is refused before anything is written: not even the
+    # output folder is left behind. Scanning only reads the manifest.
+    key = _api_key(options)
+    info = await anyio.to_thread.run_sync(
+        lambda: scan(options.manifest, default_model=options.model)
+    )
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"--out {out}: cannot create the folder ({exc.strerror})") from None
-    key = _api_key(options)
     with _lock(out):
-        info = await anyio.to_thread.run_sync(
-            lambda: scan(options.manifest, default_model=options.model)
-        )
         await anyio.to_thread.run_sync(remove_partials, out)
         async with Checkpoint(out / CHECKPOINT) as cp:
             inputs = ImageInputs(options.manifest.parent)

@@ -326,7 +326,7 @@ CASES = [
         write=two_good_rows,
         code=2,
         flags=("--model", "instantid", "--rate", "fast"),
-        says=("--rate 'fast' is not N/s, N/min or N/h",),
+        says=("--rate: 'fast' must be a positive number of requests per s, min or h",),
     ),
     Case(
         name="manifest-changed-before-resume",
@@ -581,9 +581,9 @@ def check_refused(case: Case, o: Outcome, counting_sim: str) -> None:
         assert any(name.startswith("images/") for name in o.before)
         assert tree_hashes(o.out) == o.before
         assert {r["status"] for r in results(o.out).values()} == {"COMPLETED"}
-    elif o.out.is_dir():
-        assert sorted(p.name for p in o.out.iterdir()) in ([], [".lock"])
-    elif case.out != "out":  # --out named a file: it is left alone
+    elif case.out == "out":  # refused before the first write: no folder, no .lock
+        assert not o.out.exists(), sorted(p.name for p in o.out.iterdir())
+    else:  # --out named a file: it is left alone
         assert o.out.read_text() == "a file where the output folder should go\n"
 
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +96,14 @@ def test_the_top_level_help_lists_every_subcommand(capsys: pytest.CaptureFixture
 # -- errors are one line, exit 2 ------------------------------------------------------------------
 
 
+@pytest.fixture
+def _sigint() -> Iterator[None]:
+    """`batcher run` installs its own Ctrl-C handler; pytest gets its own back after."""
+    saved = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, saved)
+
+
 async def test_run_without_a_key_exits_2_with_one_line(tmp_path: Path) -> None:
     code, stdout, stderr = await _batcher(
         "run", str(DEMO), "--model", "instantid", "--out", str(tmp_path / "out"),
@@ -106,8 +116,10 @@ async def test_run_without_a_key_exits_2_with_one_line(tmp_path: Path) -> None:
     assert lines[0].startswith("batcher: SEGMIND_API_KEY is not set")
     assert "--simulate" in lines[0]
     assert stdout == b""
+    assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.usefixtures("_sigint")
 def test_bad_flags_exit_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = str(tmp_path / "out")
     for argv in (
@@ -120,6 +132,41 @@ def test_bad_flags_exit_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFi
         err = capsys.readouterr().err
         assert err.startswith("batcher: "), (argv, err)
         assert "Traceback" not in err
+
+
+@pytest.mark.usefixtures("_sigint")
+@pytest.mark.parametrize("rate", ["0/min", "0.0/h", "abc", "-5/s", "5/fortnight", "1e3/min", ""])
+def test_a_bad_rate_names_the_option_and_the_accepted_form(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], rate: str
+) -> None:
+    out = tmp_path / "out"
+
+    code = main(["run", str(DEMO), "--model", "instantid", "--out", str(out), f"--rate={rate}"])
+
+    assert code == 2
+    assert capsys.readouterr().err == (
+        f"batcher: --rate: {rate!r} must be a positive number of requests per s, min or h, "
+        "like 48/min\n"
+    )
+    assert not out.exists()
+
+
+@pytest.mark.usefixtures("_sigint")
+@pytest.mark.parametrize("rate", ["48/min", "2/s", "10/hour", " 0.5 / S "])
+def test_a_refused_run_leaves_no_output_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], rate: str
+) -> None:
+    """A missing manifest is refused before OUT (or its parent) is made; every rate here is
+    accepted, so the manifest is what the message is about."""
+    out = tmp_path / "new" / "out"
+    missing = tmp_path / "missing.csv"
+
+    code = main(["run", str(missing), "--out", str(out), "--simulate", f"--rate={rate}"])
+
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"batcher: {missing}: cannot open it"), err
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.parametrize(
