@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import io
 import logging
@@ -263,17 +264,21 @@ async def download(session: aiohttp.ClientSession, url: str, limits: DownloadLim
     return bytes(body)
 
 
+@functools.cache
+def _pillow_formats() -> tuple[str, ...]:
+    Image.init()
+    return tuple(name for name in IMAGE_FORMATS if name in Image.OPEN)
+
+
 def _identify(data: bytes) -> tuple[int, int, str]:
     """Check ``data`` decodes as an allowed image; return width, height, Pillow format."""
-    Image.init()
-    formats = [name for name in IMAGE_FORMATS if name in Image.OPEN]
     # Pillow's plugins raise a zoo of types for bad data (OSError, SyntaxError,
     # struct.error, DecompressionBomb*...): any of them means "not a usable image".
     try:
-        with Image.open(io.BytesIO(data), formats=formats) as probe:
-            probe.verify()
-        with Image.open(io.BytesIO(data), formats=formats) as image:
-            image.load()  # verify() skips pixel data; a truncated JPEG fails only here
+        with Image.open(io.BytesIO(data), formats=_pillow_formats()) as image:
+            # A full decode: a cut or corrupt body fails here (verify() alone would
+            # pass a truncated JPEG, and a second pass costs as much again).
+            image.load()
             width, height = image.size
             fmt = image.format
     except Exception as exc:
