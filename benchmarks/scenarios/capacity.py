@@ -1,0 +1,252 @@
+"""Client capacity: how many jobs a second batcher completes when nothing else limits it.
+
+Zero-latency emulator (InstantID latency 0, 64x64 images, no rate limit, retention far
+beyond the run), its own process. batcher runs with a rate of 100,000/s and every job in
+flight at once; its baselines are (a) a bare aiohttp loop doing submit, status, result
+and image download with no bookkeeping, as many jobs at once, over the same 256
+connections, and (b) the official SDK's ``run()`` in a 64-thread pool (plus the image
+download, so all three do the same work). Then batcher once more under py-spy, and a few
+what-if runs with one cost switched off, to say where the time goes.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+from benchmarks.common import (
+    Context,
+    Outcome,
+    Table,
+    Target,
+    emulator,
+    ratio,
+    rnd,
+    run_client,
+    write_manifest,
+)
+from benchmarks.profiling import summarize
+
+TIME_SCALE = 0.001
+SIM_ARGS = (
+    "--time-scale",
+    str(TIME_SCALE),
+    "--latency",
+    "instantid=0",
+    "--latency",
+    "infinite-you=0",
+    "--image-size",
+    "64x64",
+    "--retention",
+    "1e9",
+    "--seed",
+    "0",
+)
+TARGET = 0.8
+
+#: What-if runs: (label, extra batcher config).
+VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("batcher, submit_concurrency=64 (API option; default 8)", {"submit_concurrency": 64}),
+    ("what-if: image files written without fsync", {"ablations": ["no_fsync"]}),
+    ("what-if: no image verify/write (download only)", {"ablations": ["no_image_save"]}),
+    (
+        "what-if: no image save, no checkpoint row updates",
+        {"ablations": ["no_image_save", "no_checkpoint_updates"]},
+    ),
+)
+
+
+def _one(
+    ctx: Context, mode: str, cfg: dict[str, Any], *, prefix: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    with emulator(*SIM_ARGS) as emu:
+        cpu0 = emu.cpu_s()
+        report = run_client(
+            mode,
+            {**cfg, "base_url": emu.base_url},
+            timeout_s=cfg.get("timeout_s", 900),
+            prefix=prefix,
+        )
+        cpu1 = emu.cpu_s()
+        stats = emu.stats()
+    report["emulator_cpu_s"] = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
+    report["emulator_requests"] = stats["requests"]
+    return report
+
+
+def _jobs_per_s(report: dict[str, Any]) -> float | None:
+    done = report.get("completed", report.get("completed_this_run"))
+    elapsed = report.get("elapsed_s")
+    return done / elapsed if done and elapsed else None
+
+
+def _row(label: str, report: dict[str, Any], n: int, ceiling: float | None) -> list[Any]:
+    jps = _jobs_per_s(report)
+    window = report.get("results", {}).get("window_s")
+    pipeline = n / window if window else None
+    emu_cpu = report.get("emulator_cpu_s")
+    return [
+        label,
+        rnd(jps, 1),
+        rnd(ratio(jps, ceiling), 2),
+        rnd(pipeline, 1),
+        rnd(report.get("elapsed_s"), 2),
+        rnd(1e3 * report["cpu_s"] / n, 2) if report.get("cpu_s") else None,
+        rnd(1e3 * emu_cpu / n, 2) if emu_cpu else None,
+        rnd(report.get("process", {}).get("max_rss_mb"), 0),
+    ]
+
+
+def run(ctx: Context) -> Outcome:
+    n = 1000 if ctx.quick else 5000
+    rounds = 1 if ctx.quick else 2
+    work = ctx.folder("capacity")
+    manifest = write_manifest(work / "manifest.csv", n)
+    base = {
+        "manifest": str(manifest),
+        "model": "instantid",
+        "rate": "100000/s",
+        "time_scale": TIME_SCALE,
+        "max_in_flight": n,
+        "n": n,
+        "concurrency": n,
+        "connector_limit": 256,
+    }
+    outcome = Outcome(
+        name="capacity",
+        title="Client capacity (zero-latency emulator, no rate limit)",
+        settings={
+            "jobs": n,
+            "rounds": rounds,
+            "emulator": " ".join(SIM_ARGS),
+            "batcher": f"arun(rate=100000/s, time_scale={TIME_SCALE}, max_in_flight={n}, "
+            "progress off)",
+            "bare loop": f"{n} jobs at once, aiohttp connector limit 256",
+            "sdk": "segmind 1.3.0 SegmindClient.run() + image GET, 64 threads",
+        },
+    )
+    bare: list[dict[str, Any]] = []
+    mine: list[dict[str, Any]] = []
+    for r in range(rounds):
+        ctx.log(f"capacity round {r + 1}/{rounds}: bare loop, {n} jobs")
+        bare.append(_one(ctx, "bare", base))
+        ctx.log(f"capacity round {r + 1}/{rounds}: batcher, {n} jobs")
+        mine.append(_one(ctx, "batcher", {**base, "out": str(work / f"batcher-{r}")}))
+    ctx.log(f"capacity: official SDK, 64 threads, {n} jobs")
+    sdk = _one(ctx, "sdk", {**base, "threads": 64})
+
+    bare_jps = statistics.median(_jobs_per_s(b) or 0.0 for b in bare)
+    mine_jps = statistics.median(_jobs_per_s(b) or 0.0 for b in mine)
+    per_round = [ratio(_jobs_per_s(m), _jobs_per_s(b)) for m, b in zip(mine, bare, strict=True)]
+    table = Table(
+        title=f"{n} jobs; jobs/s end to end (batcher: arun from start to return, intake and "
+        "results.parquet included); ratio to the bare loop of the same round",
+        columns=[
+            "client",
+            "jobs/s",
+            "x bare loop",
+            "pipeline jobs/s (1st submit to last completion)",
+            "seconds",
+            "client CPU ms/job",
+            "emulator CPU ms/job",
+            "peak RSS MB",
+        ],
+    )
+    for r in range(rounds):
+        ceiling = _jobs_per_s(bare[r])
+        table.rows.append(_row(f"bare aiohttp loop (ceiling), round {r + 1}", bare[r], n, ceiling))
+        table.rows.append(_row(f"batcher, round {r + 1}", mine[r], n, ceiling))
+    table.rows.append(_row("official SDK run(), 64 threads", sdk, n, bare_jps))
+    outcome.tables.append(table)
+    outcome.targets.append(
+        Target(
+            what="batcher jobs/s vs bare aiohttp loop",
+            target=f">= {TARGET} x",
+            measured=f"{mine_jps:.0f} vs {bare_jps:.0f} jobs/s = {mine_jps / bare_jps:.2f} x "
+            f"(per round: {', '.join(f'{x:.2f}' for x in per_round if x is not None)})",
+            ok=mine_jps >= TARGET * bare_jps,
+        )
+    )
+    outcome.targets.append(
+        Target(
+            what="batcher vs official SDK (64 threads)",
+            target="(information)",
+            measured=f"{mine_jps:.0f} vs {_jobs_per_s(sdk) or 0:.0f} jobs/s = "
+            f"{ratio(mine_jps, _jobs_per_s(sdk)) or 0:.2f} x",
+            ok=None,
+        )
+    )
+
+    # what-if runs: one cost switched off at a time, in the benchmark's process only
+    variants = Table(
+        title="Where the time goes, by elimination: batcher with one cost switched off "
+        "(monkeypatched in the benchmark's child process; batcher's code is unchanged)",
+        columns=[
+            "variant",
+            "jobs/s",
+            "x bare loop",
+            "pipeline jobs/s",
+            "seconds",
+            "client CPU ms/job",
+            "emulator CPU ms/job",
+            "peak RSS MB",
+        ],
+    )
+    variants.rows.append(_row("batcher as shipped (median round)", _median(mine), n, bare_jps))
+    outcome.details["variants"] = {}
+    for label, extra in VARIANTS:
+        ctx.log(f"capacity: {label}")
+        report = _one(ctx, "batcher", {**base, **extra, "out": str(work / f"v{time.time_ns()}")})
+        variants.rows.append(_row(label, report, n, bare_jps))
+        outcome.details["variants"][label] = _slim(report)
+    outcome.tables.append(variants)
+
+    if ctx.profile:
+        ctx.log("capacity: batcher under py-spy")
+        raw = work / "py-spy-batcher.txt"
+        spy = (
+            str(ctx.pyspy),
+            "record",
+            "-r",
+            "100",
+            "--nonblocking",
+            "-f",
+            "raw",
+            "-t",
+            "-F",
+            "-o",
+            str(raw),
+            "--",
+        )
+        profiled = _one(ctx, "batcher", {**base, "out": str(work / "profiled")}, prefix=spy)
+        outcome.details["profile"] = summarize(raw, top=20)
+        outcome.details["profile"]["jobs_per_s_while_profiled"] = _jobs_per_s(profiled)
+        raw_bare = work / "py-spy-bare.txt"
+        spy_bare = (*spy[:-3], "-o", str(raw_bare), "--")
+        _one(ctx, "bare", base, prefix=spy_bare)
+        outcome.details["profile_bare"] = summarize(raw_bare, top=12)
+
+    outcome.details.update(
+        bare=[_slim(b) for b in bare], batcher=[_slim(m) for m in mine], sdk=_slim(sdk)
+    )
+    return outcome
+
+
+def _median(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    ordered = sorted(reports, key=lambda r: _jobs_per_s(r) or 0.0)
+    return ordered[len(ordered) // 2]
+
+
+def _slim(report: dict[str, Any]) -> dict[str, Any]:
+    """The report without per-job lists."""
+    out = {
+        k: v
+        for k, v in report.items()
+        if k not in ("polls", "loop_lag", "rss_timeline", "latencies")
+    }
+    if "results" in out:
+        out["results"] = {
+            k: v for k, v in out["results"].items() if k not in ("completed_at", "polls", "rows")
+        }
+    return out
