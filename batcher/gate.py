@@ -100,6 +100,7 @@ class RequestGate:
         self._streak_429 = 0
         #: Share of recent grants that left a submit waiting: 1.0 means the limit binds.
         self.pressure = 0.0
+        self._submits_waiting = 0
         self.granted = 0
         self.limited = 0
 
@@ -110,10 +111,32 @@ class RequestGate:
 
     async def acquire(self, priority: Priority) -> None:
         """Wait for this request's turn."""
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        if (
+            not self._waiters
+            and self._primed
+            and self._paused_until <= loop.time()
+            and self._limiter.has_capacity()
+        ):
+            # Nobody waits and a token is there: granted at once, without a round trip
+            # through serve() (when the limit is slack, that is every request).
+            await self._limiter.acquire()  # returns without suspending: it has capacity
+            self._granted(starved=False)
+            return
+        future = loop.create_future()
         heapq.heappush(self._waiters, (int(priority), next(self._seq), future))
+        if priority == Priority.SUBMIT:
+            self._submits_waiting += 1
+            future.add_done_callback(self._submit_left)
         self._wake.set()
         await future  # a cancelled waiter is skipped by serve()
+
+    def _submit_left(self, _future: asyncio.Future[None]) -> None:
+        self._submits_waiting -= 1
+
+    def _granted(self, *, starved: bool) -> None:
+        self.granted += 1
+        self.pressure += 0.05 * (float(starved) - self.pressure)
 
     def waiting(self, priority: Priority) -> int:
         return sum(1 for p, _, f in self._waiters if p == priority and not f.done())
@@ -136,14 +159,12 @@ class RequestGate:
             if self._paused_until > loop.time():
                 continue  # a 429 arrived while we waited for the token
             while self._waiters:
-                _, _, future = heapq.heappop(self._waiters)
+                priority, _, future = heapq.heappop(self._waiters)
                 if not future.done():
                     future.set_result(None)
-                    self.granted += 1
-                    starved = any(
-                        p == Priority.SUBMIT and not f.done() for p, _, f in self._waiters
-                    )
-                    self.pressure += 0.05 * (float(starved) - self.pressure)
+                    # Its done-callback (one submit fewer waiting) runs later: count it now.
+                    others = self._submits_waiting - (priority == Priority.SUBMIT)
+                    self._granted(starved=others > 0)
                     break
 
     def rate_limited(self, retry_after: float | None) -> float:

@@ -170,3 +170,17 @@ def test_a_scaled_rate_keeps_its_requests_over_a_shorter_period() -> None:
     rate = RateConfig(requests=48, period_s=60).scaled(0.01)
     assert (rate.requests, rate.period_s) == (48, pytest.approx(0.6))
     assert rate.per_second == pytest.approx(80)
+
+
+async def test_with_nobody_waiting_a_token_is_granted_without_the_serve_loop() -> None:
+    gate = _gate(1000)
+    server = asyncio.create_task(gate.serve())
+    await gate.acquire(POLL)  # through serve(): a new bucket spends its spare token
+    server.cancel()
+    await asyncio.gather(server, return_exceptions=True)
+    await asyncio.sleep(0.005)  # tokens are back; serve() is gone
+
+    await asyncio.wait_for(gate.acquire(SUBMIT), timeout=1)
+
+    assert gate.granted == 2
+    assert gate.pressure == 0  # nobody was left waiting
