@@ -67,6 +67,8 @@ _MIGRATIONS = (
     CREATE INDEX jobs_state_number ON jobs(state, number);
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    # 2: how many 429 answers each row's requests got (for `batcher report`).
+    "ALTER TABLE jobs ADD COLUMN rate_limited INTEGER NOT NULL DEFAULT 0;",
 )
 
 #: Columns a caller may set through :meth:`Checkpoint.update`.
@@ -74,7 +76,7 @@ COLUMNS = frozenset({
     "state", "error", "request_id", "status_url", "response_url", "attempts", "retries",
     "unknown_submits", "polls", "submitted_at", "started_at", "completed_at", "latency_s",
     "notice_lag_s", "inference_time", "metrics", "outputs", "width", "height", "bytes",
-    "sha256", "warnings",
+    "sha256", "warnings", "rate_limited",
 })  # fmt: skip
 
 
@@ -92,14 +94,16 @@ class NewRow:
     warnings: str | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Job:
     """A row read back from the checkpoint, with what the pipeline needs to act on it."""
 
     id: str
     number: int
     model: str
-    params: dict[str, Any]
+    #: The parameters as stored (JSON): decoded only when the job is sent, since a
+    #: hundred thousand jobs in flight would otherwise each hold a parsed dict.
+    params_json: str
     state: str
     request_id: str | None
     status_url: str | None
@@ -108,6 +112,12 @@ class Job:
     unknown_submits: int
     polls: int
     submitted_at: float | None
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The parameters to send, decoded from the checkpoint's JSON."""
+        params: dict[str, Any] = json.loads(self.params_json)
+        return params
 
 
 _JOB_COLUMNS = (
@@ -121,7 +131,7 @@ def _job(row: Sequence[Any]) -> Job:
         id=row[0],
         number=row[1],
         model=row[2],
-        params=json.loads(row[3]),
+        params_json=row[3],
         state=row[4],
         request_id=row[5],
         status_url=row[6],

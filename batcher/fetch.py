@@ -13,14 +13,13 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
-import anyio
 from anyio.abc import ObjectReceiveStream
 
 from batcher.backoff import backoff_delay
 from batcher.client import Outcome, TransportError
 from batcher.gate import Priority
 from batcher.pipeline import Flight, RunContext
-from batcher.poll import _get, settle_not_ok
+from batcher.poll import _get, metric, settle_not_ok
 from batcher.retry import CallStats
 from batcher.sink import (
     CorruptImage,
@@ -29,7 +28,6 @@ from batcher.sink import (
     decode_inline,
     download,
     output_items,
-    write_image,
 )
 
 log = logging.getLogger(__name__)
@@ -47,6 +45,7 @@ async def fetch_one(ctx: RunContext, flight: Flight, reschedule: Callable[[Fligh
     stats = CallStats()
     reply = await _get(ctx, Priority.FETCH, flight.response_url, stats)
     ctx.counters.api_requests["result"] += 1 + stats.retries + stats.rate_limited
+    await ctx.count_429s(flight.job, stats.rate_limited)
     if isinstance(reply, TransportError):
         reschedule(flight)  # the status said COMPLETED: poll again, fetch again
         return
@@ -74,14 +73,14 @@ async def fetch_one(ctx: RunContext, flight: Flight, reschedule: Callable[[Fligh
         )
         return
     latency = seen - flight.submitted_mono
-    total = _number(metrics, "total_time")
+    total = metric(metrics, "total_time")
     await ctx.complete(
         job,
         polls=job.polls + flight.polls,
         completed_at=flight.submitted_wall + latency,
         latency_s=latency,
         notice_lag_s=None if total is None else max(0.0, latency - total),
-        inference_time=_number(metrics, "inference_time"),
+        inference_time=metric(metrics, "inference_time"),
         metrics=metrics,
         outputs=[s.path for s in saved],
         width=saved[0].width if saved else None,
@@ -95,7 +94,7 @@ async def _save(ctx: RunContext, row_id: str, index: int, item: str) -> SavedIma
     data = decode_inline(item)
     if data is None:
         data = await _download(ctx, item)
-    return await anyio.to_thread.run_sync(write_image, ctx.out, row_id, index, data)
+    return await ctx.images.write(row_id, index, data)
 
 
 async def _download(ctx: RunContext, url: str) -> bytes:
@@ -110,8 +109,3 @@ async def _download(ctx: RunContext, url: str) -> bytes:
                 raise
             ctx.counters.retries += 1
             await asyncio.sleep(backoff_delay(attempt, ctx.retry, ctx.rng))
-
-
-def _number(metrics: dict[str, Any], key: str) -> float | None:
-    value = metrics.get(key)
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None

@@ -22,6 +22,7 @@ from batcher.backoff import RetryConfig
 from batcher.checkpoint import FAILED, PENDING, Checkpoint, Job
 from batcher.client import ApiClient
 from batcher.gate import RequestGate
+from batcher.image_writer import ImageWriter
 from batcher.inputs import ImageInputs
 from batcher.options import RunOptions
 from batcher.schedule import LatencyModel, PollConfig
@@ -30,7 +31,7 @@ from batcher.schemas import registry
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(slots=True)
 class Flight:
     """A submitted job while it is tracked in memory (the checkpoint has its request_id)."""
 
@@ -87,6 +88,9 @@ class RunContext:
         self.downloads = downloads
         self.gate = gate
         self.inputs = inputs
+        #: Verified, atomic image writes, batched onto worker threads (its ``run`` is
+        #: one of the pipeline's tasks).
+        self.images = ImageWriter(self.out)
         self.rng = rng or random.Random()
         self.retry: RetryConfig = options.scaled_retry()
         self.poll: PollConfig = options.scaled_poll()
@@ -148,6 +152,11 @@ class RunContext:
             log.warning("%s", reason)
         self.stop_submitting.set()
         self.requeue_signal.set()
+
+    async def count_429s(self, job: Job, answers: int) -> None:
+        """Add ``answers`` 429s to the row's count (nothing to write when there were none)."""
+        if answers:
+            await self.checkpoint.increment(job.id, "rate_limited", answers)
 
     async def complete(self, job: Job, **fields: Any) -> None:
         await self.checkpoint.update(job.id, state="COMPLETED", error=None, **fields)

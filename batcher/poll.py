@@ -99,6 +99,7 @@ class Poller:
             flight.last_gap = flight.elapsed(now)
         flight.last_poll_mono = now
         ctx.counters.api_requests["status"] += 1 + stats.retries + stats.rate_limited
+        await ctx.count_429s(flight.job, stats.rate_limited)
         if isinstance(reply, TransportError):
             self._schedule(flight)  # every retry failed; try again on the usual schedule
             return
@@ -110,11 +111,20 @@ class Poller:
             self._schedule(flight)
             return
         if reply.outcome is Outcome.OK:  # COMPLETED; failures are often fast, so they don't train
-            ctx.latency[flight.job.model].observe(flight.elapsed(now), flight.last_gap)
+            reported = metric(reply.body.get("metrics"), "total_time")
+            ctx.latency[flight.job.model].observe(
+                flight.elapsed(now), flight.last_gap, reported=reported
+            )
             flight.state = "COMPLETED"
             await self._to_fetch.send(flight)
             return
         await settle_not_ok(ctx, flight, reply, self._schedule)
+
+
+def metric(metrics: object, key: str) -> float | None:
+    """A number the server sent in ``metrics`` (a bool or a string is not one)."""
+    value = metrics.get(key) if isinstance(metrics, dict) else None
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 async def _get(

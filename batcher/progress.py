@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from batcher.pipeline import RunContext
+from batcher.pipeline import Counters, RunContext
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,9 @@ class Summary:
 _TERMINAL = ("COMPLETED", "FAILED", "INVALID")
 
 
-def summarize(results: Path, ctx: RunContext, elapsed_s: float) -> Summary:
+def summarize(
+    results: Path, counters: Counters, rate_limited: int, elapsed_s: float
+) -> Summary:
     """Figures from results.parquet and the run's counters. Blocking: use a worker thread."""
     table = pq.read_table(
         results, columns=["status", "error", "latency_s", "inference_time", "unknown_submits"]
@@ -144,7 +146,7 @@ def summarize(results: Path, ctx: RunContext, elapsed_s: float) -> Summary:
         p50, p95 = (float(x) for x in pc.quantile(latency, q=[0.5, 0.95]).to_pylist())
     inference = pc.sum(table.column("inference_time")).as_py() or 0.0
     unknown = pc.sum(table.column("unknown_submits")).as_py() or 0
-    c = ctx.counters
+    c = counters
     return Summary(
         counts=counts,
         failed_reasons=reasons,
@@ -154,7 +156,7 @@ def summarize(results: Path, ctx: RunContext, elapsed_s: float) -> Summary:
         latency_p95=p95,
         inference_total_s=float(inference),
         api_requests=sum(c.api_requests.values()),
-        rate_limited=ctx.gate.limited,
+        rate_limited=rate_limited,
         unknown_submits=int(unknown),
     )
 

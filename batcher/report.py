@@ -33,8 +33,8 @@ _BUCKET_S = (
 _MAX_BUCKETS = 24
 _TOP_REASONS = 10
 _REASON_CHARS = 100
-# A per-row count of 429 answers, once results.parquet has one; absent today, so the line
-# is left out rather than shown as 0.
+# The per-row count of 429 answers; a results.parquet written before it existed has no
+# such column, and the line is left out rather than shown as 0.
 _RATE_LIMITED = "rate_limited"
 # Request ids and other long hex tokens would split one failure reason into many.
 _IDS = re.compile(

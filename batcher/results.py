@@ -32,6 +32,7 @@ SCHEMA = pa.schema([
     ("attempts", pa.int64()),
     ("retries", pa.int64()),
     ("unknown_submits", pa.int64()),
+    ("rate_limited", pa.int64()),
     ("submitted_at", _TS),
     ("completed_at", _TS),
     ("latency_s", pa.float64()),
@@ -50,7 +51,7 @@ SCHEMA = pa.schema([
 
 _SOURCE = (
     "id", "number", "model", "state", "error", "request_id", "attempts", "retries",
-    "unknown_submits", "submitted_at", "completed_at", "latency_s", "notice_lag_s",
+    "unknown_submits", "rate_limited", "submitted_at", "completed_at", "latency_s", "notice_lag_s",
     "inference_time", "metrics", "polls", "outputs", "width", "height", "bytes", "sha256",
     "params", "warnings",
 )  # fmt: skip

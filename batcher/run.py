@@ -32,10 +32,10 @@ from batcher.inputs import ImageInputs
 from batcher.intake import load
 from batcher.manifest import fingerprint, scan
 from batcher.options import RunOptions
-from batcher.pipeline import Flight, RunContext
+from batcher.pipeline import Counters, Flight, RunContext
 from batcher.poll import Poller
 from batcher.progress import Progress, Summary, summarize
-from batcher.results import write_results
+from batcher.results import RESULTS, write_results
 from batcher.sim import SimServer
 from batcher.sink import remove_partials
 from batcher.submit import UNKNOWN_OUTCOME, ApiUnreachable, feed
@@ -105,35 +105,64 @@ async def arun(options: RunOptions, *, interrupted: asyncio.Event | None = None)
     """Run (or resume) the job described by ``options``; see :func:`run`."""
     out = options.out
     # A bad key, option or manifest is refused before anything is written: not even the
-    # output folder is left behind. Scanning only reads the manifest.
+    # output folder is left behind. Scanning only reads the manifest; a run resumed on
+    # the manifest it was made from needs no second scan (see _intake).
     key = _api_key(options)
-    info = await anyio.to_thread.run_sync(
-        lambda: scan(options.manifest, default_model=options.model)
-    )
+    scanned = False
+    if not (out / CHECKPOINT).exists():
+        await _scan(options)
+        scanned = True
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"--out {out}: cannot create the folder ({exc.strerror})") from None
     with _lock(out):
-        await anyio.to_thread.run_sync(remove_partials, out)
         async with Checkpoint(out / CHECKPOINT) as cp:
             inputs = ImageInputs(options.manifest.parent)
-            await _intake(cp, options, inputs)
-            return await _work(options, cp, inputs, key, info.rows, interrupted)
+            await _intake(cp, options, inputs, scanned=scanned)
+            return await _work(options, cp, inputs, key, interrupted)
 
 
-async def _intake(cp: Checkpoint, options: RunOptions, inputs: ImageInputs) -> None:
-    print_ = await anyio.to_thread.run_sync(fingerprint, options.manifest)
+async def _scan(options: RunOptions) -> None:
+    """Raise ManifestError for a manifest that cannot be run at all (nothing is sent)."""
+    await anyio.to_thread.run_sync(lambda: scan(options.manifest, default_model=options.model))
+
+
+async def _intake(
+    cp: Checkpoint, options: RunOptions, inputs: ImageInputs, *, scanned: bool
+) -> None:
+    """Bring the checkpoint up to the manifest: rows read again only if it changed (or
+    some are INVALID, and might be fixed now); FAILED rows reopened if asked."""
+    identity = await anyio.to_thread.run_sync(fingerprint, options.manifest)
+    identity += f" model={options.model}"  # the same file read with another --model differs
     counts = await cp.counts()
-    if await cp.get_meta("manifest") != print_ or counts.get("INVALID", 0):
+    if await cp.get_meta("manifest") != identity or counts.get("INVALID", 0):
+        if not scanned:
+            await _scan(options)
+        # A manifest refused here (rows changed) leaves the checkpoint as it was.
         await load(cp, str(options.manifest), options.model, inputs)
-        await cp.set_meta("manifest", print_)
+        await _results_stale(cp)
+        await cp.set_meta("manifest", identity)
+    if options.retry_failed or options.resubmit_unknown:
+        await _results_stale(cp)
     if options.retry_failed:
         n = await cp.reopen_failed(unknown_only=False)
         log.info("--retry-failed: %d FAILED rows will be submitted again", n)
     elif options.resubmit_unknown:
         n = await cp.reopen_failed(unknown_only=True)
         log.info("--resubmit-unknown: %d rows with an unknown submit outcome go again", n)
+
+
+# results.parquet is "fresh" when it was written after the checkpoint's last change: a
+# run that changes a row marks it stale first, and a run that ends writes it and marks
+# it fresh. A killed run leaves it stale; a run with nothing to do and a fresh table
+# (re-running a finished job) reads nothing and rewrites nothing.
+_RESULTS_META = "results"
+
+
+async def _results_stale(cp: Checkpoint) -> None:
+    if await cp.get_meta(_RESULTS_META) != "stale":
+        await cp.set_meta(_RESULTS_META, "stale")
 
 
 async def _resume(ctx: RunContext, poller: Poller) -> None:
@@ -174,12 +203,26 @@ async def _work(
     cp: Checkpoint,
     inputs: ImageInputs,
     key: str,
-    total: int,
     interrupted: asyncio.Event | None,
 ) -> RunResult:
     started = time.monotonic()
     counts = await cp.counts()
+    total = sum(counts.values())
     done_before = sum(counts.get(s, 0) for s in ("COMPLETED", "FAILED", "INVALID"))
+    results = options.out / RESULTS
+    if (
+        done_before == total
+        and await cp.get_meta(_RESULTS_META) == "fresh"
+        and await anyio.to_thread.run_sync(results.is_file)
+    ):
+        # A finished job run again: every row is final and the table already says so.
+        log.info("nothing to do: every row is COMPLETED, FAILED or INVALID")
+        summary = await anyio.to_thread.run_sync(
+            summarize, results, Counters(), 0, time.monotonic() - started
+        )
+        return RunResult(_exit_code(summary, None), summary, results, None)
+    await _results_stale(cp)
+    await anyio.to_thread.run_sync(remove_partials, options.out)
     gate = RequestGate(options.rate.scaled(options.scale), retry=options.scaled_retry())
     error: BatcherError | None = None
     async with (
@@ -207,20 +250,25 @@ async def _work(
                 results = await anyio.to_thread.run_sync(
                     write_results, cp, options.out, options.manifest.parent
                 )
+                await cp.set_meta(_RESULTS_META, "fresh")
                 summary = await anyio.to_thread.run_sync(
-                    summarize, results, ctx, time.monotonic() - started
+                    summarize,
+                    results,
+                    ctx.counters,
+                    ctx.gate.limited,
+                    time.monotonic() - started,
                 )
     if isinstance(error, ApiUnreachable):
         ctx.stop(str(error))
     elif error is not None:
         raise error
-    return RunResult(_exit_code(summary, ctx), summary, results, ctx.stop_reason)
+    return RunResult(_exit_code(summary, ctx.stop_reason), summary, results, ctx.stop_reason)
 
 
-def _exit_code(summary: Summary, ctx: RunContext) -> int:
+def _exit_code(summary: Summary, stop_reason: str | None) -> int:
     c = summary.counts
     unfinished = sum(n for s, n in c.items() if s not in ("COMPLETED", "FAILED", "INVALID"))
-    if ctx.stop_reason or unfinished:
+    if stop_reason or unfinished:
         return EXIT_STOPPED
     if c.get("FAILED", 0) or c.get("INVALID", 0):
         return EXIT_FAILED_ROWS
@@ -246,6 +294,7 @@ async def _pipeline(
         with to_submit_send, to_submit, to_fetch_send, to_fetch:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(ctx.gate.serve)
+                tg.start_soon(ctx.images.run)
                 tg.start_soon(poller.run)
                 tg.start_soon(progress.run)
                 for _ in range(FETCH_WORKERS):

@@ -234,18 +234,26 @@ class LatencyModel:
     def __repr__(self) -> str:
         return f"LatencyModel(median={self.median:.4g}, sigma={self.sigma:.3f}, n={self._n})"
 
-    def observe(self, seen_at_elapsed: float, last_gap: float) -> None:
+    def observe(
+        self, seen_at_elapsed: float, last_gap: float, reported: float | None = None
+    ) -> None:
         """Record a completion first seen ``seen_at_elapsed`` s after submit.
 
-        It happened somewhere in the last poll gap, so the midpoint of that gap,
-        ``seen_at_elapsed - last_gap / 2``, is recorded; a gap longer than the elapsed
-        time (which a caller should not pass) is floored at half the elapsed time.
+        ``reported`` is the server's own submit-to-completion time (``metrics.total_time``)
+        when it sent one: exact, so it is recorded as is if it fits (``0 <`` it ``<=``
+        ``seen_at_elapsed``). Otherwise the completion happened somewhere in the last poll
+        gap, and the midpoint of that gap, ``seen_at_elapsed - last_gap / 2``, is
+        recorded; a gap longer than the elapsed time (which a caller should not pass)
+        is floored at half the elapsed time.
         """
         if not (math.isfinite(seen_at_elapsed) and seen_at_elapsed >= 0):
             raise ValueError(f"seen_at_elapsed must be >= 0, got {seen_at_elapsed!r}")
         if not (math.isfinite(last_gap) and last_gap >= 0):
             raise ValueError(f"last_gap must be >= 0, got {last_gap!r}")
-        t = max(seen_at_elapsed - 0.5 * last_gap, 0.5 * seen_at_elapsed, _TINY_S)
+        if reported is not None and math.isfinite(reported) and 0 < reported <= seen_at_elapsed:
+            t = reported
+        else:
+            t = max(seen_at_elapsed - 0.5 * last_gap, 0.5 * seen_at_elapsed, _TINY_S)
         x = math.log(t)
         self._weight = self._weight * _FORGET + 1.0
         self._m2 *= _FORGET

@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -288,7 +289,9 @@ def _identify(data: bytes) -> tuple[int, int, str]:
     return width, height, fmt
 
 
-def write_image(out_dir: Path, row_id: str, index: int, data: bytes) -> SavedImage:
+def write_image(
+    out_dir: Path, row_id: str, index: int, data: bytes, *, sync_folder: bool = True
+) -> SavedImage:
     """Verify ``data`` and write it atomically as ``images/<stem>_<index>.<ext>``. Blocking.
 
     The bytes go to a ``.part`` file in the same folder, are fsynced, then renamed over
@@ -310,7 +313,7 @@ def write_image(out_dir: Path, row_id: str, index: int, data: bytes) -> SavedIma
     if final.resolve().parent != root:
         raise ValueError(f"refusing to write {name!r} outside {root}")
 
-    _atomic_write(final, data)
+    _atomic_write(final, data, sync_folder=sync_folder)
     logger.debug("saved %s (%dx%d %s, %d bytes)", final, width, height, fmt, len(data))
     return SavedImage(
         path=f"images/{name}",
@@ -322,7 +325,24 @@ def write_image(out_dir: Path, row_id: str, index: int, data: bytes) -> SavedIma
     )
 
 
-def _atomic_write(final: Path, data: bytes) -> None:
+def write_images(
+    out_dir: Path, items: Sequence[tuple[str, int, bytes]]
+) -> list[SavedImage | Exception]:
+    """:func:`write_image` for each ``(row_id, index, data)``, then one fsync of the
+    folder for all the renames: each item's record, or the error that refused it. Blocking.
+    """
+    results: list[SavedImage | Exception] = []
+    for row_id, index, data in items:
+        try:
+            results.append(write_image(out_dir, row_id, index, data, sync_folder=False))
+        except Exception as exc:  # this image's own problem: the others still go
+            results.append(exc)
+    if any(isinstance(r, SavedImage) for r in results):
+        _fsync_dir(out_dir / "images")
+    return results
+
+
+def _atomic_write(final: Path, data: bytes, *, sync_folder: bool = True) -> None:
     temp = final.with_name(f"{final.name}.{secrets.token_hex(4)}{_PART}")
     # os.open rather than tempfile: the mode then follows the umask like any output file.
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
@@ -336,7 +356,8 @@ def _atomic_write(final: Path, data: bytes) -> None:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    _fsync_dir(final.parent)
+    if sync_folder:
+        _fsync_dir(final.parent)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -140,8 +140,12 @@ async def submit_one(ctx: RunContext, job: Job, track: Callable[[Flight], None])
                 log.warning("row %s: %s; sending it again (--resubmit-unknown)", job.id, result)
                 continue
             await ctx.fail(job, UNKNOWN_OUTCOME, retries=stats.retries)
+            await ctx.count_429s(job, stats.rate_limited)
             return
+        # The answer is recorded first: nothing may come between a request_id and the
+        # checkpoint, the 429 count of the row included.
         await _settle(ctx, job, result, sent_at, stats, track)
+        await ctx.count_429s(job, stats.rate_limited)
         return
 
 

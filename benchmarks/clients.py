@@ -131,30 +131,33 @@ def _results_figures(results: Path | None) -> dict[str, Any]:
 def _apply_ablations(names: list[str]) -> None:
     """What-if experiments: switch one cost of batcher off in this process only, to
     measure what it costs. Never used for a headline figure."""
-    import batcher.fetch
+    import batcher.image_writer
     import batcher.sink
     from batcher.checkpoint import Checkpoint
 
     for name in names:
         if name == "no_fsync":  # images still verified and written, without fsyncs
 
-            def atomic_write(final: Path, data: bytes) -> None:
+            def atomic_write(final: Path, data: bytes, *, sync_folder: bool = True) -> None:
                 final.write_bytes(data)
 
             batcher.sink._atomic_write = atomic_write  # type: ignore[attr-defined]
         elif name == "no_image_save":  # no Pillow verify, no file: the download only
 
-            def write_image(out: Path, row_id: str, index: int, data: bytes) -> Any:
-                return batcher.sink.SavedImage(
-                    path=f"images/{row_id}_{index}.png",
-                    width=64,
-                    height=64,
-                    format="png",
-                    bytes=len(data),
-                    sha256="",
-                )
+            def write_images(out: Path, items: Any) -> Any:
+                return [
+                    batcher.sink.SavedImage(
+                        path=f"images/{row_id}_{index}.png",
+                        width=64,
+                        height=64,
+                        format="png",
+                        bytes=len(data),
+                        sha256="",
+                    )
+                    for row_id, index, data in items
+                ]
 
-            batcher.fetch.write_image = write_image  # type: ignore[assignment]
+            batcher.image_writer.write_images = write_images
         elif name == "no_checkpoint_updates":  # row transitions are not written
 
             async def update(self: Checkpoint, job_id: str, **fields: Any) -> None:

@@ -235,3 +235,18 @@ async def test_flush_commits_the_writes_of_cancelled_writers(cp: Checkpoint) -> 
         ("r1", SUBMITTED, "q1"),
         ("r2", COMPLETED, None),
     ]
+
+
+async def test_a_checkpoint_from_before_the_429_count_gains_the_column(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "c.sqlite"
+    with monkeypatch.context() as patch:  # a file written by the first schema version
+        patch.setattr(checkpoint_module, "_MIGRATIONS", checkpoint_module._MIGRATIONS[:1])
+        async with Checkpoint(path) as cp:
+            await cp.add_rows([_row(1)])
+
+    async with Checkpoint(path) as cp:  # resumed by this version
+        await cp.increment("r1", "rate_limited", 2)
+
+    assert _read(path, "SELECT id, rate_limited FROM jobs") == [("r1", 2)]

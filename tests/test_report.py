@@ -20,6 +20,9 @@ from batcher.errors import UsageError
 from batcher.report import CHART, CHART_HINT, build_report, read_results, report_main
 from batcher.results import RESULTS, SCHEMA
 
+#: results.parquet as batcher wrote it before the per-row 429 count (rate_limited).
+OLD_SCHEMA = pa.schema([f for f in SCHEMA if f.name != "rate_limited"])
+
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 UUID = "{:08x}-1234-4abc-8def-0123456789ab"
 
@@ -87,7 +90,7 @@ def figures(text: str, prefix: str) -> list[float]:
 
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
-    return write(tmp_path / "run", run_rows())
+    return write(tmp_path / "run", run_rows(), OLD_SCHEMA)
 
 
 def test_text_report_numbers(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -141,7 +144,7 @@ def test_text_report_numbers(run_dir: Path, capsys: pytest.CaptureFixture[str]) 
     )
     retries = sum(r.get("retries") or 0 for r in rows)
     assert f"transient retries {retries}, unknown submit outcomes 1" in text
-    assert "429 answers" not in text  # no per-row 429 column: left out, not shown as 0
+    assert "429 answers" not in text  # an older file, no 429 column: left out, not shown as 0
 
 
 def test_report_object_matches_independent_percentiles(run_dir: Path) -> None:
@@ -155,12 +158,16 @@ def test_report_object_matches_independent_percentiles(run_dir: Path) -> None:
     assert report.rate_limited is None
 
 
-def test_rate_limited_column_is_reported_when_present(tmp_path: Path) -> None:
-    schema = SCHEMA.append(pa.field("rate_limited", pa.int64()))
+def test_rate_limited_column_is_reported_when_present(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     rows = [{"id": "a", "status": "COMPLETED", "rate_limited": 3},
             {"id": "b", "status": "FAILED", "rate_limited": 2}]  # fmt: skip
-    path, table = read_results(write(tmp_path, rows, schema))
+    out = write(tmp_path, rows)
+    path, table = read_results(out)
     assert build_report(path, table).rate_limited == 5
+    assert report_main(out, chart=False) == 0
+    assert "429 answers" in capsys.readouterr().out
 
 
 def test_empty_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

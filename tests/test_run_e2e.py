@@ -295,6 +295,8 @@ async def test_all_faults_at_once_end_every_row_in_its_right_state(
     assert _requests(stats, outcome="429") > 0
     assert result.summary is not None
     assert result.summary.rate_limited > 0
+    # Each 429 is on the row whose request got it, and none is missed or counted twice.
+    assert sum(r["rate_limited"] for r in rows) == _requests(stats, outcome="429")
     assert _requests(stats, outcome="5") > 0
     assert stats["requests"]["output"].get("truncated", 0) > 0
     _check_accounting(rows, stats)

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+import batcher.run as run_module
 from batcher.backoff import RetryConfig
 from batcher.client import ApiClient, Reply, TransportError
 from batcher.errors import AuthError, ManifestError
@@ -417,3 +418,72 @@ async def test_an_unreachable_api_stops_resumably_with_no_row_taken_for_sent(
     final = _results(options.out)
     assert {(r["status"], r["unknown_submits"]) for r in final.values()} == {("COMPLETED", 0)}
     assert server.stats()["accepted"] == len(final)
+
+
+async def test_a_finished_run_run_again_reads_and_rewrites_nothing(
+    tmp_path: Path, sim: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = _manifest(tmp_path, instantid=8)
+    server = await sim(time_scale=SCALE, image_size=(64, 64))
+    options = _options(manifest, server)
+    assert (await arun(options)).exit_code == EXIT_OK
+    table = options.out / "results.parquet"
+    written = table.stat().st_mtime_ns, table.stat().st_ino
+    requests = server.stats()["requests"]
+
+    def no_scan(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the unchanged manifest was scanned again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(run_module, "scan", no_scan)
+        again = await arun(options)
+
+    assert again.exit_code == EXIT_OK
+    assert again.summary is not None
+    assert again.summary.counts == {"COMPLETED": 8}
+    assert (table.stat().st_mtime_ns, table.stat().st_ino) == written  # not rewritten
+    assert server.stats()["requests"] == requests
+
+
+async def test_a_table_left_stale_by_a_killed_run_is_rewritten_though_nothing_is_left(
+    tmp_path: Path, sim: Any
+) -> None:
+    manifest = _manifest(tmp_path, instantid=6)
+    server = await sim(time_scale=SCALE, image_size=(64, 64))
+    options = _options(manifest, server)
+    assert (await arun(options)).exit_code == EXIT_OK
+    # A later run changed a row and was killed before it rewrote the table: the checkpoint
+    # has the change, results.parquet does not, and the run had marked it stale.
+    db = sqlite3.connect(options.out / "checkpoint.sqlite")
+    with db:
+        db.execute("UPDATE jobs SET state='FAILED', error='changed' WHERE id='i0'")
+        db.execute("UPDATE meta SET value='stale' WHERE key='results'")
+    db.close()
+
+    again = await arun(options)
+
+    assert again.exit_code == EXIT_FAILED_ROWS
+    assert (_results(options.out)["i0"]["status"], _results(options.out)["i0"]["error"]) == (
+        "FAILED",
+        "changed",
+    )
+
+
+async def test_the_same_manifest_with_another_model_is_read_again(
+    tmp_path: Path, sim: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = _manifest(tmp_path, instantid=4)
+    server = await sim(time_scale=SCALE, image_size=(64, 64))
+    options = _options(manifest, server)
+    assert (await arun(options)).exit_code == EXIT_OK
+    scans: list[Any] = []
+    real_scan = run_module.scan
+
+    def counting_scan(*args: Any, **kwargs: Any) -> Any:
+        scans.append(kwargs.get("default_model"))
+        return real_scan(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "scan", counting_scan)
+    await arun(dataclasses.replace(options, model="infinite-you"))
+
+    assert scans == ["infinite-you"]  # not taken for the run it was made from

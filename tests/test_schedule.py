@@ -503,3 +503,22 @@ def test_first_poll_quantile_follows_the_pressure() -> None:
     assert first_poll_quantile(cfg, 2.0) == cfg.bound_first_quantile
     middle = first_poll_quantile(cfg, 0.5)
     assert cfg.first_quantile < middle < cfg.bound_first_quantile
+
+
+def test_a_reported_total_time_is_learned_exactly() -> None:
+    cfg = PollConfig()
+    exact, guessed = LatencyModel(100.0, 0.3, cfg), LatencyModel(100.0, 0.3, cfg)
+    for _ in range(500):
+        exact.observe(130.0, 40.0, reported=100.0)  # seen late; the server says 100 s
+        guessed.observe(130.0, 40.0)  # midpoint of the last gap: 110 s
+    assert exact.median == pytest.approx(100.0, rel=1e-6)
+    assert guessed.median == pytest.approx(110.0, rel=0.02)
+
+
+@pytest.mark.parametrize("reported", [0.0, -3.0, 131.0, math.nan, math.inf])
+def test_an_impossible_reported_time_falls_back_to_the_gap_midpoint(reported: float) -> None:
+    cfg = PollConfig()
+    with_report, without = LatencyModel(100.0, 0.3, cfg), LatencyModel(100.0, 0.3, cfg)
+    with_report.observe(130.0, 40.0, reported=reported)  # after it was seen, or nonsense
+    without.observe(130.0, 40.0)
+    assert (with_report.median, with_report.sigma) == (without.median, without.sigma)

@@ -1,0 +1,100 @@
+"""Tests for batcher.image_writer: image writes batched onto worker threads."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import batcher.sink
+from batcher.image_writer import ImageWriter
+from batcher.sink import CorruptImage, SavedImage, safe_stem, write_images
+
+
+def _png(shade: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (10, 6), (shade, 40, 90)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+async def writer(tmp_path: Path) -> AsyncIterator[ImageWriter]:
+    images = ImageWriter(tmp_path, lanes=2, max_batch=16)
+    task = asyncio.create_task(images.run())
+    yield images
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_many_writes_share_few_thread_calls_and_all_land(
+    writer: ImageWriter, tmp_path: Path
+) -> None:
+    saved = await asyncio.gather(*(writer.write(f"r{i}", 0, _png(i)) for i in range(100)))
+
+    assert [s.path for s in saved] == [f"images/{safe_stem(f'r{i}')}_0.png" for i in range(100)]
+    for i, record in enumerate(saved):
+        with Image.open(tmp_path / record.path) as image:
+            assert image.size == (10, 6)
+            assert image.getpixel((0, 0)) == (i, 40, 90)
+    # Batched: 100 images in at most ceil(100 / 16) + lanes calls, not 100.
+    assert 1 <= writer.batches <= 100 // 16 + 1 + 2
+
+
+async def test_a_bad_image_fails_its_own_write_only(writer: ImageWriter, tmp_path: Path) -> None:
+    good = [writer.write(f"g{i}", 0, _png(i)) for i in range(5)]
+    bad = writer.write("bad", 0, b"not an image")
+
+    results = await asyncio.gather(*good, bad, return_exceptions=True)
+
+    assert all(isinstance(r, SavedImage) for r in results[:5])
+    assert isinstance(results[5], CorruptImage)
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == sorted(
+        f"{safe_stem(f'g{i}')}_0.png" for i in range(5)
+    )
+
+
+async def test_a_write_cancelled_before_its_batch_is_not_made(tmp_path: Path) -> None:
+    images = ImageWriter(tmp_path, lanes=1)
+    cancelled = asyncio.create_task(images.write("gone", 0, _png(1)))
+    kept = asyncio.create_task(images.write("kept", 0, _png(2)))
+    await asyncio.sleep(0)  # both queued, no lane running yet
+    cancelled.cancel()
+    runner = asyncio.create_task(images.run())
+    try:
+        await kept
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, cancelled, return_exceptions=True)
+
+    assert [p.name for p in (tmp_path / "images").iterdir()] == [f"{safe_stem('kept')}_0.png"]
+
+
+def test_a_batch_syncs_the_folder_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[Path] = []
+    monkeypatch.setattr(batcher.sink, "_fsync_dir", synced.append)
+
+    results = write_images(tmp_path, [(f"r{i}", 0, _png(i)) for i in range(5)])
+
+    assert all(isinstance(r, SavedImage) for r in results)
+    assert synced == [tmp_path / "images"]  # once for the five renames, not five times
+
+
+def test_a_batch_of_only_refused_images_syncs_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[Path] = []
+    monkeypatch.setattr(batcher.sink, "_fsync_dir", synced.append)
+
+    results = write_images(tmp_path, [("a", 0, b""), ("b", 0, b"junk")])
+
+    assert all(isinstance(r, CorruptImage) for r in results)
+    assert synced == []
+
+
+def test_bad_settings_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="lanes"):
+        ImageWriter(tmp_path, lanes=0)
