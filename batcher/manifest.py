@@ -45,8 +45,12 @@ from batcher.schemas import ModelSpec, did_you_mean, get_model, registry, show
 log = logging.getLogger(__name__)
 
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
-#: The largest CSV row pyarrow can read is one block; 64 MiB makes a 10 MB prompt work.
-CSV_BLOCK_BYTES = 64 << 20
+#: pyarrow's streaming CSV reader reads up to 32 blocks ahead of its consumer, so the
+#: block size bounds the reader's memory (32 MiB here, whatever the file's size). A
+#: row longer than a block cannot be read with it: such a file is read again with
+#: blocks of CSV_LARGE_BLOCK_BYTES (a 10 MB prompt works), skipping the rows given.
+CSV_BLOCK_BYTES = 1 << 20
+CSV_LARGE_BLOCK_BYTES = 64 << 20
 MAX_ID_CHARS = 512
 
 _FORMAT_NAMES = {"csv": "CSV", "parquet": "Parquet", "jsonl": "JSON Lines"}
@@ -355,8 +359,37 @@ def _csv_header(path: Path) -> list[str]:
 
 def _csv_records(path: Path, names: list[str], batch_rows: int) -> Iterator[Record]:
     """Every cell as text ("" stays ""); a row with the wrong cell count fails the file."""
-    ragged: list[str] = []
+    given = 0
+    for block in (CSV_BLOCK_BYTES, CSV_LARGE_BLOCK_BYTES):
+        ragged: list[str] = []
+        try:
+            skip = given  # rows already given, when a long row made us start again
+            for batch in _csv_reader(path, names, block, ragged):
+                if ragged:
+                    break
+                if skip >= batch.num_rows:
+                    skip -= batch.num_rows
+                    continue
+                for record in _batch_records(batch.slice(skip), batch_rows):
+                    given += 1
+                    yield record
+                skip = 0
+        except pa.ArrowInvalid as exc:
+            if "straddling" in str(exc) and block < CSV_LARGE_BLOCK_BYTES:
+                continue  # a row longer than a block
+            raise
+        break
+    if ragged:
+        more = f" and {len(ragged) - _SHOWN} more" if len(ragged) > _SHOWN else ""
+        listed = ", ".join(ragged[:_SHOWN])
+        raise ManifestError(
+            f"{path}: every row needs the header's {len(names)} cells; {listed}{more}"
+        )
 
+
+def _csv_reader(
+    path: Path, names: list[str], block: int, ragged: list[str]
+) -> pa_csv.CSVStreamingReader:
     def skip(row: object) -> str:
         number, cells = row.number - 1, row.actual_columns  # type: ignore[attr-defined]
         ragged.append(f"row {number} has {cells}")
@@ -364,7 +397,7 @@ def _csv_records(path: Path, names: list[str], batch_rows: int) -> Iterator[Reco
 
     reader = pa_csv.open_csv(
         path,
-        read_options=pa_csv.ReadOptions(block_size=CSV_BLOCK_BYTES, use_threads=False),
+        read_options=pa_csv.ReadOptions(block_size=block, use_threads=False),
         parse_options=pa_csv.ParseOptions(invalid_row_handler=skip),
         convert_options=pa_csv.ConvertOptions(
             column_types=dict.fromkeys(names, pa.string()), strings_can_be_null=False
@@ -372,16 +405,7 @@ def _csv_records(path: Path, names: list[str], batch_rows: int) -> Iterator[Reco
     )
     if reader.schema.names != names:
         raise ManifestError(f"{path}: the header could not be read consistently as CSV")
-    for batch in reader:
-        if ragged:
-            break
-        yield from _batch_records(batch, batch_rows)
-    if ragged:
-        more = f" and {len(ragged) - _SHOWN} more" if len(ragged) > _SHOWN else ""
-        listed = ", ".join(ragged[:_SHOWN])
-        raise ManifestError(
-            f"{path}: every row needs the header's {len(names)} cells; {listed}{more}"
-        )
+    return reader
 
 
 def _parquet_records(path: Path, batch_rows: int) -> Iterator[Record]:
@@ -425,7 +449,7 @@ def _unreadable(path: Path, fmt: str, exc: Exception) -> ManifestError:
     if "UTF8" in text:
         return _not_utf8(path)
     if "straddl" in text:
-        limit = f"{CSV_BLOCK_BYTES / 2**20:g} MiB"
+        limit = f"{CSV_LARGE_BLOCK_BYTES / 2**20:g} MiB"
         return ManifestError(f"{path}: a CSV row is larger than {limit}, the most batcher reads")
     text = text if len(text) <= 200 else text[:197] + "..."
     return ManifestError(f"{path}: cannot be read as {_FORMAT_NAMES[fmt]} ({text})")

@@ -354,10 +354,30 @@ def test_duplicate_header_column(tmp_path: Path) -> None:
 def test_csv_row_larger_than_a_block_is_a_manifest_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(manifest, "CSV_BLOCK_BYTES", 2**20)
+    monkeypatch.setattr(manifest, "CSV_BLOCK_BYTES", 2**19)
+    monkeypatch.setattr(manifest, "CSV_LARGE_BLOCK_BYTES", 2**20)
     path = tmp_path / "m.csv"
     path.write_text(f"prompt,face_image\nsmall,{FACE}\n{'x' * 2**21},{FACE}\n")
     assert scan_error(path) == f"{path}: a CSV row is larger than 1 MiB, the most batcher reads"
+
+
+def test_a_row_longer_than_a_block_is_read_again_with_large_blocks_each_row_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small blocks bound the reader's memory; a long row makes it start again with
+    large ones, and the rows it had given already are not given twice."""
+    monkeypatch.setattr(manifest, "CSV_BLOCK_BYTES", 2**16)
+    long_prompt = "y" * 2**18  # four small blocks
+    lines = [f"r{i},short {i},{FACE}" for i in range(5000)]  # many blocks before it
+    lines += [f"long,{long_prompt},{FACE}", f"after,last,{FACE}"]
+    path = tmp_path / "m.csv"
+    path.write_text("id,prompt,face_image\n" + "\n".join(lines) + "\n")
+
+    rows = rows_of(path)
+
+    assert [r.id for r in rows] == [f"r{i}" for i in range(5000)] + ["long", "after"]
+    assert rows[5000].params["prompt"] == long_prompt
+    assert [r.number for r in rows] == list(range(1, 5003))
 
 
 def test_ten_megabyte_prompt_cell_is_read(tmp_path: Path) -> None:
