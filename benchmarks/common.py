@@ -302,6 +302,11 @@ def emulator(*args: str, start_timeout_s: float = 30.0) -> Iterator[Emulator]:
 # --- manifests --------------------------------------------------------------------------------
 
 
+#: Emulator arguments every scenario shares: small images (the client's work per job,
+#: not Pillow's), results kept an hour, a fixed seed.
+SIM_COMMON = ("--image-size", "64x64", "--retention", "3600", "--seed", "0")
+
+
 def write_manifest(path: Path, rows: int, *, model: str = "instantid") -> Path:
     """A CSV manifest of ``rows`` valid jobs (image given as a URL), streamed to disk."""
     path.parent.mkdir(parents=True, exist_ok=True)

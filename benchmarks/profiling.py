@@ -151,3 +151,9 @@ def _normalise(frame: str) -> str:
     if "/" not in path and path in _BATCHER_FILES:
         return frame.replace(f"({path}", f"(batcher/{path}")
     return frame
+
+
+def pyspy_record(pyspy: str | Path, raw: Path) -> tuple[str, ...]:
+    """The py-spy command that samples a child (and its native threads) into ``raw``."""
+    return (str(pyspy), "record", "-r", "100", "--nonblocking", "-f", "raw", "-t", "-F",
+            "-o", str(raw), "--")  # fmt: skip

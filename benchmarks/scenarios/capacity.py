@@ -26,7 +26,7 @@ from benchmarks.common import (
     run_client,
     write_manifest,
 )
-from benchmarks.profiling import summarize
+from benchmarks.profiling import pyspy_record, summarize
 
 TIME_SCALE = 0.001
 SIM_ARGS = (
@@ -205,25 +205,12 @@ def run(ctx: Context) -> Outcome:
     if ctx.profile:
         ctx.log("capacity: batcher under py-spy")
         raw = work / "py-spy-batcher.txt"
-        spy = (
-            str(ctx.pyspy),
-            "record",
-            "-r",
-            "100",
-            "--nonblocking",
-            "-f",
-            "raw",
-            "-t",
-            "-F",
-            "-o",
-            str(raw),
-            "--",
-        )
+        spy = pyspy_record(ctx.pyspy, raw)
         profiled = _one(ctx, "batcher", {**base, "out": str(work / "profiled")}, prefix=spy)
         outcome.details["profile"] = summarize(raw, top=20)
         outcome.details["profile"]["jobs_per_s_while_profiled"] = _jobs_per_s(profiled)
         raw_bare = work / "py-spy-bare.txt"
-        spy_bare = (*spy[:-3], "-o", str(raw_bare), "--")
+        spy_bare = pyspy_record(ctx.pyspy, raw_bare)
         _one(ctx, "bare", base, prefix=spy_bare)
         outcome.details["profile_bare"] = summarize(raw_bare, top=12)
 

@@ -20,6 +20,7 @@ import statistics
 from typing import Any
 
 from benchmarks.common import (
+    SIM_COMMON,
     Context,
     Outcome,
     Table,
@@ -87,12 +88,7 @@ def _sim_args(case: dict[str, Any]) -> tuple[str, ...]:
         str(case["scale"]),
         "--sigma",
         str(case["sigma"]),
-        "--image-size",
-        "64x64",
-        "--retention",
-        "3600",
-        "--seed",
-        "0",
+        *SIM_COMMON,
     )
 
 

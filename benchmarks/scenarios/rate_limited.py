@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from benchmarks.common import (
+    SIM_COMMON,
     Context,
     Outcome,
     Table,
@@ -40,12 +41,7 @@ def _sim_args() -> tuple[str, ...]:
         str(LIMIT),
         "--rate-period",
         str(PERIOD_S),
-        "--image-size",
-        "64x64",
-        "--retention",
-        "3600",
-        "--seed",
-        "0",
+        *SIM_COMMON,
     )
 
 

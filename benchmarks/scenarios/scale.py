@@ -24,6 +24,7 @@ from typing import Any
 from benchmarks import finished_run
 from benchmarks.common import (
     PYTHON,
+    SIM_COMMON,
     Context,
     Emulator,
     Outcome,
@@ -36,7 +37,7 @@ from benchmarks.common import (
     run_measured,
     write_manifest,
 )
-from benchmarks.profiling import summarize
+from benchmarks.profiling import pyspy_record, summarize
 
 RSS_TARGET_MB = 300.0
 RERUN_TARGET_S = 10.0
@@ -82,16 +83,7 @@ def _in_flight(
 ) -> dict[str, Any]:
     work = ctx.folder("scale")
     manifest = write_manifest(work / f"in-flight-{n}.csv", n, model="infinite-you")
-    args = (
-        "--time-scale",
-        str(scale),
-        "--image-size",
-        "64x64",
-        "--retention",
-        "3600",
-        "--seed",
-        "0",
-    )
+    args = ("--time-scale", str(scale), *SIM_COMMON)
     with emulator(*args) as emu:
         state: dict[str, Any] = {"all_at": None, "timeline": []}
 
@@ -185,21 +177,7 @@ def _rerun(
     ]
     before = _sent(emu)
     if profile is not None:
-        argv = [
-            str(ctx.pyspy),
-            "record",
-            "-r",
-            "100",
-            "--nonblocking",
-            "-f",
-            "raw",
-            "-t",
-            "-F",
-            "-o",
-            str(profile),
-            "--",
-            *argv,
-        ]
+        argv = [*pyspy_record(ctx.pyspy, profile), *argv]
     child = run_measured(argv, timeout_s=900)
     return {
         "requests_sent": _sent(emu) - before,
