@@ -122,9 +122,9 @@ async def submit_one(ctx: RunContext, job: Job, track: Callable[[Flight], None])
     stats = CallStats()  # the row's retries over all its attempts
     while True:
         job = _with(job, attempts=job.attempts + 1)
-        sent_at = time.time()
         retries, rate_limited = stats.retries, stats.rate_limited
-        result = await _post(ctx, job, payload, stats)
+        sent: list[float] = []
+        result = await _post(ctx, job, payload, stats, sent)
         # Only this attempt's requests: earlier attempts of the row were counted already.
         retries = stats.retries - retries
         ctx.counters.api_requests["submit"] += 1 + retries + stats.rate_limited - rate_limited
@@ -144,15 +144,18 @@ async def submit_one(ctx: RunContext, job: Job, track: Callable[[Flight], None])
             return
         # The answer is recorded first: nothing may come between a request_id and the
         # checkpoint, the 429 count of the row included.
-        await _settle(ctx, job, result, sent_at, stats, track)
+        # The job's clock starts when its POST went out, not when it began waiting for
+        # the gate (rate-bound, submits wait longest): polls are timed from it.
+        await _settle(ctx, job, result, sent[-1] if sent else time.time(), stats, track)
         await ctx.count_429s(job, stats.rate_limited)
         return
 
 
 async def _post(
-    ctx: RunContext, job: Job, payload: dict[str, Any], stats: CallStats
+    ctx: RunContext, job: Job, payload: dict[str, Any], stats: CallStats, sent: list[float]
 ) -> Reply | TransportError:
-    """POST through the gate; the row is SUBMITTING from the grant until the answer."""
+    """POST through the gate; the row is SUBMITTING from the grant until the answer.
+    Each attempt's send time (epoch seconds) is appended to ``sent``."""
     marked = False  # the row is SUBMITTING in the checkpoint
     on_wire = False  # a request of this row may be at the server, unanswered
 
@@ -167,6 +170,7 @@ async def _post(
     async def send() -> Reply:
         nonlocal on_wire
         on_wire = True
+        sent.append(time.time())
         try:
             reply = await ctx.api.submit(job.model, payload)
         except TransportError as exc:

@@ -23,7 +23,7 @@ import batcher.run as run_module
 from batcher.backoff import RetryConfig
 from batcher.client import ApiClient, Reply, TransportError
 from batcher.errors import AuthError, ManifestError
-from batcher.gate import RateConfig
+from batcher.gate import Priority, RateConfig, RequestGate
 from batcher.options import RunOptions
 from batcher.run import EXIT_FAILED_ROWS, EXIT_OK, EXIT_STOPPED, arun
 from batcher.schedule import PollConfig
@@ -487,3 +487,27 @@ async def test_the_same_manifest_with_another_model_is_read_again(
     await arun(dataclasses.replace(options, model="infinite-you"))
 
     assert scans == ["infinite-you"]  # not taken for the run it was made from
+
+
+async def test_a_jobs_clock_starts_when_its_submit_is_sent_not_while_it_waits_for_the_gate(
+    tmp_path: Path, sim: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rate-bound, submits wait longest at the gate. That wait is not the job's latency:
+    counted in, it skewed latency_s, submitted_at and the poll schedule (polls came
+    early, ~2.4 a job instead of ~1 under a binding limit)."""
+    manifest = _manifest(tmp_path, instantid=4)
+    server = await sim(time_scale=SCALE, image_size=(64, 64))  # jobs take ~15 ms
+    wait_s = 0.5
+    real_acquire = RequestGate.acquire
+
+    async def slow_for_submits(self: RequestGate, priority: Priority) -> None:
+        if priority == Priority.SUBMIT:
+            await asyncio.sleep(wait_s)  # a submit's turn comes late
+        await real_acquire(self, priority)
+
+    monkeypatch.setattr(RequestGate, "acquire", slow_for_submits)
+    result = await arun(_options(manifest, server))
+
+    assert result.exit_code == EXIT_OK, result.text()
+    rows = _results(manifest.parent / "out").values()
+    assert all(r["latency_s"] < wait_s / 2 for r in rows), [r["latency_s"] for r in rows]
