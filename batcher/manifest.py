@@ -28,14 +28,14 @@ import logging
 import math
 import os
 import re
-from array import array
+import sqlite3
+import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 # pyarrow ships no type information; everything taken from it is Any.
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
@@ -124,14 +124,24 @@ def scan(path: str | Path, *, default_model: str | None) -> ManifestInfo:
         get_model(default_model)
     known = registry()
     source = _open(path, 4096)
-    hashes: array[int] = array("q")
+    with _IdHashes() as hashes:
+        return _scan(path, source, default_model, known, hashes)
+
+
+def _scan(
+    path: Path,
+    source: _Source,
+    default_model: str | None,
+    known: Mapping[str, ModelSpec],
+    hashes: _IdHashes,
+) -> ManifestInfo:
     per_model: dict[str, int] = {}
     no_model: list[int] = []  # the first few rows without a model, then their count
     no_model_count = 0
     first_problem = ""
     for number, record in enumerate(source.records, 1):
         row = _row(number, record, default_model, known)
-        hashes.append(_id_hash(row.id))
+        hashes.add(_id_hash(row.id), number)
         if isinstance(record, dict) and row.model in known:
             per_model[row.model] = per_model.get(row.model, 0) + 1
         elif _NO_MODEL in row.problems:
@@ -140,7 +150,7 @@ def scan(path: str | Path, *, default_model: str | None) -> ManifestInfo:
         elif not first_problem:
             first_problem = f"row {number}: {row.problems[0]}"
     columns = tuple(source.columns)
-    if not hashes:
+    if not hashes.rows:
         empty = "has a header but no rows" if source.format == "csv" else "has no rows"
         raise ManifestError(f"{path}: {empty}")
 
@@ -164,9 +174,9 @@ def scan(path: str | Path, *, default_model: str | None) -> ManifestInfo:
         problems.append(duplicates)
     if problems:
         raise _failure(path, problems)
-    log.debug("%s: %d rows, models %s", path, len(hashes), ", ".join(used))
+    log.debug("%s: %d rows, models %s", path, hashes.rows, ", ".join(used))
     return ManifestInfo(
-        path=path, format=source.format, columns=columns, rows=len(hashes), models=used
+        path=path, format=source.format, columns=columns, rows=hashes.rows, models=used
     )
 
 
@@ -243,18 +253,61 @@ def _id_hash(row_id: str) -> int:
     return int.from_bytes(raw, "little", signed=True)
 
 
+class _IdHashes:
+    """(id hash, row number) of every row, spilled to a temporary SQLite file: repeated
+    ids are found in bounded memory however long the manifest (a million rows held in
+    memory would cost tens of MB, and a hash table over them as much again)."""
+
+    def __init__(self) -> None:
+        self._folder = tempfile.TemporaryDirectory(prefix="batcher-ids-")
+        self._db = sqlite3.connect(Path(self._folder.name) / "ids.sqlite", isolation_level=None)
+        for pragma in ("journal_mode=OFF", "synchronous=OFF", "cache_size=-8192"):
+            self._db.execute(f"PRAGMA {pragma}")  # scratch data: 8 MiB of cache, no journal
+        self._db.execute("CREATE TABLE h (v INTEGER NOT NULL, n INTEGER NOT NULL)")
+        self._pending: list[tuple[int, int]] = []
+        self.rows = 0
+
+    def __enter__(self) -> _IdHashes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._db.close()
+        self._folder.cleanup()
+
+    def add(self, value: int, number: int) -> None:
+        self._pending.append((value, number))
+        self.rows += 1
+        if len(self._pending) >= 8192:
+            self._flush()
+
+    def _flush(self) -> None:
+        with self._db:  # one transaction per batch, not one per row
+            self._db.execute("BEGIN")
+            self._db.executemany("INSERT INTO h VALUES (?, ?)", self._pending)
+        self._pending.clear()
+
+    def repeated(self, limit: int) -> tuple[int, set[int], int]:
+        """How many hashes occur more than once; up to ``limit`` of them; and the last
+        row number on which one of those occurs."""
+        self._flush()
+        self._db.execute("CREATE INDEX h_v ON h(v)")
+        repeated = "SELECT v FROM h GROUP BY v HAVING COUNT(*) > 1"
+        (count,) = self._db.execute(f"SELECT COUNT(*) FROM ({repeated})").fetchone()
+        shown = {v for (v,) in self._db.execute(f"{repeated} LIMIT ?", (limit,))}
+        last = 0
+        for value in shown:
+            (most,) = self._db.execute("SELECT MAX(n) FROM h WHERE v = ?", (value,)).fetchone()
+            last = max(last, most)
+        return int(count), shown, last
+
+
 def _duplicates(
-    path: Path, hashes: array[int], default_model: str | None, known: Mapping[str, ModelSpec]
+    path: Path, hashes: _IdHashes, default_model: str | None, known: Mapping[str, ModelSpec]
 ) -> str | None:
     """The duplicate-id problem, or None: hashes find candidates, a second pass names them."""
-    values = pa.Array.from_buffers(pa.int64(), len(hashes), [None, pa.py_buffer(hashes)])
-    counts = pc.value_counts(values)
-    repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
-    if len(repeated) == 0:
+    repeated, wanted, last = hashes.repeated(_CANDIDATES)
+    if not repeated:
         return None
-    candidates = pc.unique(values.filter(pc.is_in(values, value_set=repeated)))[:_CANDIDATES]
-    wanted = set(candidates.to_pylist())
-    last = pc.max(pc.indices_nonzero(pc.is_in(values, value_set=candidates))).as_py() + 1
     rows: dict[str, list[int]] = {}
     seen: dict[str, int] = {}
     for row in read_rows(path, default_model=default_model):
@@ -269,8 +322,8 @@ def _duplicates(
     if not found:  # every candidate was a 64-bit hash collision
         return None
     lines = [f"{_quoted(i)} on {_rows_text(rows[i], seen[i])}" for i in found[:_SHOWN]]
-    if len(repeated) > _SHOWN:
-        lines.append(f"and {len(repeated) - _SHOWN} more duplicated ids")
+    if repeated > _SHOWN:
+        lines.append(f"and {repeated - _SHOWN} more duplicated ids")
     return "duplicate ids (each row needs its own id):\n  " + "\n  ".join(lines)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import tempfile
 import tracemalloc
 from pathlib import Path
 
@@ -577,3 +578,17 @@ def test_jsonl_where_no_line_is_an_object_fails_the_scan(tmp_path: Path) -> None
     path.write_text("id,prompt\n1,a cat\n")
     message = scan_error(path)
     assert "no row can be sent; the first, row 1: line 1 is not valid JSON (" in message
+
+
+def test_the_id_hashes_spill_to_a_scratch_file_that_is_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    path = tmp_path / "m.csv"
+    rows = [f"r{i},p,{FACE}" for i in range(20_000)] + [f"r7,p,{FACE}"]
+    path.write_text("id,prompt,face_image\n" + "\n".join(rows) + "\n")
+
+    assert "\"r7\" on rows 8, 20001" in scan_error(path)
+    assert list(scratch.iterdir()) == []  # the scratch database is gone
