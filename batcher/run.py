@@ -123,6 +123,12 @@ async def arun(options: RunOptions, *, interrupted: asyncio.Event | None = None)
             return await _work(options, cp, inputs, key, interrupted)
 
 
+def manifest_identity(manifest: Path, model: str | None) -> str:
+    """What the checkpoint remembers of the manifest it was loaded from. Blocking."""
+    # The same file read with another --model is another job.
+    return f"{fingerprint(manifest)} model={model}"
+
+
 async def _scan(options: RunOptions) -> None:
     """Raise ManifestError for a manifest that cannot be run at all (nothing is sent)."""
     await anyio.to_thread.run_sync(lambda: scan(options.manifest, default_model=options.model))
@@ -133,8 +139,7 @@ async def _intake(
 ) -> None:
     """Bring the checkpoint up to the manifest: rows read again only if it changed (or
     some are INVALID, and might be fixed now); FAILED rows reopened if asked."""
-    identity = await anyio.to_thread.run_sync(fingerprint, options.manifest)
-    identity += f" model={options.model}"  # the same file read with another --model differs
+    identity = await anyio.to_thread.run_sync(manifest_identity, options.manifest, options.model)
     counts = await cp.counts()
     if await cp.get_meta("manifest") != identity or counts.get("INVALID", 0):
         if not scanned:
@@ -157,12 +162,13 @@ async def _intake(
 # run that changes a row marks it stale first, and a run that ends writes it and marks
 # it fresh. A killed run leaves it stale; a run with nothing to do and a fresh table
 # (re-running a finished job) reads nothing and rewrites nothing.
-_RESULTS_META = "results"
+RESULTS_META = "results"
+RESULTS_FRESH = "fresh"
 
 
 async def _results_stale(cp: Checkpoint) -> None:
-    if await cp.get_meta(_RESULTS_META) != "stale":
-        await cp.set_meta(_RESULTS_META, "stale")
+    if await cp.get_meta(RESULTS_META) != "stale":
+        await cp.set_meta(RESULTS_META, "stale")
 
 
 async def _resume(ctx: RunContext, poller: Poller) -> None:
@@ -212,7 +218,7 @@ async def _work(
     results = options.out / RESULTS
     if (
         done_before == total
-        and await cp.get_meta(_RESULTS_META) == "fresh"
+        and await cp.get_meta(RESULTS_META) == RESULTS_FRESH
         and await anyio.to_thread.run_sync(results.is_file)
     ):
         # A finished job run again: every row is final and the table already says so.
@@ -250,7 +256,7 @@ async def _work(
                 results = await anyio.to_thread.run_sync(
                     write_results, cp, options.out, options.manifest.parent
                 )
-                await cp.set_meta(_RESULTS_META, "fresh")
+                await cp.set_meta(RESULTS_META, RESULTS_FRESH)
                 summary = await anyio.to_thread.run_sync(
                     summarize,
                     results,

@@ -7,7 +7,8 @@ completes a few hundred jobs a second against the zero-latency emulator). So:
    checkpoint's meta, as ``run._intake`` does): every row is in the checkpoint exactly as
    a real run would have put it;
 2. every row is then marked COMPLETED with the result columns of a real completed row
-   (taken from a real run, request id and timestamps made unique per row);
+   (taken from a real run, request id and timestamps made unique per row), and the run's
+   end is batcher's own too: results.parquet written, marked fresh;
 3. each row gets its image file in ``images/``, named as batcher names it
    (``sink.safe_stem``), as a hard link to one real PNG, so the folder has the real
    number of entries (a re-run lists it) without a million copies.
@@ -30,8 +31,8 @@ from typing import Any
 from batcher.checkpoint import Checkpoint
 from batcher.inputs import ImageInputs
 from batcher.intake import load
-from batcher.manifest import fingerprint
-from batcher.run import CHECKPOINT
+from batcher.results import write_results
+from batcher.run import CHECKPOINT, RESULTS_FRESH, RESULTS_META, manifest_identity
 from batcher.sink import safe_stem
 
 _RESULT_COLUMNS = (
@@ -77,7 +78,15 @@ def template_row(real_out: Path) -> tuple[dict[str, Any], Path]:
 async def _intake(manifest: Path, out: Path, model: str) -> None:
     async with Checkpoint(out / CHECKPOINT) as cp:
         await load(cp, str(manifest), model, ImageInputs(manifest.parent))
-        await cp.set_meta("manifest", await asyncio.to_thread(fingerprint, manifest))
+        identity = await asyncio.to_thread(manifest_identity, manifest, model)
+        await cp.set_meta("manifest", identity)
+
+
+async def _end(manifest: Path, out: Path) -> None:
+    """What a run's end does: write results.parquet from the checkpoint, mark it fresh."""
+    async with Checkpoint(out / CHECKPOINT) as cp:
+        await asyncio.to_thread(write_results, cp, out, manifest.parent)
+        await cp.set_meta(RESULTS_META, RESULTS_FRESH)
 
 
 def make(manifest: Path, out: Path, model: str, real_out: Path) -> dict[str, float]:
@@ -121,6 +130,9 @@ def make(manifest: Path, out: Path, model: str, real_out: Path) -> dict[str, flo
     finally:
         db.close()
     timings["complete_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    asyncio.run(_end(manifest, out))
+    timings["results_s"] = time.perf_counter() - t0
     return timings
 
 
