@@ -17,6 +17,7 @@ Row states::
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
@@ -141,6 +142,15 @@ def _job(row: Sequence[Any]) -> Job:
         polls=row[10],
         submitted_at=row[11],
     )
+
+
+@functools.cache
+def _update_sql(names: tuple[str, ...]) -> str:
+    """``UPDATE`` of these columns by id; built once per set of columns (once per call site)."""
+    unknown = set(names) - COLUMNS
+    if unknown:
+        raise ValueError(f"not checkpoint columns: {sorted(unknown)}")
+    return f"UPDATE jobs SET {', '.join(f'{n}=?' for n in names)} WHERE id=?"
 
 
 class Checkpoint:
@@ -357,17 +367,10 @@ class Checkpoint:
 
     async def update(self, job_id: str, **fields: Any) -> None:
         """Set columns of one row; durable when this returns."""
-        unknown = set(fields) - COLUMNS
-        if unknown:
-            raise ValueError(f"not checkpoint columns: {sorted(unknown)}")
         for name in ("metrics", "outputs"):
             if name in fields and not isinstance(fields[name], str | None):
                 fields[name] = json.dumps(fields[name], sort_keys=True)
-        names = sorted(fields)
-        sets = ", ".join(f"{n}=?" for n in names)
-        await self._write(
-            f"UPDATE jobs SET {sets} WHERE id=?", [*(fields[n] for n in names), job_id]
-        )
+        await self._write(_update_sql(tuple(fields)), [*fields.values(), job_id])
 
     async def increment(self, job_id: str, column: str, by: int = 1) -> None:
         if column not in COLUMNS:

@@ -12,8 +12,10 @@ whatever the row id holds, and never maps two row ids to one name.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import functools
 import hashlib
 import io
@@ -26,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-import anyio
 from PIL import Image
 
 __all__ = [
@@ -238,7 +239,7 @@ async def download(session: aiohttp.ClientSession, url: str, limits: DownloadLim
         raise ValueError("download session carries x-api-key; output URLs need no key")
 
     shown = url.partition("?")[0]  # a signed URL's query is a credential: keep it out of errors
-    with anyio.fail_after(limits.timeout_s):
+    async with asyncio.timeout(limits.timeout_s):  # lighter than anyio's scope; run is asyncio
         async with session.get(url) as response:
             response.raise_for_status()
             declared = response.content_length
@@ -299,22 +300,51 @@ def write_image(
     (leftover ``.part`` files are swept by :func:`remove_partials`). Rewriting the same
     row and sample replaces the file: retries are idempotent.
     """
+    folder = _images_folder(out_dir)
+    saved = _save(folder, row_id, index, data)
+    if sync_folder:
+        _fsync_dir(folder)
+    return saved
+
+
+def write_images(
+    out_dir: Path, items: Sequence[tuple[str, int, bytes]]
+) -> list[SavedImage | Exception]:
+    """:func:`write_image` for each ``(row_id, index, data)``, then one fsync of the
+    folder for all the renames: each item's record, or the error that refused it. Blocking.
+    """
+    folder = _images_folder(out_dir)
+    results: list[SavedImage | Exception] = []
+    for row_id, index, data in items:
+        try:
+            results.append(_save(folder, row_id, index, data))
+        except Exception as exc:  # this image's own problem: the others still go
+            results.append(exc)
+    if any(isinstance(r, SavedImage) for r in results):
+        _fsync_dir(folder)
+    return results
+
+
+def _images_folder(out_dir: Path) -> str:
+    folder = os.path.join(out_dir, "images")
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
+def _save(folder: str, row_id: str, index: int, data: bytes) -> SavedImage:
+    """Verify and write one image into ``folder``. Plain string paths, no resolving:
+    this runs once per image on a worker thread that shares the GIL with the loop."""
     if isinstance(index, bool) or index < 0:
         raise ValueError(f"index must be a sample number >= 0, got {index!r}")
     width, height, pillow_format = _identify(data)
     fmt, ext = IMAGE_FORMATS[pillow_format]
-
-    images_dir = out_dir / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
     name = f"{safe_stem(row_id)}_{index}.{ext}"
-    root = images_dir.resolve()
-    final = root / name
-    # safe_stem already guarantees this; checked again so a future change cannot regress.
-    if final.resolve().parent != root:
-        raise ValueError(f"refusing to write {name!r} outside {root}")
-
-    _atomic_write(final, data, sync_folder=sync_folder)
-    logger.debug("saved %s (%dx%d %s, %d bytes)", final, width, height, fmt, len(data))
+    # safe_stem already guarantees a bare file name; checked again so a future change
+    # cannot regress. (A symlink at the final name is replaced, never written through.)
+    if os.sep in name or (os.altsep and os.altsep in name) or name.startswith("."):
+        raise ValueError(f"refusing to write {name!r} outside {folder}")
+    _atomic_write(os.path.join(folder, name), data)
+    logger.debug("saved %s (%dx%d %s, %d bytes)", name, width, height, fmt, len(data))
     return SavedImage(
         path=f"images/{name}",
         width=width,
@@ -325,42 +355,28 @@ def write_image(
     )
 
 
-def write_images(
-    out_dir: Path, items: Sequence[tuple[str, int, bytes]]
-) -> list[SavedImage | Exception]:
-    """:func:`write_image` for each ``(row_id, index, data)``, then one fsync of the
-    folder for all the renames: each item's record, or the error that refused it. Blocking.
-    """
-    results: list[SavedImage | Exception] = []
-    for row_id, index, data in items:
-        try:
-            results.append(write_image(out_dir, row_id, index, data, sync_folder=False))
-        except Exception as exc:  # this image's own problem: the others still go
-            results.append(exc)
-    if any(isinstance(r, SavedImage) for r in results):
-        _fsync_dir(out_dir / "images")
-    return results
-
-
-def _atomic_write(final: Path, data: bytes, *, sync_folder: bool = True) -> None:
-    temp = final.with_name(f"{final.name}.{secrets.token_hex(4)}{_PART}")
+def _atomic_write(final: str, data: bytes) -> None:
+    """Write ``data`` to a temp file beside ``final``, fsync it, rename it over ``final``."""
+    temp = f"{final}.{secrets.token_hex(4)}{_PART}"
     # os.open rather than tempfile: the mode then follows the umask like any output file.
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     fd = os.open(temp, flags | getattr(os, "O_NOFOLLOW", 0), 0o666)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(temp, final)
     except BaseException:
-        temp.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
         raise
-    if sync_folder:
-        _fsync_dir(final.parent)
 
 
-def _fsync_dir(folder: Path) -> None:
+def _fsync_dir(folder: str | Path) -> None:
     """Make the rename itself durable (POSIX only; Windows cannot open a folder)."""
     if not hasattr(os, "O_DIRECTORY"):
         return

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+import batcher.image_writer
 import batcher.sink
 from batcher.image_writer import ImageWriter
 from batcher.sink import CorruptImage, SavedImage, safe_stem, write_images
@@ -74,19 +76,19 @@ async def test_a_write_cancelled_before_its_batch_is_not_made(tmp_path: Path) ->
 
 
 def test_a_batch_syncs_the_folder_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    synced: list[Path] = []
+    synced: list[str] = []
     monkeypatch.setattr(batcher.sink, "_fsync_dir", synced.append)
 
     results = write_images(tmp_path, [(f"r{i}", 0, _png(i)) for i in range(5)])
 
     assert all(isinstance(r, SavedImage) for r in results)
-    assert synced == [tmp_path / "images"]  # once for the five renames, not five times
+    assert synced == [str(tmp_path / "images")]  # once for the five renames, not five times
 
 
 def test_a_batch_of_only_refused_images_syncs_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    synced: list[Path] = []
+    synced: list[str] = []
     monkeypatch.setattr(batcher.sink, "_fsync_dir", synced.append)
 
     results = write_images(tmp_path, [("a", 0, b""), ("b", 0, b"junk")])
@@ -98,3 +100,30 @@ def test_a_batch_of_only_refused_images_syncs_nothing(
 def test_bad_settings_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="lanes"):
         ImageWriter(tmp_path, lanes=0)
+
+
+async def test_a_second_lane_joins_only_for_a_backlog(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def slow_write(out: Path, items: list[tuple[str, int, bytes]]) -> list[SavedImage]:
+        time.sleep(0.02)  # a slow disk: the queue builds up behind the first lane
+        return [
+            SavedImage(
+                path=f"images/{r}_{i}.png", width=1, height=1, format="png", bytes=len(d), sha256=""
+            )
+            for r, i, d in items
+        ]
+
+    monkeypatch.setattr(batcher.image_writer, "write_images", slow_write)
+    images = ImageWriter(tmp_path, lanes=2, max_batch=4, spill=8)
+    task = asyncio.create_task(images.run())
+    try:
+        # 5 at once, below the spill of 8: the first lane takes 4, then the last one
+        await asyncio.gather(*(images.write(f"few{i}", 0, b"x") for i in range(5)))
+        assert images.peak_busy == 1
+
+        await asyncio.gather(*(images.write(f"many{i}", 0, b"x") for i in range(40)))
+        assert images.peak_busy == 2
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -11,7 +11,7 @@ import json
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -69,7 +69,7 @@ class ModelSpec:
     cost_usd: float
     output: OutputSpec = field(default_factory=OutputSpec)
 
-    @property
+    @cached_property  # asked once per job sent
     def image_params(self) -> tuple[str, ...]:
         return tuple(name for name, p in self.params.items() if p.is_image)
 
@@ -123,11 +123,15 @@ def model_from_json(raw: Mapping[str, Any], where: str = "<model>") -> ModelSpec
         raise SchemaError(f"{where}: malformed model file ({exc})") from None
 
 
-def _model_dirs() -> list[Path]:
-    dirs = [Path(__file__).parent]
-    extra = os.environ.get("BATCHER_MODEL_DIRS", "")
-    dirs += [Path(d) for d in extra.split(os.pathsep) if d]
-    return dirs
+@cache
+def _model_dirs(extra: str) -> tuple[Path, ...]:
+    """The built-in folder, then each folder of ``BATCHER_MODEL_DIRS`` (``extra``)."""
+    return (Path(__file__).parent, *(Path(d) for d in extra.split(os.pathsep) if d))
+
+
+def _models() -> dict[str, ModelSpec]:
+    """The registry for the current ``BATCHER_MODEL_DIRS`` (read once per value)."""
+    return _registry(_model_dirs(os.environ.get("BATCHER_MODEL_DIRS", "")))
 
 
 @cache
@@ -146,7 +150,7 @@ def _registry(dirs: tuple[Path, ...]) -> dict[str, ModelSpec]:
 
 def registry() -> dict[str, ModelSpec]:
     """Every known model by slug."""
-    return dict(_registry(tuple(_model_dirs())))
+    return dict(_models())
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
@@ -157,7 +161,7 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
 
 def get_model(slug: str) -> ModelSpec:
     """The model for a slug, or a :class:`UsageError` naming the known ones."""
-    models = registry()
+    models = _models()
     try:
         return models[slug]
     except KeyError:
