@@ -18,11 +18,13 @@ from batcher.schedule import (
     cost_ratio_for,
     expected_polls,
     first_poll_quantile,
+    first_poll_time,
     next_poll_delay,
     normal_cdf,
     normal_pdf,
     normal_ppf,
     normal_sf,
+    optimal_first_poll,
     poll_times,
     simulate_schedule,
 )
@@ -249,10 +251,11 @@ def _delay(elapsed: float, model: LatencyModel, cfg: PollConfig, **kw: Any) -> f
 
 
 @pytest.mark.parametrize(("median", "sigma"), [INFINITE_YOU, INSTANT_ID])
-def test_no_poll_before_the_first_quantile(median: float, sigma: float) -> None:
+def test_no_poll_before_the_first_poll_time(median: float, sigma: float) -> None:
     cfg = PollConfig()
     model = LatencyModel(median, sigma, cfg)
-    first = model.quantile(cfg.first_quantile)
+    first = first_poll_time(model, cfg)
+    assert first >= model.quantile(cfg.first_quantile) - 1e-9  # never before the floor
     assert _delay(0.0, model, cfg) == pytest.approx(first)  # from submit: exactly then
     for elapsed in [0.0, 0.3 * first, 0.99 * first]:
         # Called early (a poll came back with a transport error), never sooner than
@@ -344,8 +347,8 @@ def test_cost_ratio_scales_with_the_median() -> None:
     cfg = PollConfig()
     long_job = cost_ratio_for(LatencyModel(*INFINITE_YOU, cfg), cfg)
     short_job = cost_ratio_for(LatencyModel(*INSTANT_ID, cfg), cfg)
-    assert long_job == pytest.approx(5.5 * (1 + 5.0 / 163.0))
-    assert short_job == pytest.approx(5.5 * (1 + 5.0 / 7.7))
+    assert long_job == pytest.approx(5.5 * (1 + 11.0 / 163.0))
+    assert short_job == pytest.approx(5.5 * (1 + 11.0 / 7.7))
     # time-scaled: the same schedule in shrunk seconds
     scaled = PollConfig(time_scale=0.001)
     assert cost_ratio_for(LatencyModel(*INSTANT_ID, scaled), scaled) == pytest.approx(
@@ -522,3 +525,52 @@ def test_an_impossible_reported_time_falls_back_to_the_gap_midpoint(reported: fl
     with_report.observe(130.0, 40.0, reported=reported)  # after it was seen, or nonsense
     without.observe(130.0, 40.0)
     assert (with_report.median, with_report.sigma) == (without.median, without.sigma)
+
+
+# --- the first poll ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("median", "sigma"), [INFINITE_YOU, INSTANT_ID, (163.0, 0.5), (30.0, 0.8)])
+@pytest.mark.parametrize("ratio", [0.5, 5.7, 11.2, 100.0])
+def test_optimal_first_poll_solves_its_condition(median: float, sigma: float, ratio: float) -> None:
+    model = LatencyModel(median, sigma, PollConfig())
+    t1 = optimal_first_poll(model, ratio)
+    done, left = 1.0 - model.survival(t1), model.survival(t1)
+    assert done / left == pytest.approx(math.sqrt(2.0 * model.hazard(t1) / ratio), rel=1e-6)
+
+
+def test_a_higher_lag_price_polls_first_sooner() -> None:
+    model = LatencyModel(*INSTANT_ID, PollConfig())
+    firsts = [optimal_first_poll(model, ratio) for ratio in (1.0, 5.0, 20.0, 80.0)]
+    assert firsts == sorted(firsts, reverse=True)
+
+
+@pytest.mark.parametrize(("median", "sigma"), [INFINITE_YOU, INSTANT_ID])
+def test_the_first_poll_minimises_the_schedule_cost(median: float, sigma: float) -> None:
+    """Moving the first poll earlier or later (the rest of the schedule unchanged)
+    costs more polls + ratio x lag over latencies drawn from the model."""
+    cfg = PollConfig(jitter=0.0)
+    model = LatencyModel(median, sigma, cfg)
+    ratio = cost_ratio_for(model, cfg)
+    rng = random.Random(11)
+    latencies = [math.exp(math.log(median) + sigma * rng.gauss(0, 1)) for _ in range(20_000)]
+    first = first_poll_time(model, cfg)
+
+    def cost(shift: float) -> float:
+        def delay(t: float) -> float:
+            return first * shift if t == 0 else _delay(t, model, cfg)
+
+        polls, lag = simulate_schedule(delay, latencies)
+        return polls + ratio * lag
+
+    best = cost(1.0)
+    for shift in (0.8, 0.9, 1.1, 1.2):
+        assert best < cost(shift)
+
+
+def test_instantid_first_poll_waits_past_the_quantile_floor() -> None:
+    """With InstantID's spread the optimal first poll is later than the 3% floor
+    (a poll that early almost never finds the job done)."""
+    cfg = PollConfig()
+    model = LatencyModel(*INSTANT_ID, cfg)
+    assert first_poll_time(model, cfg) > 1.2 * model.quantile(cfg.first_quantile)
