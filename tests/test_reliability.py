@@ -2,7 +2,7 @@
 emulator in its own process, so the emulator's counters survive every client death.
 
 Sizes come from the environment so the same test is the CI check (bounded) and the soak
-(`BATCHER_SOAK_ROWS=3000 BATCHER_SOAK_KILLS=20 pytest -m soak tests/test_reliability.py`).
+(`BATCHER_SOAK_ROWS=2000 BATCHER_SOAK_KILLS=20 pytest -m soak tests/test_reliability.py`).
 """
 
 from __future__ import annotations
