@@ -46,9 +46,17 @@ class Flight:
     last_gap: float = 0.0
     processing_since: float | None = None
     state: str = "QUEUED"
+    #: Loop time from which the job's latency clock runs: its submit, or the last
+    #: status poll that found it still QUEUED (it started after that poll went out).
+    clock_mono: float | None = None
 
     def elapsed(self, now: float) -> float:
+        """Seconds since submit (what the retention deadline counts)."""
         return now - self.submitted_mono
+
+    def clock(self, now: float) -> float:
+        """Seconds of the job's latency clock: what the latency model predicts."""
+        return now - (self.submitted_mono if self.clock_mono is None else self.clock_mono)
 
 
 @dataclass

@@ -54,7 +54,8 @@ class Poller:
         now = ctx.now()
         if delay is None:
             delay = next_poll_delay(
-                elapsed=flight.elapsed(now),
+                elapsed=flight.clock(now),
+                since_submit=flight.elapsed(now),
                 model=ctx.latency[flight.job.model],
                 cfg=ctx.poll,
                 pressure=ctx.gate.pressure,
@@ -90,6 +91,7 @@ class Poller:
     async def poll(self, flight: Flight) -> None:
         ctx = self._ctx
         stats = CallStats()
+        sent = ctx.now()
         reply = await _get(ctx, Priority.POLL, flight.status_url, stats)
         now = ctx.now()
         flight.polls += 1
@@ -107,13 +109,20 @@ class Poller:
         if reply.outcome is Outcome.OK and state not in DONE:
             if state == "PROCESSING" and flight.processing_since is None:
                 flight.processing_since = now
+            elif state == "QUEUED":
+                # Not started when this poll went out: all of its latency is still
+                # ahead, so the schedule starts over (a long queue is not a slow job).
+                flight.clock_mono = sent
             flight.state = state
             self._schedule(flight)
             return
         if reply.outcome is Outcome.OK:  # COMPLETED; failures are often fast, so they don't train
-            reported = metric(reply.body.get("metrics"), "total_time")
+            # The server's submit-to-done time, on the job's clock (queue time before the
+            # clock restarted taken off), so the model learns what it predicts.
+            total = metric(reply.body.get("metrics"), "total_time")
+            reported = None if total is None else total - (flight.elapsed(now) - flight.clock(now))
             ctx.latency[flight.job.model].observe(
-                flight.elapsed(now), flight.last_gap, reported=reported
+                flight.clock(now), flight.last_gap, reported=reported
             )
             flight.state = "COMPLETED"
             await self._to_fetch.send(flight)

@@ -414,8 +414,12 @@ def next_poll_delay(
     cfg: PollConfig,
     pressure: float = 0.0,
     rng: random.Random | None = None,
+    since_submit: float | None = None,
 ) -> float:
-    """Seconds from now until the next status poll of a job submitted ``elapsed`` s ago.
+    """Seconds from now until the next status poll of a job whose latency clock has run
+    ``elapsed`` s: since submit, or since a status answer said it was still QUEUED (it
+    had not started, so all of its latency was still ahead). ``since_submit`` (default
+    ``elapsed``) is the time since submit, which the retention deadline counts from.
 
     - Before the first-poll quantile of the latency (:func:`first_poll_quantile`):
       wait until it (jitter only delays), or until the retention deadline if sooner.
@@ -434,12 +438,15 @@ def next_poll_delay(
     """
     if not (math.isfinite(elapsed) and elapsed >= 0):
         raise ValueError(f"elapsed must be >= 0, got {elapsed!r}")
+    age = elapsed if since_submit is None else since_submit
+    if not (math.isfinite(age) and age >= elapsed):
+        raise ValueError(f"since_submit must be >= elapsed, got {since_submit!r}")
     pressure = _clamp_pressure(pressure)
     lo, hi = _gap_bounds(model, cfg, pressure)
     # A poll within a min gap of the deadline counts as the poll by it: timers fire a
     # hair early, and a second poll a millisecond later would be a request wasted.
     deadline = cfg.deadline_s
-    deadline_met = elapsed >= deadline - lo
+    deadline_met = age >= deadline - lo
     first = first_poll_time(model, cfg, pressure)
     gap = _sqrt_rule_gap(elapsed, model, cost_ratio_for(model, cfg, pressure), lo, hi)
     if elapsed < first and not deadline_met:
@@ -454,7 +461,7 @@ def next_poll_delay(
         if rng is not None:
             delay = min(max(delay * rng.uniform(1.0 - cfg.jitter, 1.0 + cfg.jitter), lo), hi)
     if not deadline_met:
-        delay = min(delay, deadline - elapsed)
+        delay = min(delay, deadline - age)
     return delay
 
 

@@ -391,6 +391,21 @@ def test_retention_deadline_for_a_job_that_never_completes(
     assert min(after) >= lo - eps
 
 
+def test_a_restarted_clock_still_meets_the_deadline_from_submit() -> None:
+    """A job found QUEUED restarts its latency clock (elapsed 0), but the retention
+    deadline still counts from submit (since_submit)."""
+    cfg = PollConfig()
+    model = LatencyModel(*INSTANT_ID, cfg)
+    fresh = _delay(0.0, model, cfg)
+    assert fresh == pytest.approx(first_poll_time(model, cfg))
+    # the same fresh clock, 2 s before the deadline: polled by the deadline
+    assert _delay(0.0, model, cfg, since_submit=cfg.deadline_s - 2.0) == pytest.approx(2.0)
+    # long since submit but far from the deadline: the clock alone decides
+    assert _delay(0.0, model, cfg, since_submit=600.0) == pytest.approx(fresh)
+    with pytest.raises(ValueError, match="since_submit"):
+        _delay(10.0, model, cfg, since_submit=5.0)
+
+
 def test_a_poll_just_before_the_deadline_counts() -> None:
     cfg = PollConfig()
     model = LatencyModel(*INFINITE_YOU, cfg)
