@@ -340,10 +340,12 @@ def optimal_first_poll(model: LatencyModel, ratio: float) -> float:
     """
     if not (math.isfinite(ratio) and ratio > 0):
         raise ValueError(f"ratio must be a positive number, got {ratio!r}")
-    return _optimal_first_poll(model.mu, model.sigma, ratio)
+    # The model moves once per completion; the gate's pressure moves the ratio all the
+    # time, so it is rounded (4 digits: a shift of the first poll far below 0.1%).
+    return _optimal_first_poll(model.mu, model.sigma, float(f"{ratio:.4g}"))
 
 
-@functools.lru_cache(maxsize=256)  # asked before every poll; the model moves per completion
+@functools.lru_cache(maxsize=256)  # asked before every poll
 def _optimal_first_poll(mu: float, sigma: float, ratio: float) -> float:
     def excess(z: float) -> float:
         sf = normal_sf(z)
