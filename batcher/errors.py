@@ -6,6 +6,7 @@
     ├── UsageError                 a bad flag or option: exit 2, one line, no traceback
     ├── ManifestError              the manifest as a whole is unusable (exit 2, nothing sent)
     ├── SchemaError                a model registry file is malformed
+    ├── OutputUnwritable           images cannot be written (disk full...): stop, resumable
     ├── RowError                   one row failed; carries .row_id, .request_id, .status
     │   └── InvalidRow             the row broke the model's schema; never sent
     └── ApiError                   the API answered something the run cannot go on with
@@ -34,6 +35,11 @@ class ManifestError(BatcherError):
 
 class SchemaError(BatcherError):
     """A model registry file is malformed."""
+
+
+class OutputUnwritable(BatcherError):
+    """The output folder refuses image files (disk full, permissions, ``images`` not a
+    folder): every row would fail the same way, so the run stops, resumable."""
 
 
 class RowError(BatcherError):

@@ -17,6 +17,7 @@ from anyio.abc import ObjectReceiveStream
 
 from batcher.backoff import backoff_delay
 from batcher.client import Outcome, TransportError
+from batcher.errors import OutputUnwritable
 from batcher.gate import Priority
 from batcher.pipeline import Flight, RunContext
 from batcher.poll import _get, metric, settle_not_ok
@@ -94,7 +95,15 @@ async def _save(ctx: RunContext, row_id: str, index: int, item: str) -> SavedIma
     data = decode_inline(item)
     if data is None:
         data = await _download(ctx, item)
-    return await ctx.images.write(row_id, index, data)
+    try:
+        return await ctx.images.write(row_id, index, data)
+    except OSError as exc:  # the folder's problem, not this row's: stop before all fail
+        reason = exc.strerror or type(exc).__name__
+        raise OutputUnwritable(
+            f"cannot write images under {ctx.out / 'images'} ({reason}); jobs in flight "
+            "stay in the checkpoint: fix the folder or free space, then run the same "
+            "command again to resume"
+        ) from None
 
 
 async def _download(ctx: RunContext, url: str) -> bytes:

@@ -72,12 +72,13 @@ class ImageWriter:
             # Not abandoned on cancel: the thread finishes its batch, so no file is left
             # half-written (an image written for a row not yet COMPLETED is rewritten on
             # resume: writes are idempotent).
+            items = [(row_id, index, data) for row_id, index, data, _ in live]
             try:
-                results = await anyio.to_thread.run_sync(
-                    write_images,
-                    self._out,
-                    [(row_id, index, data) for row_id, index, data, _ in live],
+                results: list[SavedImage | Exception] = await anyio.to_thread.run_sync(
+                    write_images, self._out, items
                 )
+            except Exception as exc:  # the folder itself (mkdir, fsync): every waiter hears
+                results = [exc] * len(live)
             finally:
                 self._busy -= 1
             for (*_, future), result in zip(live, results, strict=True):

@@ -25,7 +25,7 @@ import anyio
 
 from batcher.checkpoint import FAILED, PENDING, SUBMITTED, SUBMITTING, Checkpoint
 from batcher.client import ApiClient
-from batcher.errors import BatcherError, UsageError
+from batcher.errors import BatcherError, OutputUnwritable, UsageError
 from batcher.fetch import work as fetch_work
 from batcher.gate import RequestGate
 from batcher.inputs import ImageInputs
@@ -185,7 +185,8 @@ async def _resume(ctx: RunContext, poller: Poller) -> None:
     now_wall, now = time.time(), ctx.now()
     limit = ctx.poll.retention_s * ctx.poll.time_scale
     for job in await cp.jobs_in([SUBMITTED], limit=1 << 30):
-        age = now_wall - (job.submitted_at or now_wall)
+        # A submit time in the future (the wall clock was stepped back since): age 0.
+        age = max(0.0, now_wall - (job.submitted_at or now_wall))
         ctx.resumed.add(job.id)
         ctx.take_resumed_slot()
         if age >= limit or not (job.request_id and job.status_url and job.response_url):
@@ -264,7 +265,7 @@ async def _work(
                     ctx.gate.limited,
                     time.monotonic() - started,
                 )
-    if isinstance(error, ApiUnreachable):
+    if isinstance(error, ApiUnreachable | OutputUnwritable):  # stopped, resumable: exit 4
         ctx.stop(str(error))
     elif error is not None:
         raise error

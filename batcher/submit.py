@@ -239,7 +239,8 @@ async def _settle(
                 status_url=status_url,
                 response_url=response_url,
                 submitted_wall=sent_at,
-                submitted_mono=loop_now - (time.time() - sent_at),
+                # max(0, ...): a wall clock stepped back must not put the submit ahead
+                submitted_mono=loop_now - max(0.0, time.time() - sent_at),
             )
         )
         return

@@ -127,3 +127,34 @@ async def test_a_second_lane_joins_only_for_a_backlog(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_folder_failure_answers_every_waiter_and_the_lane_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broken = [True]
+    real = batcher.image_writer.write_images
+
+    def flaky(out: Path, items: list[tuple[str, int, bytes]]) -> list[SavedImage | Exception]:
+        if broken[0]:
+            raise OSError(28, "No space left on device")
+        return real(out, items)
+
+    monkeypatch.setattr(batcher.image_writer, "write_images", flaky)
+    images = ImageWriter(tmp_path, lanes=2, max_batch=4, spill=2)
+    task = asyncio.create_task(images.run())
+    try:
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(
+                *(images.write(f"r{i}", 0, _png(i)) for i in range(6)), return_exceptions=True
+            ),
+            timeout=10,
+        )
+        assert all(isinstance(o, OSError) and o.errno == 28 for o in outcomes)
+        broken[0] = False  # space freed: the same writer writes again
+        saved = await asyncio.wait_for(images.write("after", 0, _png(7)), timeout=10)
+        assert (tmp_path / saved.path).is_file()
+        assert not task.done()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

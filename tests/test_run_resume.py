@@ -511,3 +511,67 @@ async def test_a_jobs_clock_starts_when_its_submit_is_sent_not_while_it_waits_fo
     assert result.exit_code == EXIT_OK, result.text()
     rows = _results(manifest.parent / "out").values()
     assert all(r["latency_s"] < wait_s / 2 for r in rows), [r["latency_s"] for r in rows]
+
+
+async def test_an_unwritable_images_folder_stops_resumably_and_nothing_is_paid_twice(
+    tmp_path: Path, sim: Any
+) -> None:
+    """A folder problem (here ``images`` is a file; disk full or permissions alike) is
+    not any row's fault: the run stops with exit 4 instead of failing every row, the
+    paid jobs stay in the checkpoint, and the next run fetches them without resubmitting."""
+    manifest = _manifest(tmp_path, instantid=6)
+    server = await sim(time_scale=SCALE, image_size=(32, 32))
+    out = manifest.parent / "out"
+    out.mkdir()
+    (out / "images").write_text("not a folder")
+
+    first = await arun(_options(manifest, server))
+
+    assert first.exit_code == EXIT_STOPPED, first.text()
+    assert first.stop_reason is not None
+    assert "cannot write images" in first.stop_reason
+    assert "run the same command again" in first.stop_reason
+    rows = _results(out)
+    assert len(rows) == 6
+    assert not any(r["status"] == "FAILED" for r in rows.values())  # no row blamed
+    submitted = server.stats()["requests"]["submit"]
+
+    (out / "images").unlink()
+    second = await arun(_options(manifest, server))
+
+    assert second.exit_code == EXIT_OK, second.text()
+    assert all(r["status"] == "COMPLETED" for r in _results(out).values())
+    stats = server.stats()
+    assert stats["paid_twice"] == 0
+    # jobs submitted before the stop were fetched, not sent again
+    assert sum(stats["requests"]["submit"].values()) == 6
+    assert sum(submitted.values()) >= 1
+
+
+async def test_a_resume_after_the_wall_clock_stepped_back_polls_on(
+    tmp_path: Path, sim: Any
+) -> None:
+    """Jobs recorded as submitted in the future (the clock was stepped back since, e.g.
+    by NTP) are polled as just submitted, not a crash on a negative age."""
+    manifest = _manifest(tmp_path, instantid=1, infinite_you=4)
+    server = await sim(
+        time_scale=SCALE, latency_median_s={"infinite-you": 400.0}, image_size=(32, 32)
+    )
+    options = _options(manifest, server, max_in_flight=4)
+    first = await _interrupted_run(options, lambda: _in_checkpoint(options.out, "SUBMITTED") >= 4)
+    assert first.exit_code == EXIT_STOPPED
+    db = sqlite3.connect(options.out / "checkpoint.sqlite")
+    try:
+        moved = db.execute(
+            "UPDATE jobs SET submitted_at = submitted_at + 600 WHERE state='SUBMITTED'"
+        ).rowcount
+        db.commit()
+    finally:
+        db.close()
+    assert moved >= 1
+
+    second = await arun(options)
+
+    assert second.exit_code == EXIT_OK, second.text()
+    assert {r["status"] for r in _results(options.out).values()} == {"COMPLETED"}
+    assert server.stats()["paid_twice"] == 0
