@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from batcher.backoff import RetryConfig
 from batcher.client import DEFAULT_BASE_URL
 from batcher.errors import UsageError
 from batcher.gate import RateConfig
 from batcher.schedule import PollConfig
-from batcher.sim.config import SimConfig
 from batcher.sink import DownloadLimits
+
+if TYPE_CHECKING:  # the emulator (aiohttp.web, its image maker) loads only with --simulate
+    from batcher.sim.config import SimConfig
 
 #: With --simulate, durations run this much faster, so demos finish in seconds.
 SIMULATE_TIME_SCALE = 0.01
@@ -76,5 +79,7 @@ class RunOptions:
 
     def sim_config(self) -> SimConfig:
         """The emulator's config for --simulate: the user's knobs, at the run's time scale."""
+        from batcher.sim.config import SimConfig
+
         base = self.sim or SimConfig(rate_limit=50, rate_period_s=60.0)
         return replace(base, time_scale=self.scale)

@@ -31,14 +31,28 @@ from batcher.schemas import registry
 log = logging.getLogger(__name__)
 
 
+#: URL prefixes shared by every job of a run (one string, not one per job).
+_PREFIXES: dict[str, str] = {}
+
+
+def _compact_urls(request_id: str, status_url: str, response_url: str) -> str | tuple[str, str]:
+    """The common prefix when the URLs are ``{prefix}{id}/status`` and ``{prefix}{id}``
+    (as Segmind's are), else both URLs: two long strings per job in flight are ~25 MB at
+    100,000 jobs."""
+    if response_url.endswith(request_id) and status_url == f"{response_url}/status":
+        prefix = response_url[: len(response_url) - len(request_id)]
+        return _PREFIXES.setdefault(prefix, prefix)
+    return (status_url, response_url)
+
+
 @dataclass(slots=True)
 class Flight:
-    """A submitted job while it is tracked in memory (the checkpoint has its request_id)."""
+    """A submitted job while it is tracked in memory (the checkpoint has its request_id).
+    Made with :meth:`start`."""
 
     job: Job
     request_id: str
-    status_url: str
-    response_url: str
+    urls: str | tuple[str, str]  # see _compact_urls
     submitted_wall: float  # epoch seconds
     submitted_mono: float  # loop time
     polls: int = 0
@@ -49,6 +63,35 @@ class Flight:
     #: Loop time from which the job's latency clock runs: its submit, or the last
     #: status poll that found it still QUEUED (it started after that poll went out).
     clock_mono: float | None = None
+
+    @classmethod
+    def start(
+        cls,
+        *,
+        job: Job,
+        request_id: str,
+        status_url: str,
+        response_url: str,
+        submitted_wall: float,
+        submitted_mono: float,
+    ) -> Flight:
+        return cls(
+            job=job,
+            request_id=request_id,
+            urls=_compact_urls(request_id, status_url, response_url),
+            submitted_wall=submitted_wall,
+            submitted_mono=submitted_mono,
+        )
+
+    @property
+    def status_url(self) -> str:
+        urls = self.urls
+        return urls[0] if isinstance(urls, tuple) else f"{urls}{self.request_id}/status"
+
+    @property
+    def response_url(self) -> str:
+        urls = self.urls
+        return urls[1] if isinstance(urls, tuple) else f"{urls}{self.request_id}"
 
     def elapsed(self, now: float) -> float:
         """Seconds since submit (what the retention deadline counts)."""

@@ -36,7 +36,6 @@ from batcher.pipeline import Counters, Flight, RunContext
 from batcher.poll import Poller
 from batcher.progress import Progress, Summary, summarize
 from batcher.results import RESULTS, write_results
-from batcher.sim import SimServer
 from batcher.sink import remove_partials
 from batcher.submit import UNKNOWN_OUTCOME, ApiUnreachable, feed
 from batcher.submit import work as submit_work
@@ -97,6 +96,8 @@ async def _service(options: RunOptions) -> AsyncIterator[str]:
     if not options.simulate:
         yield options.base_url
         return
+    from batcher.sim import SimServer  # only with --simulate: ~4 MB of code otherwise
+
     async with SimServer(options.sim_config()) as sim:
         yield sim.base_url
 
@@ -194,7 +195,7 @@ async def _resume(ctx: RunContext, poller: Poller) -> None:
             await ctx.requeue(job, "its result expired while batcher was not running")
             continue
         poller.track(
-            Flight(
+            Flight.start(
                 job=job,
                 request_id=job.request_id,
                 status_url=job.status_url,

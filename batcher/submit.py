@@ -233,7 +233,7 @@ async def _settle(
         ctx.counters.submitted += 1
         loop_now = ctx.now()
         track(
-            Flight(
+            Flight.start(
                 job=job,
                 request_id=request_id,
                 status_url=status_url,
