@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import sys
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field, replace
@@ -31,17 +32,13 @@ from batcher.schemas import registry
 log = logging.getLogger(__name__)
 
 
-#: URL prefixes shared by every job of a run (one string, not one per job).
-_PREFIXES: dict[str, str] = {}
-
-
 def _compact_urls(request_id: str, status_url: str, response_url: str) -> str | tuple[str, str]:
     """The common prefix when the URLs are ``{prefix}{id}/status`` and ``{prefix}{id}``
     (as Segmind's are), else both URLs: two long strings per job in flight are ~25 MB at
     100,000 jobs."""
     if response_url.endswith(request_id) and status_url == f"{response_url}/status":
         prefix = response_url[: len(response_url) - len(request_id)]
-        return _PREFIXES.setdefault(prefix, prefix)
+        return sys.intern(prefix)  # one string for every job of the run
     return (status_url, response_url)
 
 
@@ -73,14 +70,18 @@ class Flight:
         status_url: str,
         response_url: str,
         submitted_wall: float,
-        submitted_mono: float,
+        now_wall: float,
+        now_mono: float,
     ) -> Flight:
+        """A job submitted at ``submitted_wall`` (epoch seconds), seen from the clocks'
+        readings now. A submit time ahead of now (the wall clock was stepped back since)
+        counts as now."""
         return cls(
             job=job,
             request_id=request_id,
             urls=_compact_urls(request_id, status_url, response_url),
             submitted_wall=submitted_wall,
-            submitted_mono=submitted_mono,
+            submitted_mono=now_mono - max(0.0, now_wall - submitted_wall),
         )
 
     @property
@@ -97,9 +98,14 @@ class Flight:
         """Seconds since submit (what the retention deadline counts)."""
         return now - self.submitted_mono
 
+    @property
+    def clock_offset(self) -> float:
+        """Seconds from submit to the start of the job's latency clock (its known queue)."""
+        return 0.0 if self.clock_mono is None else self.clock_mono - self.submitted_mono
+
     def clock(self, now: float) -> float:
         """Seconds of the job's latency clock: what the latency model predicts."""
-        return now - (self.submitted_mono if self.clock_mono is None else self.clock_mono)
+        return self.elapsed(now) - self.clock_offset
 
 
 @dataclass

@@ -120,7 +120,7 @@ class Poller:
             # The server's submit-to-done time, on the job's clock (queue time before the
             # clock restarted taken off), so the model learns what it predicts.
             total = metric(reply.body.get("metrics"), "total_time")
-            reported = None if total is None else total - (flight.elapsed(now) - flight.clock(now))
+            reported = None if total is None else total - flight.clock_offset
             ctx.latency[flight.job.model].observe(
                 flight.clock(now), flight.last_gap, reported=reported
             )

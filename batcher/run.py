@@ -186,8 +186,7 @@ async def _resume(ctx: RunContext, poller: Poller) -> None:
     now_wall, now = time.time(), ctx.now()
     limit = ctx.poll.retention_s * ctx.poll.time_scale
     for job in await cp.jobs_in([SUBMITTED], limit=1 << 30):
-        # A submit time in the future (the wall clock was stepped back since): age 0.
-        age = max(0.0, now_wall - (job.submitted_at or now_wall))
+        age = now_wall - (job.submitted_at or now_wall)
         ctx.resumed.add(job.id)
         ctx.take_resumed_slot()
         if age >= limit or not (job.request_id and job.status_url and job.response_url):
@@ -201,7 +200,8 @@ async def _resume(ctx: RunContext, poller: Poller) -> None:
                 status_url=job.status_url,
                 response_url=job.response_url,
                 submitted_wall=job.submitted_at or now_wall,
-                submitted_mono=now - age,
+                now_wall=now_wall,
+                now_mono=now,
             )
         )
 

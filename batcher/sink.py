@@ -290,9 +290,7 @@ def _identify(data: bytes) -> tuple[int, int, str]:
     return width, height, fmt
 
 
-def write_image(
-    out_dir: Path, row_id: str, index: int, data: bytes, *, sync_folder: bool = True
-) -> SavedImage:
+def write_image(out_dir: Path, row_id: str, index: int, data: bytes) -> SavedImage:
     """Verify ``data`` and write it atomically as ``images/<stem>_<index>.<ext>``. Blocking.
 
     The bytes go to a ``.part`` file in the same folder, are fsynced, then renamed over
@@ -300,18 +298,18 @@ def write_image(
     (leftover ``.part`` files are swept by :func:`remove_partials`). Rewriting the same
     row and sample replaces the file: retries are idempotent.
     """
-    folder = _images_folder(out_dir)
-    saved = _save(folder, row_id, index, data)
-    if sync_folder:
-        _fsync_dir(folder)
-    return saved
+    (result,) = write_images(out_dir, [(row_id, index, data)])
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 def write_images(
     out_dir: Path, items: Sequence[tuple[str, int, bytes]]
 ) -> list[SavedImage | Exception]:
-    """:func:`write_image` for each ``(row_id, index, data)``, then one fsync of the
-    folder for all the renames: each item's record, or the error that refused it. Blocking.
+    """Each ``(row_id, index, data)`` verified and written as :func:`write_image` says,
+    then one fsync of the folder for all the renames: each item's record, or the error
+    that refused it. Blocking.
     """
     folder = _images_folder(out_dir)
     results: list[SavedImage | Exception] = []

@@ -231,7 +231,6 @@ async def _settle(
             retries=stats.retries,
         )
         ctx.counters.submitted += 1
-        loop_now = ctx.now()
         track(
             Flight.start(
                 job=job,
@@ -239,8 +238,8 @@ async def _settle(
                 status_url=status_url,
                 response_url=response_url,
                 submitted_wall=sent_at,
-                # max(0, ...): a wall clock stepped back must not put the submit ahead
-                submitted_mono=loop_now - max(0.0, time.time() - sent_at),
+                now_wall=time.time(),
+                now_mono=ctx.now(),
             )
         )
         return

@@ -21,12 +21,13 @@ def _flight(request_id: str, status_url: str, response_url: str) -> Flight:
         status_url=status_url,
         response_url=response_url,
         submitted_wall=0.0,
-        submitted_mono=0.0,
+        now_wall=0.0,
+        now_mono=0.0,
     )
 
 
 def test_standard_urls_share_one_prefix_and_read_back_exactly() -> None:
-    base = "https://api.segmind.com/v2/requests/"
+    base = "http://127.0.0.1:8080/v2/requests/"
     flights = [
         _flight(rid, f"{base}{rid}/status", f"{base}{rid}")
         for rid in ("5b0f1c2e-0000-4e8b-9f3a-1", "5b0f1c2e-0000-4e8b-9f3a-2")
