@@ -48,8 +48,10 @@ class SimServer:
 
     async def start(self) -> None:
         # access_log=None: a line per request would cost more than the request itself.
+        # shutdown_timeout: a stopped emulator drops what is in flight within a second
+        # (aiohttp's default waits up to 60 s; a test double must not hold up teardown).
         self._runner = web.AppRunner(
-            self.emulator.app(), access_log=None, handler_cancellation=True
+            self.emulator.app(), access_log=None, handler_cancellation=True, shutdown_timeout=1.0
         )
         await self._runner.setup()
         sock = socket.socket(socket.AF_INET6 if ":" in self._host else socket.AF_INET)
