@@ -48,8 +48,10 @@ class RunOptions:
     progress: bool | None = None
     #: Seconds between plain progress lines when there is no bar.
     log_every_s: float = 30.0
-    #: How many submits may be on the wire at once.
-    submit_concurrency: int = 8
+    #: How many submits may be on the wire at once. Each waits for two checkpoint
+    #: commits besides its POST, so a few dozen keep a fast API busy; under a rate
+    #: limit the extra workers only wait at the gate (a row is SUBMITTING only once granted).
+    submit_concurrency: int = 32
     #: The key; None reads SEGMIND_API_KEY. Never printed.
     api_key: str | None = field(default=None, repr=False)
 

@@ -25,6 +25,7 @@ import time
 import tracemalloc
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -188,9 +189,10 @@ async def _batcher(cfg: dict[str, Any]) -> dict[str, Any]:
         time_scale=cfg.get("time_scale"),
         progress=False,
         log_every_s=1e9,
-        submit_concurrency=int(cfg.get("submit_concurrency", 8)),
         api_key=KEY,
     )
+    if "submit_concurrency" in cfg:
+        options = replace(options, submit_concurrency=int(cfg["submit_concurrency"]))
     if cfg.get("tracemalloc"):
         tracemalloc.start()
     loop = asyncio.get_running_loop()

@@ -47,7 +47,7 @@ TARGET = 0.8
 
 #: What-if runs: (label, extra batcher config).
 VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("batcher, submit_concurrency=64 (API option; default 8)", {"submit_concurrency": 64}),
+    ("batcher, submit_concurrency=8 (API option; default 32)", {"submit_concurrency": 8}),
     ("what-if: image files written without fsync", {"ablations": ["no_fsync"]}),
     ("what-if: no image verify/write (download only)", {"ablations": ["no_image_save"]}),
     (
