@@ -202,15 +202,17 @@ async def test_a_result_that_expired_while_stopped_is_submitted_again_and_comple
     tmp_path: Path, sim: Any, client_knows_retention: bool
 ) -> None:
     manifest = _manifest(tmp_path, instantid=8)
-    # Jobs take 100 model seconds and results are kept 300 (0.2 s and 0.6 s of wall time).
+    # Jobs take 300 model seconds and results are kept 900 (0.6 s and 1.8 s of wall time):
+    # long enough that jobs SUBMITTED when the stop is asked are still running when the
+    # run has stopped (stopping took over 0.2 s on a loaded machine).
     server = await sim(
         time_scale=SCALE,
-        latency_median_s={"instantid": 100.0},
+        latency_median_s={"instantid": 300.0},
         latency_sigma=0.05,
-        retention_s=300.0,
+        retention_s=900.0,
         image_size=(64, 64),
     )
-    poll = PollConfig(retention_s=300.0) if client_knows_retention else PollConfig()
+    poll = PollConfig(retention_s=900.0) if client_knows_retention else PollConfig()
     options = _options(manifest, server, poll=poll)
 
     first = await _interrupted_run(options, lambda: _in_checkpoint(options.out, "SUBMITTED") >= 3)
@@ -219,7 +221,7 @@ async def test_a_result_that_expired_while_stopped_is_submitted_again_and_comple
     at_stop = _results(options.out)
     waiting = {i: r["request_id"] for i, r in at_stop.items() if r["status"] == "SUBMITTED"}
     assert len(waiting) >= 3
-    await asyncio.sleep(300.0 * SCALE + 0.1)  # the results of those jobs are gone now
+    await asyncio.sleep(900.0 * SCALE + 0.1)  # the results of those jobs are gone now
 
     second = await arun(options)
 
