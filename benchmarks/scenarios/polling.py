@@ -7,6 +7,9 @@ Clients: batcher (rate 100,000/s, its --time-scale matching the emulator's) and 
 fixed-interval aiohttp poller polling every 1 s and every 5 s (model seconds) from
 submit, the same number of jobs in flight. Polls per job and detection lag (completion
 to the first poll that sees it) come from the emulator's own counters, in model seconds.
+One more case makes the model busy (``--capacity``): most jobs in flight wait in the
+emulator's queue, so a QUEUED answer is information (batcher restarts the job's latency
+clock at it) and the fixed pollers pay for every second of the wait.
 
 Warm-up: batcher learns the latency online from the model page's prior. Figures are
 given over all jobs (emulator counters) and over the jobs batcher submitted after its
@@ -58,6 +61,14 @@ def _cases(quick: bool) -> list[dict[str, Any]]:
                 "max_lag": 3.0,
             },
             {"model": "infinite-you", "sigma": 0.5, "n": 40, "in_flight": 20, "scale": 0.02},
+            {
+                "model": "instantid",
+                "sigma": 0.35,
+                "n": 100,
+                "in_flight": 30,
+                "scale": 0.05,
+                "capacity": 6,
+            },
         ]
     return [
         {
@@ -79,17 +90,36 @@ def _cases(quick: bool) -> list[dict[str, Any]]:
             "max_lag": 3.0,
         },
         {"model": "infinite-you", "sigma": 0.5, "n": 300, "in_flight": 50, "scale": 0.04},
+        # A busy model: the emulator runs 10 jobs at a time, so ~40 of the 50 in flight
+        # wait in its queue (each QUEUED answer restarts the job's latency clock).
+        {
+            "model": "instantid",
+            "sigma": 0.35,
+            "n": 400,
+            "in_flight": 50,
+            "scale": 0.05,
+            "capacity": 10,
+        },
     ]
 
 
 def _sim_args(case: dict[str, Any]) -> tuple[str, ...]:
+    capacity = ("--capacity", str(case["capacity"])) if "capacity" in case else ()
     return (
         "--time-scale",
         str(case["scale"]),
         "--sigma",
         str(case["sigma"]),
+        *capacity,
         *SIM_COMMON,
     )
+
+
+def _case_name(case: dict[str, Any]) -> str:
+    name = f"{case['model']} median {MEDIANS[case['model']]:g} s sigma {case['sigma']}"
+    if "capacity" in case:
+        name += f", queueing ({case['capacity']} run at once, {case['in_flight']} in flight)"
+    return name
 
 
 def _warm(report: dict[str, Any], stats: dict[str, Any], warm: int, scale: float) -> dict[str, Any]:
@@ -141,7 +171,7 @@ def _run_client(
         mode = "fixed"
         cfg["interval_s"] = float(client.removeprefix("fixed")) * scale
     with emulator(*_sim_args(case)) as emu:
-        waves = case["n"] / case["in_flight"]
+        waves = case["n"] / min(case["in_flight"], case.get("capacity", case["in_flight"]))
         budget = 120 + 6 * waves * MEDIANS[case["model"]] * scale * math.exp(3 * case["sigma"])
         cfg["base_url"] = emu.base_url
         report = run_client(mode, cfg, timeout_s=budget)
@@ -196,17 +226,17 @@ def run(ctx: Context) -> Outcome:
     )
     outcome.details["cases"] = []
     for case in _cases(ctx.quick):
-        name = f"{case['model']} median {MEDIANS[case['model']]:g} s sigma {case['sigma']}"
-        manifest = str(
-            write_manifest(work / f"{case['model']}.csv", case["n"], model=case["model"])
-        )
+        name = _case_name(case)
+        # One folder per case: a folder already used holds a finished run (nothing to do).
+        key = f"{case['model']}-{case['sigma']}-c{case.get('capacity', 0)}"
+        manifest = str(write_manifest(work / f"{key}.csv", case["n"], model=case["model"]))
         rows = []
         for client in ("batcher", "fixed1", "fixed5"):
             ctx.log(
                 f"polling: {name}: {client}, {case['n']} jobs, {case['in_flight']} at once, "
                 f"time scale {case['scale']}"
             )
-            out = str(work / f"{case['model']}-{case['sigma']}-{client}")
+            out = str(work / f"{key}-{client}")
             rows.append(_run_client(ctx, case, client, manifest, out))
         fixed1 = rows[1]["polls"]
         labels = {"batcher": "batcher", "fixed1": "fixed 1 s", "fixed5": "fixed 5 s"}
