@@ -144,6 +144,25 @@ def _apply_ablations(names: list[str]) -> None:
                     handle.write(data)
 
             batcher.sink._atomic_write = atomic_write  # type: ignore[attr-defined]
+        elif name == "verify_only":  # Pillow's full decode on the worker thread, no file
+
+            def verify_only(out: Path, items: Any) -> Any:
+                saved = []
+                for row_id, index, data in items:
+                    width, height, _ = batcher.sink._identify(data)
+                    saved.append(
+                        batcher.sink.SavedImage(
+                            path=f"images/{row_id}_{index}.png",
+                            width=width,
+                            height=height,
+                            format="png",
+                            bytes=len(data),
+                            sha256="",
+                        )
+                    )
+                return saved
+
+            batcher.image_writer.write_images = verify_only  # type: ignore[attr-defined,assignment]
         elif name == "no_image_save":  # no Pillow verify, no file: the download only
 
             def write_images(out: Path, items: Any) -> Any:
@@ -159,7 +178,7 @@ def _apply_ablations(names: list[str]) -> None:
                     for row_id, index, data in items
                 ]
 
-            batcher.image_writer.write_images = write_images
+            batcher.image_writer.write_images = write_images  # type: ignore[attr-defined,assignment]
         elif name == "no_checkpoint_updates":  # row transitions are not written
 
             async def update(self: Checkpoint, job_id: str, **fields: Any) -> None:
