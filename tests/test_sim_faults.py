@@ -166,10 +166,12 @@ async def test_slow_rate_one_delays_every_answer_by_slow_s(
 
 
 async def test_slow_rate_delays_about_its_fraction(sim: StartSim, api: Api) -> None:
-    server = await sim(slow_rate=0.5, slow_s=10.0, time_scale=0.005)  # 50 ms
+    server = await sim(slow_rate=0.5, slow_s=60.0, time_scale=0.005)  # 0.3 s
     url = f"{server.base_url}/v2/requests/x/status"
     elapsed = await asyncio.gather(*(_timed_get(api, url) for _ in range(40)))
-    slow = sum(e >= 0.05 for e in elapsed)
+    # Counted against the quickest answer, not from zero: on a loaded machine every
+    # answer of the burst came 70 ms late, fast ones included.
+    slow = sum(e >= min(elapsed) + 0.25 for e in elapsed)
     assert 10 <= slow <= 30, sorted(elapsed)
 
 
