@@ -129,6 +129,30 @@ def _results_figures(results: Path | None) -> dict[str, Any]:
     }
 
 
+def _records_without_files(*, verify: bool) -> Any:
+    """A stand-in for ``sink.write_images`` that writes no file: each image's record,
+    after Pillow's full decode when ``verify``."""
+    import batcher.sink
+
+    def write_images(out: Path, items: Any) -> list[Any]:
+        saved = []
+        for row_id, index, data in items:
+            width, height = batcher.sink._identify(data)[:2] if verify else (64, 64)
+            saved.append(
+                batcher.sink.SavedImage(
+                    path=f"images/{row_id}_{index}.png",
+                    width=width,
+                    height=height,
+                    format="png",
+                    bytes=len(data),
+                    sha256="",
+                )
+            )
+        return saved
+
+    return write_images
+
+
 def _apply_ablations(names: list[str]) -> None:
     """What-if experiments: switch one cost of batcher off in this process only, to
     measure what it costs. Never used for a headline figure."""
@@ -145,40 +169,9 @@ def _apply_ablations(names: list[str]) -> None:
 
             batcher.sink._atomic_write = atomic_write  # type: ignore[attr-defined]
         elif name == "verify_only":  # Pillow's full decode on the worker thread, no file
-
-            def verify_only(out: Path, items: Any) -> Any:
-                saved = []
-                for row_id, index, data in items:
-                    width, height, _ = batcher.sink._identify(data)
-                    saved.append(
-                        batcher.sink.SavedImage(
-                            path=f"images/{row_id}_{index}.png",
-                            width=width,
-                            height=height,
-                            format="png",
-                            bytes=len(data),
-                            sha256="",
-                        )
-                    )
-                return saved
-
-            batcher.image_writer.write_images = verify_only  # type: ignore[attr-defined,assignment]
+            batcher.image_writer.write_images = _records_without_files(verify=True)  # type: ignore[attr-defined]
         elif name == "no_image_save":  # no Pillow verify, no file: the download only
-
-            def write_images(out: Path, items: Any) -> Any:
-                return [
-                    batcher.sink.SavedImage(
-                        path=f"images/{row_id}_{index}.png",
-                        width=64,
-                        height=64,
-                        format="png",
-                        bytes=len(data),
-                        sha256="",
-                    )
-                    for row_id, index, data in items
-                ]
-
-            batcher.image_writer.write_images = write_images  # type: ignore[attr-defined,assignment]
+            batcher.image_writer.write_images = _records_without_files(verify=False)  # type: ignore[attr-defined]
         elif name == "no_checkpoint_updates":  # row transitions are not written
 
             async def update(self: Checkpoint, job_id: str, **fields: Any) -> None:

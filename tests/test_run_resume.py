@@ -101,6 +101,18 @@ async def _interrupted_run(options: RunOptions, when: Callable[[], bool]) -> Any
     return await task
 
 
+async def _stopped_at(options: RunOptions, state: str, at_least: int) -> Any:
+    """The run, interrupted once ``at_least`` of its rows are ``state`` in the checkpoint."""
+    return await _interrupted_run(options, lambda: _in_checkpoint(options.out, state) >= at_least)
+
+
+async def _long_jobs(sim: Any, image_size: tuple[int, int] = (64, 64)) -> Any:
+    """An emulator whose InfiniteYou jobs take 0.8 s: surely in flight when a run stops."""
+    return await sim(
+        time_scale=SCALE, latency_median_s={"infinite-you": 400.0}, image_size=image_size
+    )
+
+
 # -- 4. resume ---------------------------------------------------------------------------
 
 
@@ -109,12 +121,10 @@ async def test_an_interrupted_run_resumes_without_paying_twice_and_a_third_run_d
 ) -> None:
     manifest = _manifest(tmp_path, instantid=24, infinite_you=6)
     # InfiniteYou jobs take 0.8 s: they are surely in flight when the run is stopped.
-    server = await sim(
-        time_scale=SCALE, latency_median_s={"infinite-you": 400.0}, image_size=(64, 64)
-    )
+    server = await _long_jobs(sim)
     options = _options(manifest, server, max_in_flight=10)
 
-    first = await _interrupted_run(options, lambda: _in_checkpoint(options.out, "COMPLETED") >= 4)
+    first = await _stopped_at(options, "COMPLETED", 4)
 
     assert first.exit_code == EXIT_STOPPED
     assert "run the same command again to resume" in first.text().lower()
@@ -158,9 +168,7 @@ async def test_a_cancelled_run_keeps_a_valid_table_and_resumes_at_most_once(
     tmp_path: Path, sim: Any
 ) -> None:
     manifest = _manifest(tmp_path, instantid=16, infinite_you=6)
-    server = await sim(
-        time_scale=SCALE, latency_median_s={"infinite-you": 400.0}, image_size=(64, 64)
-    )
+    server = await _long_jobs(sim)
     options = _options(manifest, server, max_in_flight=10)
 
     task = asyncio.create_task(arun(options))
@@ -215,7 +223,7 @@ async def test_a_result_that_expired_while_stopped_is_submitted_again_and_comple
     poll = PollConfig(retention_s=900.0) if client_knows_retention else PollConfig()
     options = _options(manifest, server, poll=poll)
 
-    first = await _interrupted_run(options, lambda: _in_checkpoint(options.out, "SUBMITTED") >= 3)
+    first = await _stopped_at(options, "SUBMITTED", 3)
 
     assert first.exit_code == EXIT_STOPPED
     at_stop = _results(options.out)
@@ -306,7 +314,7 @@ async def test_a_refused_key_stops_the_run_with_the_checkpoint_intact(
     manifest = _manifest(tmp_path, instantid=10, infinite_you=6)
     server = await sim(time_scale=SCALE, api_keys=frozenset({KEY}), image_size=(64, 64))
     options = _options(manifest, server, max_in_flight=8)
-    await _interrupted_run(options, lambda: _in_checkpoint(options.out, "SUBMITTED") >= 4)
+    await _stopped_at(options, "SUBMITTED", 4)
     before = _results(options.out)
     assert any(r["status"] == "SUBMITTED" for r in before.values())
     bad_key = "sk-revoked-key-5551234"
@@ -556,11 +564,9 @@ async def test_a_resume_after_the_wall_clock_stepped_back_polls_on(
     """Jobs recorded as submitted in the future (the clock was stepped back since, e.g.
     by NTP) are polled as just submitted, not a crash on a negative age."""
     manifest = _manifest(tmp_path, instantid=1, infinite_you=4)
-    server = await sim(
-        time_scale=SCALE, latency_median_s={"infinite-you": 400.0}, image_size=(32, 32)
-    )
+    server = await _long_jobs(sim, image_size=(32, 32))
     options = _options(manifest, server, max_in_flight=4)
-    first = await _interrupted_run(options, lambda: _in_checkpoint(options.out, "SUBMITTED") >= 4)
+    first = await _stopped_at(options, "SUBMITTED", 4)
     assert first.exit_code == EXIT_STOPPED
     db = sqlite3.connect(options.out / "checkpoint.sqlite")
     try:
