@@ -14,7 +14,7 @@ import heapq
 import itertools
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import IntEnum
 
 from aiolimiter import AsyncLimiter
@@ -44,12 +44,18 @@ class RateConfig:
     floor_fraction: float = 0.05
     #: Each 429 multiplies the rate by this; each success adds back a sliver.
     decrease: float = 0.7
+    #: Submits left waiting count as the limit binding only when their backlog takes at
+    #: least this long to drain at the current rate. A shorter one (a start-up burst at a
+    #: rate far above need) is gone before any poll it would thin is due.
+    bind_s: float = 1.0
 
     def __post_init__(self) -> None:
         if not (self.requests > 0 and self.period_s > 0):
             raise UsageError(f"rate must be positive, got {self.requests}/{self.period_s}s")
         if not 0 < self.floor_fraction <= 1 or not 0 < self.decrease < 1:
             raise UsageError("floor_fraction must be in (0, 1] and decrease in (0, 1)")
+        if not self.bind_s >= 0:
+            raise UsageError(f"bind_s must be >= 0, got {self.bind_s}")
 
     @property
     def per_second(self) -> float:
@@ -57,11 +63,8 @@ class RateConfig:
 
     def scaled(self, time_scale: float) -> RateConfig:
         """The same budget over a time-scaled period (for a time-scaled emulator)."""
-        return RateConfig(
-            requests=self.requests,
-            period_s=self.period_s * time_scale,
-            floor_fraction=self.floor_fraction,
-            decrease=self.decrease,
+        return replace(
+            self, period_s=self.period_s * time_scale, bind_s=self.bind_s * time_scale
         )
 
 
@@ -98,7 +101,8 @@ class RequestGate:
         self._wake = asyncio.Event()
         self._paused_until = 0.0
         self._streak_429 = 0
-        #: Share of recent grants that left a submit waiting: 1.0 means the limit binds.
+        #: Share of recent grants that left a backlog of submits waiting (one that takes
+        #: ``config.bind_s`` or more to drain): 1.0 means the limit binds.
         self.pressure = 0.0
         self._submits_waiting = 0
         self.granted = 0
@@ -164,7 +168,7 @@ class RequestGate:
                     future.set_result(None)
                     # Its done-callback (one submit fewer waiting) runs later: count it now.
                     others = self._submits_waiting - (priority == Priority.SUBMIT)
-                    self._granted(starved=others > 0)
+                    self._granted(starved=binds(others, self._rate, self.config.bind_s))
                     break
 
     def rate_limited(self, retry_after: float | None) -> float:
@@ -203,6 +207,12 @@ class RequestGate:
 #: window of the server's period sees at most one request above the configured rate
 #: (48/min: 49 of Pro's 50).
 _BURST = 2
+
+
+def binds(submits_waiting: int, per_second: float, bind_s: float) -> bool:
+    """Whether a grant that leaves ``submits_waiting`` submits behind shows the limit
+    binding: some wait, and draining them at ``per_second`` takes ``bind_s`` or more."""
+    return submits_waiting > 0 and submits_waiting >= per_second * bind_s
 
 
 def _limiter(per_second: float) -> AsyncLimiter:

@@ -11,14 +11,14 @@ import pytest
 
 from batcher.backoff import RetryConfig
 from batcher.errors import UsageError
-from batcher.gate import Priority, RateConfig, RequestGate, parse_rate
+from batcher.gate import Priority, RateConfig, RequestGate, binds, parse_rate
 
 FETCH, POLL, SUBMIT = Priority.FETCH, Priority.POLL, Priority.SUBMIT
 
 
-def _gate(per_second: float) -> RequestGate:
+def _gate(per_second: float, *, bind_s: float = 1.0) -> RequestGate:
     return RequestGate(
-        RateConfig(requests=per_second, period_s=1.0),
+        RateConfig(requests=per_second, period_s=1.0, bind_s=bind_s),
         retry=RetryConfig(base_s=0.01, cap_s=0.02),
         rng=random.Random(1),
     )
@@ -74,7 +74,56 @@ async def test_a_later_fetch_goes_before_submits_already_waiting(
     await asyncio.gather(*submits, *late)
 
     assert granted == [SUBMIT, FETCH, POLL, SUBMIT, SUBMIT]
-    assert gate.pressure > 0  # submits were left waiting: the limit binds
+
+
+async def test_a_backlog_of_submits_that_takes_bind_s_to_drain_is_pressure(
+    serve: Callable[[RequestGate], None],
+) -> None:
+    gate = _gate(40, bind_s=0.05)  # 2 submits waiting take 50 ms at 40/s
+    tasks = [asyncio.create_task(gate.acquire(SUBMIT)) for _ in range(6)]
+    await asyncio.sleep(0)
+    serve(gate)
+    await asyncio.gather(*tasks)
+
+    # Grants 1-4 left 5, 4, 3, 2 submits behind (the limit binds), 5 and 6 left 1 and 0.
+    expected = 0.0
+    for starved in (1, 1, 1, 1, 0, 0):
+        expected += 0.05 * (starved - expected)
+    assert gate.pressure == pytest.approx(expected)
+    assert gate.pressure > 0.1
+
+
+async def test_a_burst_the_rate_drains_at_once_is_no_pressure(
+    serve: Callable[[RequestGate], None],
+) -> None:
+    """200 submits at once at 20,000/s are all sent within 10 ms: the limit does not
+    bind, and the polls of those jobs must not be thinned as if it did."""
+    gate = _gate(20_000)
+    tasks = [asyncio.create_task(gate.acquire(SUBMIT)) for _ in range(200)]
+    await asyncio.sleep(0)
+    serve(gate)
+    await asyncio.gather(*tasks)
+
+    assert gate.granted == 200
+    assert gate.pressure == 0
+
+
+@pytest.mark.parametrize(
+    ("waiting", "per_second", "bind_s", "expected"),
+    [
+        (0, 0.8, 1.0, False),  # nobody waits
+        (1, 0.8, 1.0, True),  # Pro: one submit waits 1.25 s
+        (1, 1.0, 1.0, True),  # exactly bind_s
+        (1, 2.0, 1.0, False),  # 0.5 s
+        (199, 20_000, 1.0, False),  # a burst gone in 10 ms
+        (300, 80, 0.01, True),  # time-scaled: 3.75 s of backlog against 10 ms
+        (1, 1e9, 0.0, True),  # bind_s 0: any submit waiting
+    ],
+)
+def test_binds_when_the_backlog_takes_bind_s_to_drain(
+    waiting: int, per_second: float, bind_s: float, expected: bool
+) -> None:
+    assert binds(waiting, per_second, bind_s) is expected
 
 
 async def test_grants_are_spaced_at_the_rate_without_a_burst(
@@ -169,6 +218,7 @@ def test_parse_rate_refuses_nonsense(text: str) -> None:
 def test_a_scaled_rate_keeps_its_requests_over_a_shorter_period() -> None:
     rate = RateConfig(requests=48, period_s=60).scaled(0.01)
     assert (rate.requests, rate.period_s) == (48, pytest.approx(0.6))
+    assert rate.bind_s == pytest.approx(0.01)  # a backlog is judged in model seconds too
     assert rate.per_second == pytest.approx(80)
 
 
@@ -184,3 +234,9 @@ async def test_with_nobody_waiting_a_token_is_granted_without_the_serve_loop() -
 
     assert gate.granted == 2
     assert gate.pressure == 0  # nobody was left waiting
+
+
+@pytest.mark.parametrize("bind_s", [-1.0, float("nan")])
+def test_rate_config_refuses_a_bad_bind_s(bind_s: float) -> None:
+    with pytest.raises(UsageError, match="bind_s"):
+        RateConfig(bind_s=bind_s)
