@@ -514,6 +514,45 @@ async def test_under_the_emulators_limit_no_request_is_refused_and_requests_are_
     assert f"{made} API requests ({made / len(spec):.2f} per completed job)" in result.text()
 
 
+async def _polls_per_job(
+    tmp_path: Path, sim: Any, name: str, rate: RateConfig, scale: float, jobs: int
+) -> float:
+    """All ``jobs`` InstantID jobs in flight at once: mean status polls per job, checked
+    against the emulator's count."""
+    spec = [{"id": f"j{n:02d}", "prompt": f"p {n}", "face_image": "https://e.com/f.jpg"}
+            for n in range(jobs)]  # fmt: skip
+    manifest = _write_manifest(tmp_path / f"{name}.csv", spec)
+    server = await sim(time_scale=scale, latency_sigma=0.35, image_size=(32, 32), seed=5)
+    out = tmp_path / f"out-{name}"
+    result = await arun(_options(manifest, out, server, model="instantid", rate=rate,
+                                 max_in_flight=jobs))  # fmt: skip
+    assert result.exit_code == EXIT_OK, result.text()
+    rows = _results(out)
+    assert [r["status"] for r in rows] == ["COMPLETED"] * jobs
+    assert _requests(server.stats(), "status") == sum(r["polls"] for r in rows)
+    return sum(r["polls"] for r in rows) / jobs
+
+
+async def test_a_binding_limit_thins_polls_and_a_burst_at_a_slack_rate_does_not(
+    tmp_path: Path, sim: Any
+) -> None:
+    """48 jobs at once. At 60/min (time scale 0.01) they need >= 144 requests, >= 144
+    model-s against a 7.7 s job: submits queue at the gate, the limit binds, and each job
+    gets about one status poll. At 100,000/s (time scale 0.05: wide enough that
+    milliseconds of transport stay small against the model's seconds) the start-up burst
+    is sent within milliseconds: nothing binds, and jobs are polled as usual."""
+    bound = await _polls_per_job(
+        tmp_path, sim, "bound", RateConfig(requests=60, period_s=60.0), 0.01, 48
+    )
+    slack = await _polls_per_job(
+        tmp_path, sim, "slack", RateConfig(requests=100_000, period_s=1.0), 0.05, 48
+    )
+    # The floor is 1 (one status poll, then the result); unthinned, the binding gate that
+    # delays every poll still leaves ~1.7.
+    assert bound <= 1.35, bound
+    assert slack >= 3.5, slack  # InstantID's spread, unbound: ~6
+
+
 async def test_every_request_is_counted_once_through_retries_and_resent_submits(
     tmp_path: Path, sim: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
