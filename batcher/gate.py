@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import math
 import random
 import re
 from dataclasses import dataclass, replace
@@ -54,8 +55,8 @@ class RateConfig:
             raise UsageError(f"rate must be positive, got {self.requests}/{self.period_s}s")
         if not 0 < self.floor_fraction <= 1 or not 0 < self.decrease < 1:
             raise UsageError("floor_fraction must be in (0, 1] and decrease in (0, 1)")
-        if not self.bind_s >= 0:
-            raise UsageError(f"bind_s must be >= 0, got {self.bind_s}")
+        if not 0 <= self.bind_s < math.inf:
+            raise UsageError(f"bind_s must be a number >= 0, got {self.bind_s}")
 
     @property
     def per_second(self) -> float:
@@ -63,9 +64,7 @@ class RateConfig:
 
     def scaled(self, time_scale: float) -> RateConfig:
         """The same budget over a time-scaled period (for a time-scaled emulator)."""
-        return replace(
-            self, period_s=self.period_s * time_scale, bind_s=self.bind_s * time_scale
-        )
+        return replace(self, period_s=self.period_s * time_scale, bind_s=self.bind_s * time_scale)
 
 
 def parse_rate(text: str) -> RateConfig:
@@ -131,12 +130,15 @@ class RequestGate:
         heapq.heappush(self._waiters, (int(priority), next(self._seq), future))
         if priority == Priority.SUBMIT:
             self._submits_waiting += 1
-            future.add_done_callback(self._submit_left)
+            future.add_done_callback(self._submit_cancelled)
         self._wake.set()
         await future  # a cancelled waiter is skipped by serve()
 
-    def _submit_left(self, _future: asyncio.Future[None]) -> None:
-        self._submits_waiting -= 1
+    def _submit_cancelled(self, future: asyncio.Future[None]) -> None:
+        # A granted submit left the count in serve(), at its grant: its done-callback
+        # runs later, after any grant that serve() makes without yielding in between.
+        if future.cancelled():
+            self._submits_waiting -= 1
 
     def _granted(self, *, starved: bool) -> None:
         self.granted += 1
@@ -166,9 +168,11 @@ class RequestGate:
                 priority, _, future = heapq.heappop(self._waiters)
                 if not future.done():
                     future.set_result(None)
-                    # Its done-callback (one submit fewer waiting) runs later: count it now.
-                    others = self._submits_waiting - (priority == Priority.SUBMIT)
-                    self._granted(starved=binds(others, self._rate, self.config.bind_s))
+                    if priority == Priority.SUBMIT:
+                        self._submits_waiting -= 1
+                    self._granted(
+                        starved=binds(self._submits_waiting, self._rate, self.config.bind_s)
+                    )
                     break
 
     def rate_limited(self, retry_after: float | None) -> float:
@@ -212,7 +216,9 @@ _BURST = 2
 def binds(submits_waiting: int, per_second: float, bind_s: float) -> bool:
     """Whether a grant that leaves ``submits_waiting`` submits behind shows the limit
     binding: some wait, and draining them at ``per_second`` takes ``bind_s`` or more."""
-    return submits_waiting > 0 and submits_waiting >= per_second * bind_s
+    # The relative slack keeps an exact boundary exact after time scaling's rounding
+    # (120/min at scale 0.003 is 2.0000000000000004 requests per bind_s).
+    return submits_waiting > 0 and submits_waiting * (1 + 1e-9) >= per_second * bind_s
 
 
 def _limiter(per_second: float) -> AsyncLimiter:

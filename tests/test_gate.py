@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -93,6 +94,28 @@ async def test_a_backlog_of_submits_that_takes_bind_s_to_drain_is_pressure(
     assert gate.pressure > 0.1
 
 
+async def test_grants_made_back_to_back_after_a_stall_count_the_backlog_exactly(
+    serve: Callable[[RequestGate], None],
+) -> None:
+    """After the loop stalls, the bucket holds tokens and serve() grants twice without
+    yielding: the second grant must not count the first, already granted, submit (its
+    done-callback has not run yet)."""
+    gate = _gate(40, bind_s=0.05)  # 2 submits waiting take 50 ms: the limit binds
+    tasks = [asyncio.create_task(gate.acquire(SUBMIT)) for _ in range(4)]
+    await asyncio.sleep(0)
+    serve(gate)
+    await asyncio.sleep(0)  # serve() primes the bucket, grants one, waits for a token
+    assert gate.granted == 1
+    time.sleep(0.08)  # noqa: ASYNC251 -- the stall under test: the bucket refills
+    await asyncio.gather(*tasks)
+
+    # Left behind: 3, 2 (bind), then 1 and 0 (do not), the 3rd grant made back to back.
+    expected = 0.0
+    for starved in (1, 1, 0, 0):
+        expected += 0.05 * (starved - expected)
+    assert gate.pressure == pytest.approx(expected)
+
+
 async def test_a_burst_the_rate_drains_at_once_is_no_pressure(
     serve: Callable[[RequestGate], None],
 ) -> None:
@@ -118,6 +141,7 @@ async def test_a_burst_the_rate_drains_at_once_is_no_pressure(
         (199, 20_000, 1.0, False),  # a burst gone in 10 ms
         (300, 80, 0.01, True),  # time-scaled: 3.75 s of backlog against 10 ms
         (1, 1e9, 0.0, True),  # bind_s 0: any submit waiting
+        (2, 120 / (60 * 0.003), 0.003, True),  # 2.0000000000000004 after scaling: still 2
     ],
 )
 def test_binds_when_the_backlog_takes_bind_s_to_drain(
@@ -236,7 +260,7 @@ async def test_with_nobody_waiting_a_token_is_granted_without_the_serve_loop() -
     assert gate.pressure == 0  # nobody was left waiting
 
 
-@pytest.mark.parametrize("bind_s", [-1.0, float("nan")])
+@pytest.mark.parametrize("bind_s", [-1.0, float("nan"), float("inf")])
 def test_rate_config_refuses_a_bad_bind_s(bind_s: float) -> None:
     with pytest.raises(UsageError, match="bind_s"):
         RateConfig(bind_s=bind_s)

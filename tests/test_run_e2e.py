@@ -533,24 +533,20 @@ async def _polls_per_job(
     return sum(r["polls"] for r in rows) / jobs
 
 
-async def test_a_binding_limit_thins_polls_and_a_burst_at_a_slack_rate_does_not(
+async def test_a_binding_limit_thins_status_polls_to_about_one_per_job(
     tmp_path: Path, sim: Any
 ) -> None:
-    """48 jobs at once. At 60/min (time scale 0.01) they need >= 144 requests, >= 144
-    model-s against a 7.7 s job: submits queue at the gate, the limit binds, and each job
-    gets about one status poll. At 100,000/s (time scale 0.05: wide enough that
-    milliseconds of transport stay small against the model's seconds) the start-up burst
-    is sent within milliseconds: nothing binds, and jobs are polled as usual."""
+    """48 jobs at once at 60/min (time scale 0.01) need >= 144 requests, >= 144 model-s
+    against a 7.7 s job: submits queue at the gate, its pressure reaches the schedule,
+    and each job gets about one status poll. (A burst the rate drains at once is not
+    pressure: tests/test_gate.py; here the pipeline's 32 submit workers never leave
+    enough submits waiting at a slack rate for either rule to see one.)"""
     bound = await _polls_per_job(
         tmp_path, sim, "bound", RateConfig(requests=60, period_s=60.0), 0.01, 48
     )
-    slack = await _polls_per_job(
-        tmp_path, sim, "slack", RateConfig(requests=100_000, period_s=1.0), 0.05, 48
-    )
-    # The floor is 1 (one status poll, then the result); unthinned, the binding gate that
-    # delays every poll still leaves ~1.7.
+    # The floor is 1 (one status poll, then the result). Without pressure (bind_s not
+    # time-scaled, say), the gate's queue alone, delaying every poll, leaves ~1.7.
     assert bound <= 1.35, bound
-    assert slack >= 3.5, slack  # InstantID's spread, unbound: ~6
 
 
 async def test_every_request_is_counted_once_through_retries_and_resent_submits(
