@@ -45,7 +45,7 @@ __all__ = [
 #: worth of throughput lost (jobs/min <= RPM / requests per job). With the first poll
 #: and the gap cap moved up too (``PollConfig.bound_*``), a 163 s job (sigma 0.25)
 #: drops from ~14.5 status polls to ~1.35 (noticed ~60 s late instead of ~2.5 s) and a
-#: 7.7 s job (sigma 0.35) from ~5.7 to ~1.2 (~4 s late instead of ~0.4 s).
+#: 7.7 s job (sigma 0.35) from ~5.4 to ~1.2 (~4 s late instead of ~0.4 s).
 PRESSURE_GAIN = 9.0
 
 _SIGMA_FLOOR = 0.05
@@ -137,9 +137,11 @@ class PollConfig:
     cost_ratio: float = 5.5
     #: Lag also costs throughput in proportion to the job's own length (an in-flight
     #: slot idles for lag/median of its work), so for a model of median ``m`` the
-    #: ratio used is ``cost_ratio * (1 + lag_reference_s / m)``: a second of lag on an
-    #: 11 s job counts double. See :func:`cost_ratio_for` for why one constant fails.
-    lag_reference_s: float = 11.0
+    #: ratio used is ``cost_ratio * (1 + lag_reference_s / m)``: a second of lag on a
+    #: 9 s job counts double. See :func:`cost_ratio_for` for why one constant fails.
+    #: (11 until the InstantID polling benchmark ran unsaturated: at time scale 0.2
+    #: it took 6.1 polls a job, lag 0.39 s; with 9, 5.6-5.8 polls, 0.43-0.45 s.)
+    lag_reference_s: float = 9.0
     min_gap_s: float = 0.5
     #: A gap is at most this fraction of the model's current median latency, so a
     #: wrong model costs bounded lag. Not 0.1: for a 7.7 s model that cap (0.77 s)
@@ -158,7 +160,7 @@ class PollConfig:
     #: When the rate limit binds (pressure 1) a poll costs a job's worth of throughput
     #: and lag costs none while slots are free: the first poll moves up to this
     #: quantile, and the gap cap to this fraction of the median, in proportion to the
-    #: pressure. A 7.7 s job then takes ~1.1 status polls instead of ~5.7.
+    #: pressure. A 7.7 s job then takes ~1.2 status polls instead of ~5.4.
     bound_first_quantile: float = 0.9
     bound_max_gap_fraction: float = 0.5
 
@@ -382,7 +384,7 @@ def cost_ratio_for(model: LatencyModel, cfg: PollConfig, pressure: float = 0.0) 
     ``sqrt(median / ratio)``, so a ratio lean enough for InfiniteYou (<= 16 polls
     needs ratio <~ 7) leaves InstantID late (<= 0.5 s needs ratio >~ 8). Pricing a
     second of lag both as wall-clock time and as a fraction of the median resolves
-    it; with the defaults InfiniteYou gets 5.9 and InstantID 13.4. Pressure divides
+    it; with the defaults InfiniteYou gets 5.8 and InstantID 11.9. Pressure divides
     the ratio by up to ``1 + PRESSURE_GAIN``.
     """
     scale = cfg.time_scale

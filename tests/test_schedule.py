@@ -347,8 +347,8 @@ def test_cost_ratio_scales_with_the_median() -> None:
     cfg = PollConfig()
     long_job = cost_ratio_for(LatencyModel(*INFINITE_YOU, cfg), cfg)
     short_job = cost_ratio_for(LatencyModel(*INSTANT_ID, cfg), cfg)
-    assert long_job == pytest.approx(5.5 * (1 + 11.0 / 163.0))
-    assert short_job == pytest.approx(5.5 * (1 + 11.0 / 7.7))
+    assert long_job == pytest.approx(5.5 * (1 + 9.0 / 163.0))
+    assert short_job == pytest.approx(5.5 * (1 + 9.0 / 7.7))
     # time-scaled: the same schedule in shrunk seconds
     scaled = PollConfig(time_scale=0.001)
     assert cost_ratio_for(LatencyModel(*INSTANT_ID, scaled), scaled) == pytest.approx(
