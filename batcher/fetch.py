@@ -16,6 +16,7 @@ import aiohttp
 from anyio.abc import ObjectReceiveStream
 
 from batcher.backoff import backoff_delay
+from batcher.checkpoint import Job
 from batcher.client import Outcome, TransportError
 from batcher.errors import OutputUnwritable
 from batcher.gate import Priority
@@ -46,6 +47,7 @@ async def fetch_one(ctx: RunContext, flight: Flight, reschedule: Callable[[Fligh
     stats = CallStats()
     reply = await _get(ctx, Priority.FETCH, flight.response_url, stats)
     ctx.counters.api_requests["result"] += 1 + stats.retries + stats.rate_limited
+    await ctx.count_retries(flight.job, stats.retries)
     await ctx.count_429s(flight.job, stats.rate_limited)
     if isinstance(reply, TransportError):
         reschedule(flight)  # the status said COMPLETED: poll again, fetch again
@@ -63,7 +65,7 @@ async def fetch_one(ctx: RunContext, flight: Flight, reschedule: Callable[[Fligh
     metrics: dict[str, Any] = raw_metrics if isinstance(raw_metrics, dict) else {}
     try:
         items = output_items(body.get("output"))
-        saved = [await _save(ctx, job.id, i, item) for i, item in enumerate(items)]
+        saved = [await _save(ctx, job, i, item) for i, item in enumerate(items)]
     except (ValueError, CorruptImage, IncompleteDownload, aiohttp.ClientError, TimeoutError) as exc:
         await ctx.fail(
             job,
@@ -91,12 +93,12 @@ async def fetch_one(ctx: RunContext, flight: Flight, reschedule: Callable[[Fligh
     )
 
 
-async def _save(ctx: RunContext, row_id: str, index: int, item: str) -> SavedImage:
+async def _save(ctx: RunContext, job: Job, index: int, item: str) -> SavedImage:
     data = decode_inline(item)
     if data is None:
-        data = await _download(ctx, item)
+        data = await _download(ctx, job, item)
     try:
-        return await ctx.images.write(row_id, index, data)
+        return await ctx.images.write(job.id, index, data)
     except OSError as exc:  # the folder's problem, not this row's: stop before all fail
         reason = exc.strerror or type(exc).__name__
         raise OutputUnwritable(
@@ -106,7 +108,7 @@ async def _save(ctx: RunContext, row_id: str, index: int, item: str) -> SavedIma
         ) from None
 
 
-async def _download(ctx: RunContext, url: str) -> bytes:
+async def _download(ctx: RunContext, job: Job, url: str) -> bytes:
     """Download with retries for transient failures (cut bodies, resets, timeouts)."""
     attempt = 0
     while True:
@@ -116,5 +118,5 @@ async def _download(ctx: RunContext, url: str) -> bytes:
             attempt += 1
             if attempt >= ctx.retry.max_attempts:
                 raise
-            ctx.counters.retries += 1
+            await ctx.count_retries(job, 1)
             await asyncio.sleep(backoff_delay(attempt, ctx.retry, ctx.rng))

@@ -210,6 +210,13 @@ class RunContext:
         self.stop_submitting.set()
         self.requeue_signal.set()
 
+    async def count_retries(self, job: Job, retries: int) -> None:
+        """Add ``retries`` transient retries (5xx, lost connections, cut downloads) of any
+        of the row's requests to its count, which runs over all its attempts."""
+        if retries:
+            self.counters.retries += retries
+            await self.checkpoint.increment(job.id, "retries", retries)
+
     async def count_429s(self, job: Job, answers: int) -> None:
         """Add ``answers`` 429s to the row's count (nothing to write when there were none)."""
         if answers:

@@ -128,8 +128,8 @@ async def submit_one(ctx: RunContext, job: Job, track: Callable[[Flight], None])
         # Only this attempt's requests: earlier attempts of the row were counted already.
         retries = stats.retries - retries
         ctx.counters.api_requests["submit"] += 1 + retries + stats.rate_limited - rate_limited
-        ctx.counters.retries += retries
         if isinstance(result, TransportError):
+            await ctx.count_retries(job, retries)
             if not result.maybe_sent:
                 await ctx.unsubmitted(_with(job, attempts=job.attempts - 1))
                 raise ApiUnreachable(f"cannot reach the API at {ctx.api.base_url}: {result}")
@@ -139,14 +139,15 @@ async def submit_one(ctx: RunContext, job: Job, track: Callable[[Flight], None])
             if ctx.options.resubmit_unknown:
                 log.warning("row %s: %s; sending it again (--resubmit-unknown)", job.id, result)
                 continue
-            await ctx.fail(job, UNKNOWN_OUTCOME, retries=stats.retries)
+            await ctx.fail(job, UNKNOWN_OUTCOME)
             await ctx.count_429s(job, stats.rate_limited)
             return
         # The answer is recorded first: nothing may come between a request_id and the
-        # checkpoint, the 429 count of the row included.
+        # checkpoint, the row's retry and 429 counts included.
         # The job's clock starts when its POST went out, not when it began waiting for
         # the gate (rate-bound, submits wait longest): polls are timed from it.
         await _settle(ctx, job, result, sent[-1] if sent else time.time(), stats, track)
+        await ctx.count_retries(job, retries)
         await ctx.count_429s(job, stats.rate_limited)
         return
 
@@ -228,7 +229,6 @@ async def _settle(
             status_url=status_url,
             response_url=response_url,
             submitted_at=sent_at,
-            retries=stats.retries,
         )
         ctx.counters.submitted += 1
         track(
@@ -269,10 +269,9 @@ async def _settle(
         await ctx.fail(
             job,
             f"gave up after {stats.retries + 1} attempts: {reply.error_text()}",
-            retries=stats.retries,
         )
         return
-    await ctx.fail(job, reply.error_text(), retries=stats.retries)  # 400, 422, other 4xx
+    await ctx.fail(job, reply.error_text())  # 400, 422, other 4xx
 
 
 def _with(job: Job, **changes: Any) -> Job:
