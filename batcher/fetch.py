@@ -46,9 +46,7 @@ async def work(
 async def fetch_one(ctx: RunContext, flight: Flight, reschedule: Callable[[Flight], None]) -> None:
     stats = CallStats()
     reply = await _get(ctx, Priority.FETCH, flight.response_url, stats)
-    ctx.counters.api_requests["result"] += 1 + stats.retries + stats.rate_limited
-    await ctx.count_retries(flight.job, stats.retries)
-    await ctx.count_429s(flight.job, stats.rate_limited)
+    await ctx.count_get("result", flight.job, stats)
     if isinstance(reply, TransportError):
         reschedule(flight)  # the status said COMPLETED: poll again, fetch again
         return

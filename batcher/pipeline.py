@@ -26,6 +26,7 @@ from batcher.gate import RequestGate
 from batcher.image_writer import ImageWriter
 from batcher.inputs import ImageInputs
 from batcher.options import RunOptions
+from batcher.retry import CallStats
 from batcher.schedule import LatencyModel, PollConfig
 from batcher.schemas import registry
 
@@ -209,6 +210,12 @@ class RunContext:
             log.warning("%s", reason)
         self.stop_submitting.set()
         self.requeue_signal.set()
+
+    async def count_get(self, endpoint: str, job: Job, stats: CallStats) -> None:
+        """A status or result GET of the row is over: its requests, retries and 429s."""
+        self.counters.api_requests[endpoint] += 1 + stats.retries + stats.rate_limited
+        await self.count_retries(job, stats.retries)
+        await self.count_429s(job, stats.rate_limited)
 
     async def count_retries(self, job: Job, retries: int) -> None:
         """Add ``retries`` transient retries (5xx, lost connections, cut downloads) of any

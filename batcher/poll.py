@@ -100,9 +100,7 @@ class Poller:
         else:
             flight.last_gap = flight.elapsed(now)
         flight.last_poll_mono = now
-        ctx.counters.api_requests["status"] += 1 + stats.retries + stats.rate_limited
-        await ctx.count_retries(flight.job, stats.retries)
-        await ctx.count_429s(flight.job, stats.rate_limited)
+        await ctx.count_get("status", flight.job, stats)
         if isinstance(reply, TransportError):
             self._schedule(flight)  # every retry failed; try again on the usual schedule
             return

@@ -77,6 +77,15 @@ async def test_a_later_fetch_goes_before_submits_already_waiting(
     assert granted == [SUBMIT, FETCH, POLL, SUBMIT, SUBMIT]
 
 
+def _pressure_after(*starved: int) -> float:
+    """The gate's pressure after grants that did (1) or did not (0) leave the limit
+    binding: its moving average, 1/20 of each new grant."""
+    pressure = 0.0
+    for s in starved:
+        pressure += 0.05 * (s - pressure)
+    return pressure
+
+
 async def test_a_backlog_of_submits_that_takes_bind_s_to_drain_is_pressure(
     serve: Callable[[RequestGate], None],
 ) -> None:
@@ -87,10 +96,7 @@ async def test_a_backlog_of_submits_that_takes_bind_s_to_drain_is_pressure(
     await asyncio.gather(*tasks)
 
     # Grants 1-4 left 5, 4, 3, 2 submits behind (the limit binds), 5 and 6 left 1 and 0.
-    expected = 0.0
-    for starved in (1, 1, 1, 1, 0, 0):
-        expected += 0.05 * (starved - expected)
-    assert gate.pressure == pytest.approx(expected)
+    assert gate.pressure == pytest.approx(_pressure_after(1, 1, 1, 1, 0, 0))
     assert gate.pressure > 0.1
 
 
@@ -110,10 +116,7 @@ async def test_grants_made_back_to_back_after_a_stall_count_the_backlog_exactly(
     await asyncio.gather(*tasks)
 
     # Left behind: 3, 2 (bind), then 1 and 0 (do not), the 3rd grant made back to back.
-    expected = 0.0
-    for starved in (1, 1, 0, 0):
-        expected += 0.05 * (starved - expected)
-    assert gate.pressure == pytest.approx(expected)
+    assert gate.pressure == pytest.approx(_pressure_after(1, 1, 0, 0))
 
 
 async def test_a_burst_the_rate_drains_at_once_is_no_pressure(

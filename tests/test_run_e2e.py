@@ -514,25 +514,6 @@ async def test_under_the_emulators_limit_no_request_is_refused_and_requests_are_
     assert f"{made} API requests ({made / len(spec):.2f} per completed job)" in result.text()
 
 
-async def _polls_per_job(
-    tmp_path: Path, sim: Any, name: str, rate: RateConfig, scale: float, jobs: int
-) -> float:
-    """All ``jobs`` InstantID jobs in flight at once: mean status polls per job, checked
-    against the emulator's count."""
-    spec = [{"id": f"j{n:02d}", "prompt": f"p {n}", "face_image": "https://e.com/f.jpg"}
-            for n in range(jobs)]  # fmt: skip
-    manifest = _write_manifest(tmp_path / f"{name}.csv", spec)
-    server = await sim(time_scale=scale, latency_sigma=0.35, image_size=(32, 32), seed=5)
-    out = tmp_path / f"out-{name}"
-    result = await arun(_options(manifest, out, server, model="instantid", rate=rate,
-                                 max_in_flight=jobs))  # fmt: skip
-    assert result.exit_code == EXIT_OK, result.text()
-    rows = _results(out)
-    assert [r["status"] for r in rows] == ["COMPLETED"] * jobs
-    assert _requests(server.stats(), "status") == sum(r["polls"] for r in rows)
-    return sum(r["polls"] for r in rows) / jobs
-
-
 async def test_a_binding_limit_thins_status_polls_to_about_one_per_job(
     tmp_path: Path, sim: Any
 ) -> None:
@@ -541,9 +522,21 @@ async def test_a_binding_limit_thins_status_polls_to_about_one_per_job(
     and each job gets about one status poll. (A burst the rate drains at once is not
     pressure: tests/test_gate.py; here the pipeline's 32 submit workers never leave
     enough submits waiting at a slack rate for either rule to see one.)"""
-    bound = await _polls_per_job(
-        tmp_path, sim, "bound", RateConfig(requests=60, period_s=60.0), 0.01, 48
-    )
+    jobs = 48
+    spec = [{"id": f"j{n:02d}", "prompt": f"p {n}", "face_image": "https://e.com/f.jpg"}
+            for n in range(jobs)]  # fmt: skip
+    manifest = _write_manifest(tmp_path / "jobs.csv", spec)
+    server = await sim(time_scale=0.01, latency_sigma=0.35, image_size=(32, 32), seed=5)
+    rate = RateConfig(requests=60, period_s=60.0)
+    out = tmp_path / "out"
+    result = await arun(_options(manifest, out, server, model="instantid", rate=rate,
+                                 max_in_flight=jobs))  # fmt: skip
+
+    assert result.exit_code == EXIT_OK, result.text()
+    rows = _results(out)
+    assert [r["status"] for r in rows] == ["COMPLETED"] * jobs
+    assert _requests(server.stats(), "status") == sum(r["polls"] for r in rows)
+    bound = sum(r["polls"] for r in rows) / jobs
     # The floor is 1 (one status poll, then the result). Without pressure (bind_s not
     # time-scaled, say), the gate's queue alone, delaying every poll, leaves ~1.7.
     assert bound <= 1.35, bound
