@@ -25,6 +25,7 @@ from batcher.client import ApiClient
 from batcher.gate import RequestGate
 from batcher.image_writer import ImageWriter
 from batcher.inputs import ImageInputs
+from batcher.lateness import PollLateness
 from batcher.options import RunOptions
 from batcher.retry import CallStats
 from batcher.schedule import LatencyModel, PollConfig
@@ -123,6 +124,7 @@ class Counters:
     retries: int = 0
     failed_reasons: Counter[str] = field(default_factory=Counter)
     api_requests: Counter[str] = field(default_factory=Counter)
+    poll_lateness: PollLateness = field(default_factory=PollLateness)
 
 
 class RunContext:

@@ -19,6 +19,7 @@ from anyio.abc import ObjectSendStream
 from batcher.client import Outcome, Reply, TransportError
 from batcher.errors import AuthError
 from batcher.gate import Priority
+from batcher.lateness import WINDOW
 from batcher.pipeline import Flight, RunContext
 from batcher.retry import CallStats, call
 from batcher.schedule import next_poll_delay
@@ -40,6 +41,8 @@ class Poller:
         self._seq = itertools.count()
         self._wake = anyio.Event()
         self._limit = anyio.Semaphore(concurrency)
+        #: Loop time when poll slots last freed up after all were taken.
+        self._unblocked = float("-inf")
 
     def __len__(self) -> int:
         return len(self._heap)
@@ -79,8 +82,34 @@ class Poller:
                         await self._wake.wait()
                     continue
                 _, _, flight = heapq.heappop(self._heap)
-                await self._limit.acquire()
+                self._record_start(flight, due)
+                if self._limit.value == 0:  # every poll slot waits on the rate limit
+                    await self._limit.acquire()
+                    self._unblocked = self._ctx.now()
+                else:
+                    await self._limit.acquire()
                 tg.start_soon(self._poll_guarded, flight)
+
+    def _record_start(self, flight: Flight, due: float) -> None:
+        """How late this poll starts: from its due time, or from when the poll slots
+        freed up if they were all taken (polls waiting for the rate limit are the run's
+        budget at work, not a client falling behind)."""
+        ctx = self._ctx
+        now = ctx.now()
+        base = flight.last_poll_mono if flight.last_poll_mono is not None else flight.submitted_mono
+        if ctx.counters.poll_lateness.record(now - max(due, self._unblocked), due - base):
+            share = ctx.counters.poll_lateness.recent_share or 0.0
+            log.warning(
+                "status polls are starting late: over the last %d, a median of %.0f%% of "
+                "the gap they were planned for. The client cannot keep up (CPU, or too "
+                "much asked of one event loop), so polls per job and detection lag include "
+                "its delay%s",
+                WINDOW,
+                100 * share,
+                "; with --simulate, a larger --time-scale asks less of it"
+                if ctx.options.simulate
+                else "",
+            )
 
     async def _poll_guarded(self, flight: Flight) -> None:
         try:

@@ -96,6 +96,10 @@ class Summary:
     api_requests: int
     rate_limited: int
     unknown_submits: int
+    #: Status polls' start after their planned time, p50 and p90 (s), this run's polls.
+    poll_late: tuple[float, float] | None = None
+    #: Polls ran late by a large share of their gaps at some point (see lateness.py).
+    polls_fell_behind: bool = False
 
     def text(self) -> str:
         c = self.counts
@@ -113,6 +117,18 @@ class Summary:
             lines.append(
                 f"latency p50 {self.latency_p50:.2f} s, p95 {self.latency_p95:.2f} s; "
                 f"total inference_time {self.inference_total_s:.1f} s"
+            )
+        if self.poll_late is not None:
+            p50, p90 = self.poll_late
+            lines.append(
+                f"status polls started {1e3 * p50:.1f} ms (p50), {1e3 * p90:.1f} ms (p90) "
+                "after their planned time"
+                + (
+                    "; the client fell behind: polls per job and detection lag include "
+                    "its delay"
+                    if self.polls_fell_behind
+                    else ""
+                )
             )
         if self.unknown_submits:
             lines.append(
@@ -158,6 +174,8 @@ def summarize(
         api_requests=sum(c.api_requests.values()),
         rate_limited=rate_limited,
         unknown_submits=int(unknown),
+        poll_late=c.poll_lateness.percentiles(),
+        polls_fell_behind=c.poll_lateness.fell_behind,
     )
 
 

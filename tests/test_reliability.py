@@ -121,7 +121,10 @@ def _start(manifest: Path, out: Path, sim: SimProcess, *extra: str) -> subproces
 
 def _rows(out: Path) -> dict[str, tuple[str, str | None]]:
     """id -> (state, request_id), read as a crash left the checkpoint."""
-    db = sqlite3.connect(out / "checkpoint.sqlite")
+    path = out / "checkpoint.sqlite"
+    if not path.exists():  # killed before it made the folder (a slow start, a busy machine)
+        return {}
+    db = sqlite3.connect(path)
     try:
         return {i: (s, r) for i, s, r in db.execute("SELECT id, state, request_id FROM jobs")}
     except sqlite3.OperationalError:  # killed before the table existed
