@@ -243,6 +243,8 @@ async def _batcher(cfg: dict[str, Any]) -> dict[str, Any]:
         "completed_this_run": summary.completed_this_run if summary else 0,
         "api_requests": summary.api_requests if summary else 0,
         "rate_limited": summary.rate_limited if summary else 0,
+        "poll_late_s": list(summary.poll_late) if summary and summary.poll_late else None,
+        "polls_fell_behind": summary.polls_fell_behind if summary else None,
         "stop_reason": result.stop_reason,
         "peak_rss_mb": _peak_rss_mb(),
     }

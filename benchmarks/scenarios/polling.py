@@ -195,6 +195,8 @@ def _run_client(
         "status_rtt_p99_model_s": (report.get("status_rtt_s") or {}).get("p99"),
         "counts": report.get("counts"),
         "requests": final["requests"],
+        "poll_late_s": report.get("poll_late_s"),
+        "polls_fell_behind": report.get("polls_fell_behind"),
     }
 
 
@@ -286,6 +288,17 @@ def run(ctx: Context) -> Outcome:
                     f"(warm: {_fmt(mine['after_warm_up'].get('polls'))} polls, "
                     f"{_fmt(mine['after_warm_up'].get('lag_mean'))} s)",
                     ok=mine["polls"] <= case["max_polls"] and mine["lag_mean"] <= case["max_lag"],
+                )
+            )
+        late = mine.get("poll_late_s")
+        if late:
+            outcome.notes.append(
+                f"{name}: batcher's status polls started {late[0] * 1e3:.1f} ms (p50), "
+                f"{late[1] * 1e3:.1f} ms (p90) wall after their planned time"
+                + (
+                    "; it fell behind (its figures include client delay)."
+                    if mine.get("polls_fell_behind")
+                    else "; it kept up (no window of 64 polls late by over 10% of its gaps)."
                 )
             )
         fixed1_lag = rows[1]["lag_mean"]
