@@ -11,10 +11,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
 DEFAULT_BASE_URL = "https://api.segmind.com"
+#: Largest API answer read. Status answers are tiny; a result with inline (base64)
+#: images of several large samples is tens of MB. A hostile or broken server's endless
+#: or decompression-bomb body stops here instead of filling the memory.
+MAX_BODY_BYTES = 128 * 1024 * 1024
+_CHUNK = 256 * 1024
 
 
 class Outcome(Enum):
@@ -64,6 +70,8 @@ class Reply:
     def error_text(self) -> str:
         """The server's explanation, prefixed with the HTTP status."""
         detail = self.body.get("error") or self.body.get("detail") or self.body.get("message")
+        if 300 <= self.status < 400 and not detail:
+            detail = "a redirect, not followed: the API key is only ever sent to --base-url"
         return f"HTTP {self.status}: {detail}" if detail else f"HTTP {self.status}"
 
 
@@ -98,16 +106,34 @@ class ApiClient:
         return await self._request("POST", f"{self.base_url}/v2/{model}", params)
 
     async def get(self, url: str) -> Reply:
+        """GET a status or result URL, which must be on the base URL's host (see
+        :func:`api_urls`): the key goes nowhere else."""
+        if not same_origin(url, self.base_url):
+            raise ValueError("refusing to send the API key to a URL off --base-url's host")
         return await self._request("GET", url, None)
 
     async def _request(self, method: str, url: str, payload: Mapping[str, Any] | None) -> Reply:
         headers = {"x-api-key": self.__key, "Accept": "application/json"}
         try:
+            # Redirects are not followed: aiohttp drops only Authorization on a redirect
+            # to another host, and x-api-key would go with it.
             async with self._session.request(
-                method, url, json=payload, headers=headers, timeout=self._timeout
+                method,
+                url,
+                json=payload,
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=False,
             ) as resp:
+                raw = await _read_capped(resp)
+                if raw is None:
+                    return Reply(
+                        resp.status,
+                        {"error": f"answer body over {MAX_BODY_BYTES >> 20} MB, not read"},
+                        resp.headers,
+                    )
                 # Should a server ever echo the key, it must not reach a message or a file.
-                raw = (await resp.read()).replace(self.__key.encode(), b"***")
+                raw = raw.replace(self.__key.encode(), b"***")
                 return Reply(resp.status, _json_body(raw), resp.headers)
         except aiohttp.ClientConnectorError as exc:
             # The connection never opened: nothing was sent.
@@ -118,9 +144,59 @@ class ApiClient:
             raise TransportError(f"connection lost ({name})", maybe_sent=True) from None
 
 
+async def _read_capped(resp: aiohttp.ClientResponse) -> bytes | None:
+    """The (decompressed) body, or None past MAX_BODY_BYTES."""
+    declared = resp.content_length
+    if declared is not None and declared > MAX_BODY_BYTES:
+        return None
+    body = bytearray()
+    async for chunk in resp.content.iter_chunked(_CHUNK):
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            return None
+    return bytes(body)
+
+
 def _json_body(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw) if raw else {}
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested absurdly deep
         return {"error": raw[:200].decode("utf-8", "replace").strip()}
     return body if isinstance(body, dict) else {"value": body}
+
+
+def same_origin(url: str, base_url: str) -> bool:
+    """Whether ``url`` is an absolute URL on the scheme, host and port of ``base_url``."""
+    a, b = _origin(url), _origin(base_url)
+    return a is not None and a == b
+
+
+def _origin(url: str) -> tuple[str, str, int | None] | None:
+    try:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        port = parts.port or {"http": 80, "https": 443}.get(scheme)
+    except ValueError:  # a port that is not a number
+        return None
+    if not parts.hostname or scheme not in ("http", "https"):
+        return None
+    return scheme, parts.hostname, port
+
+
+def api_urls(
+    base_url: str, request_id: str, status_url: str | None, response_url: str | None
+) -> tuple[str, str, bool]:
+    """(status URL, result URL, replaced) for a request: the server's own URLs when they
+    are on ``base_url``'s host, else the documented ``/v2/requests/{id}[/status]`` on
+    ``base_url`` (``replaced`` True). The key is sent with every poll, so it must never
+    follow a URL an answer names on another host, nor one a checkpoint kept from an
+    earlier run against another base URL (or an emulator that is gone)."""
+    base = f"{base_url.rstrip('/')}/v2/requests/{request_id}"
+    if (
+        status_url
+        and response_url
+        and same_origin(status_url, base_url)
+        and same_origin(response_url, base_url)
+    ):
+        return status_url, response_url, False
+    return f"{base}/status", base, True

@@ -178,6 +178,8 @@ class RunContext:
         self.feed_done = False
         self.stop_reason: str | None = None
         self.flights: dict[str, Flight] = {}
+        #: Warned that the API named status/result URLs on another host (once a run).
+        self.warned_foreign_urls = False
         self.started_mono = time.monotonic()
 
     def now(self) -> float:

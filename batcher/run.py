@@ -24,7 +24,7 @@ import aiohttp
 import anyio
 
 from batcher.checkpoint import FAILED, PENDING, SUBMITTED, SUBMITTING, Checkpoint
-from batcher.client import ApiClient
+from batcher.client import ApiClient, api_urls
 from batcher.errors import BatcherError, OutputUnwritable, UsageError
 from batcher.fetch import work as fetch_work
 from batcher.gate import RequestGate
@@ -187,24 +187,39 @@ async def _resume(ctx: RunContext, poller: Poller) -> None:
             await cp.update(job.id, state=FAILED, error=UNKNOWN_OUTCOME)
     now_wall, now = time.time(), ctx.now()
     limit = ctx.poll.retention_s * ctx.poll.time_scale
+    moved = 0
     for job in await cp.jobs_in([SUBMITTED], limit=1 << 30):
         age = now_wall - (job.submitted_at or now_wall)
         ctx.resumed.add(job.id)
         ctx.take_resumed_slot()
-        if age >= limit or not (job.request_id and job.status_url and job.response_url):
+        if age >= limit or not job.request_id:
             ctx.counters.resubmitted_expired += 1
             await ctx.requeue(job, "its result expired while batcher was not running")
             continue
+        # URLs kept from a run against another base URL (or an emulator now gone) are
+        # not followed: the request is asked of this run's API, with its key.
+        status_url, response_url, replaced = api_urls(
+            ctx.api.base_url, job.request_id, job.status_url, job.response_url
+        )
+        if replaced:
+            moved += 1
         poller.track(
             Flight.start(
                 job=job,
                 request_id=job.request_id,
-                status_url=job.status_url,
-                response_url=job.response_url,
+                status_url=status_url,
+                response_url=response_url,
                 submitted_wall=job.submitted_at or now_wall,
                 now_wall=now_wall,
                 now_mono=now,
             )
+        )
+    if moved:
+        log.info(
+            "%d jobs in flight were submitted to another API address (an earlier --base-url "
+            "or emulator): asking %s about them",
+            moved,
+            ctx.api.base_url,
         )
 
 

@@ -23,7 +23,7 @@ import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from batcher.checkpoint import PENDING, SUBMITTED, SUBMITTING, Job
-from batcher.client import Outcome, Reply, TransportError
+from batcher.client import Outcome, Reply, TransportError, api_urls
 from batcher.errors import ApiError, AuthError, UnknownModel
 from batcher.gate import Priority
 from batcher.inputs import InputError
@@ -219,9 +219,17 @@ async def _settle(
         if not request_id:
             await ctx.fail(job, f"submit answered {reply.status} without a request_id")
             return
-        base = f"{ctx.api.base_url}/v2/requests/{request_id}"
-        status_url = str(body.get("status_url") or body.get("poll_url") or base + "/status")
-        response_url = str(body.get("response_url") or base)
+        given = body.get("status_url") or body.get("poll_url"), body.get("response_url")
+        status_url, response_url, replaced = api_urls(
+            ctx.api.base_url, request_id, *(str(u) if u else None for u in given)
+        )
+        if replaced and any(given) and not ctx.warned_foreign_urls:
+            ctx.warned_foreign_urls = True
+            log.warning(
+                "the API's answer names status/result URLs off --base-url's host; polling "
+                "%s/v2/requests/{id} instead (the API key is only sent to --base-url)",
+                ctx.api.base_url,
+            )
         await ctx.checkpoint.update(
             job.id,
             state=SUBMITTED,
