@@ -327,17 +327,25 @@ class Checkpoint:
     # -- reading work ------------------------------------------------------------------------
 
     async def jobs_in(
-        self, states: Sequence[str], *, after: int = -1, limit: int = 1000
+        self, states: Sequence[str], *, after: tuple[int, str] = (-1, ""), limit: int = 1000
     ) -> list[Job]:
-        """Rows in the given states, in manifest order, after row ``after``."""
+        """Rows in the given states, in manifest order, after ``after`` = (number, id).
+
+        Order and cursor are (number, id): rows added by an edited manifest take their
+        line number in it, which a row kept from the earlier version may share, so a
+        cursor on the number alone would skip one of them at a page boundary.
+        """
         marks = ",".join("?" * len(states))
         sql = (
-            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN ({marks}) AND number > ? "
-            "ORDER BY number LIMIT ?"
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN ({marks}) "
+            "AND number >= ? AND (number > ? OR id > ?) ORDER BY number, id LIMIT ?"
         )
+        number, row_id = after
 
         def get() -> list[Job]:
-            return [_job(r) for r in self._conn.execute(sql, (*states, after, limit))]
+            return [
+                _job(r) for r in self._conn.execute(sql, (*states, number, number, row_id, limit))
+            ]
 
         result: list[Job] = await self._call(get)
         return result

@@ -54,7 +54,7 @@ async def feed(ctx: RunContext, send: ObjectSendStream[Job]) -> None:
 
 
 async def _feed(ctx: RunContext, send: ObjectSendStream[Job]) -> None:
-    cursor = -1
+    cursor = (-1, "")
     page: list[Job] = []
     exhausted = False
     async with send:
@@ -68,7 +68,7 @@ async def _feed(ctx: RunContext, send: ObjectSendStream[Job]) -> None:
             elif not exhausted:
                 page = await ctx.checkpoint.jobs_in([PENDING], after=cursor, limit=512)
                 exhausted = not page
-                cursor = page[-1].number if page else cursor
+                cursor = (page[-1].number, page[-1].id) if page else cursor
                 continue
             elif ctx.active == 0:
                 return  # nothing pending, nothing in flight: nothing can be requeued

@@ -7,6 +7,7 @@ import asyncio
 import json
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +116,7 @@ async def test_transitions_read_back_in_manifest_order(cp: Checkpoint) -> None:
     await cp.increment("r3", "polls", 4)
 
     assert [j.id for j in await cp.jobs_in([PENDING])] == ["r3", "r4", "r5"]
-    assert [j.id for j in await cp.jobs_in([PENDING], after=3, limit=1)] == ["r4"]
+    assert [j.id for j in await cp.jobs_in([PENDING], after=(3, "r3"), limit=1)] == ["r4"]
     (job,) = await cp.jobs_in([SUBMITTED])
     assert (job.request_id, job.status_url, job.attempts, job.submitted_at) == (
         "q1",
@@ -127,6 +128,20 @@ async def test_transitions_read_back_in_manifest_order(cp: Checkpoint) -> None:
     assert await cp.counts() == {PENDING: 3, SUBMITTED: 1, COMPLETED: 1, INVALID: 1}
     metrics, outputs = _read(cp.path, "SELECT metrics, outputs FROM jobs WHERE id='r2'")[0]
     assert (json.loads(metrics), json.loads(outputs)) == ({"inference_time": 1.5}, ["a.png"])
+
+
+async def test_pages_read_every_row_once_when_row_numbers_repeat(cp: Checkpoint) -> None:
+    """An edited manifest's new rows take their line numbers in it, which rows kept from
+    the earlier version may hold too: paging must still read each row exactly once."""
+    kept = [_row(n) for n in range(1, 8)]
+    added = [replace(_row(n), id=f"new{n}") for n in range(1, 8)]
+    await cp.add_rows(kept + added)
+    seen: list[str] = []
+    cursor = (-1, "")
+    while page := await cp.jobs_in([PENDING], after=cursor, limit=3):
+        seen += [j.id for j in page]
+        cursor = (page[-1].number, page[-1].id)
+    assert sorted(seen) == sorted(r.id for r in kept + added)  # none skipped, none twice
 
 
 async def test_update_refuses_a_column_that_does_not_exist(cp: Checkpoint) -> None:
