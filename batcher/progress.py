@@ -124,8 +124,7 @@ class Summary:
                 f"status polls started {1e3 * p50:.1f} ms (p50), {1e3 * p90:.1f} ms (p90) "
                 "after their planned time"
                 + (
-                    "; the client fell behind: polls per job and detection lag include "
-                    "its delay"
+                    "; the client fell behind: polls per job and detection lag include its delay"
                     if self.polls_fell_behind
                     else ""
                 )
@@ -143,9 +142,7 @@ class Summary:
 _TERMINAL = ("COMPLETED", "FAILED", "INVALID")
 
 
-def summarize(
-    results: Path, counters: Counters, rate_limited: int, elapsed_s: float
-) -> Summary:
+def summarize(results: Path, counters: Counters, rate_limited: int, elapsed_s: float) -> Summary:
     """Figures from results.parquet and the run's counters. Blocking: use a worker thread."""
     table = pq.read_table(
         results, columns=["status", "error", "latency_s", "inference_time", "unknown_submits"]

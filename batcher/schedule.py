@@ -312,9 +312,7 @@ class LatencyModel:
 
 def _gap_bounds(model: LatencyModel, cfg: PollConfig, pressure: float) -> tuple[float, float]:
     lo = cfg.min_gap_s * cfg.time_scale
-    fraction = cfg.max_gap_fraction + pressure * (
-        cfg.bound_max_gap_fraction - cfg.max_gap_fraction
-    )
+    fraction = cfg.max_gap_fraction + pressure * (cfg.bound_max_gap_fraction - cfg.max_gap_fraction)
     hi = min(cfg.max_gap_s * cfg.time_scale, fraction * model.median)
     return lo, max(hi, lo)
 
