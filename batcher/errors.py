@@ -81,3 +81,7 @@ class OutOfCredits(ApiError):
 
 class UnknownModel(ApiError):
     """404 on submit: no such model slug."""
+
+
+class ApiUnreachable(ApiError):
+    """The API could not be reached at all after every retry: stop, resumable."""

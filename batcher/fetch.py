@@ -21,7 +21,7 @@ from batcher.client import Outcome, TransportError
 from batcher.errors import OutputUnwritable
 from batcher.gate import Priority
 from batcher.pipeline import Flight, RunContext
-from batcher.poll import _get, metric, settle_not_ok
+from batcher.poll import _get, metric, retry_later, settle_not_ok
 from batcher.retry import CallStats
 from batcher.sink import (
     CorruptImage,
@@ -47,8 +47,8 @@ async def fetch_one(ctx: RunContext, flight: Flight, reschedule: Callable[[Fligh
     stats = CallStats()
     reply = await _get(ctx, Priority.FETCH, flight.response_url, stats)
     await ctx.count_get("result", flight.job, stats)
-    if isinstance(reply, TransportError):
-        reschedule(flight)  # the status said COMPLETED: poll again, fetch again
+    if isinstance(reply, TransportError):  # the status said COMPLETED: poll, fetch again
+        await retry_later(ctx, flight, str(reply), reschedule)
         return
     body = reply.body
     if reply.outcome is not Outcome.OK:

@@ -22,6 +22,7 @@ import aiohttp
 from batcher.backoff import RetryConfig
 from batcher.checkpoint import FAILED, PENDING, Checkpoint, Job
 from batcher.client import ApiClient
+from batcher.errors import ApiUnreachable
 from batcher.gate import RequestGate
 from batcher.image_writer import ImageWriter
 from batcher.inputs import ImageInputs
@@ -32,6 +33,10 @@ from batcher.schedule import LatencyModel, PollConfig
 from batcher.schemas import registry
 
 log = logging.getLogger(__name__)
+
+#: Model seconds without any HTTP answer from the API (status polls and result fetches
+#: failing after all their retries) before a run stops as "API unreachable".
+UNREACHABLE_S = 300.0
 
 
 def _compact_urls(request_id: str, status_url: str, response_url: str) -> str | tuple[str, str]:
@@ -62,6 +67,9 @@ class Flight:
     #: Loop time from which the job's latency clock runs: its submit, or the last
     #: status poll that found it still QUEUED (it started after that poll went out).
     clock_mono: float | None = None
+    #: Status or result requests in a row that got no usable answer (each after its
+    #: own retries): the next poll backs off by this count.
+    errors: int = 0
 
     @classmethod
     def start(
@@ -181,9 +189,26 @@ class RunContext:
         #: Warned that the API named status/result URLs on another host (once a run).
         self.warned_foreign_urls = False
         self.started_mono = time.monotonic()
+        #: Loop time of the last HTTP answer of any kind from the API.
+        self.last_answer = self.now()
 
     def now(self) -> float:
         return asyncio.get_running_loop().time()
+
+    def heard_from_api(self) -> None:
+        """An HTTP answer came (any status): the API is reachable."""
+        self.last_answer = self.now()
+
+    def check_reachable(self) -> None:
+        """After a request failed with no answer at all (every retry spent): stop the run,
+        resumable, once the API has given no answer of any kind for UNREACHABLE_S (model
+        time). A blip shorter than that is ridden out; jobs in flight stay saved."""
+        silent = self.now() - self.last_answer
+        if silent >= UNREACHABLE_S * self.poll.time_scale:
+            raise ApiUnreachable(
+                f"cannot reach the API at {self.api.base_url}: no answer for {silent:.0f} s. "
+                "Jobs in flight are saved: run the same command again to resume"
+            )
 
     async def acquire_slot(self) -> None:
         """Wait until fewer than max_in_flight jobs are in flight, then take a slot."""

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import anyio
 from anyio.abc import ObjectSendStream
 
+from batcher.backoff import backoff_delay
 from batcher.client import Outcome, Reply, TransportError
 from batcher.errors import AuthError
 from batcher.gate import Priority
@@ -64,6 +65,8 @@ class Poller:
                 pressure=ctx.gate.pressure,
                 rng=ctx.rng,
             )
+            if flight.errors:  # its last requests got no usable answer: back off
+                delay = max(delay, backoff_delay(flight.errors, ctx.retry, ctx.rng))
         heapq.heappush(self._heap, (now + delay, next(self._seq), flight))
         self._wake.set()
 
@@ -131,10 +134,11 @@ class Poller:
         flight.last_poll_mono = now
         await ctx.count_get("status", flight.job, stats)
         if isinstance(reply, TransportError):
-            self._schedule(flight)  # every retry failed; try again on the usual schedule
+            await retry_later(ctx, flight, str(reply), self._schedule)
             return
         state = str(reply.body.get("status", ""))
         if reply.outcome is Outcome.OK and state not in DONE:
+            flight.errors = 0
             if state == "PROCESSING" and flight.processing_since is None:
                 flight.processing_since = now
             elif state == "QUEUED":
@@ -167,15 +171,20 @@ def metric(metrics: object, key: str) -> float | None:
 async def _get(
     ctx: RunContext, priority: Priority, url: str, stats: CallStats
 ) -> Reply | TransportError:
-    return await call(
-        ctx.gate,
-        priority,
-        lambda: ctx.api.get(url),
-        retry=ctx.retry,
-        rng=ctx.rng,
-        safe_to_resend=True,
-        stats=stats,
+    """A status or result GET with its retries. No answer at all, when the API has been
+    silent too long, stops the run (ApiUnreachable)."""
+
+    async def get() -> Reply:
+        reply = await ctx.api.get(url)
+        ctx.heard_from_api()
+        return reply
+
+    result = await call(
+        ctx.gate, priority, get, retry=ctx.retry, rng=ctx.rng, safe_to_resend=True, stats=stats
     )
+    if isinstance(result, TransportError):
+        ctx.check_reachable()
+    return result
 
 
 async def settle_not_ok(
@@ -204,6 +213,25 @@ async def settle_not_ok(
             "SEGMIND_API_KEY. Nothing was lost: run again to resume",
             status=reply.status,
         )
-    # 5xx/429 past every retry, or a 4xx on a GET: keep the job, try later.
+    # 5xx/429 past every retry, or another 4xx/3xx on a GET.
     log.warning("row %s: %s while polling; trying again later", job.id, reply.error_text())
-    reschedule(flight)
+    await retry_later(ctx, flight, reply.error_text(), reschedule)
+
+
+async def retry_later(
+    ctx: RunContext, flight: Flight, reason: str, reschedule: Callable[[Flight], None]
+) -> None:
+    """A status or result GET of the job got no usable answer (after its own retries).
+    The job may be paid for: ask again later, backing off (see Poller._schedule), until
+    its result's retention is over; then the row is FAILED with the last reason."""
+    flight.errors += 1
+    if flight.elapsed(ctx.now()) < ctx.poll.retention_s * ctx.poll.time_scale:
+        reschedule(flight)
+        return
+    await ctx.fail(
+        flight.job,
+        f"no usable answer about this job until its result's retention ran out "
+        f"({flight.errors} tries in a row; last: {reason}); it may have been billed. "
+        "--retry-failed submits it again",
+        polls=flight.job.polls + flight.polls,
+    )

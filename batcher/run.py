@@ -25,7 +25,7 @@ import anyio
 
 from batcher.checkpoint import FAILED, PENDING, SUBMITTED, SUBMITTING, Checkpoint
 from batcher.client import ApiClient, api_urls
-from batcher.errors import BatcherError, OutputUnwritable, UsageError
+from batcher.errors import ApiUnreachable, BatcherError, OutputUnwritable, UsageError
 from batcher.fetch import work as fetch_work
 from batcher.gate import RequestGate
 from batcher.inputs import ImageInputs
@@ -37,7 +37,7 @@ from batcher.poll import Poller
 from batcher.progress import Progress, Summary, summarize
 from batcher.results import RESULTS, write_results
 from batcher.sink import remove_partials
-from batcher.submit import UNKNOWN_OUTCOME, ApiUnreachable, feed
+from batcher.submit import UNKNOWN_OUTCOME, feed
 from batcher.submit import work as submit_work
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from batcher.checkpoint import PENDING, SUBMITTED, SUBMITTING, Job
 from batcher.client import Outcome, Reply, TransportError, api_urls
-from batcher.errors import ApiError, AuthError, UnknownModel
+from batcher.errors import ApiUnreachable, AuthError, UnknownModel
 from batcher.gate import Priority
 from batcher.inputs import InputError
 from batcher.pipeline import Flight, RunContext
@@ -38,10 +38,6 @@ UNKNOWN_OUTCOME = (
     "may exist and be billed; not sent again (at-most-once). Run again with "
     "--resubmit-unknown to submit it again"
 )
-
-
-class ApiUnreachable(ApiError):
-    """The API could not be reached at all after every retry: stop, resumable."""
 
 
 async def feed(ctx: RunContext, send: ObjectSendStream[Job]) -> None:
@@ -178,6 +174,7 @@ async def _post(
             on_wire = exc.maybe_sent
             raise
         on_wire = False
+        ctx.heard_from_api()
         return reply
 
     try:

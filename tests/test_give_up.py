@@ -1,0 +1,89 @@
+"""Every run ends: a job the API keeps refusing to talk about ends FAILED when its result's
+retention is over, and an API that stops answering altogether stops the run (exit 4,
+resumable) instead of polling a dead host for ever."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+from aiohttp import web
+
+from batcher.gate import RateConfig
+from batcher.options import RunOptions
+from batcher.run import EXIT_FAILED_ROWS, EXIT_STOPPED, arun
+from batcher.sim import SimConfig, SimServer
+
+KEY = "sk-give-up-0123456789"
+
+
+def _options(tmp_path: Path, base_url: str, scale: float, rows: int) -> RunOptions:
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(
+        "id,prompt,face_image\n"
+        + "".join(f"g{n},p {n},https://example.com/face.jpg\n" for n in range(rows)),
+        encoding="utf-8",
+    )
+    return RunOptions(
+        manifest=manifest,
+        out=tmp_path / "out",
+        model="instantid",
+        base_url=base_url,
+        time_scale=scale,
+        max_in_flight=rows,
+        rate=RateConfig(requests=100_000, period_s=1.0),
+        api_key=KEY,
+        progress=False,
+    )
+
+
+async def test_a_job_the_api_keeps_refusing_ends_failed_after_its_retention(
+    tmp_path: Path,
+) -> None:
+    # time scale 0.001: the 1-hour retention is 3.6 s
+    server = SimServer(SimConfig(time_scale=0.001, image_size=(16, 16)), port=0)
+    build = server.emulator.app
+
+    def app() -> web.Application:
+        @web.middleware
+        async def teapot(request: web.Request, handler: Any) -> web.StreamResponse:
+            if request.path.endswith("/status"):
+                return web.json_response({"error": "I'm a teapot"}, status=418)
+            response: web.StreamResponse = await handler(request)
+            return response
+
+        application = build()
+        application.middlewares.append(teapot)
+        return application
+
+    server.emulator.app = app  # type: ignore[method-assign]
+    async with server:
+        result = await asyncio.wait_for(
+            arun(_options(tmp_path, server.base_url, 0.001, 2)), timeout=60
+        )
+    assert result.exit_code == EXIT_FAILED_ROWS, result.text()
+    rows = pq.read_table(tmp_path / "out" / "results.parquet").to_pylist()
+    for row in rows:
+        assert row["status"] == "FAILED"
+        assert "retention ran out" in row["error"]
+        assert "HTTP 418: I'm a teapot" in row["error"]
+        assert row["request_id"]  # the job is known: it may have been billed
+        # Backing off (up to 60 model-s apart): far fewer polls than one a model-second.
+        assert row["polls"] < 600, row["polls"]
+
+
+async def test_an_api_gone_silent_stops_the_run_resumable(tmp_path: Path) -> None:
+    server = SimServer(SimConfig(time_scale=1.0, image_size=(16, 16)), port=0)
+    await server.start()
+    # Full-time InstantID (7.7 s): the jobs are in flight when the API goes away.
+    asyncio.get_running_loop().call_later(0.5, lambda: asyncio.ensure_future(server.stop()))
+    # At time scale 0.01 the client gives up after 3 s with no answer at all.
+    options = _options(tmp_path, server.base_url, 0.01, 3)
+    result = await asyncio.wait_for(arun(options), timeout=60)
+    assert result.exit_code == EXIT_STOPPED, result.text()
+    assert result.stop_reason is not None
+    assert "cannot reach the API" in result.stop_reason
+    assert result.summary is not None
+    assert result.summary.counts.get("SUBMITTED") == 3  # kept, to resume
