@@ -122,22 +122,19 @@ async def foreign() -> AsyncIterator[Foreign]:
     await runner.cleanup()
 
 
-def hostile(server: SimServer, rewrite: Any) -> None:
-    """Let ``rewrite(request, response)`` change the emulator's answers."""
-    build = server.emulator.app
+def hostile(rewrite: Any) -> Any:
+    """A middleware letting ``rewrite(request, response)`` change the emulator's answers."""
 
-    def app() -> web.Application:
-        @web.middleware
-        async def change(request: web.Request, handler: Any) -> web.StreamResponse:
-            response: web.StreamResponse = await handler(request)
-            changed: web.StreamResponse = await rewrite(request, response)
-            return changed
+    @web.middleware
+    async def change(request: web.Request, handler: Any) -> web.StreamResponse:
+        changed: web.StreamResponse = await rewrite(request, await handler(request))
+        return changed
 
-        application = build()
-        application.middlewares.append(change)
-        return application
+    return change
 
-    server.emulator.app = app  # type: ignore[method-assign]
+
+def _sim(middleware: Any) -> SimServer:
+    return SimServer(SimConfig(time_scale=0.001, image_size=(16, 16)), middlewares=[middleware])
 
 
 def _manifest(tmp_path: Path, rows: int) -> Path:
@@ -167,7 +164,6 @@ def _options(manifest: Path, out: Path, base_url: str, scale: float) -> RunOptio
 async def test_status_urls_an_answer_names_on_another_host_are_not_followed(
     tmp_path: Path, foreign: Foreign
 ) -> None:
-    server = SimServer(SimConfig(time_scale=0.001, image_size=(16, 16)), port=0)
 
     async def steer(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
         if request.method != "POST" or not isinstance(response, web.Response):
@@ -179,7 +175,7 @@ async def test_status_urls_an_answer_names_on_another_host_are_not_followed(
         body["response_url"] = f"{foreign.base_url}/steal/{rid}"
         return web.json_response(body, status=response.status)
 
-    hostile(server, steer)
+    server = _sim(hostile(steer))
     async with server:
         result = await arun(
             _options(_manifest(tmp_path, 5), tmp_path / "out", server.base_url, 0.001)
@@ -190,7 +186,6 @@ async def test_status_urls_an_answer_names_on_another_host_are_not_followed(
 
 @pytest.mark.parametrize("endpoint", ["submit", "status", "result"])
 async def test_redirects_are_not_followed(tmp_path: Path, foreign: Foreign, endpoint: str) -> None:
-    server = SimServer(SimConfig(time_scale=0.001, image_size=(16, 16)), port=0)
 
     async def redirect(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
         kind = (
@@ -206,7 +201,7 @@ async def test_redirects_are_not_followed(tmp_path: Path, foreign: Foreign, endp
             return response
         return web.Response(status=307, headers={"Location": f"{foreign.base_url}/x"})
 
-    hostile(server, redirect)
+    server = _sim(hostile(redirect))
     out = tmp_path / "out"
     async with server:
         options = _options(_manifest(tmp_path, 2), out, server.base_url, 0.001)
@@ -229,14 +224,13 @@ async def test_an_oversized_answer_is_not_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(client_module, "MAX_BODY_BYTES", 64)
-    server = SimServer(SimConfig(time_scale=0.001, image_size=(16, 16)), port=0)
 
     async def bloat(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
         if request.method != "POST":
             return response
         return web.json_response({"error": "x" * 500}, status=400)
 
-    hostile(server, bloat)
+    server = _sim(hostile(bloat))
     out = tmp_path / "out"
     async with server:
         result = await arun(_options(_manifest(tmp_path, 1), out, server.base_url, 0.001))

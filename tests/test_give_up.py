@@ -43,22 +43,15 @@ async def test_a_job_the_api_keeps_refusing_ends_failed_after_its_retention(
     tmp_path: Path,
 ) -> None:
     # time scale 0.001: the 1-hour retention is 3.6 s
-    server = SimServer(SimConfig(time_scale=0.001, image_size=(16, 16)), port=0)
-    build = server.emulator.app
 
-    def app() -> web.Application:
-        @web.middleware
-        async def teapot(request: web.Request, handler: Any) -> web.StreamResponse:
-            if request.path.endswith("/status"):
-                return web.json_response({"error": "I'm a teapot"}, status=418)
-            response: web.StreamResponse = await handler(request)
-            return response
+    @web.middleware
+    async def teapot(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path.endswith("/status"):
+            return web.json_response({"error": "I'm a teapot"}, status=418)
+        response: web.StreamResponse = await handler(request)
+        return response
 
-        application = build()
-        application.middlewares.append(teapot)
-        return application
-
-    server.emulator.app = app  # type: ignore[method-assign]
+    server = SimServer(SimConfig(time_scale=0.001, image_size=(16, 16)), middlewares=[teapot])
     async with server:
         result = await asyncio.wait_for(
             arun(_options(tmp_path, server.base_url, 0.001, 2)), timeout=60

@@ -304,22 +304,16 @@ async def test_auth_error_of_a_run_and_its_log_hold_no_key(
 # --- downloads: no key, bounded, wired into a run --------------------------------------
 
 
-def recording(server: SimServer, seen: list[tuple[str, bool]]) -> None:
-    """Record (path, carried x-api-key) for every request the emulator gets."""
-    build = server.emulator.app
+def recording(seen: list[tuple[str, bool]]) -> Any:
+    """A middleware recording (path, carried x-api-key) for every request."""
 
-    def app() -> web.Application:
-        @web.middleware
-        async def record(request: web.Request, handler: Any) -> web.StreamResponse:
-            seen.append((request.path, "x-api-key" in request.headers))
-            response: web.StreamResponse = await handler(request)
-            return response
+    @web.middleware
+    async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+        seen.append((request.path, "x-api-key" in request.headers))
+        response: web.StreamResponse = await handler(request)
+        return response
 
-        application = build()
-        application.middlewares.append(record)
-        return application
-
-    server.emulator.app = app  # type: ignore[method-assign]
+    return record
 
 
 def one_row(tmp_path: Path) -> Path:
@@ -329,9 +323,8 @@ def one_row(tmp_path: Path) -> Path:
 
 
 async def test_output_downloads_never_carry_the_key(tmp_path: Path) -> None:
-    server = SimServer(SimConfig(time_scale=0.001), host="127.0.0.1", port=0)
     seen: list[tuple[str, bool]] = []
-    recording(server, seen)
+    server = SimServer(SimConfig(time_scale=0.001), port=0, middlewares=[recording(seen)])
     async with server:
         options = RunOptions(
             manifest=one_row(tmp_path),

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from batcher.sim.app import Emulator
 from batcher.sim.config import SimConfig
@@ -24,11 +26,19 @@ class SimServer:
     """
 
     def __init__(
-        self, config: SimConfig | None = None, *, host: str = "127.0.0.1", port: int = 0
+        self,
+        config: SimConfig | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        middlewares: Sequence[Middleware] = (),
     ) -> None:
+        """``middlewares`` (aiohttp's) see every request first and may record or change
+        the answers: how tests play a hostile or broken API."""
         self.emulator = Emulator(config)
         self._host = host
         self._port = port
+        self._middlewares = tuple(middlewares)
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
 
@@ -50,8 +60,10 @@ class SimServer:
         # access_log=None: a line per request would cost more than the request itself.
         # shutdown_timeout: a stopped emulator drops what is in flight within a second
         # (aiohttp's default waits up to 60 s; a test double must not hold up teardown).
+        app = self.emulator.app()
+        app.middlewares.extend(self._middlewares)
         self._runner = web.AppRunner(
-            self.emulator.app(), access_log=None, handler_cancellation=True, shutdown_timeout=1.0
+            app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0
         )
         await self._runner.setup()
         sock = socket.socket(socket.AF_INET6 if ":" in self._host else socket.AF_INET)
