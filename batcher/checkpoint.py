@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,11 +28,16 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+from batcher.errors import UsageError
+
 T = TypeVar("T")
 
 PENDING, SUBMITTING, SUBMITTED = "PENDING", "SUBMITTING", "SUBMITTED"
 COMPLETED, FAILED, INVALID = "COMPLETED", "FAILED", "INVALID"
 TERMINAL = (COMPLETED, FAILED, INVALID)
+
+#: SQLite's companion files of the database (WAL mode; a rollback journal when converting).
+_SIDE_FILES = ("-wal", "-shm", "-journal")
 
 #: Ordered migrations: index + 1 is the schema version they bring the file to.
 _MIGRATIONS = (
@@ -167,7 +173,11 @@ class Checkpoint:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def __aenter__(self) -> Checkpoint:
-        await self._call(self._open)
+        try:
+            await self._call(self._open)
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            raise
         self._flusher = asyncio.create_task(self._flush_forever(), name="checkpoint-flush")
         return self
 
@@ -191,13 +201,36 @@ class Checkpoint:
         self._executor.shutdown(wait=True)
 
     def _open(self) -> None:
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
-            db.executescript(f"BEGIN; {script}; PRAGMA user_version={number}; COMMIT;")
+        """Open (or create) the file; UsageError, naming it, if it cannot be the checkpoint."""
+        # SQLite follows a symlink at the database's name (and would create its target):
+        # refused, with the WAL's companion files, so nothing is written outside --out.
+        for name in [str(self.path), *(f"{self.path}{side}" for side in _SIDE_FILES)]:
+            if os.path.islink(name):
+                raise UsageError(
+                    f"{name} is a symbolic link: the checkpoint must be a regular file in "
+                    "--out; remove the link (or use another --out)"
+                )
+        try:
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise self._unusable(exc) from None
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across crashes
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
+                db.executescript(f"BEGIN; {script}; PRAGMA user_version={number}; COMMIT;")
+        except sqlite3.Error as exc:
+            db.close()
+            raise self._unusable(exc) from None
         self._db = db
+
+    def _unusable(self, exc: sqlite3.Error) -> UsageError:
+        # Left as it is: it may hold a run's work (restore it) or be unrelated (move it).
+        return UsageError(
+            f"{self.path}: cannot open it as batcher's checkpoint ({exc}); move it away "
+            "(or use another --out) to start afresh"
+        )
 
     async def _call(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)

@@ -7,7 +7,6 @@ latency histogram) needs matplotlib, an optional extra (``pip install 'batcher[r
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from batcher.atomic import replacing
 from batcher.errors import UsageError
 from batcher.results import RESULTS
 
@@ -254,9 +254,11 @@ def write_chart(report: Report, path: Path) -> Path | None:
     bottom.set_xlabel("submit to completion seen, s")
     bottom.set_ylabel("completed jobs")
     bottom.set_title("End-to-end latency")
-    tmp = path.with_name(path.name + ".part")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    try:
+        with replacing(path) as f:
+            fig.savefig(f, format="png")
+    except OSError as exc:  # the folder's problem (a folder at the name, permissions...)
+        raise UsageError(f"{path}: cannot write the chart ({exc.strerror or exc})") from None
     return path
 
 

@@ -1,20 +1,20 @@
 """results.parquet: one row per manifest row, written from the checkpoint.
 
 Written in batches (a million rows never sit in memory) to a temporary file that
-replaces the old one in one rename, so the file on disk is always complete and
-valid, whenever and however the run ends.
+replaces the old one in one rename (batcher.atomic), so the file on disk is always
+complete and valid, whenever and however the run ends.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from batcher.atomic import PART, replacing
 from batcher.checkpoint import Checkpoint
 from batcher.inputs import ImageInputs
 from batcher.schemas import registry
@@ -72,10 +72,11 @@ def _params_for_results(
 def write_results(checkpoint: Checkpoint, out: Path, manifest_dir: Path) -> Path:
     """Write ``out/results.parquet`` atomically. Blocking: call from a worker thread."""
     final = out / RESULTS
-    tmp = out / (RESULTS + ".part")
+    for stale in out.glob(f"{RESULTS}.*{PART}"):  # a killed run's temporary file
+        stale.unlink(missing_ok=True)
     inputs = ImageInputs(manifest_dir)
     image_params = {slug: m.image_params for slug, m in registry().items()}
-    with pq.ParquetWriter(tmp, SCHEMA) as writer:
+    with replacing(final) as f, pq.ParquetWriter(f, SCHEMA) as writer:
         for chunk in checkpoint.iter_rows_blocking(_SOURCE):
             cols = list(zip(*chunk, strict=True))
             data = dict(zip(_SOURCE, cols, strict=True))
@@ -92,9 +93,6 @@ def write_results(checkpoint: Checkpoint, out: Path, manifest_dir: Path) -> Path
                 {f.name: pa.array(data[f.name], type=f.type) for f in SCHEMA}, schema=SCHEMA
             )
             writer.write_table(table)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
     return final
 
 

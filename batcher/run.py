@@ -71,13 +71,22 @@ class RunResult:
 
 @contextlib.contextmanager
 def _lock(out: Path) -> Iterator[None]:
-    """One run per output folder at a time."""
-    with open(out / ".lock", "w") as f:
+    """One run per output folder at a time. The lock file is neither truncated nor opened
+    through a symlink: a link planted at ``.lock`` must not make the run clobber its target."""
+    path = out / ".lock"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    except OSError as exc:
+        why = "a symbolic link" if os.path.islink(path) else exc.strerror or exc
+        raise UsageError(f"{path}: cannot open the lock file ({why}): remove it") from None
+    try:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             raise UsageError(f"another batcher run is using {out}") from None
         yield
+    finally:
+        os.close(fd)
 
 
 def _api_key(options: RunOptions) -> str:
@@ -247,7 +256,13 @@ async def _work(
         )
         return RunResult(_exit_code(summary, None), summary, results, None)
     await _results_stale(cp)
-    await anyio.to_thread.run_sync(remove_partials, options.out)
+    try:
+        await anyio.to_thread.run_sync(remove_partials, options.out)
+    except NotADirectoryError as exc:  # images is a symlink: writes would land outside --out
+        raise UsageError(
+            f"{exc.filename} is {exc.strerror}: batcher writes images only into a folder "
+            "of its own inside --out; put a folder there and run again"
+        ) from None
     gate = RequestGate(options.rate.scaled(options.scale), retry=options.scaled_retry())
     error: BatcherError | None = None
     async with (
@@ -272,9 +287,7 @@ async def _work(
             with anyio.CancelScope(shield=True):
                 # Transitions queued by stages cancelled mid-write belong in the table too.
                 await cp.flush()
-                results = await anyio.to_thread.run_sync(
-                    write_results, cp, options.out, options.manifest.parent
-                )
+                results = await _write_results(cp, options)
                 await cp.set_meta(RESULTS_META, RESULTS_FRESH)
                 summary = await anyio.to_thread.run_sync(
                     summarize,
@@ -288,6 +301,20 @@ async def _work(
     elif error is not None:
         raise error
     return RunResult(_exit_code(summary, ctx.stop_reason), summary, results, ctx.stop_reason)
+
+
+async def _write_results(cp: Checkpoint, options: RunOptions) -> Path:
+    """results.parquet from the checkpoint; a folder that refuses it is a clear error."""
+    try:
+        return await anyio.to_thread.run_sync(
+            write_results, cp, options.out, options.manifest.parent
+        )
+    except OSError as exc:  # e.g. a folder at results.parquet, a full disk
+        raise UsageError(
+            f"cannot write {options.out / RESULTS} ({exc.strerror or exc}): every row is "
+            f"saved in {options.out / CHECKPOINT}; make room for the file (move away what "
+            "is at its name, free space), then run the same command again"
+        ) from None
 
 
 def _exit_code(summary: Summary, stop_reason: str | None) -> int:

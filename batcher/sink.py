@@ -16,19 +16,21 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import errno
 import functools
 import hashlib
 import io
 import logging
 import os
 import re
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 from PIL import Image
+
+from batcher.atomic import PART, create_temp
 
 __all__ = [
     "IMAGE_FORMATS",
@@ -71,7 +73,6 @@ _WS = re.compile(r"\s+")
 #: Shortest bare base64 taken as image data; real images are far longer.
 _MIN_B64_CHARS = 16
 _CHUNK = 64 * 1024
-_PART = ".part"
 
 
 class CorruptImage(ValueError):
@@ -326,7 +327,14 @@ def write_images(
 def _images_folder(out_dir: Path) -> str:
     folder = os.path.join(out_dir, "images")
     os.makedirs(folder, exist_ok=True)
+    _refuse_link(folder)
     return folder
+
+
+def _refuse_link(folder: str | Path) -> None:
+    """A symlink at ``images`` would send the run's writes (and the sweep) outside --out."""
+    if os.path.islink(folder):
+        raise NotADirectoryError(errno.ENOTDIR, "a symbolic link, not a folder", str(folder))
 
 
 def _save(folder: str, row_id: str, index: int, data: bytes) -> SavedImage:
@@ -355,10 +363,7 @@ def _save(folder: str, row_id: str, index: int, data: bytes) -> SavedImage:
 
 def _atomic_write(final: str, data: bytes) -> None:
     """Write ``data`` to a temp file beside ``final``, fsync it, rename it over ``final``."""
-    temp = f"{final}.{secrets.token_hex(4)}{_PART}"
-    # os.open rather than tempfile: the mode then follows the umask like any output file.
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    fd = os.open(temp, flags | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    fd, temp = create_temp(final)
     try:
         try:
             view = memoryview(data)
@@ -386,12 +391,16 @@ def _fsync_dir(folder: str | Path) -> None:
 
 
 def remove_partials(out_dir: Path) -> int:
-    """Delete ``*.part`` files a crash left in ``out_dir/images``; return how many. Blocking."""
+    """Delete ``*.part`` files a crash left in ``out_dir/images``; return how many. Blocking.
+
+    ``images`` being a symlink is a NotADirectoryError: nothing outside --out is swept.
+    """
     images_dir = out_dir / "images"
+    _refuse_link(images_dir)
     if not images_dir.is_dir():
         return 0
     removed = 0
-    for path in images_dir.glob(f"*{_PART}"):
+    for path in images_dir.glob(f"*{PART}"):
         if path.is_file() or path.is_symlink():
             path.unlink(missing_ok=True)
             removed += 1

@@ -228,6 +228,33 @@ def test_chart_png(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert not list(run_dir.glob("*.part"))
 
 
+def test_the_chart_goes_through_a_new_temporary_file_never_a_planted_link(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: the chart was written through ``report.png.part``, a fixed name, so a link
+    there had its target overwritten (and report.png became a link to it)."""
+    pytest.importorskip("matplotlib")
+    victim = tmp_path / "precious.txt"
+    victim.write_text("precious")
+    (run_dir / f"{CHART}.part").symlink_to(victim)
+
+    assert report_main(run_dir) == 0
+
+    assert victim.read_text() == "precious"
+    assert not (run_dir / CHART).is_symlink()
+    with Image.open(run_dir / CHART) as image:
+        assert image.format == "PNG"
+    assert [p.name for p in run_dir.glob("*.part")] == [f"{CHART}.part"]  # only the link
+
+
+def test_a_folder_at_the_charts_name_is_a_clear_error(run_dir: Path) -> None:
+    pytest.importorskip("matplotlib")
+    (run_dir / CHART).mkdir()
+    with pytest.raises(UsageError, match=r"report\.png: cannot write the chart"):
+        report_main(run_dir)
+    assert not list(run_dir.glob("*.part"))
+
+
 def test_no_chart_flag(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert report_main(run_dir, chart=False) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -22,7 +22,7 @@ from PIL import Image
 import batcher.run as run_module
 from batcher.backoff import RetryConfig
 from batcher.client import ApiClient, Reply, TransportError
-from batcher.errors import AuthError, ManifestError
+from batcher.errors import AuthError, ManifestError, UsageError
 from batcher.gate import Priority, RateConfig, RequestGate
 from batcher.options import RunOptions
 from batcher.run import EXIT_FAILED_ROWS, EXIT_OK, EXIT_STOPPED, arun
@@ -583,3 +583,129 @@ async def test_a_resume_after_the_wall_clock_stepped_back_polls_on(
     assert second.exit_code == EXIT_OK, second.text()
     assert {r["status"] for r in _results(options.out).values()} == {"COMPLETED"}
     assert server.stats()["paid_twice"] == 0
+
+
+# -- the output folder: links planted in it, files that are not what they should be --------
+
+
+def _tree(folder: Path) -> dict[str, bytes | None]:
+    """Every path under ``folder`` with a file's bytes (None for a folder)."""
+    return {
+        str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [
+        (".lock", "cannot open the lock file (a symbolic link)"),
+        ("checkpoint.sqlite", "checkpoint.sqlite is a symbolic link"),
+        ("checkpoint.sqlite-wal", "checkpoint.sqlite-wal is a symbolic link"),
+        ("checkpoint.sqlite-shm", "checkpoint.sqlite-shm is a symbolic link"),
+        ("images", "images is a symbolic link, not a folder"),
+    ],
+)
+async def test_a_symlink_planted_in_out_is_refused_and_nothing_outside_is_touched(
+    tmp_path: Path, sim: Any, name: str, says: str
+) -> None:
+    """Another local user who can write in --out plants links at the names batcher uses:
+    the run refuses, naming the link, before anything is sent. (Before: the lock's target
+    was truncated, the checkpoint created outside, images written and an unrelated
+    ``.part`` file swept outside; a link at -wal/-shm was a traceback.)"""
+    manifest = _manifest(tmp_path, instantid=2)
+    server = await sim(time_scale=SCALE, image_size=(32, 32))
+    out, outside = manifest.parent / "out", tmp_path / "outside"
+    out.mkdir()
+    outside.mkdir()
+    (outside / "precious.txt").write_text("precious")
+    (outside / "folder").mkdir()
+    (outside / "folder" / "theirs.part").write_text("another program's partial file")
+    # The checkpoint's link dangles, as a fresh attack's would: SQLite would create it.
+    target = {"images": "folder", "checkpoint.sqlite": "made.sqlite"}.get(name, "precious.txt")
+    (out / name).symlink_to(outside / target)
+    before = _tree(outside)
+
+    with pytest.raises(UsageError) as info:
+        await arun(_options(manifest, server))
+
+    assert says in str(info.value)
+    assert str(out / name) in str(info.value)
+    assert _tree(outside) == before
+    assert _count(server, "submit", "200") == 0
+
+
+@pytest.mark.parametrize("what", ["text", "folder"])
+async def test_a_checkpoint_that_is_not_one_is_refused_and_left_as_it_is(
+    tmp_path: Path, sim: Any, what: str
+) -> None:
+    """Before: a traceback (sqlite3.DatabaseError / OperationalError), exit 1."""
+    manifest = _manifest(tmp_path, instantid=2)
+    server = await sim(time_scale=SCALE, image_size=(32, 32))
+    out = manifest.parent / "out"
+    out.mkdir()
+    path = out / "checkpoint.sqlite"
+    if what == "folder":
+        path.mkdir()
+    else:
+        path.write_text("notes, not a database " * 20)
+    before = _tree(out)
+
+    with pytest.raises(UsageError, match="cannot open it as batcher's checkpoint") as info:
+        await arun(_options(manifest, server))
+
+    assert str(info.value).startswith(f"{path}: ")
+    assert "move it away" in str(info.value)
+    assert {k: v for k, v in _tree(out).items() if k != ".lock"} == before
+    assert _count(server, "submit", "200") == 0
+
+
+async def test_a_folder_at_results_parquet_keeps_the_work_and_says_what_to_fix(
+    tmp_path: Path, sim: Any
+) -> None:
+    """Before: a traceback (IsADirectoryError) at the end of the run."""
+    manifest = _manifest(tmp_path, instantid=3)
+    server = await sim(time_scale=SCALE, image_size=(32, 32))
+    out = manifest.parent / "out"
+    (out / "results.parquet").mkdir(parents=True)
+
+    with pytest.raises(UsageError) as info:
+        await arun(_options(manifest, server))
+
+    message = str(info.value)
+    assert message.startswith(f"cannot write {out / 'results.parquet'} (")
+    assert f"every row is saved in {out / 'checkpoint.sqlite'}" in message
+    assert "move away what is at its name" in message
+    assert "run the same command again" in message
+    assert _in_checkpoint(out, "COMPLETED") == 3
+    assert not list(out.glob("*.part"))
+
+    (out / "results.parquet").rmdir()
+    second = await arun(_options(manifest, server))
+
+    assert second.exit_code == EXIT_OK, second.text()
+    assert {r["status"] for r in _results(out).values()} == {"COMPLETED"}
+    assert _count(server, "submit", "200") == 3  # nothing was sent again
+
+
+async def test_results_go_through_a_new_temporary_file_never_a_planted_link(
+    tmp_path: Path, sim: Any
+) -> None:
+    """Before: results were written through ``results.parquet.part``, a fixed name, so a
+    link there had its target overwritten and results.parquet became a link to it."""
+    manifest = _manifest(tmp_path, instantid=2)
+    server = await sim(time_scale=SCALE, image_size=(32, 32))
+    out = manifest.parent / "out"
+    out.mkdir()
+    victim = tmp_path / "precious.txt"
+    victim.write_text("precious")
+    (out / "results.parquet.part").symlink_to(victim)
+    (out / "results.parquet.0badc0de.part").write_bytes(b"left by a killed run")
+
+    result = await arun(_options(manifest, server))
+
+    assert result.exit_code == EXIT_OK, result.text()
+    assert victim.read_text() == "precious"
+    assert not (out / "results.parquet").is_symlink()
+    assert len(_results(out)) == 2
+    assert not (out / "results.parquet.0badc0de.part").exists()

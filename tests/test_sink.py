@@ -287,6 +287,24 @@ def test_remove_partials(tmp_path: Path) -> None:
     assert [p.name for p in images.iterdir()] == ["keep.png"]
 
 
+def test_a_symlinked_images_folder_is_neither_swept_nor_written(tmp_path: Path) -> None:
+    """A link at ``images`` would take the sweep and the writes outside the output folder
+    (before: another program's ``.part`` file there was deleted, images written there)."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "theirs.part").write_text("another program's partial file")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "images").symlink_to(elsewhere)
+
+    with pytest.raises(NotADirectoryError, match="symbolic link"):
+        remove_partials(out)
+    with pytest.raises(NotADirectoryError, match="symbolic link"):
+        write_image(out, "r", 0, PNG)
+
+    assert [p.name for p in elsewhere.iterdir()] == ["theirs.part"]
+
+
 # --- download ----------------------------------------------------------------
 
 BIG = b"z" * 3000
