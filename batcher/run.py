@@ -15,6 +15,7 @@ import os
 import random
 import signal
 import time
+import unicodedata
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,8 +91,9 @@ def _lock(out: Path) -> Iterator[None]:
 
 
 def _api_key(options: RunOptions) -> str:
-    key = options.api_key or os.environ.get("SEGMIND_API_KEY", "")
+    key = (options.api_key or os.environ.get("SEGMIND_API_KEY", "")).strip()
     if key:
+        _check_key(key)
         return key
     if options.simulate:
         return "sim-key"
@@ -99,6 +101,20 @@ def _api_key(options: RunOptions) -> str:
         "SEGMIND_API_KEY is not set: export your Segmind API key (or use "
         "--simulate to run against the built-in emulator)"
     )
+
+
+def _check_key(key: str) -> None:
+    """A key goes into an HTTP header: a line break or a control character there makes
+    every request fail (aiohttp refuses it) after the row was marked as being sent."""
+    for char in key:
+        control = unicodedata.category(char) == "Cc"
+        if control or char.isspace():
+            # The character's code only: the message must not show any of the key.
+            kind = "a control character" if control else "whitespace"
+            raise UsageError(
+                f"SEGMIND_API_KEY contains {kind} (U+{ord(char):04X}) within the key: set "
+                "it to the key alone"
+            )
 
 
 @contextlib.asynccontextmanager

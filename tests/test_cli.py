@@ -235,3 +235,39 @@ async def test_a_refused_key_exits_2_with_one_clear_line_and_a_resumable_folder(
     rows = pq.read_table(out / "results.parquet").to_pylist()
     assert {r["status"] for r in rows} == {"PENDING"}  # the checkpoint holds every row
     assert server.stats()["accepted"] == 0
+
+
+@pytest.mark.parametrize(
+    ("key", "says"),
+    [
+        ("SG_line1\nX-Injected: yes", "a control character (U+000A)"),
+        ("SG_line1\r\nX-Injected: yes", "a control character (U+000D)"),
+        ("SG_tab\tinside", "a control character (U+0009)"),
+        ("SG_space inside", "whitespace (U+0020)"),
+        ("SG_nbsp\u00a0inside", "whitespace (U+00A0)"),
+    ],
+    ids=["LF", "CRLF", "tab", "space", "nbsp"],
+)
+async def test_a_key_with_a_line_break_or_space_within_exits_2_before_anything_is_written(
+    tmp_path: Path, sim: Any, key: str, says: str
+) -> None:
+    """Before: aiohttp refused the header at the first submit (ValueError, a traceback,
+    exit 1) and the row was left SUBMITTING, so the next run failed it as "submit outcome
+    unknown, may be billed" though nothing had been sent."""
+    server = await sim(time_scale=0.002)
+    out = tmp_path / "out"
+
+    code, stdout, stderr = await _batcher(
+        "run", str(DEMO), "--model", "instantid", "--out", str(out), "--no-progress",
+        "--base-url", server.base_url, "--time-scale", "0.002",
+        env=_env(f"  {key}\n"), cwd=tmp_path,
+    )  # fmt: skip
+
+    assert code == 2
+    assert stderr.decode().splitlines() == [
+        f"batcher: SEGMIND_API_KEY contains {says} within the key: set it to the key alone"
+    ]
+    assert b"SG_" not in stdout + stderr  # no part of the key is shown
+    assert key[-6:].encode() not in stdout + stderr
+    assert not out.exists()
+    assert server.stats()["requests"] == {}

@@ -372,3 +372,23 @@ async def test_run_applies_the_download_limits(
     assert row["status"] == "FAILED"
     assert says in row["error"]
     assert not list((tmp_path / "out").rglob("*.png"))
+
+
+async def test_whitespace_around_the_key_is_not_sent(
+    tmp_path: Path, sim: Callable[..., Awaitable[SimServer]]
+) -> None:
+    """A key pasted with a trailing newline (or read from a file) is the key: before, the
+    line break went into the header, and aiohttp refused every request."""
+    server = await sim(time_scale=0.001, api_keys=frozenset({KEY}))
+    options = RunOptions(
+        manifest=one_row(tmp_path),
+        out=tmp_path / "out",
+        model="instantid",
+        base_url=server.base_url,
+        time_scale=0.001,
+        api_key=f" \t{KEY}\r\n",
+        progress=False,
+    )
+    result = await arun(options)
+    assert result.exit_code == 0, result.text()
+    assert server.stats()["requests"]["submit"] == {"200": 1}
