@@ -6,7 +6,9 @@ repr, formatted into a message, or attached to an exception.
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -97,6 +99,7 @@ class ApiClient:
         self._session = session
         self.base_url = base_url.rstrip("/")
         self.__key = api_key
+        self._redact = _Redactor(api_key)
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
 
     def __repr__(self) -> str:
@@ -133,8 +136,7 @@ class ApiClient:
                         resp.headers,
                     )
                 # Should a server ever echo the key, it must not reach a message or a file.
-                raw = raw.replace(self.__key.encode(), b"***")
-                return Reply(resp.status, _json_body(raw), resp.headers)
+                return Reply(resp.status, self._redact(raw), resp.headers)
         except aiohttp.ClientConnectorError as exc:
             # The connection never opened: nothing was sent.
             raise TransportError(f"cannot connect: {exc.os_error}", maybe_sent=False) from None
@@ -155,6 +157,77 @@ async def _read_capped(resp: aiohttp.ClientResponse) -> bytes | None:
         if len(body) > MAX_BODY_BYTES:
             return None
     return bytes(body)
+
+
+class _Redactor:
+    """An answer's body, decoded, with every echo of the key replaced by ``***``: as sent
+    or in another letter case, JSON-escaped (``\\/``, ``\\"``, ``\\u00e9``), or base64.
+
+    The decoded strings (keys and values, at any depth) are rewritten only when the raw
+    body holds a clue: the longest run of each form that JSON leaves unescaped, in any
+    ASCII case. Ordinary answers pay one ``bytes.lower`` and a few substring searches.
+    (A server escaping every plain letter as ``\\u0041`` would pass unseen: not an echo
+    by mistake.)
+    """
+
+    def __init__(self, key: str) -> None:
+        forms = {key, *_base64_forms(key.encode())}
+        pattern = "|".join(re.escape(f) for f in sorted(forms, key=len, reverse=True))
+        self._text = re.compile(pattern, re.IGNORECASE)
+        self._raw = re.compile(pattern.encode(), re.IGNORECASE)
+        runs = {max(_UNESCAPED.findall(form), key=len, default="").lower() for form in forms}
+        self._always = "" in runs  # a form with no plain run: no cheap test, always walk
+        # A run that holds another is found only where that one is: one search does both.
+        self._clues = tuple(
+            r.encode() for r in runs if r and not any(o != r and o in r for o in runs)
+        )
+
+    def __repr__(self) -> str:
+        return "_Redactor()"  # its patterns spell out the key
+
+    def __call__(self, raw: bytes) -> dict[str, Any]:
+        if not self._always:
+            lowered = raw.lower()
+            for clue in self._clues:
+                if clue in lowered:
+                    break
+            else:  # no clue: no form of the key can be in there
+                return _json_body(raw)
+        # Before decoding too, so a non-JSON body cut to 200 characters keeps no half key.
+        body = _json_body(self._raw.sub(b"***", raw))
+        todo: list[dict[Any, Any] | list[Any]] = [body]
+        while todo:  # no recursion: a deeply nested answer cannot overflow the stack
+            node = todo.pop()
+            if isinstance(node, dict):
+                items = list(node.items())
+                node.clear()
+                for name, value in items:  # JSON names are strings
+                    scrubbed = self._text.sub("***", value) if isinstance(value, str) else value
+                    node[self._text.sub("***", name)] = scrubbed
+                    if isinstance(value, dict | list):
+                        todo.append(value)
+            else:
+                for index, value in enumerate(node):
+                    if isinstance(value, str):
+                        node[index] = self._text.sub("***", value)
+                    elif isinstance(value, dict | list):
+                        todo.append(value)
+        return body
+
+
+#: Runs of characters JSON never escapes (all but ", \, /, control and non-ASCII).
+_UNESCAPED = re.compile(r'[^"\\/\x00-\x1f\x7f-\U0010ffff]+')
+#: Base64 forms shorter than this are not looked for: they would match ordinary text.
+_MIN_FORM = 8
+
+
+def _base64_forms(raw: bytes) -> set[str]:
+    """The key's base64 text, standard and URL-safe, whole and without the characters
+    that mix its last bits with whatever follows it in longer encoded data."""
+    forms = set()
+    for text in (base64.b64encode(raw).decode(), base64.urlsafe_b64encode(raw).decode()):
+        forms |= {text, text[: len(raw) * 4 // 3]}
+    return {f for f in forms if len(f) >= _MIN_FORM}
 
 
 def _json_body(raw: bytes) -> dict[str, Any]:

@@ -5,6 +5,8 @@ the one test that needs a refused connection, which dials a closed port on 127.0
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import random
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -168,6 +170,75 @@ async def test_a_refused_connection_was_not_sent() -> None:
             await api.submit("instantid", {"prompt": "a"})
     assert raised.value.maybe_sent is False
     assert KEY not in str(raised.value)
+
+
+#: A key with what JSON escapes in it: "/" (as \/ by some servers), '"' and non-ASCII.
+ODD_KEY = 'sk-Odd/Key"S\u00e9cret-0042'
+ODD_B64 = base64.b64encode(ODD_KEY.encode()).decode()
+
+
+def _echo(text: str, *, escape_slash: bool = False, ascii_only: bool = True) -> str:
+    body = json.dumps({"error": f"bad key {text}"}, ensure_ascii=ascii_only)
+    return body.replace("/", "\\/") if escape_slash else body
+
+
+def _strings(value: object) -> list[str]:
+    """Every string in a decoded JSON value, names included."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in (*_strings(k), *_strings(v))]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        _echo(ODD_KEY, ascii_only=False),
+        _echo(ODD_KEY),  # \" and \u00e9
+        _echo(ODD_KEY, escape_slash=True),  # and \/
+        _echo(ODD_KEY.upper(), ascii_only=False),
+        _echo(ODD_KEY.swapcase(), escape_slash=True),
+        _echo(ODD_B64),
+        _echo(ODD_B64, escape_slash=True),
+        _echo(base64.urlsafe_b64encode(ODD_KEY.encode()).decode().rstrip("=")),
+        _echo(base64.b64encode(ODD_KEY.encode() + b"\n").decode()),  # encoded with more
+        json.dumps({"detail": [{"loc": ["header", ODD_KEY], "input": {ODD_KEY.lower(): 1}}]}),
+        f"<html>bad key {ODD_KEY}</html>",
+        f"<html>bad key {ODD_KEY.upper()}</html>",
+        f"bad key {ODD_B64}",
+    ],
+    ids=[
+        "utf-8-json", "json-escaped", "slash-escaped", "upper-case", "swapped-case", "base64",
+        "base64-slash-escaped", "urlsafe-base64", "base64-of-more", "nested-name-and-value",
+        "text", "text-upper-case", "text-base64",
+    ],
+)  # fmt: skip
+async def test_an_echo_of_the_key_in_any_form_is_redacted(mocked: aioresponses, body: str) -> None:
+    """Before: only a byte-for-byte echo was replaced, before decoding; an escaped,
+    re-cased or base64 echo reached stderr, results.parquet and the checkpoint."""
+    mocked.get(STATUS, status=401, body=body, response_class=_Response)
+    async with aiohttp.ClientSession() as session:
+        reply = await ApiClient(session, BASE, ODD_KEY).get(STATUS)
+
+    shown = "\n".join([*_strings(reply.body), reply.error_text()]).casefold()
+    assert "***" in shown
+    for part in (*ODD_KEY.split("/"), *ODD_B64.split("/")):
+        assert part.rstrip("=").casefold()[:8] not in shown, part
+
+
+async def test_an_answer_without_the_key_is_left_as_it_is(mocked: aioresponses) -> None:
+    body = {
+        "status": "COMPLETED",
+        "output": ["https://cdn.example.com/sk-Odd/out.png", "\u00e9"],
+        "metrics": {"inference_time": 7.5, "note": None},
+    }
+    _answer(mocked, "GET", STATUS, body=body)
+    async with aiohttp.ClientSession() as session:
+        reply = await ApiClient(session, BASE, ODD_KEY).get(STATUS)
+    assert reply.body == body
 
 
 # -- retry.call ---------------------------------------------------------------------------------
