@@ -67,7 +67,7 @@ async def fetch_one(ctx: RunContext, flight: Flight, reschedule: Callable[[Fligh
     except (ValueError, CorruptImage, IncompleteDownload, aiohttp.ClientError, TimeoutError) as exc:
         await ctx.fail(
             job,
-            f"output could not be saved: {exc or type(exc).__name__}",
+            f"output could not be saved: {_reason(exc, ctx.options.downloads.timeout_s)}",
             metrics=metrics,
             polls=job.polls + flight.polls,
             request_id=flight.request_id,
@@ -89,6 +89,13 @@ async def fetch_one(ctx: RunContext, flight: Flight, reschedule: Callable[[Fligh
         bytes=sum(s.bytes for s in saved),
         sha256=",".join(s.sha256 for s in saved),
     )
+
+
+def _reason(exc: Exception, timeout_s: float) -> str:
+    """Why an output was not saved, never empty (``str(TimeoutError())`` is "")."""
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return f"download timed out after {timeout_s:g} s"
+    return str(exc) or type(exc).__name__
 
 
 async def _save(ctx: RunContext, job: Job, index: int, item: str) -> SavedImage:

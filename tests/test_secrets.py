@@ -348,7 +348,11 @@ async def test_output_downloads_never_carry_the_key(tmp_path: Path) -> None:
     ("limits", "says"),
     [
         (DownloadLimits(max_bytes=100), "byte cap"),
-        (DownloadLimits(timeout_s=0.0005), "output could not be saved"),
+        # Before: "output could not be saved: " and nothing more (str(TimeoutError()) is "").
+        (
+            DownloadLimits(timeout_s=0.0005),
+            "output could not be saved: download timed out after 0.0005 s",
+        ),
     ],
     ids=["size", "time"],
 )
