@@ -23,17 +23,19 @@ import io
 import logging
 import os
 import re
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-from PIL import Image
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from batcher.atomic import PART, create_temp
 
 __all__ = [
     "IMAGE_FORMATS",
+    "MAX_PIXELS",
     "CorruptImage",
     "DownloadLimits",
     "DownloadTooLarge",
@@ -63,6 +65,10 @@ IMAGE_FORMATS: dict[str, tuple[str, str]] = {
     "TIFF": ("tiff", "tiff"),
     "AVIF": ("avif", "avif"),
 }
+
+#: Largest output image accepted, in pixels: far above any model's output (InfiniteYou's
+#: largest is 1280x1280), far below what would exhaust memory once decoded (~270 MB RGBA).
+MAX_PIXELS = 8192 * 8192
 
 _STEM_MAX = 80
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -273,19 +279,45 @@ def _pillow_formats() -> tuple[str, ...]:
     return tuple(name for name in IMAGE_FORMATS if name in Image.OPEN)
 
 
+def _open_header(data: bytes) -> ImageFile.ImageFile:
+    """``Image.open`` restricted to IMAGE_FORMATS, reading the header only, without its
+    decompression-bomb check: between 89 and 179 megapixels that check prints a raw
+    warning (which a worker thread cannot silence for one call: catch_warnings is not
+    thread-safe), and :func:`_identify` applies a lower cap of its own."""
+    fp = io.BytesIO(data)
+    for name in _pillow_formats():
+        factory, accept = Image.OPEN[name]
+        fits = accept(data[:16]) if accept else True
+        if not fits or isinstance(fits, str):  # a str: "this format, but unsupported"
+            continue
+        fp.seek(0)
+        try:
+            return factory(fp, "")
+        except (SyntaxError, IndexError, TypeError, struct.error):  # as Image.open: next
+            continue
+    raise UnidentifiedImageError("not an image of an accepted format")
+
+
 def _identify(data: bytes) -> tuple[int, int, str]:
     """Check ``data`` decodes as an allowed image; return width, height, Pillow format."""
     # Pillow's plugins raise a zoo of types for bad data (OSError, SyntaxError,
     # struct.error, DecompressionBomb*...): any of them means "not a usable image".
     try:
-        with Image.open(io.BytesIO(data), formats=_pillow_formats()) as image:
-            # A full decode: a cut or corrupt body fails here (verify() alone would
-            # pass a truncated JPEG, and a second pass costs as much again).
-            image.load()
+        with _open_header(data) as image:
             width, height = image.size
             fmt = image.format
+            oversized = width * height > MAX_PIXELS
+            if not oversized:
+                # A full decode: a cut or corrupt body fails here (verify() alone would
+                # pass a truncated JPEG, and a second pass costs as much again).
+                image.load()
     except Exception as exc:
         raise CorruptImage(f"not a decodable image ({type(exc).__name__}: {exc})") from exc
+    if oversized:  # a few KB can declare gigabytes of pixels: refused before decoding
+        raise CorruptImage(
+            f"image is {width}x{height} ({width * height / 1e6:.0f} megapixels), over the "
+            f"{MAX_PIXELS / 1e6:.0f} megapixel cap: not decoded"
+        )
     if fmt not in IMAGE_FORMATS:
         raise CorruptImage(f"unsupported image format {fmt!r}")
     return width, height, fmt

@@ -8,6 +8,9 @@ import hashlib
 import io
 import os
 import re
+import struct
+import warnings
+import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from PIL import Image
 
+import batcher.sink
 from batcher.sink import (
     CorruptImage,
     DownloadLimits,
@@ -269,6 +273,51 @@ def test_failed_write_keeps_old_file_and_cleans_part(
         write_image(tmp_path, "r", 0, image_bytes("PNG", (3, 3)))
     assert (tmp_path / saved.path).read_bytes() == PNG  # the old image survived intact
     assert list((tmp_path / "images").glob("*.part")) == []
+
+
+def png_of_zeros(width: int, height: int) -> bytes:
+    """A valid greyscale PNG of black pixels: well under 1 MB for 100+ megapixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    packer = zlib.compressobj(9)
+    row = bytes(width + 1)  # the filter byte, then the pixels
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize(
+    ("width", "height"), [(9000, 9000), (13000, 13000)], ids=["81-mpx", "169-mpx"]
+)
+def test_an_image_over_the_pixel_cap_is_refused_undecoded_and_nothing_is_printed(
+    tmp_path: Path, width: int, height: int
+) -> None:
+    """Before: 81 Mpx (under Pillow's own limit) was decoded and saved; 169 Mpx was too,
+    with Pillow's DecompressionBombWarning printed raw to stderr (~750 MB of memory)."""
+    data = png_of_zeros(width, height)
+    assert len(data) < 1_000_000
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(CorruptImage) as info:
+            write_image(tmp_path, "r", 0, data)
+    assert str(info.value) == (
+        f"image is {width}x{height} ({width * height / 1e6:.0f} megapixels), "
+        "over the 67 megapixel cap: not decoded"
+    )
+    assert caught == []
+    assert list((tmp_path / "images").iterdir()) == []
+
+
+def test_the_pixel_cap_is_inclusive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(batcher.sink, "MAX_PIXELS", 12 * 8)
+    assert write_image(tmp_path, "r", 0, PNG).width == 12  # PNG is 12x8
+    with pytest.raises(CorruptImage, match="over the 0 megapixel cap"):
+        write_image(tmp_path, "r", 1, image_bytes("PNG", (13, 8)))
 
 
 def test_write_image_rejects_negative_index(tmp_path: Path) -> None:
