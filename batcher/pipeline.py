@@ -280,6 +280,23 @@ class RunContext:
         self.requeued.append(replace(job, polls=fields.get("polls", job.polls)))
         self.requeue_signal.set()
 
+    async def resubmit_or_fail(self, job: Job, why: str, **fields: Any) -> None:
+        """A paid job whose result is gone (expired, or unknown to the API): submit it
+        again while the row has submits left (``max_failed_retries`` more than the
+        first), else FAILED. A queue longer than the retention would otherwise pay for
+        every row again and again."""
+        if job.attempts <= self.retry.max_failed_retries:
+            self.counters.resubmitted_expired += 1
+            log.warning("row %s: %s; submitting it again (it was paid for)", job.id, why)
+            await self.requeue(job, why, **fields)
+            return
+        await self.fail(
+            job,
+            f"{why}; submitted {job.attempts} times (each may be billed), not sent again: "
+            "--retry-failed sends it again",
+            **fields,
+        )
+
     async def unsubmitted(self, job: Job) -> None:
         """A job taken for submit that was not sent, or refused before a job existed (the
         run is stopping): back to PENDING with ``job.attempts``, the submits that counted."""

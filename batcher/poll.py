@@ -202,8 +202,7 @@ async def settle_not_ok(
         await ctx.fail(job, error, metrics=reply.body.get("metrics"), **common)
         return
     if outcome is Outcome.NOT_FOUND:
-        ctx.counters.resubmitted_expired += 1
-        await ctx.requeue(
+        await ctx.resubmit_or_fail(
             job, f"request {flight.request_id} is gone (expired or unknown)", **common
         )
         return

@@ -218,8 +218,7 @@ async def _resume(ctx: RunContext, poller: Poller) -> None:
         ctx.resumed.add(job.id)
         ctx.take_resumed_slot()
         if age >= limit or not job.request_id:
-            ctx.counters.resubmitted_expired += 1
-            await ctx.requeue(job, "its result expired while batcher was not running")
+            await ctx.resubmit_or_fail(job, "its result expired while batcher was not running")
             continue
         # URLs kept from a run against another base URL (or an emulator now gone) are
         # not followed: the request is asked of this run's API, with its key.

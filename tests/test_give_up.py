@@ -80,3 +80,27 @@ async def test_an_api_gone_silent_stops_the_run_resumable(tmp_path: Path) -> Non
     assert "cannot reach the API" in result.stop_reason
     assert result.summary is not None
     assert result.summary.counts.get("SUBMITTED") == 3  # kept, to resume
+
+
+async def test_a_queue_longer_than_the_retention_pays_each_row_twice_at_most(
+    tmp_path: Path,
+) -> None:
+    """One job at a time, results kept 20 model-s after submit, InstantID's 7.7 s: jobs
+    deep in the queue expire before they finish. Each is sent again once (paid), then
+    ends FAILED with the reason, instead of being paid for again and again."""
+    rows = 8
+    config = SimConfig(
+        time_scale=0.01, capacity=1, retention_s=20.0, latency_sigma=0.05, image_size=(16, 16)
+    )
+    async with SimServer(config) as server:
+        result = await asyncio.wait_for(
+            arun(_options(tmp_path, server.base_url, 0.01, rows)), timeout=120
+        )
+        accepted = server.stats()["accepted"]
+    table = pq.read_table(tmp_path / "out" / "results.parquet").to_pylist()
+    failed = [r for r in table if r["status"] == "FAILED"]
+    assert result.exit_code == EXIT_FAILED_ROWS, result.text()
+    assert failed, "the queue was meant to outlast the retention"
+    for row in failed:
+        assert "is gone (expired or unknown); submitted 2 times" in row["error"], row["error"]
+    assert accepted <= 2 * rows, accepted
