@@ -13,6 +13,8 @@ Decisions:
 - A JSONL line that is not a JSON object is a row (it counts in the numbering) whose
   problem names the line; blank lines are skipped and not counted.
 - Ids are stripped of surrounding spaces; a whole-number id (``7`` or ``7.0``) reads as ``"7"``.
+- A string with a lone surrogate (JSON's ``"\\udce9"``, half of a character) is a row
+  problem: no UTF-8 file or database can hold it. Such an id reads as the row number.
 - An unknown ``--model`` is a :class:`UsageError`; an unknown model in a cell is a row
   problem, but a manifest where no row at all can be sent fails the scan.
 """
@@ -58,6 +60,8 @@ _SHOWN = 5  # offending rows or values listed in one message
 _CANDIDATES = 64  # duplicated id hashes resolved to real ids by the second pass
 _EDGE = 64 << 10  # bytes hashed at each end of the file by fingerprint()
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")  # in a str, every surrogate is a lone one
+_CUT_IN_HALF = "contains an unpaired surrogate (a character cut in half), not valid Unicode"
 _NO_MODEL = "has no model (fill its model cell or pass --model)"
 _canonical = functools.partial(
     json.dumps, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=repr
@@ -208,6 +212,7 @@ def _row(
     row_id = _id_of(record.get("id"), number, problems)
     model = _model_of(record.get("model"), default_model, known, problems)
     params = {k: v for k, v in record.items() if k not in ("id", "model") and not _is_blank(v)}
+    problems += [f"column {_printable(k)}: {_CUT_IN_HALF}" for k, v in params.items() if _cut(v)]
     return ManifestRow(
         number=number, id=row_id, model=model, params=params, problems=tuple(problems)
     )
@@ -219,6 +224,9 @@ def _is_blank(value: object) -> bool:
 
 def _id_of(raw: object, number: int, problems: list[str]) -> str:
     if _is_blank(raw):
+        return str(number)
+    if _cut(raw):
+        problems.append(f"column id: {_CUT_IN_HALF}")
         return str(number)
     if isinstance(raw, str):
         text = raw.strip() or str(number)
@@ -238,6 +246,9 @@ def _model_of(
     raw: object, default_model: str | None, known: Mapping[str, ModelSpec], problems: list[str]
 ) -> str:
     text = "" if _is_blank(raw) else str(raw).strip()
+    if _cut(text):
+        problems.append(f"column model: {_CUT_IN_HALF}")
+        return ""
     if not text:
         if default_model is None:
             problems.append(_NO_MODEL)
@@ -245,6 +256,27 @@ def _model_of(
     if text not in known:
         problems.append(f"model={show(text)} is not a known model{did_you_mean(text, known)}")
     return text
+
+
+def _cut(value: object) -> bool:
+    """Whether a string in value (or in its lists and dicts, keys too) has a lone surrogate."""
+    if isinstance(value, str):
+        return not value.isascii() and _SURROGATE.search(value) is not None
+    stack = [value]
+    while stack:  # not recursive: JSON nests as deep as the parser allowed
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack += [*item.keys(), *item.values()]
+        elif isinstance(item, list | tuple):
+            stack += item
+        elif isinstance(item, str) and _cut(item):
+            return True
+    return False
+
+
+def _printable(name: str) -> str:
+    """A column name safe to write anywhere (its own surrogates escaped)."""
+    return name.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _id_hash(row_id: str) -> int:

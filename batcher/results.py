@@ -66,7 +66,14 @@ def _params_for_results(
         value = params.get(name)
         if isinstance(value, str):
             params[name] = inputs.reference(name, value)
-    return json.dumps(params, sort_keys=True, ensure_ascii=False)
+    text = json.dumps(params, sort_keys=True, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        # An INVALID row's lone surrogate (a JSON "\udce9" in the manifest): Parquet
+        # strings must be UTF-8, so it stays the escape it was written as.
+        return json.dumps(params, sort_keys=True)
+    return text
 
 
 def write_results(checkpoint: Checkpoint, out: Path, manifest_dir: Path) -> Path:

@@ -41,6 +41,7 @@ TIME_SCALE = "0.01"
 MAX_IMAGE_BYTES = 20 * 1024 * 1024  # ImageInputs' default max_file_bytes
 TEN_MB = 10 * 1024 * 1024
 WORKERS = 4
+CUT_IN_HALF = "contains an unpaired surrogate (a character cut in half), not valid Unicode"
 Row = Mapping[str, object]
 
 
@@ -229,6 +230,18 @@ def _oversized_image(folder: Path) -> Path:
 def _not_json_line(folder: Path) -> Path:
     lines = [json.dumps(good("a")), '{"id": "b", prompt: "no quotes"}', json.dumps(good("c"))]
     return write_jsonl(folder, lines)
+
+
+def _lone_surrogates(folder: Path) -> Path:
+    # json.dumps writes a lone surrogate as the escape "\udce9", as a broken exporter does.
+    rows = [
+        good("a"),
+        good("b", prompt="caf\udce9"),
+        good("c\udce9", prompt="portrait c"),
+        good("d", model="instantid\udce9"),
+        good("e", style=["Watercolor", "caf\udce9"]),
+    ]
+    return write_jsonl(folder, [json.dumps(row) for row in rows])
 
 
 def _bom(folder: Path) -> Path:
@@ -428,6 +441,18 @@ CASES = [
         write=_not_json_line,
         code=3,
         invalid=(Invalid(2, "2", "line 2 is not valid JSON (Expecting property name"),),
+    ),
+    Case(
+        name="jsonl-lone-surrogates",
+        validate=True,
+        write=_lone_surrogates,
+        code=3,
+        invalid=(
+            Invalid(2, "b", f"column prompt: {CUT_IN_HALF}"),
+            Invalid(3, "3", f"column id: {CUT_IN_HALF}"),  # an unusable id: the row number
+            Invalid(4, "d", f"column model: {CUT_IN_HALF}"),
+            Invalid(5, "e", f"column style: {CUT_IN_HALF}"),
+        ),
     ),
     # Unusual but fine.
     Case(name="csv-with-bom", validate=True, write=_bom, code=0),

@@ -233,6 +233,27 @@ def test_bad_ids_are_row_problems_and_path_like_ids_are_fine(tmp_path: Path) -> 
     assert got[3].id == "../etc/passwd"
 
 
+def test_a_lone_surrogate_is_a_row_problem_naming_its_column(tmp_path: Path) -> None:
+    rows = [
+        {"id": "a", "prompt": "caf\udce9"},
+        {"id": "b\udce9", "prompt": "p"},
+        {"id": "c", "model": "instantid\udce9", "prompt": "p"},
+        {"id": "d", "prompt": "p", "style": ["x", {"k\udce9": 1}]},
+        {"id": "e", "prompt": "caf\u00e9 \U0001f600"},  # a surrogate pair is one character
+    ]
+    got = rows_of(write(tmp_path, "m.jsonl", rows))  # json.dumps writes "\udce9" escapes
+    cut = "contains an unpaired surrogate (a character cut in half), not valid Unicode"
+    assert [r.problems for r in got] == [
+        (f"column prompt: {cut}",),
+        (f"column id: {cut}",),
+        (f"column model: {cut}",),
+        (f"column style: {cut}",),
+        (),
+    ]
+    assert (got[1].id, got[2].model) == ("2", "")  # nothing unencodable is kept as a key
+    assert got[4].params["prompt"] == "caf\u00e9 \U0001f600"
+
+
 def test_digest_follows_model_and_params_only(tmp_path: Path) -> None:
     def row(**kw: object) -> ManifestRow:
         base: dict[str, object] = {"number": 1, "id": "a", "model": "instantid", "params": {}}
