@@ -35,6 +35,7 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # pyarrow ships no type information; everything taken from it is Any.
 import pyarrow as pa
@@ -494,9 +495,32 @@ def _csv_reader(
 
 
 def _parquet_records(path: Path, batch_rows: int) -> Iterator[Record]:
+    given = 0
     with pq.ParquetFile(path) as parquet:
         for batch in parquet.iter_batches(batch_size=batch_rows):
-            yield from _batch_records(batch, batch_rows)
+            try:
+                records = batch.to_pylist()  # at most batch_rows rows
+            except UnicodeDecodeError:  # Parquet does not check that strings are UTF-8
+                where = _first_not_utf8(batch, given)
+                raise ManifestError(
+                    f"{path}: not valid UTF-8{where}; batcher reads Parquet strings as UTF-8 "
+                    "only, so write them as UTF-8"
+                ) from None
+            given += len(records)
+            yield from records
+
+
+def _first_not_utf8(batch: Any, given: int) -> str:
+    """Where the batch's first string that is not UTF-8 is: cell by cell, so slow, but only
+    once the batch has failed."""
+    for name, column in zip(batch.schema.names, batch.columns, strict=True):
+        for i in range(len(column)):
+            try:
+                column[i].as_py()
+            except UnicodeDecodeError as exc:
+                byte = exc.object[exc.start]
+                return f" (column {_quoted(name)}, row {given + i + 1}, byte 0x{byte:02x})"
+    return ""
 
 
 def _batch_records(batch: object, batch_rows: int) -> Iterator[Record]:

@@ -141,6 +141,17 @@ def _corrupt_parquet(folder: Path) -> Path:
     return path
 
 
+def _not_utf8_parquet(folder: Path) -> Path:
+    path = folder / "m.parquet"
+    prompts = [b"portrait a", b"caf\xe9 cr\xe8me"]  # latin-1, which pa.array would refuse
+    offsets = pa.array([0, len(prompts[0]), len(prompts[0]) + len(prompts[1])], pa.int32())
+    data = [None, offsets.buffers()[1], pa.py_buffer(b"".join(prompts))]
+    columns = {"id": ["a", "b"], "prompt": pa.Array.from_buffers(pa.string(), 2, data)}
+    table = pa.table({**columns, "face_image": [FACE_URL] * 2})
+    pq.write_table(table, path)
+    return path
+
+
 def _latin1(folder: Path) -> Path:
     path = folder / "m.csv"
     text = f"id,prompt,face_image\na,plain,{FACE_URL}\nb,café crème,{FACE_URL}\n"
@@ -292,6 +303,13 @@ CASES = [
         write=_latin1,
         code=2,
         says=("not valid UTF-8 (line 3, byte 0xe9)", "re-save it as UTF-8"),
+    ),
+    Case(
+        name="parquet-string-not-utf-8",
+        validate=True,
+        write=_not_utf8_parquet,
+        code=2,
+        says=('not valid UTF-8 (column "prompt", row 2, byte 0xe9)',),
     ),
     Case(
         name="ragged-csv",

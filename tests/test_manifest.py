@@ -423,6 +423,27 @@ def test_non_utf8_csv_names_the_line_and_asks_for_utf8(tmp_path: Path) -> None:
         rows_of(path)
 
 
+def not_utf8_strings(values: list[bytes]) -> pa.Array:
+    """A Parquet-bound string column holding these bytes unchecked (pa.array would refuse)."""
+    offsets = pa.array([sum(map(len, values[:i])) for i in range(len(values) + 1)], pa.int32())
+    data = pa.py_buffer(b"".join(values))
+    return pa.Array.from_buffers(pa.string(), len(values), [None, offsets.buffers()[1], data])
+
+
+def test_non_utf8_parquet_string_names_the_column_and_row(tmp_path: Path) -> None:
+    path = tmp_path / "m.parquet"
+    prompts = not_utf8_strings([b"a", b"b", b"c", b"caf\xe9", b"e"])
+    pq.write_table(pa.table({"prompt": prompts, "face_image": [FACE] * 5}), path)
+    expected = (
+        f'{path}: not valid UTF-8 (column "prompt", row 4, byte 0xe9); batcher reads '
+        "Parquet strings as UTF-8 only, so write them as UTF-8"
+    )
+    assert scan_error(path) == expected
+    with pytest.raises(ManifestError) as info:
+        rows_of(path, batch_rows=2)  # row 4 is the second of the second batch
+    assert str(info.value) == expected
+
+
 def test_non_utf8_csv_header(tmp_path: Path) -> None:
     path = tmp_path / "m.csv"
     path.write_bytes(b"pr\xf6mpt\nx\n")
