@@ -10,8 +10,9 @@ Decisions:
 - CSV must be UTF-8 (a BOM is fine). A latin-1 fallback decodes anything, so garbled
   prompts would be sent and paid for; the error names the line of the first bad byte.
 - CSV cells are text; Parquet and JSONL cells keep their types. Schema validation coerces.
-- A JSONL line that is not a JSON object is a row (it counts in the numbering) whose
-  problem names the line; blank lines are skipped and not counted.
+- A JSONL line that is not a JSON object (or nests past MAX_JSON_DEPTH) is a row (it
+  counts in the numbering) whose problem names the line; blank lines are skipped and
+  not counted.
 - Ids are stripped of surrounding spaces; a whole-number id (``7`` or ``7.0``) reads as ``"7"``.
 - A string with a lone surrogate (JSON's ``"\\udce9"``, half of a character) is a row
   problem: no UTF-8 file or database can hold it. Such an id reads as the row number.
@@ -32,7 +33,7 @@ import os
 import re
 import sqlite3
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,9 @@ FORMATS = {".csv": "csv", ".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "
 CSV_BLOCK_BYTES = 1 << 20
 CSV_LARGE_BLOCK_BYTES = 64 << 20
 MAX_ID_CHARS = 512
+#: Levels of arrays and objects a JSONL line may nest. The API's parameters are flat; a
+#: value nested near Python's recursion limit would crash whatever printed or hashed it.
+MAX_JSON_DEPTH = 100
 
 _FORMAT_NAMES = {"csv": "CSV", "parquet": "Parquet", "jsonl": "JSON Lines"}
 _SHOWN = 5  # offending rows or values listed in one message
@@ -548,9 +552,31 @@ def _json_record(line: bytes, line_no: int) -> Record:
         return f"line {line_no} is not valid UTF-8"
     except json.JSONDecodeError as exc:
         return f"line {line_no} is not valid JSON ({exc.msg} at column {exc.colno})"
+    except RecursionError:
+        return _too_deep(line_no)
     if not isinstance(value, dict):
         return f"line {line_no} is not a JSON object (it is {type(value).__name__})"
+    # Fewer brackets than the limit cannot nest past it: most lines skip the walk.
+    if line.count(b"[") + line.count(b"{") > MAX_JSON_DEPTH and _deeper(value, MAX_JSON_DEPTH):
+        return _too_deep(line_no)
     return value
+
+
+def _too_deep(line_no: int) -> str:
+    return f"line {line_no} is nested too deeply (more than {MAX_JSON_DEPTH} levels of [ and {{)"
+
+
+def _deeper(value: dict[str, object], limit: int) -> bool:
+    """Whether lists and dicts nest in value more than limit levels (value is level 1)."""
+    stack: list[tuple[Iterable[object], int]] = [(value.values(), 1)]
+    while stack:  # not recursive: that is what is being guarded against
+        children, depth = stack.pop()
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth == limit:
+                    return True
+                stack.append((child.values() if isinstance(child, dict) else child, depth + 1))
+    return False
 
 
 def _unreadable(path: Path, fmt: str, exc: Exception) -> ManifestError:

@@ -243,6 +243,11 @@ def _not_json_line(folder: Path) -> Path:
     return write_jsonl(folder, lines)
 
 
+def _nested_too_deeply(folder: Path) -> Path:
+    deep = json.dumps(good("b")).replace("}", ', "style": ' + "[" * 1000 + "]" * 1000 + "}")
+    return write_jsonl(folder, [json.dumps(good("a")), deep])
+
+
 def _lone_surrogates(folder: Path) -> Path:
     # json.dumps writes a lone surrogate as the escape "\udce9", as a broken exporter does.
     rows = [
@@ -459,6 +464,13 @@ CASES = [
         write=_not_json_line,
         code=3,
         invalid=(Invalid(2, "2", "line 2 is not valid JSON (Expecting property name"),),
+    ),
+    Case(
+        name="jsonl-nested-too-deeply",
+        validate=True,
+        write=_nested_too_deeply,
+        code=3,
+        invalid=(Invalid(2, "2", "line 2 is nested too deeply (more than 100 levels of [ and {)"),),
     ),
     Case(
         name="jsonl-lone-surrogates",

@@ -165,6 +165,24 @@ def test_jsonl_bad_lines_are_row_problems_not_crashes(tmp_path: Path) -> None:
     assert info.rows == 6
 
 
+def test_jsonl_nested_too_deeply_is_a_row_problem_not_a_crash(tmp_path: Path) -> None:
+    def nested(levels: int) -> str:
+        return "[" * levels + "]" * levels
+
+    limit = manifest.MAX_JSON_DEPTH  # the line's object is the first level
+    path = tmp_path / "m.jsonl"
+    path.write_text(
+        f'{{"id": "a", "style": {nested(limit - 1)}}}\n'
+        f'{{"id": "b", "style": {nested(limit)}}}\n'
+        f'{{"id": "c", "style": {nested(1000)}}}\n'  # past the JSON parser's recursion limit
+        f"{nested(1000)}\n"
+    )
+    rows = rows_of(path)
+    assert (rows[0].id, rows[0].problems) == ("a", ())
+    too_deep = f"is nested too deeply (more than {limit} levels of [ and {{)"
+    assert [r.problems for r in rows[1:]] == [(f"line {n} {too_deep}",) for n in (2, 3, 4)]
+
+
 # --- ids, numbering and models ---------------------------------------------------------
 
 
