@@ -59,6 +59,14 @@ def _rate(text: str) -> RateConfig:
         ) from None
 
 
+def _out_folder(text: str) -> Path:
+    """--out as a Path, read as text first: Path("") is the current folder, and an empty
+    --out (an unset "$OUT") must not write there."""
+    if not text.strip():
+        raise UsageError(f"--out {text!r} names no folder; give one (--out . for this folder)")
+    return Path(text)
+
+
 def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "run",
@@ -71,7 +79,7 @@ def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "manifest or key error.",
     )
     p.add_argument("manifest", type=Path, help="CSV, Parquet or JSONL; one row = one job")
-    p.add_argument("--out", type=Path, required=True, help="output folder (also the checkpoint)")
+    p.add_argument("--out", required=True, help="output folder (also the checkpoint)")
     p.add_argument(
         "--model", help="model for rows without a model column (instantid, infinite-you)"
     )
@@ -135,7 +143,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, exit_at_once)
     options = RunOptions(
         manifest=args.manifest,
-        out=args.out,
+        out=_out_folder(args.out),
         model=args.model,
         base_url=args.base_url,
         rate=_rate(args.rate),

@@ -169,6 +169,22 @@ def test_a_refused_run_leaves_no_output_folder(
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.usefixtures("_sigint")
+@pytest.mark.parametrize("out", ["", "  "])
+def test_an_empty_out_is_refused_not_taken_as_the_current_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, out: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    code = main(["run", str(DEMO), "--model", "instantid", "--out", out, "--simulate"])
+
+    assert code == 2
+    assert capsys.readouterr().err == (
+        f"batcher: --out {out!r} names no folder; give one (--out . for this folder)\n"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     ("rows", "code"),
     [
