@@ -106,8 +106,8 @@ def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument(
         "--time-scale",
         type=float,
-        help="service durations relative to real time (default 1; 0.01 with "
-        "--simulate). For a time-scaled `batcher sim`, pass its --time-scale",
+        help="service durations relative to real time, 0.001 to 1000 (default 1; 0.01 "
+        "with --simulate). For a time-scaled `batcher sim`, pass its --time-scale",
     )
     p.add_argument(
         "--resubmit-unknown",
@@ -231,7 +231,9 @@ def _add_sim_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="the one key accepted (default: the key in SEGMIND_API_KEY; with neither, any "
         "non-empty key)",
     )
-    p.add_argument("--time-scale", type=float, default=1.0, help="multiply every duration")
+    p.add_argument(
+        "--time-scale", type=float, default=1.0, help="multiply every duration (0.001 to 1000)"
+    )
     p.add_argument(
         "--latency",
         type=_model_seconds,
@@ -286,8 +288,10 @@ def _add_sim_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _cmd_sim(args: argparse.Namespace) -> int:
+    from batcher.options import check_time_scale
     from batcher.sim import SimConfig, serve
 
+    check_time_scale(args.time_scale)
     key = args.api_key or os.environ.get("SEGMIND_API_KEY")
     try:
         config = SimConfig(

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from batcher.cli import build_parser, main
+from batcher.options import RunOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "manifests" / "demo_instantid.csv"
@@ -167,6 +168,31 @@ def test_a_refused_run_leaves_no_output_folder(
     err = capsys.readouterr().err
     assert err.startswith(f"batcher: {missing}: cannot open it"), err
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.usefixtures("_sigint")
+@pytest.mark.parametrize("scale", ["inf", "nan", "1e-9", "0.0009", "0", "-1", "1001"])
+def test_a_time_scale_out_of_range_is_refused_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, scale: str
+) -> None:
+    """No --simulate: were the scale let through, the missing key would be the message."""
+    monkeypatch.delenv("SEGMIND_API_KEY", raising=False)
+    out = tmp_path / "out"
+
+    code = main(
+        ["run", str(DEMO), "--model", "instantid", "--out", str(out), f"--time-scale={scale}"]
+    )
+
+    assert code == 2
+    assert capsys.readouterr().err == (
+        f"batcher: --time-scale must be between 0.001 and 1000, got {float(scale):g}\n"
+    )
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("scale", [0.001, 1000.0])
+def test_the_ends_of_the_time_scale_range_are_accepted(scale: float) -> None:
+    assert RunOptions(manifest=DEMO, out=Path("out"), time_scale=scale).scale == scale
 
 
 @pytest.mark.usefixtures("_sigint")

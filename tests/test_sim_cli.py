@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -57,3 +58,27 @@ async def test_cli_flags_reach_the_emulator(
     async with http.get(sub["status_url"], headers=key) as resp:
         assert resp.status == 429  # --rate-limit 3
         assert {"Retry-After", "x-rate-limit-reset-at-utc"} <= set(resp.headers)
+
+
+def _refused(*args: str) -> str:
+    """`batcher sim ARGS` exits 2 at once with one `batcher: ...` line: that line."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "batcher", "sim", "--api-key", "k", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,  # a sim that accepted the flags would serve until killed
+        cwd=ROOT,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("batcher: "), proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("scale", ["inf", "nan", "1e-9", "0"])
+def test_a_time_scale_out_of_range_is_refused(scale: str) -> None:
+    assert _refused(f"--time-scale={scale}") == (
+        f"batcher: --time-scale must be between 0.001 and 1000, got {float(scale):g}"
+    )
