@@ -289,9 +289,17 @@ def _add_sim_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def _cmd_sim(args: argparse.Namespace) -> int:
     from batcher.options import check_time_scale
+    from batcher.schemas import get_model
     from batcher.sim import SimConfig, serve
 
     check_time_scale(args.time_scale)
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be between 0 and 65535, got {args.port}")
+    for slug, _ in args.latency:
+        try:
+            get_model(slug)  # else the knob would be ignored without a word
+        except UsageError as exc:
+            raise UsageError(f"--latency: {exc}") from None
     key = args.api_key or os.environ.get("SEGMIND_API_KEY")
     try:
         config = SimConfig(
@@ -325,8 +333,14 @@ def _cmd_sim(args: argparse.Namespace) -> int:
             "batcher sim: no --api-key or SEGMIND_API_KEY: any non-empty key is accepted",
             file=sys.stderr,
         )
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(config, args.host, args.port))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve(config, args.host, args.port))
+    except OSError as exc:  # from bind: the port is taken, the host is not this machine's...
+        where = f"{args.host}:{args.port}"
+        raise UsageError(
+            f"sim: cannot listen on {where} ({exc.strerror or exc}); check --host and --port"
+        ) from None
     return 0
 
 

@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -82,3 +83,41 @@ def test_a_time_scale_out_of_range_is_refused(scale: str) -> None:
     assert _refused(f"--time-scale={scale}") == (
         f"batcher: --time-scale must be between 0.001 and 1000, got {float(scale):g}"
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("--port", "99999"), "--port must be between 0 and 65535, got 99999"),
+        (("--port", "-1"), "--port must be between 0 and 65535, got -1"),
+        (
+            ("--latency", "nope=5"),
+            "--latency: unknown model 'nope'; known models: infinite-you, instantid",
+        ),
+        (
+            ("--host", "1.2.3.4"),  # an address, but not one of this machine's
+            "sim: cannot listen on 1.2.3.4:0 (Cannot assign requested address); "
+            "check --host and --port",
+        ),
+    ],
+    ids=["port-too-big", "port-negative", "unknown-latency-model", "host-not-this-machine"],
+)
+def test_a_bad_flag_is_refused_in_one_line(args: tuple[str, ...], says: str) -> None:
+    assert _refused(*args) == f"batcher: {says}"
+
+
+def test_a_host_that_is_no_address_is_refused_in_one_line() -> None:
+    line = _refused("--host", "256.1.1.1")
+    assert line.startswith("batcher: sim: cannot listen on 256.1.1.1:0 ("), line
+    assert line.endswith("); check --host and --port"), line
+
+
+def test_a_port_in_use_is_refused_in_one_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert _refused("--port", str(port)) == (
+            f"batcher: sim: cannot listen on 127.0.0.1:{port} (Address already in use); "
+            "check --host and --port"
+        )

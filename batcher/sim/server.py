@@ -57,6 +57,13 @@ class SimServer:
         return self.emulator.snapshot()
 
     async def start(self) -> None:
+        sock = socket.socket(socket.AF_INET6 if ":" in self._host else socket.AF_INET)
+        try:  # bound first: an address that cannot be had leaves nothing to clean up
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self._host, self._port))
+        except BaseException:
+            sock.close()
+            raise
         # access_log=None: a line per request would cost more than the request itself.
         # shutdown_timeout: a stopped emulator drops what is in flight within a second
         # (aiohttp's default waits up to 60 s; a test double must not hold up teardown).
@@ -66,9 +73,6 @@ class SimServer:
             app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0
         )
         await self._runner.setup()
-        sock = socket.socket(socket.AF_INET6 if ":" in self._host else socket.AF_INET)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self._host, self._port))
         site = web.SockSite(self._runner, sock, backlog=1024)
         await site.start()
         self.port = sock.getsockname()[1]
