@@ -147,6 +147,8 @@ def _scan(
     per_model: dict[str, int] = {}
     no_model: list[int] = []  # the first few rows without a model, then their count
     no_model_count = 0
+    unknown_models: list[str] = []  # the first few rows with an unknown model cell
+    unknown_model_count = 0
     first_problem = ""
     for number, record in enumerate(source.records, 1):
         row = _row(number, record, default_model, known)
@@ -158,6 +160,10 @@ def _scan(
             no_model += [number] if len(no_model) < _SHOWN else []
         elif not first_problem:
             first_problem = f"row {number}: {row.problems[0]}"
+        if isinstance(record, dict) and row.model and row.model not in known:
+            unknown_model_count += 1
+            if len(unknown_models) < _SHOWN:
+                unknown_models.append(f"row {number}: {_unknown_model(row.model, known)}")
     columns = tuple(source.columns)
     if not hashes.rows:
         empty = "has a header but no rows" if source.format == "csv" else "has no rows"
@@ -175,7 +181,17 @@ def _scan(
         problems.append(f"{text} {had} no model; fill the model cell or pass --model")
     used = tuple(sorted(per_model))
     if used:
-        problems += _column_problems(columns, [known[m] for m in used], per_model)
+        column_problems = _column_problems(columns, [known[m] for m in used], per_model)
+        if column_problems and unknown_models:
+            # A misspelt model's columns are unknown to the models spelt right: say the
+            # typo first, or the message blames a column that is fine.
+            more = unknown_model_count - len(unknown_models)
+            listed = unknown_models + ([f"and {more} more"] if more else [])
+            problems.append(
+                f"unknown model{'s' if unknown_model_count > 1 else ''} (columns are checked "
+                "against the known models only):\n  " + "\n  ".join(listed)
+            )
+        problems += column_problems
     elif first_problem:
         problems.append(f"no row can be sent; the first, {first_problem}")
     duplicates = _duplicates(path, hashes, default_model, known)
@@ -259,8 +275,12 @@ def _model_of(
             problems.append(_NO_MODEL)
         return default_model or ""
     if text not in known:
-        problems.append(f"model={show(text)} is not a known model{did_you_mean(text, known)}")
+        problems.append(_unknown_model(text, known))
     return text
+
+
+def _unknown_model(text: str, known: Mapping[str, ModelSpec]) -> str:
+    return f"model={show(text)} is not a known model{did_you_mean(text, known)}"
 
 
 def _cut(value: object) -> bool:

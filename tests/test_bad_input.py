@@ -132,6 +132,13 @@ def _duplicate_ids(folder: Path) -> Path:
     return write_csv(folder, [good("a"), good("b"), good("a")])
 
 
+def _misspelt_model_of_a_mixed_manifest(folder: Path) -> Path:
+    # id_image is a column of infinite-you, unknown to instantid, the only model spelt right.
+    typo = {"id": "b", "model": "infinite-yuo", "prompt": "p", "id_image": FACE_URL}
+    rows = [good("a", model="instantid"), typo]
+    return write_jsonl(folder, [json.dumps(row) for row in rows])
+
+
 def _corrupt_parquet(folder: Path) -> Path:
     path = folder / "m.parquet"
     table = pa.table({k: [v] * 3 for k, v in good("a").items()})
@@ -289,6 +296,17 @@ CASES = [
         write=_typo_column,
         code=2,
         says=('unknown column "guidance_scal" (did you mean "guidance_scale"?)',),
+    ),
+    Case(
+        name="misspelt-model-of-a-mixed-manifest",
+        validate=True,
+        write=_misspelt_model_of_a_mixed_manifest,
+        code=2,
+        flags=(),
+        says=(
+            'row 2: model=infinite-yuo is not a known model (did you mean "infinite-you"?)',
+            'unknown column "id_image"',
+        ),
     ),
     Case(
         name="duplicate-ids",

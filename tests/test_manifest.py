@@ -508,6 +508,19 @@ def test_unknown_columns_are_judged_against_every_used_model(tmp_path: Path) -> 
     assert "parameter names of infinite-you, instantid" in message
 
 
+def test_a_misspelt_model_is_named_before_the_columns_it_makes_unknown(tmp_path: Path) -> None:
+    rows = [
+        {"id": "a", "model": "instantid", "prompt": "p", "face_image": FACE},
+        {"id": "b", "model": "infinite-yuo", "prompt": "p", "id_image": FACE},
+    ]
+    message = scan_error(write(tmp_path, "m.jsonl", rows), default_model=None)
+    assert message.splitlines()[1:3] == [
+        "  - unknown model (columns are checked against the known models only):",
+        '      row 2: model=infinite-yuo is not a known model (did you mean "infinite-you"?)',
+    ]
+    assert 'unknown column "id_image"' in message.splitlines()[3]
+
+
 def test_missing_required_column(tmp_path: Path) -> None:
     path = write(tmp_path, "m.csv", [{"prompt": "p"}, {"prompt": "q"}])
     assert scan_error(path) == (
