@@ -64,7 +64,15 @@ async def fetch_one(ctx: RunContext, flight: Flight, reschedule: Callable[[Fligh
     try:
         items = output_items(body.get("output"))
         saved = [await _save(ctx, job, i, item) for i, item in enumerate(items)]
-    except (ValueError, CorruptImage, IncompleteDownload, aiohttp.ClientError, TimeoutError) as exc:
+    except (IncompleteDownload, aiohttp.ClientError, TimeoutError) as exc:
+        # The job is done and paid for; its output URLs outlive the result. A download
+        # that failed past its own retries (a CDN outage, 5xx, resets) is tried again
+        # later from the result, not turned into a FAILED row.
+        reason = f"output could not be downloaded: {_reason(exc, ctx.options.downloads.timeout_s)}"
+        log.warning("row %s: %s; trying again later", job.id, reason)
+        await retry_later(ctx, flight, reason, reschedule)
+        return
+    except (ValueError, CorruptImage) as exc:  # the output itself is unusable
         await ctx.fail(
             job,
             f"output could not be saved: {_reason(exc, ctx.options.downloads.timeout_s)}",
@@ -92,9 +100,13 @@ async def fetch_one(ctx: RunContext, flight: Flight, reschedule: Callable[[Fligh
 
 
 def _reason(exc: Exception, timeout_s: float) -> str:
-    """Why an output was not saved, never empty (``str(TimeoutError())`` is "")."""
+    """Why an output was not saved, never empty (``str(TimeoutError())`` is ""), and
+    never with a URL's query (a signed URL's query is a credential)."""
     if isinstance(exc, TimeoutError) and not str(exc):
         return f"download timed out after {timeout_s:g} s"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        url = str(exc.request_info.real_url).partition("?")[0]
+        return f"HTTP {exc.status} {exc.message} from {url}"
     return str(exc) or type(exc).__name__
 
 

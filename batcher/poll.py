@@ -222,14 +222,16 @@ async def retry_later(
 ) -> None:
     """A status or result GET of the job got no usable answer (after its own retries).
     The job may be paid for: ask again later, backing off (see Poller._schedule), until
-    its result's retention is over; then the row is FAILED with the last reason."""
+    the schedule's deadline (half the result's retention: the API still knows the job,
+    so it is not sent again and paid twice on a 404); then the row is FAILED with the
+    last reason."""
     flight.errors += 1
-    if flight.elapsed(ctx.now()) < ctx.poll.retention_s * ctx.poll.time_scale:
+    if flight.elapsed(ctx.now()) < ctx.poll.deadline_s:
         reschedule(flight)
         return
     await ctx.fail(
         flight.job,
-        f"no usable answer about this job until its result's retention ran out "
+        f"no usable answer about this job within half its result's retention "
         f"({flight.errors} tries in a row; last: {reason}); it may have been billed. "
         "--retry-failed submits it again",
         polls=flight.job.polls + flight.polls,

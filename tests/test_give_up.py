@@ -1,10 +1,12 @@
 """Every run ends: a job the API keeps refusing to talk about ends FAILED when its result's
-retention is over, and an API that stops answering altogether stops the run (exit 4,
+retention is half over (the API still knows it: not sent again), a download that fails is
+tried again from the result, and an API that stops answering altogether stops the run (exit 4,
 resumable) instead of polling a dead host for ever."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ from aiohttp import web
 
 from batcher.gate import RateConfig
 from batcher.options import RunOptions
-from batcher.run import EXIT_FAILED_ROWS, EXIT_STOPPED, arun
+from batcher.run import EXIT_FAILED_ROWS, EXIT_OK, EXIT_STOPPED, arun
 from batcher.sim import SimConfig, SimServer
 
 KEY = "sk-give-up-0123456789"
@@ -39,7 +41,7 @@ def _options(tmp_path: Path, base_url: str, scale: float, rows: int) -> RunOptio
     )
 
 
-async def test_a_job_the_api_keeps_refusing_ends_failed_after_its_retention(
+async def test_a_job_the_api_keeps_refusing_ends_failed_within_its_retention(
     tmp_path: Path,
 ) -> None:
     # time scale 0.001: the 1-hour retention is 3.6 s
@@ -60,7 +62,7 @@ async def test_a_job_the_api_keeps_refusing_ends_failed_after_its_retention(
     rows = pq.read_table(tmp_path / "out" / "results.parquet").to_pylist()
     for row in rows:
         assert row["status"] == "FAILED"
-        assert "retention ran out" in row["error"]
+        assert "within half its result's retention" in row["error"]
         assert "HTTP 418: I'm a teapot" in row["error"]
         assert row["request_id"]  # the job is known: it may have been billed
         # Backing off (up to 60 model-s apart): far fewer polls than one a model-second.
@@ -104,3 +106,55 @@ async def test_a_queue_longer_than_the_retention_pays_each_row_twice_at_most(
     for row in failed:
         assert "is gone (expired or unknown); submitted 2 times" in row["error"], row["error"]
     assert accepted <= 2 * rows, accepted
+
+
+def _flaky_outputs(failures: int, *, sign: bool = False) -> Any:
+    """A middleware: each output URL answers 503 its first ``failures`` times; ``sign``
+    appends a signed-URL query (a credential) to the output URLs in results."""
+    seen: dict[str, int] = {}
+
+    @web.middleware
+    async def flaky(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path.startswith("/outputs/"):
+            seen[request.path] = seen.get(request.path, 0) + 1
+            if seen[request.path] <= failures:
+                return web.json_response({"error": "CDN hiccup"}, status=503)
+        response: web.StreamResponse = await handler(request)
+        if sign and request.path.startswith("/v2/requests/") and "/status" not in request.path:
+            assert isinstance(response, web.Response)
+            assert response.text is not None
+            body = json.loads(response.text)
+            body["output"] = f"{body['output']}?X-Amz-Signature=SECRET-SIG"
+            return web.json_response(body, status=response.status)
+        return response
+
+    return flaky
+
+
+async def test_a_paid_job_whose_download_fails_is_fetched_again_not_failed(
+    tmp_path: Path,
+) -> None:
+    config = SimConfig(time_scale=0.001, image_size=(16, 16))
+    async with SimServer(config, middlewares=[_flaky_outputs(3)]) as server:
+        result = await asyncio.wait_for(
+            arun(_options(tmp_path, server.base_url, 0.001, 3)), timeout=60
+        )
+        accepted = server.stats()["accepted"]
+    assert result.exit_code == EXIT_OK, result.text()
+    assert accepted == 3  # fetched again, never submitted again
+
+
+async def test_a_download_that_never_works_fails_at_retention_without_the_signature(
+    tmp_path: Path,
+) -> None:
+    config = SimConfig(time_scale=0.001, image_size=(16, 16))
+    async with SimServer(config, middlewares=[_flaky_outputs(10**9, sign=True)]) as server:
+        result = await asyncio.wait_for(
+            arun(_options(tmp_path, server.base_url, 0.001, 1)), timeout=60
+        )
+    assert result.exit_code == EXIT_FAILED_ROWS, result.text()
+    (row,) = pq.read_table(tmp_path / "out" / "results.parquet").to_pylist()
+    assert "within half its result's retention" in row["error"]
+    assert "HTTP 503" in row["error"]
+    assert "SECRET-SIG" not in row["error"]
+    assert "SECRET-SIG" not in result.text()
