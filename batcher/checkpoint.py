@@ -35,6 +35,8 @@ T = TypeVar("T")
 PENDING, SUBMITTING, SUBMITTED = "PENDING", "SUBMITTING", "SUBMITTED"
 COMPLETED, FAILED, INVALID = "COMPLETED", "FAILED", "INVALID"
 TERMINAL = (COMPLETED, FAILED, INVALID)
+#: The error of a row taken out of the manifest after it had been submitted.
+REMOVED = "no longer in the manifest: not sent again (it was submitted before, and may be billed)"
 
 #: SQLite's companion files of the database (WAL mode; a rollback journal when converting).
 _SIDE_FILES = ("-wal", "-shm", "-journal")
@@ -169,6 +171,7 @@ class Checkpoint:
         self._pending: list[tuple[str, Sequence[Any], asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
+        self._listing = False
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -348,6 +351,10 @@ class Checkpoint:
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     fresh,
                 )
+                if self._listing:
+                    db.executemany(
+                        "INSERT OR IGNORE INTO temp.listed(id) VALUES (?)", ((i,) for i in ids)
+                    )
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
@@ -355,6 +362,45 @@ class Checkpoint:
             return changed
 
         result: list[tuple[str, int]] = await self._call(add)
+        return result
+
+    async def start_listing(self) -> None:
+        """Note every id :meth:`add_rows` gets from now on: the manifest being loaded."""
+
+        def start() -> None:
+            self._conn.execute("CREATE TEMP TABLE IF NOT EXISTS listed (id TEXT PRIMARY KEY)")
+            self._conn.execute("DELETE FROM temp.listed")
+
+        await self._call(start)
+        self._listing = True
+
+    async def drop_unlisted(self) -> tuple[int, int]:
+        """Rows the loaded manifest no longer holds: never sent (PENDING or INVALID with no
+        submit) are deleted; PENDING ones submitted before (a result gone, to be sent
+        again) are FAILED instead, since they were paid. Returns (deleted, failed)."""
+        unlisted = "id NOT IN (SELECT id FROM temp.listed)"
+
+        def drop() -> tuple[int, int]:
+            db = self._conn
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                deleted = db.execute(
+                    f"DELETE FROM jobs WHERE state IN (?, ?) AND attempts = 0 AND {unlisted}",
+                    (PENDING, INVALID),
+                ).rowcount
+                failed = db.execute(
+                    f"UPDATE jobs SET state=?, error=? WHERE state=? AND {unlisted}",
+                    (FAILED, REMOVED, PENDING),
+                ).rowcount
+                db.execute("DROP TABLE temp.listed")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return deleted, failed
+
+        self._listing = False
+        result: tuple[int, int] = await self._call(drop)
         return result
 
     # -- reading work ------------------------------------------------------------------------

@@ -77,6 +77,7 @@ async def load(
 ) -> int:
     """Record every row; returns how many were read. Raises ManifestError if rows changed."""
     rows = read_rows(manifest, default_model=default_model)
+    await checkpoint.start_listing()
     changed: list[tuple[str, int]] = []
     invalid: list[str] = []
     total = invalid_count = 0
@@ -109,6 +110,15 @@ async def load(
             f"{manifest}: the manifest changed since this output folder was used: {listed}{more} "
             f"now {have} different parameters. Nothing was sent and nothing was overwritten. "
             "Restore the manifest, or use a new --out folder for the changed rows"
+        )
+    deleted, failed = await checkpoint.drop_unlisted()
+    if deleted or failed:
+        log.warning(
+            "%d rows not yet sent are no longer in the manifest: dropped, not sent%s",
+            deleted,
+            f"; {failed} more had been sent before and are FAILED, not sent again"
+            if failed
+            else "",
         )
     for line in invalid:
         log.warning("INVALID, not sent: %s", line)

@@ -19,6 +19,7 @@ from batcher.checkpoint import (
     FAILED,
     INVALID,
     PENDING,
+    REMOVED,
     SUBMITTED,
     SUBMITTING,
     Checkpoint,
@@ -142,6 +143,21 @@ async def test_pages_read_every_row_once_when_row_numbers_repeat(cp: Checkpoint)
         seen += [j.id for j in page]
         cursor = (page[-1].number, page[-1].id)
     assert sorted(seen) == sorted(r.id for r in kept + added)  # none skipped, none twice
+
+
+async def test_rows_not_listed_by_the_manifest_loaded_again_go_unless_they_were_sent(
+    cp: Checkpoint,
+) -> None:
+    await cp.add_rows([_row(n) for n in range(1, 7)] + [_row(7, state=INVALID)])
+    await cp.update("r1", state=COMPLETED, attempts=1)  # sent and done
+    await cp.update("r2", state=PENDING, attempts=1)  # sent, its result gone: to go again
+    await cp.update("r3", state=SUBMITTED, attempts=1)  # in flight
+    await cp.start_listing()
+    await cp.add_rows([_row(4)])  # the manifest now holds r4 only (and nothing new)
+    assert await cp.drop_unlisted() == (3, 1)  # r5, r6, r7 deleted; r2 FAILED
+    rows = dict(_read(cp.path, "SELECT id, state FROM jobs"))
+    assert rows == {"r1": COMPLETED, "r2": FAILED, "r3": SUBMITTED, "r4": PENDING}
+    assert _read(cp.path, "SELECT error FROM jobs WHERE id='r2'") == [(REMOVED,)]
 
 
 async def test_update_refuses_a_column_that_does_not_exist(cp: Checkpoint) -> None:

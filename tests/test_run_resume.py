@@ -164,6 +164,34 @@ async def test_an_interrupted_run_resumes_without_paying_twice_and_a_third_run_d
     assert _results(options.out) == final
 
 
+async def test_rows_taken_out_of_the_manifest_before_they_were_sent_are_not_sent(
+    tmp_path: Path, sim: Any
+) -> None:
+    manifest = _manifest(tmp_path, instantid=24, infinite_you=6)
+    server = await _long_jobs(sim)
+    options = _options(manifest, server, max_in_flight=10)
+    first = await _stopped_at(options, "COMPLETED", 4)
+    assert first.exit_code == EXIT_STOPPED
+    at_stop = _results(options.out)
+    pending = sorted(i for i, r in at_stop.items() if r["status"] == "PENDING")
+    assert len(pending) >= 2
+    kept_pending, removed = pending[0], set(pending[1:])
+    # The user cuts every row not yet sent but one out of the manifest.
+    lines = manifest.read_text().splitlines()
+    manifest.write_text(
+        "\n".join(line for line in lines if line.split(",")[0] not in removed) + "\n"
+    )
+
+    second = await arun(options)
+
+    assert second.exit_code == EXIT_OK, second.text()
+    final = _results(options.out)
+    assert removed.isdisjoint(final)  # not sent, and not in the table
+    assert kept_pending in final
+    assert {r["status"] for r in final.values()} == {"COMPLETED"}
+    assert server.stats()["accepted"] == len(final)  # nothing removed was paid for
+
+
 async def test_a_cancelled_run_keeps_a_valid_table_and_resumes_at_most_once(
     tmp_path: Path, sim: Any
 ) -> None:
