@@ -191,13 +191,17 @@ class RunContext:
         self.started_mono = time.monotonic()
         #: Loop time of the last HTTP answer of any kind from the API.
         self.last_answer = self.now()
+        #: Loop time of the last 2xx answer from the API.
+        self.last_ok = self.last_answer
 
     def now(self) -> float:
         return asyncio.get_running_loop().time()
 
-    def heard_from_api(self) -> None:
-        """An HTTP answer came (any status): the API is reachable."""
+    def heard_from_api(self, status: int) -> None:
+        """An HTTP answer came: the API is reachable (and working, for a 2xx)."""
         self.last_answer = self.now()
+        if 200 <= status < 300:
+            self.last_ok = self.last_answer
 
     def check_reachable(self) -> None:
         """After a request failed with no answer at all (every retry spent): stop the run,

@@ -176,7 +176,7 @@ async def _get(
 
     async def get() -> Reply:
         reply = await ctx.api.get(url)
-        ctx.heard_from_api()
+        ctx.heard_from_api(reply.status)
         return reply
 
     result = await call(

@@ -120,6 +120,7 @@ async def submit_one(ctx: RunContext, job: Job, track: Callable[[Flight], None])
         job = _with(job, attempts=job.attempts + 1)
         retries, rate_limited = stats.retries, stats.rate_limited
         sent: list[float] = []
+        began = ctx.now()
         result = await _post(ctx, job, payload, stats, sent)
         # Only this attempt's requests: earlier attempts of the row were counted already.
         retries = stats.retries - retries
@@ -142,7 +143,7 @@ async def submit_one(ctx: RunContext, job: Job, track: Callable[[Flight], None])
         # checkpoint, the row's retry and 429 counts included.
         # The job's clock starts when its POST went out, not when it began waiting for
         # the gate (rate-bound, submits wait longest): polls are timed from it.
-        await _settle(ctx, job, result, sent[-1] if sent else time.time(), stats, track)
+        await _settle(ctx, job, result, sent[-1] if sent else time.time(), stats, track, began)
         await ctx.count_retries(job, retries)
         await ctx.count_429s(job, stats.rate_limited)
         return
@@ -174,7 +175,7 @@ async def _post(
             on_wire = exc.maybe_sent
             raise
         on_wire = False
-        ctx.heard_from_api()
+        ctx.heard_from_api(reply.status)
         return reply
 
     try:
@@ -208,6 +209,7 @@ async def _settle(
     sent_at: float,
     stats: CallStats,
     track: Callable[[Flight], None],
+    began: float,
 ) -> None:
     outcome = reply.outcome
     if outcome is Outcome.OK:
@@ -270,6 +272,15 @@ async def _settle(
             f"jobs in flight. Top up, then run the same command again to resume"
         )
         return
+    if outcome is Outcome.RETRY and ctx.last_ok < began:
+        # 5xx on every attempt, and no request of the run succeeded meanwhile: the API is
+        # down, not this row's fault. A 5xx created no job: the row waits for the next run.
+        await ctx.unsubmitted(unsent)
+        raise ApiUnreachable(
+            f"the API answered {reply.error_text()} to every attempt of a submit "
+            f"({stats.retries + 1}) and to everything else meanwhile. Nothing was lost: "
+            "run the same command again to resume"
+        )
     if outcome in (Outcome.RETRY, Outcome.RATE_LIMITED):
         await ctx.fail(
             job,

@@ -6,6 +6,7 @@ resumable) instead of polling a dead host for ever."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -158,3 +159,48 @@ async def test_a_download_that_never_works_fails_at_retention_without_the_signat
     assert "HTTP 503" in row["error"]
     assert "SECRET-SIG" not in row["error"]
     assert "SECRET-SIG" not in result.text()
+
+
+async def test_an_api_answering_5xx_to_everything_stops_the_run_with_no_row_failed(
+    tmp_path: Path,
+) -> None:
+    """An outage answering 503 to every request is not the rows' fault: before, each row
+    ended FAILED 'gave up after 8 attempts' and the next run did nothing."""
+    options = _options(tmp_path, "http://127.0.0.1:9", 0.001, 5)
+    async with SimServer(SimConfig(time_scale=0.001, error_rate=1.0)) as down:
+        options = dataclasses.replace(options, base_url=down.base_url)
+        result = await asyncio.wait_for(arun(options), timeout=60)
+    assert result.exit_code == EXIT_STOPPED, result.text()
+    assert result.stop_reason is not None
+    assert "to every attempt of a submit" in result.stop_reason
+    assert result.summary is not None
+    assert result.summary.counts == {"PENDING": 5}
+    async with SimServer(SimConfig(time_scale=0.001, image_size=(16, 16))) as up:
+        resumed = await arun(dataclasses.replace(options, base_url=up.base_url))
+        assert up.stats()["accepted"] == 5
+    assert resumed.exit_code == EXIT_OK, resumed.text()
+
+
+async def test_a_row_the_api_answers_5xx_while_others_succeed_ends_failed(
+    tmp_path: Path,
+) -> None:
+    """A 5xx for one row's submit while the API serves the others is that row's problem:
+    it ends FAILED and the run goes on."""
+
+    @web.middleware
+    async def poison(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.method == "POST" and (await request.json()).get("prompt") == "p 0":
+            return web.json_response({"error": "boom"}, status=500)
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    config = SimConfig(time_scale=0.001, image_size=(16, 16))
+    async with SimServer(config, middlewares=[poison]) as server:
+        result = await asyncio.wait_for(
+            arun(_options(tmp_path, server.base_url, 0.001, 4)), timeout=60
+        )
+    assert result.exit_code == EXIT_FAILED_ROWS, result.text()
+    table = {r["id"]: r for r in pq.read_table(tmp_path / "out" / "results.parquet").to_pylist()}
+    assert table["g0"]["status"] == "FAILED"
+    assert "HTTP 500: boom" in table["g0"]["error"]
+    assert {table[f"g{n}"]["status"] for n in (1, 2, 3)} == {"COMPLETED"}
