@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from batcher.client import DEFAULT_BASE_URL
 from batcher.errors import BatcherError, UsageError
 
 if TYPE_CHECKING:
@@ -78,6 +77,8 @@ def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "rows; 4 stopped early, resumable (Ctrl-C, out of credits, API unreachable); 2 usage, "
         "manifest or key error.",
     )
+    from batcher.client import DEFAULT_BASE_URL  # aiohttp: not before main's Ctrl-C guard
+
     p.add_argument("manifest", type=Path, help="CSV, Parquet or JSONL; one row = one job")
     p.add_argument("--out", required=True, help="output folder (also the checkpoint)")
     p.add_argument(
@@ -365,10 +366,13 @@ _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         code: int = args.func(args)
     except BatcherError as exc:
         print(f"batcher: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # Ctrl-C while starting, before a command's own handling
+        print("batcher: interrupted", file=sys.stderr)
+        return 130
     return code

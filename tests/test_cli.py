@@ -313,3 +313,25 @@ async def test_a_key_with_a_line_break_or_space_within_exits_2_before_anything_i
     assert key[-6:].encode() not in stdout + stderr
     assert not out.exists()
     assert server.stats()["requests"] == {}
+
+
+@pytest.mark.parametrize("after_s", [0.25, 0.5, 0.8])
+async def test_ctrl_c_while_starting_exits_without_a_traceback(
+    tmp_path: Path, after_s: float
+) -> None:
+    """Ctrl-C in the first second (imports, reading options, scanning the manifest) used
+    to print a KeyboardInterrupt traceback."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,prompt,face_image\na,x,https://example.com/f.jpg\n")
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "batcher", "run", str(manifest), "--model", "instantid"),
+        *("--out", str(tmp_path / "out"), "--simulate", "--time-scale", "1", "-q"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=_env(None),
+    )
+    await asyncio.sleep(after_s)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    assert b"Traceback" not in stderr, stderr.decode()
+    assert proc.returncode in (130, 4), (proc.returncode, stderr.decode())
