@@ -32,6 +32,12 @@ from batcher.errors import UsageError
 
 T = TypeVar("T")
 
+#: The checkpoint's file name in the output folder.
+CHECKPOINT = "checkpoint.sqlite"
+#: Meta key saying whether results.parquet is up to date with the rows ("fresh") or a
+#: run changed rows and has not written it yet ("stale").
+RESULTS_META, RESULTS_FRESH, RESULTS_STALE = "results", "fresh", "stale"
+
 PENDING, SUBMITTING, SUBMITTED = "PENDING", "SUBMITTING", "SUBMITTED"
 COMPLETED, FAILED, INVALID = "COMPLETED", "FAILED", "INVALID"
 TERMINAL = (COMPLETED, FAILED, INVALID)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import sqlite3
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -19,6 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batcher.atomic import replacing
+from batcher.checkpoint import CHECKPOINT, RESULTS_META, RESULTS_STALE
 from batcher.errors import UsageError
 from batcher.results import RESULTS
 
@@ -110,6 +112,12 @@ def read_results(out_dir: Path) -> tuple[Path, pa.Table]:
     """DIR/results.parquet (or that file itself) as a table; UsageError if unusable."""
     path = out_dir if out_dir.suffix == ".parquet" and out_dir.is_file() else out_dir / RESULTS
     if not path.is_file():
+        if (path.parent / CHECKPOINT).is_file():
+            raise UsageError(
+                f"{path}: not written yet: the run in {path.parent} was stopped before its "
+                "end (results.parquet is written when a run ends). Run the same `batcher "
+                "run` command again to finish it, or to write the table"
+            )
         raise UsageError(f"{path}: no such file; pass the --out DIR of a `batcher run`")
     try:
         names = pq.read_schema(path).names
@@ -266,6 +274,12 @@ def report_main(out_dir: Path, *, chart: bool = True) -> int:
     """Print the report of ``out_dir/results.parquet``; write report.png next to it."""
     path, table = read_results(out_dir)
     report = build_report(path, table)
+    if results_stale(path.parent / CHECKPOINT):
+        print(
+            "note: this table is older than the run's checkpoint (the last run was stopped "
+            "before its end, or is running): run the same `batcher run` command again to "
+            "bring it up to date"
+        )
     print(format_report(report))
     if chart:
         if report.throughput is None and not report.latency:
@@ -275,6 +289,22 @@ def report_main(out_dir: Path, *, chart: bool = True) -> int:
         else:
             print(f"chart: {written}")
     return 0
+
+
+def results_stale(checkpoint: Path) -> bool:
+    """Whether the checkpoint beside a results table says the table is out of date (a run
+    changed rows and did not get to write it). Read-only; False when there is none."""
+    if not checkpoint.is_file():
+        return False
+    try:
+        db = sqlite3.connect(f"{checkpoint.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            row = db.execute("SELECT value FROM meta WHERE key=?", (RESULTS_META,)).fetchone()
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return False
+    return row is not None and row[0] == RESULTS_STALE
 
 
 def _col(table: pa.Table, name: str) -> Any:

@@ -24,7 +24,17 @@ from typing import Any
 import aiohttp
 import anyio
 
-from batcher.checkpoint import FAILED, PENDING, SUBMITTED, SUBMITTING, Checkpoint
+from batcher.checkpoint import (
+    CHECKPOINT,
+    FAILED,
+    PENDING,
+    RESULTS_FRESH,
+    RESULTS_META,
+    RESULTS_STALE,
+    SUBMITTED,
+    SUBMITTING,
+    Checkpoint,
+)
 from batcher.client import ApiClient, api_urls
 from batcher.errors import ApiUnreachable, BatcherError, OutputUnwritable, UsageError
 from batcher.fetch import work as fetch_work
@@ -43,7 +53,6 @@ from batcher.submit import work as submit_work
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.sqlite"
 EXIT_OK, EXIT_USAGE, EXIT_FAILED_ROWS, EXIT_STOPPED = 0, 2, 3, 4
 #: After Ctrl-C, submits already on the wire get this long to be answered.
 GRACE_S = 3.0
@@ -190,13 +199,11 @@ async def _intake(
 # run that changes a row marks it stale first, and a run that ends writes it and marks
 # it fresh. A killed run leaves it stale; a run with nothing to do and a fresh table
 # (re-running a finished job) reads nothing and rewrites nothing.
-RESULTS_META = "results"
-RESULTS_FRESH = "fresh"
 
 
 async def _results_stale(cp: Checkpoint) -> None:
-    if await cp.get_meta(RESULTS_META) != "stale":
-        await cp.set_meta(RESULTS_META, "stale")
+    if await cp.get_meta(RESULTS_META) != RESULTS_STALE:
+        await cp.set_meta(RESULTS_META, RESULTS_STALE)
 
 
 async def _resume(ctx: RunContext, poller: Poller) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import sqlite3
 import statistics
 import sys
 from datetime import UTC, datetime, timedelta
@@ -16,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from batcher.checkpoint import CHECKPOINT, RESULTS_FRESH, RESULTS_META, RESULTS_STALE
 from batcher.errors import UsageError
 from batcher.report import CHART, CHART_HINT, build_report, read_results, report_main
 from batcher.results import RESULTS, SCHEMA
@@ -302,3 +304,34 @@ def test_long_run_with_a_gap_keeps_empty_buckets(
     assert buckets[-1][:3] == ["05-03", "12:00", "2"]
     assert sum(int(b[2]) for b in buckets) == 4
     assert len(buckets) == 17  # 05-01 12:00 to 05-03 14:00:30 in 3 h buckets
+
+
+def _checkpoint_saying(folder: Path, results: str) -> None:
+    """A checkpoint beside the table whose meta says the table is ``results``."""
+    db = sqlite3.connect(folder / CHECKPOINT)
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    db.execute("INSERT INTO meta VALUES (?, ?)", (RESULTS_META, results))
+    db.commit()
+    db.close()
+
+
+def test_a_table_older_than_its_checkpoint_says_so(
+    run_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _checkpoint_saying(run_dir, RESULTS_STALE)
+    assert report_main(run_dir, chart=False) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("note: this table is older than the run's checkpoint")
+    assert "completed 200" in text  # and the report follows
+
+
+def test_an_up_to_date_table_has_no_note(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _checkpoint_saying(run_dir, RESULTS_FRESH)
+    assert report_main(run_dir, chart=False) == 0
+    assert "note:" not in capsys.readouterr().out
+
+
+def test_a_run_stopped_before_its_first_table_says_how_to_get_one(tmp_path: Path) -> None:
+    _checkpoint_saying(tmp_path, RESULTS_STALE)
+    with pytest.raises(UsageError, match=r"not written yet: the run in .* was stopped before"):
+        report_main(tmp_path)
