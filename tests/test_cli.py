@@ -334,4 +334,6 @@ async def test_ctrl_c_while_starting_exits_without_a_traceback(
     proc.send_signal(signal.SIGINT)
     _, stderr = await asyncio.wait_for(proc.communicate(), 60)
     assert b"Traceback" not in stderr, stderr.decode()
-    assert proc.returncode in (130, 4), (proc.returncode, stderr.decode())
+    # 130, or death by SIGINT as Python reports an interrupt at shutdown (a shell shows
+    # both as 130); 4 once the run's own handling has started.
+    assert proc.returncode in (130, -signal.SIGINT, 4), (proc.returncode, stderr.decode())
