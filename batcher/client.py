@@ -132,7 +132,7 @@ class ApiClient:
                 if raw is None:
                     return Reply(
                         resp.status,
-                        {"error": f"answer body over {MAX_BODY_BYTES >> 20} MB, not read"},
+                        {"error": f"answer body over {MAX_BODY_BYTES / 2**20:g} MB, not read"},
                         resp.headers,
                     )
                 # Should a server ever echo the key, it must not reach a message or a file.
@@ -151,7 +151,9 @@ async def _read_capped(resp: aiohttp.ClientResponse) -> bytes | None:
     declared = resp.content_length
     if declared is not None and declared > MAX_BODY_BYTES:
         return None
-    body = bytearray()
+    if declared is not None and "Content-Encoding" not in resp.headers:
+        return await resp.read()  # exactly the declared length: the common, cheap case
+    body = bytearray()  # chunked, or compressed: count what decompression yields
     async for chunk in resp.content.iter_chunked(_CHUNK):
         body += chunk
         if len(body) > MAX_BODY_BYTES:

@@ -10,6 +10,7 @@ is an error text, not a crash.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -236,7 +237,31 @@ async def test_an_oversized_answer_is_not_read(
         result = await arun(_options(_manifest(tmp_path, 1), out, server.base_url, 0.001))
     assert result.exit_code == EXIT_FAILED_ROWS
     (row,) = pq.read_table(out / "results.parquet").to_pylist()
-    assert row["error"] == "HTTP 400: answer body over 0 MB, not read"
+    assert row["error"].startswith("HTTP 400: answer body over")
+
+
+async def test_a_compressed_answer_is_capped_as_it_decompresses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gzip bomb: a small body on the wire (its Content-Length says little) that
+    decompresses far past the cap is cut off at the cap, not read whole."""
+    monkeypatch.setattr(client_module, "MAX_BODY_BYTES", 1024)
+    bomb = gzip.compress(b'{"error": "' + b"0" * 200_000 + b'"}')
+
+    async def inflate(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+        if request.method != "POST":
+            return response
+        headers = {"Content-Encoding": "gzip", "Content-Type": "application/json"}
+        return web.Response(body=bomb, status=400, headers=headers)
+
+    server = _sim(hostile(inflate))
+    out = tmp_path / "out"
+    async with server:
+        result = await arun(_options(_manifest(tmp_path, 1), out, server.base_url, 0.001))
+    assert len(bomb) < 1024 < 200_000
+    assert result.exit_code == EXIT_FAILED_ROWS
+    (row,) = pq.read_table(out / "results.parquet").to_pylist()
+    assert row["error"].startswith("HTTP 400: answer body over")
 
 
 async def test_a_run_resumed_after_its_emulator_is_gone_finishes(tmp_path: Path) -> None:
