@@ -325,20 +325,25 @@ class Checkpoint:
                 changed: list[tuple[str, int]] = []
                 ids = [r.id for r in rows]
                 known: dict[str, str] = {}
+                numbers: dict[str, int] = {}
                 for start in range(0, len(ids), 500):
                     chunk = ids[start : start + 500]
                     marks = ",".join("?" * len(chunk))
-                    for rid, digest, state in db.execute(
-                        f"SELECT id, digest, state FROM jobs WHERE id IN ({marks})", chunk
+                    for rid, digest, state, number in db.execute(
+                        f"SELECT id, digest, state, number FROM jobs WHERE id IN ({marks})", chunk
                     ):
                         known[rid] = digest if state != INVALID else ""
+                        numbers[rid] = number
                 fresh = []
+                moved = []
                 for r in rows:
                     if known.get(r.id) == "":  # INVALID, never sent: the new version replaces it
                         db.execute("DELETE FROM jobs WHERE id=?", (r.id,))
                     elif r.id in known:
                         if known[r.id] != r.digest:
                             changed.append((r.id, r.number))
+                        elif numbers[r.id] != r.number:  # rows inserted or moved above it
+                            moved.append((r.number, r.id))
                         continue
                     fresh.append(
                         (
@@ -357,6 +362,7 @@ class Checkpoint:
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     fresh,
                 )
+                db.executemany("UPDATE jobs SET number=? WHERE id=?", moved)
                 if self._listing:
                     db.executemany(
                         "INSERT OR IGNORE INTO temp.listed(id) VALUES (?)", ((i,) for i in ids)

@@ -160,6 +160,17 @@ async def test_rows_not_listed_by_the_manifest_loaded_again_go_unless_they_were_
     assert _read(cp.path, "SELECT error FROM jobs WHERE id='r2'") == [(REMOVED,)]
 
 
+async def test_a_kept_row_takes_its_new_line_number(cp: Checkpoint) -> None:
+    """Rows inserted above a kept row move it down the manifest: its row number follows
+    (results.parquet's ``row``), its state and parameters stay."""
+    await cp.add_rows([_row(n) for n in (1, 2, 3)])
+    await cp.update("r2", state=COMPLETED, attempts=1)
+    assert await cp.add_rows([replace(_row(2), number=5), replace(_row(1), id="new1")]) == []
+    rows = {r[0]: r[1:] for r in _read(cp.path, "SELECT id, number, state FROM jobs")}
+    assert rows["r2"] == (5, COMPLETED)
+    assert rows["r1"] == (1, PENDING)
+
+
 async def test_update_refuses_a_column_that_does_not_exist(cp: Checkpoint) -> None:
     await cp.add_rows([_row(1)])
     with pytest.raises(ValueError, match="not checkpoint columns"):
