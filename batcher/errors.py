@@ -20,6 +20,24 @@ headers and is never formatted into text.
 
 from __future__ import annotations
 
+import re
+
+#: Longest failure reason shown in a summary or report before it is cut.
+REASON_CHARS = 100
+_URLS = re.compile(r"https?://\S+", re.I)
+_IDS = re.compile(
+    r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b|\b[0-9a-f]{16,}\b", re.I
+)
+
+
+def reason_key(error: str | None) -> str:
+    """What row failures are grouped by in summaries and reports: URLs and request ids
+    masked (30 rows failed for one reason are one line, not 30), whitespace folded,
+    length capped."""
+    text = " ".join((error or "(no error text)").split())
+    text = _IDS.sub("<id>", _URLS.sub("<url>", text))
+    return text if len(text) <= REASON_CHARS else text[: REASON_CHARS - 3] + "..."
+
 
 class BatcherError(Exception):
     """Base of every error batcher raises on purpose."""

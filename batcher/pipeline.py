@@ -22,7 +22,7 @@ import aiohttp
 from batcher.backoff import RetryConfig
 from batcher.checkpoint import FAILED, PENDING, Checkpoint, Job
 from batcher.client import ApiClient
-from batcher.errors import ApiUnreachable
+from batcher.errors import ApiUnreachable, reason_key
 from batcher.gate import RequestGate
 from batcher.image_writer import ImageWriter
 from batcher.inputs import ImageInputs
@@ -270,7 +270,7 @@ class RunContext:
     async def fail(self, job: Job, error: str, **fields: Any) -> None:
         await self.checkpoint.update(job.id, state=FAILED, error=error, **fields)
         self.counters.failed += 1
-        self.counters.failed_reasons[_reason(error)] += 1
+        self.counters.failed_reasons[reason_key(error)] += 1
         self._release(job.id)
 
     async def requeue(self, job: Job, why: str, **fields: Any) -> None:
@@ -306,8 +306,3 @@ class RunContext:
         run is stopping): back to PENDING with ``job.attempts``, the submits that counted."""
         await self.checkpoint.update(job.id, state=PENDING, attempts=job.attempts)
         self._release(job.id)
-
-
-def _reason(error: str) -> str:
-    """A short key to group failures by in the summary."""
-    return error if len(error) <= 100 else error[:97] + "..."

@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from batcher.errors import reason_key
 from batcher.pipeline import Counters, RunContext
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ def summarize(results: Path, counters: Counters, rate_limited: int, elapsed_s: f
     failed = table.filter(pc.equal(table.column("status"), "FAILED"))
     reasons: dict[str, int] = {}
     for error in failed.column("error").to_pylist():
-        key = (error or "")[:100]
+        key = reason_key(error)
         reasons[key] = reasons.get(key, 0) + 1
     latency = table.column("latency_s").drop_null()
     p50 = p95 = None

@@ -7,7 +7,6 @@ latency histogram) needs matplotlib, an optional extra (``pip install 'batcher[r
 from __future__ import annotations
 
 import math
-import re
 import sqlite3
 from collections import Counter
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ import pyarrow.parquet as pq
 
 from batcher.atomic import replacing
 from batcher.checkpoint import CHECKPOINT, RESULTS_META, RESULTS_STALE
-from batcher.errors import UsageError
+from batcher.errors import UsageError, reason_key
 from batcher.results import RESULTS
 
 CHART = "report.png"
@@ -34,14 +33,9 @@ _BUCKET_S = (
 )  # fmt: skip
 _MAX_BUCKETS = 24
 _TOP_REASONS = 10
-_REASON_CHARS = 100
 # The per-row count of 429 answers; a results.parquet written before it existed has no
 # such column, and the line is left out rather than shown as 0.
 _RATE_LIMITED = "rate_limited"
-# Request ids and other long hex tokens would split one failure reason into many.
-_IDS = re.compile(
-    r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b|\b[0-9a-f]{16,}\b", re.I
-)
 _QUEUE_TIME = r'"queue_time"\s*:\s*(?P<v>-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)'
 # The columns the report reads; images, params and hashes are left on disk.
 _COLUMNS = (
@@ -346,16 +340,10 @@ def _queue_times(done: pa.Table) -> Any:
     return pc.cast(pc.drop_null(found), pa.float64())
 
 
-def _reason(error: str | None) -> str:
-    """The key failures are grouped by: ids masked, whitespace folded, length capped."""
-    text = _IDS.sub("<id>", " ".join((error or "(no error text)").split()))
-    return text if len(text) <= _REASON_CHARS else text[: _REASON_CHARS - 3] + "..."
-
-
 def _reasons(errors: Any) -> tuple[tuple[str, int], ...]:
     if errors is None:
         return ()
-    grouped = Counter(_reason(e) for e in errors.to_pylist())
+    grouped = Counter(reason_key(e) for e in errors.to_pylist())
     return tuple(sorted(grouped.items(), key=lambda kv: (-kv[1], kv[0])))
 
 

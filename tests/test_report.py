@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from batcher.checkpoint import CHECKPOINT, RESULTS_FRESH, RESULTS_META, RESULTS_STALE
-from batcher.errors import UsageError
+from batcher.errors import UsageError, reason_key
 from batcher.report import CHART, CHART_HINT, build_report, read_results, report_main
 from batcher.results import RESULTS, SCHEMA
 
@@ -335,3 +335,24 @@ def test_a_run_stopped_before_its_first_table_says_how_to_get_one(tmp_path: Path
     _checkpoint_saying(tmp_path, RESULTS_STALE)
     with pytest.raises(UsageError, match=r"not written yet: the run in .* was stopped before"):
         report_main(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("error", "key"),
+    [
+        (
+            "request 3f2a9c1e-5d2b-4c1a-9e7f-0123456789ab is gone (expired or unknown)",
+            "request <id> is gone (expired or unknown)",
+        ),
+        (
+            "output could not be downloaded: HTTP 503 Service Unavailable from "
+            "http://127.0.0.1:8601/outputs/ab12/x.png",
+            "output could not be downloaded: HTTP 503 Service Unavailable from <url>",
+        ),
+        ("  two\n  lines ", "two lines"),
+        (None, "(no error text)"),
+        ("x" * 150, "x" * 97 + "..."),
+    ],
+)
+def test_failures_group_by_their_reason_not_their_ids_or_urls(error: str | None, key: str) -> None:
+    assert reason_key(error) == key
