@@ -7,6 +7,7 @@
     ├── ManifestError              the manifest as a whole is unusable (exit 2, nothing sent)
     ├── SchemaError                a model registry file is malformed
     ├── OutputUnwritable           images cannot be written (disk full...): stop, resumable
+    ├── Interrupted                Ctrl-C while the manifest is read: stop, resumable
     ├── RowError                   one row failed; carries .row_id, .request_id, .status
     │   └── InvalidRow             the row broke the model's schema; never sent
     └── ApiError                   the API answered something the run cannot go on with
@@ -103,3 +104,7 @@ class UnknownModel(ApiError):
 
 class ApiUnreachable(ApiError):
     """The API could not be reached at all after every retry: stop, resumable."""
+
+
+class Interrupted(BatcherError):
+    """A stop signal came while the manifest was being read: nothing was sent."""

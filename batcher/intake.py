@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 
 from batcher.checkpoint import INVALID, PENDING, Checkpoint, NewRow
-from batcher.errors import ManifestError
+from batcher.errors import Interrupted, ManifestError
 from batcher.inputs import ImageInputs, InputError
 from batcher.manifest import ManifestRow, read_rows
 from batcher.schemas import get_model, show, validate
@@ -73,15 +73,23 @@ async def check_rows(
 
 
 async def load(
-    checkpoint: Checkpoint, manifest: str, default_model: str | None, inputs: ImageInputs
+    checkpoint: Checkpoint,
+    manifest: str,
+    default_model: str | None,
+    inputs: ImageInputs,
+    should_stop: Callable[[], bool] | None = None,
 ) -> int:
-    """Record every row; returns how many were read. Raises ManifestError if rows changed."""
+    """Record every row; returns how many were read. Raises ManifestError if rows changed,
+    Interrupted when ``should_stop`` says so between batches (the rows recorded so far
+    stay; the next run reads the manifest again)."""
     rows = read_rows(manifest, default_model=default_model)
     await checkpoint.start_listing()
     changed: list[tuple[str, int]] = []
     invalid: list[str] = []
     total = invalid_count = 0
     async for checked in check_rows(rows, inputs):
+        if should_stop is not None and should_stop():
+            raise Interrupted(f"stopped while reading {manifest} (row {total}): nothing was sent")
         total += len(checked)
         for c in checked:
             if c.errors:

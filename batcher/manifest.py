@@ -33,7 +33,7 @@ import os
 import re
 import sqlite3
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from batcher.errors import ManifestError, UsageError
+from batcher.errors import Interrupted, ManifestError, UsageError
 from batcher.schemas import ModelSpec, did_you_mean, get_model, registry, show
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ MAX_JSON_DEPTH = 100
 
 _FORMAT_NAMES = {"csv": "CSV", "parquet": "Parquet", "jsonl": "JSON Lines"}
 _SHOWN = 5  # offending rows or values listed in one message
+_STOP_EVERY = 4096  # rows between two looks at a scan's should_stop
 _CANDIDATES = 64  # duplicated id hashes resolved to real ids by the second pass
 _EDGE = 64 << 10  # bytes hashed at each end of the file by fingerprint()
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -126,15 +127,21 @@ def read_rows(
     return (_row(n, r, default_model, known) for n, r in enumerate(source.records, 1))
 
 
-def scan(path: str | Path, *, default_model: str | None) -> ManifestInfo:
-    """Stream the whole manifest once and raise :class:`ManifestError` if it is unusable."""
+def scan(
+    path: str | Path,
+    *,
+    default_model: str | None,
+    should_stop: Callable[[], bool] | None = None,
+) -> ManifestInfo:
+    """Stream the whole manifest once and raise :class:`ManifestError` if it is unusable.
+    ``should_stop`` is asked every few thousand rows; True raises :class:`Interrupted`."""
     path = Path(path)
     if default_model is not None:
         get_model(default_model)
     known = registry()
     source = _open(path, 4096)
     with _IdHashes() as hashes:
-        return _scan(path, source, default_model, known, hashes)
+        return _scan(path, source, default_model, known, hashes, should_stop)
 
 
 def _scan(
@@ -143,6 +150,7 @@ def _scan(
     default_model: str | None,
     known: Mapping[str, ModelSpec],
     hashes: _IdHashes,
+    should_stop: Callable[[], bool] | None,
 ) -> ManifestInfo:
     per_model: dict[str, int] = {}
     no_model: list[int] = []  # the first few rows without a model, then their count
@@ -151,6 +159,8 @@ def _scan(
     unknown_model_count = 0
     first_problem = ""
     for number, record in enumerate(source.records, 1):
+        if should_stop is not None and not number % _STOP_EVERY and should_stop():
+            raise Interrupted(f"stopped while reading {path} (row {number}): nothing was sent")
         row = _row(number, record, default_model, known)
         hashes.add(_id_hash(row.id), number)
         if isinstance(record, dict) and row.model in known:

@@ -16,7 +16,7 @@ import random
 import signal
 import time
 import unicodedata
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,13 @@ from batcher.checkpoint import (
     Checkpoint,
 )
 from batcher.client import ApiClient, api_urls
-from batcher.errors import ApiUnreachable, BatcherError, OutputUnwritable, UsageError
+from batcher.errors import (
+    ApiUnreachable,
+    BatcherError,
+    Interrupted,
+    OutputUnwritable,
+    UsageError,
+)
 from batcher.fetch import work as fetch_work
 from batcher.gate import RequestGate
 from batcher.inputs import ImageInputs
@@ -145,19 +151,25 @@ async def arun(options: RunOptions, *, interrupted: asyncio.Event | None = None)
     # output folder is left behind. Scanning only reads the manifest; a run resumed on
     # the manifest it was made from needs no second scan (see _intake).
     key = _api_key(options)
+    stop = interrupted.is_set if interrupted is not None else None
     scanned = False
-    if not (out / CHECKPOINT).exists():
-        await _scan(options)
-        scanned = True
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"--out {out}: cannot create the folder ({exc.strerror})") from None
-    with _lock(out):
-        async with Checkpoint(out / CHECKPOINT) as cp:
-            inputs = ImageInputs(options.manifest.parent)
-            await _intake(cp, options, inputs, scanned=scanned)
-            return await _work(options, cp, inputs, key, interrupted)
+        if not (out / CHECKPOINT).exists():
+            await _scan(options, stop)
+            scanned = True
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--out {out}: cannot create the folder ({exc.strerror})") from None
+        with _lock(out):
+            async with Checkpoint(out / CHECKPOINT) as cp:
+                inputs = ImageInputs(options.manifest.parent)
+                await _intake(cp, options, inputs, scanned=scanned, stop=stop)
+                return await _work(options, cp, inputs, key, interrupted)
+    except Interrupted as exc:  # Ctrl-C while the manifest was read: seconds, not minutes
+        reason = f"interrupted: {exc}. Run the same command again to start"
+        log.warning("%s", reason)
+        return RunResult(EXIT_STOPPED, None, None, reason)
 
 
 def manifest_identity(manifest: Path, model: str | None) -> str:
@@ -166,13 +178,20 @@ def manifest_identity(manifest: Path, model: str | None) -> str:
     return f"{fingerprint(manifest)} model={model}"
 
 
-async def _scan(options: RunOptions) -> None:
+async def _scan(options: RunOptions, stop: Callable[[], bool] | None = None) -> None:
     """Raise ManifestError for a manifest that cannot be run at all (nothing is sent)."""
-    await anyio.to_thread.run_sync(lambda: scan(options.manifest, default_model=options.model))
+    await anyio.to_thread.run_sync(
+        lambda: scan(options.manifest, default_model=options.model, should_stop=stop)
+    )
 
 
 async def _intake(
-    cp: Checkpoint, options: RunOptions, inputs: ImageInputs, *, scanned: bool
+    cp: Checkpoint,
+    options: RunOptions,
+    inputs: ImageInputs,
+    *,
+    scanned: bool,
+    stop: Callable[[], bool] | None = None,
 ) -> None:
     """Bring the checkpoint up to the manifest: rows read again only if it changed (or
     some are INVALID, and might be fixed now); FAILED rows reopened if asked."""
@@ -180,9 +199,10 @@ async def _intake(
     counts = await cp.counts()
     if await cp.get_meta("manifest") != identity or counts.get("INVALID", 0):
         if not scanned:
-            await _scan(options)
-        # A manifest refused here (rows changed) leaves the checkpoint as it was.
-        await load(cp, str(options.manifest), options.model, inputs)
+            await _scan(options, stop)
+        # A manifest refused here (rows changed) leaves the checkpoint as it was; one
+        # interrupted keeps the rows read so far, and its identity is not recorded.
+        await load(cp, str(options.manifest), options.model, inputs, stop)
         await _results_stale(cp)
         await cp.set_meta("manifest", identity)
     if options.retry_failed or options.resubmit_unknown:

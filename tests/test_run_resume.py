@@ -21,9 +21,12 @@ from PIL import Image
 
 import batcher.run as run_module
 from batcher.backoff import RetryConfig
+from batcher.checkpoint import Checkpoint
 from batcher.client import ApiClient, Reply, TransportError
-from batcher.errors import AuthError, ManifestError, UsageError
+from batcher.errors import AuthError, Interrupted, ManifestError, UsageError
 from batcher.gate import Priority, RateConfig, RequestGate
+from batcher.inputs import ImageInputs
+from batcher.intake import BATCH, load
 from batcher.options import RunOptions
 from batcher.run import EXIT_FAILED_ROWS, EXIT_OK, EXIT_STOPPED, arun
 from batcher.schedule import PollConfig
@@ -737,3 +740,43 @@ async def test_results_go_through_a_new_temporary_file_never_a_planted_link(
     assert not (out / "results.parquet").is_symlink()
     assert len(_results(out)) == 2
     assert not (out / "results.parquet.0badc0de.part").exists()
+
+
+async def test_ctrl_c_while_the_manifest_is_read_stops_at_once_with_nothing_sent(
+    tmp_path: Path,
+) -> None:
+    """A stop signal during the scan of a large manifest ended only when the scan did
+    (~40 s for 300,000 rows); the scan now looks every 4,096 rows."""
+    manifest = tmp_path / "big.csv"
+    with manifest.open("w") as f:
+        f.write("id,prompt,face_image\n")
+        f.writelines(f"r{n},p {n},https://example.com/f.jpg\n" for n in range(50_000))
+    interrupted = asyncio.Event()
+    interrupted.set()  # Ctrl-C already came
+    options = RunOptions(
+        manifest=manifest, out=tmp_path / "out", model="instantid", simulate=True, progress=False
+    )
+    result = await arun(options, interrupted=interrupted)
+    assert result.exit_code == EXIT_STOPPED
+    assert result.stop_reason is not None
+    assert "(row 4096): nothing was sent" in result.stop_reason
+    assert not (tmp_path / "out").exists()  # stopped before anything was written
+
+
+async def test_a_load_stopped_between_batches_keeps_what_it_recorded(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(
+        "id,prompt,face_image\n"
+        + "".join(f"r{n},p {n},https://example.com/f.jpg\n" for n in range(3 * BATCH))
+    )
+    asked = 0
+
+    def stop() -> bool:
+        nonlocal asked
+        asked += 1
+        return asked > 1  # after the first batch
+
+    async with Checkpoint(tmp_path / "c.sqlite") as cp:
+        with pytest.raises(Interrupted, match=f"row {BATCH}"):
+            await load(cp, str(manifest), "instantid", ImageInputs(tmp_path), stop)
+        assert await cp.counts() == {"PENDING": BATCH}
