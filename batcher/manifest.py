@@ -575,11 +575,26 @@ def _jsonl_records(path: Path, columns: dict[str, None]) -> Iterator[Record]:
                 yield record
 
 
+class _NotJsonNumber(ValueError):
+    """NaN, Infinity or -Infinity: Python's json reads them, JSON has no such numbers."""
+
+
+def _refuse_constant(name: str) -> object:
+    raise _NotJsonNumber(name)
+
+
 def _json_record(line: bytes, line_no: int) -> Record:
     try:
-        value = json.loads(line.decode("utf-8"))
+        value = json.loads(line.decode("utf-8"), parse_constant=_refuse_constant)
     except UnicodeDecodeError:
         return f"line {line_no} is not valid UTF-8"
+    except _NotJsonNumber as exc:
+        # Before: NaN was dropped as "not given" (the server's default was used, silently)
+        # and Infinity was sent as the text "inf".
+        return (
+            f"line {line_no} is not valid JSON ({exc} is not a JSON number; write null for "
+            "a value not given)"
+        )
     except json.JSONDecodeError as exc:
         return f"line {line_no} is not valid JSON ({exc.msg} at column {exc.colno})"
     except RecursionError:

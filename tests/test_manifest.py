@@ -165,6 +165,21 @@ def test_jsonl_bad_lines_are_row_problems_not_crashes(tmp_path: Path) -> None:
     assert info.rows == 6
 
 
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_jsonl_nan_and_infinity_are_row_problems_not_values(tmp_path: Path, constant: str) -> None:
+    """Python's json reads them; JSON has no such numbers. NaN was dropped as 'not given'
+    (the server's default used, silently) and Infinity sent as the text 'inf'."""
+    path = tmp_path / "m.jsonl"
+    path.write_text(
+        f'{{"id": "a", "prompt": "p", "face_image": "{FACE}", "adapter_strength": {constant}}}\n'
+    )
+    (row,) = rows_of(path)
+    assert row.problems == (
+        f"line 1 is not valid JSON ({constant} is not a JSON number; write null for a value "
+        "not given)",
+    )
+
+
 def test_jsonl_nested_too_deeply_is_a_row_problem_not_a_crash(tmp_path: Path) -> None:
     def nested(levels: int) -> str:
         return "[" * levels + "]" * levels
@@ -663,5 +678,5 @@ def test_the_id_hashes_spill_to_a_scratch_file_that_is_removed(
     rows = [f"r{i},p,{FACE}" for i in range(20_000)] + [f"r7,p,{FACE}"]
     path.write_text("id,prompt,face_image\n" + "\n".join(rows) + "\n")
 
-    assert "\"r7\" on rows 8, 20001" in scan_error(path)
+    assert '"r7" on rows 8, 20001' in scan_error(path)
     assert list(scratch.iterdir()) == []  # the scratch database is gone
