@@ -32,6 +32,14 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    """A whole number >= 0 (argparse turns the ValueError of int('x') into its message)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is below 0")
+    return value
+
+
 def _model_seconds(text: str) -> tuple[str, float]:
     slug, sep, seconds = text.partition("=")
     if not sep:
@@ -178,7 +186,9 @@ def _add_validate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser
     )
     p.add_argument("manifest", type=Path, help="CSV, Parquet or JSONL")
     p.add_argument("--model", help="model for rows without a model column")
-    p.add_argument("--max-errors", type=int, default=50, help="rows to list at most (default 50)")
+    p.add_argument(
+        "--max-errors", type=_count, default=50, help="rows to list at most (default 50; 0: none)"
+    )
     p.set_defaults(func=_cmd_validate)
 
 

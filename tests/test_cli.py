@@ -337,3 +337,16 @@ async def test_ctrl_c_while_starting_exits_without_a_traceback(
     # 130, or death by SIGINT as Python reports an interrupt at shutdown (a shell shows
     # both as 130); 4 once the run's own handling has started.
     assert proc.returncode in (130, -signal.SIGINT, 4), (proc.returncode, stderr.decode())
+
+
+@pytest.mark.parametrize("value", ["-1", "x"])
+def test_validate_refuses_a_max_errors_that_is_no_count(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--max-errors -1 used to hide every problem and still exit 3 without a word."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", str(DEMO), "--max-errors", value])
+    assert exit_info.value.code == 2  # with -1, before: no SystemExit, no output
+    err = capsys.readouterr().err
+    assert "argument --max-errors" in err
+    assert "Traceback" not in err
