@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anyio
 from anyio.abc import ObjectReceiveStream
 
 from batcher.backoff import backoff_delay
@@ -61,9 +63,11 @@ async def fetch_one(ctx: RunContext, flight: Flight, reschedule: Callable[[Fligh
     seen = ctx.now()
     raw_metrics = body.get("metrics")
     metrics: dict[str, Any] = raw_metrics if isinstance(raw_metrics, dict) else {}
+    saved: list[SavedImage] = []
     try:
         items = output_items(body.get("output"))
-        saved = [await _save(ctx, job, i, item) for i, item in enumerate(items)]
+        for i, item in enumerate(items):
+            saved.append(await _save(ctx, job, i, item))
     except (IncompleteDownload, aiohttp.ClientError, TimeoutError) as exc:
         # The job is done and paid for; its output URLs outlive the result. A download
         # that failed past its own retries (a CDN outage, 5xx, resets) is tried again
@@ -73,6 +77,8 @@ async def fetch_one(ctx: RunContext, flight: Flight, reschedule: Callable[[Fligh
         await retry_later(ctx, flight, reason, reschedule)
         return
     except (ValueError, CorruptImage) as exc:  # the output itself is unusable
+        # A FAILED row has no images: the samples written before the bad one go too.
+        await anyio.to_thread.run_sync(_remove, ctx.out, [s.path for s in saved])
         await ctx.fail(
             job,
             f"output could not be saved: {_reason(exc, ctx.options.downloads.timeout_s)}",
@@ -97,6 +103,12 @@ async def fetch_one(ctx: RunContext, flight: Flight, reschedule: Callable[[Fligh
         bytes=sum(s.bytes for s in saved),
         sha256=",".join(s.sha256 for s in saved),
     )
+
+
+def _remove(out: Path, paths: list[str]) -> None:
+    """Delete images written under ``out`` (paths as SavedImage gives them). Blocking."""
+    for path in paths:
+        (out / path).unlink(missing_ok=True)
 
 
 def _reason(exc: Exception, timeout_s: float) -> str:

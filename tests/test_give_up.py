@@ -204,3 +204,29 @@ async def test_a_row_the_api_answers_5xx_while_others_succeed_ends_failed(
     assert table["g0"]["status"] == "FAILED"
     assert "HTTP 500: boom" in table["g0"]["error"]
     assert {table[f"g{n}"]["status"] for n in (1, 2, 3)} == {"COMPLETED"}
+
+
+async def test_a_row_whose_second_sample_is_not_an_image_keeps_no_images(
+    tmp_path: Path,
+) -> None:
+    """A FAILED row has no images: before, the samples written ahead of the bad one
+    stayed in images/ with no row pointing at them."""
+
+    @web.middleware
+    async def bad_second(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path.startswith("/outputs/") and request.path.rsplit("/", 1)[1][:2] == "1.":
+            return web.Response(body=b"these are words, not pixels", content_type="image/png")
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    options = _options(tmp_path, "http://127.0.0.1:9", 0.001, 1)
+    options.manifest.write_text(
+        "id,prompt,face_image,samples\ng0,p 0,https://example.com/face.jpg,3\n"
+    )
+    config = SimConfig(time_scale=0.001, image_size=(16, 16))
+    async with SimServer(config, middlewares=[bad_second]) as server:
+        result = await arun(dataclasses.replace(options, base_url=server.base_url))
+    assert result.exit_code == EXIT_FAILED_ROWS, result.text()
+    (row,) = pq.read_table(tmp_path / "out" / "results.parquet").to_pylist()
+    assert "not a decodable image" in row["error"]
+    assert list((tmp_path / "out" / "images").iterdir()) == []
