@@ -86,11 +86,10 @@ class Poller:
                     continue
                 _, _, flight = heapq.heappop(self._heap)
                 self._record_start(flight, due)
-                if self._limit.value == 0:  # every poll slot waits on the rate limit
-                    await self._limit.acquire()
+                all_taken = self._limit.value == 0  # every poll slot waits on the rate limit
+                await self._limit.acquire()
+                if all_taken:
                     self._unblocked = self._ctx.now()
-                else:
-                    await self._limit.acquire()
                 tg.start_soon(self._poll_guarded, flight)
 
     def _record_start(self, flight: Flight, due: float) -> None:

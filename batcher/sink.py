@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import errno
 import functools
 import hashlib
@@ -31,7 +30,7 @@ from pathlib import Path
 import aiohttp
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from batcher.atomic import PART, create_temp
+from batcher.atomic import PART, replacing
 
 __all__ = [
     "IMAGE_FORMATS",
@@ -395,20 +394,8 @@ def _save(folder: str, row_id: str, index: int, data: bytes) -> SavedImage:
 
 def _atomic_write(final: str, data: bytes) -> None:
     """Write ``data`` to a temp file beside ``final``, fsync it, rename it over ``final``."""
-    fd, temp = create_temp(final)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
+    with replacing(final) as f:
+        f.write(data)
 
 
 def _fsync_dir(folder: str | Path) -> None:

@@ -52,8 +52,8 @@ def test_same_origin(url: str, same: bool) -> None:
 
 
 def test_default_ports_are_the_same_origin() -> None:
-    assert same_origin("https://api.segmind.com:443/v2/requests/r", "https://api.segmind.com")
-    assert same_origin("https://API.segmind.com/v2", "https://api.segmind.com/")
+    assert same_origin("https://api.example.test:443/v2/requests/r", "https://api.example.test")
+    assert same_origin("https://API.example.test/v2", "https://api.example.test/")
 
 
 def test_api_urls_keep_the_servers_own_urls_on_the_base_host() -> None:

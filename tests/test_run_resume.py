@@ -119,15 +119,19 @@ async def _long_jobs(sim: Any, image_size: tuple[int, int] = (64, 64)) -> Any:
 # -- 4. resume ---------------------------------------------------------------------------
 
 
+async def _stopped_midway(tmp_path: Path, sim: Any) -> tuple[RunOptions, SimServer, Any]:
+    """30 rows, stopped once 4 are COMPLETED: some in flight, some not sent yet.
+    InfiniteYou jobs take 0.8 s: they are surely in flight when the run is stopped."""
+    manifest = _manifest(tmp_path, instantid=24, infinite_you=6)
+    server = await _long_jobs(sim)
+    options = _options(manifest, server, max_in_flight=10)
+    return options, server, await _stopped_at(options, "COMPLETED", 4)
+
+
 async def test_an_interrupted_run_resumes_without_paying_twice_and_a_third_run_does_nothing(
     tmp_path: Path, sim: Any
 ) -> None:
-    manifest = _manifest(tmp_path, instantid=24, infinite_you=6)
-    # InfiniteYou jobs take 0.8 s: they are surely in flight when the run is stopped.
-    server = await _long_jobs(sim)
-    options = _options(manifest, server, max_in_flight=10)
-
-    first = await _stopped_at(options, "COMPLETED", 4)
+    options, server, first = await _stopped_midway(tmp_path, sim)
 
     assert first.exit_code == EXIT_STOPPED
     assert "run the same command again to resume" in first.text().lower()
@@ -170,10 +174,8 @@ async def test_an_interrupted_run_resumes_without_paying_twice_and_a_third_run_d
 async def test_rows_taken_out_of_the_manifest_before_they_were_sent_are_not_sent(
     tmp_path: Path, sim: Any
 ) -> None:
-    manifest = _manifest(tmp_path, instantid=24, infinite_you=6)
-    server = await _long_jobs(sim)
-    options = _options(manifest, server, max_in_flight=10)
-    first = await _stopped_at(options, "COMPLETED", 4)
+    options, server, first = await _stopped_midway(tmp_path, sim)
+    manifest = options.manifest
     assert first.exit_code == EXIT_STOPPED
     at_stop = _results(options.out)
     pending = sorted(i for i, r in at_stop.items() if r["status"] == "PENDING")

@@ -322,20 +322,24 @@ def one_row(tmp_path: Path) -> Path:
     return manifest
 
 
+def _one_row_options(tmp_path: Path, server: SimServer, key: str) -> RunOptions:
+    """One InstantID row against ``server`` (time scale 0.001), with ``key``."""
+    return RunOptions(
+        manifest=one_row(tmp_path),
+        out=tmp_path / "out",
+        model="instantid",
+        base_url=server.base_url,
+        time_scale=0.001,
+        api_key=key,
+        progress=False,
+    )
+
+
 async def test_output_downloads_never_carry_the_key(tmp_path: Path) -> None:
     seen: list[tuple[str, bool]] = []
     server = SimServer(SimConfig(time_scale=0.001), port=0, middlewares=[recording(seen)])
     async with server:
-        options = RunOptions(
-            manifest=one_row(tmp_path),
-            out=tmp_path / "out",
-            model="instantid",
-            base_url=server.base_url,
-            time_scale=0.001,
-            api_key=KEY,
-            progress=False,
-        )
-        result = await arun(options)
+        result = await arun(_one_row_options(tmp_path, server, KEY))
     assert result.exit_code == 0
     downloads = [has_key for path, has_key in seen if path.startswith("/outputs/")]
     api = [has_key for path, has_key in seen if path.startswith("/v2/")]
@@ -385,15 +389,6 @@ async def test_whitespace_around_the_key_is_not_sent(
     """A key pasted with a trailing newline (or read from a file) is the key: before, the
     line break went into the header, and aiohttp refused every request."""
     server = await sim(time_scale=0.001, api_keys=frozenset({KEY}))
-    options = RunOptions(
-        manifest=one_row(tmp_path),
-        out=tmp_path / "out",
-        model="instantid",
-        base_url=server.base_url,
-        time_scale=0.001,
-        api_key=f" \t{KEY}\r\n",
-        progress=False,
-    )
-    result = await arun(options)
+    result = await arun(_one_row_options(tmp_path, server, f" \t{KEY}\r\n"))
     assert result.exit_code == 0, result.text()
     assert server.stats()["requests"]["submit"] == {"200": 1}
