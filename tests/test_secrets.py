@@ -48,7 +48,7 @@ FACE_URL = "https://example.com/face.jpg"
 HOSTILE_IDS = ["a/b", "../../escape", "..", "/etc/passwd", "..\\..\\win", "~root", "-rf", ".x"]
 FAULTS = (
     *("--error-rate", "0.1", "--drop-rate", "0.05", "--fail-rate", "0.2"),
-    *("--truncate-rate", "0.2", "--slow-rate", "0.05", "--slow", "2"),
+    *("--truncate-rate", "0.3", "--slow-rate", "0.05", "--slow", "2"),
     *("--rate-limit", "30", "--rate-period", "60", "--rate-limit-headers", "both"),
     *("--seed", "7"),
 )
