@@ -126,10 +126,13 @@ async def submit_one(ctx: RunContext, job: Job, track: Callable[[Flight], None])
         retries = stats.retries - retries
         ctx.counters.api_requests["submit"] += 1 + retries + stats.rate_limited - rate_limited
         if isinstance(result, TransportError):
-            await ctx.count_retries(job, retries)
             if not result.maybe_sent:
+                # The row's state first: a stop cancelling this worker at the retry count's
+                # await would otherwise leave it SUBMITTING (read as maybe billed).
                 await ctx.unsubmitted(_with(job, attempts=job.attempts - 1))
+                await ctx.count_retries(job, retries)
                 raise ApiUnreachable(f"cannot reach the API at {ctx.api.base_url}: {result}")
+            await ctx.count_retries(job, retries)
             ctx.counters.unknown_submits += 1
             job = _with(job, unknown_submits=job.unknown_submits + 1)
             await ctx.checkpoint.update(job.id, unknown_submits=job.unknown_submits)
