@@ -29,7 +29,7 @@ _INNER_STAGES = (
     ("run_sync (anyio/to_thread.py", "hand-off to worker thread (anyio.to_thread)"),
     ("(batcher/results.py", "results.parquet writing (results.py)"),
     ("(batcher/intake.py", "manifest intake (intake.py)"),
-    ("(batcher/manifest.py", "manifest reading (manifest.py)"),
+    ("(batcher/manifest/", "manifest reading (manifest/)"),
     ("(batcher/progress.py", "summary (progress.py)"),
 )
 _OUTER_STAGES = (
@@ -128,7 +128,9 @@ _BATCHER_FILES = (
     "schedule.py",
     "results.py",
     "intake.py",
-    "manifest.py",
+    "manifest/records.py",
+    "manifest/rows.py",
+    "manifest/preflight.py",
     "progress.py",
     "fetch.py",
     "poll.py",
@@ -148,7 +150,7 @@ def _normalise(frame: str) -> str:
     if not found:
         return frame
     path = found["file"]
-    if "/" not in path and path in _BATCHER_FILES:
+    if path in _BATCHER_FILES:
         return frame.replace(f"({path}", f"(batcher/{path}")
     return frame
 

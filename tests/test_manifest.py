@@ -15,7 +15,15 @@ import pytest
 
 from batcher import manifest
 from batcher.errors import ManifestError, UsageError
-from batcher.manifest import ManifestInfo, ManifestRow, fingerprint, read_rows, scan
+from batcher.manifest import (
+    ManifestInfo,
+    ManifestRow,
+    fingerprint,
+    preflight,
+    read_rows,
+    records,
+    scan,
+)
 
 FACE = "https://example.com/face.png"
 
@@ -409,8 +417,8 @@ def test_duplicate_header_column(tmp_path: Path) -> None:
 def test_csv_row_larger_than_a_block_is_a_manifest_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(manifest, "CSV_BLOCK_BYTES", 2**19)
-    monkeypatch.setattr(manifest, "CSV_LARGE_BLOCK_BYTES", 2**20)
+    monkeypatch.setattr(records, "CSV_BLOCK_BYTES", 2**19)
+    monkeypatch.setattr(records, "CSV_LARGE_BLOCK_BYTES", 2**20)
     path = tmp_path / "m.csv"
     path.write_text(f"prompt,face_image\nsmall,{FACE}\n{'x' * 2**21},{FACE}\n")
     assert scan_error(path) == f"{path}: a CSV row is larger than 1 MiB, the most batcher reads"
@@ -421,7 +429,7 @@ def test_a_row_longer_than_a_block_is_read_again_with_large_blocks_each_row_once
 ) -> None:
     """Small blocks bound the reader's memory; a long row makes it start again with
     large ones, and the rows it had given already are not given twice."""
-    monkeypatch.setattr(manifest, "CSV_BLOCK_BYTES", 2**16)
+    monkeypatch.setattr(records, "CSV_BLOCK_BYTES", 2**16)
     long_prompt = "y" * 2**18  # four small blocks
     lines = [f"r{i},short {i},{FACE}" for i in range(5000)]  # many blocks before it
     lines += [f"long,{long_prompt},{FACE}", f"after,last,{FACE}"]
@@ -585,7 +593,7 @@ def test_many_duplicate_ids_are_capped(tmp_path: Path) -> None:
 def test_hash_collisions_without_equal_ids_are_not_duplicates(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(manifest, "_id_hash", lambda _id: 42)
+    monkeypatch.setattr(preflight, "_id_hash", lambda _id: 42)
     rows = [{"id": f"r{i}", "prompt": "p", "face_image": FACE} for i in range(50)]
     assert scan(write(tmp_path, "m.csv", rows), default_model="instantid").rows == 50
 
@@ -593,7 +601,7 @@ def test_hash_collisions_without_equal_ids_are_not_duplicates(
 def test_real_duplicates_are_found_among_hash_collisions(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(manifest, "_id_hash", lambda row_id: len(row_id))
+    monkeypatch.setattr(preflight, "_id_hash", lambda row_id: len(row_id))
     ids = ["aa", "bb", "ccc", "dd", "bb", "eee"]
     rows = [{"id": i, "prompt": "p", "face_image": FACE} for i in ids]
     lines = scan_error(write(tmp_path, "m.csv", rows)).splitlines()
@@ -601,10 +609,10 @@ def test_real_duplicates_are_found_among_hash_collisions(
 
 
 def test_id_hash_is_a_signed_64_bit_integer() -> None:
-    values = {manifest._id_hash(f"row-{i}") for i in range(1000)}
+    values = {preflight._id_hash(f"row-{i}") for i in range(1000)}
     assert len(values) == 1000
     assert all(-(2**63) <= v < 2**63 for v in values)
-    assert manifest._id_hash("x") == manifest._id_hash("x")
+    assert preflight._id_hash("x") == preflight._id_hash("x")
 
 
 # --- streaming and fingerprint ---------------------------------------------------------
