@@ -6,7 +6,10 @@ import itertools
 import json
 import os
 import tempfile
+import threading
 import tracemalloc
+from collections.abc import Callable
+from decimal import Decimal
 from pathlib import Path
 
 import pyarrow as pa
@@ -339,7 +342,54 @@ def test_missing_file(tmp_path: Path) -> None:
 
 def test_a_directory_is_not_a_manifest(tmp_path: Path) -> None:
     (tmp_path / "dir.csv").mkdir()
-    assert "cannot open it" in scan_error(tmp_path / "dir.csv")
+    assert scan_error(tmp_path / "dir.csv").endswith("is a folder, not a manifest file")
+
+
+def test_a_named_pipe_is_refused_at_once_not_waited_on(tmp_path: Path) -> None:
+    """Opening a FIFO with no writer blocks forever, and a run reads its manifest more
+    than once: every entry point refuses it before opening it."""
+    fifo = tmp_path / "m.csv"
+    os.mkfifo(fifo)
+    outcomes: dict[str, str] = {}
+
+    def attempt(name: str, call: Callable[[], object]) -> None:
+        try:
+            call()
+            outcomes[name] = "no error"
+        except ManifestError as exc:
+            outcomes[name] = str(exc)
+
+    calls: dict[str, Callable[[], object]] = {
+        "scan": lambda: scan(fifo, default_model="instantid"),
+        "read_rows": lambda: read_rows(fifo, default_model="instantid"),
+        "fingerprint": lambda: fingerprint(fifo),
+    }
+    for name, call in calls.items():
+        worker = threading.Thread(target=attempt, args=(name, call), daemon=True)
+        worker.start()
+        worker.join(timeout=10)
+    assert set(outcomes) == set(calls), f"blocked on the pipe: {set(calls) - set(outcomes)}"
+    for message in outcomes.values():
+        assert message.startswith(f"{fifo}: is not a regular file"), message
+
+
+def test_parquet_decimals_read_as_numbers_whole_ones_exactly(tmp_path: Path) -> None:
+    path = tmp_path / "m.parquet"
+    table = pa.table(
+        {
+            "prompt": ["a", "b"],
+            "face_image": [FACE, FACE],
+            "seed": pa.array([Decimal("7"), Decimal("123456789012345678")], pa.decimal128(20, 0)),
+            "guidance_scale": pa.array([Decimal("5.50"), None], pa.decimal128(4, 2)),
+        }
+    )
+    pq.write_table(table, path)
+    rows = list(read_rows(path, default_model="instantid"))
+    assert [r.params.get("seed") for r in rows] == [7, 123456789012345678]
+    assert type(rows[0].params["seed"]) is int
+    assert rows[0].params["guidance_scale"] == 5.5
+    assert "guidance_scale" not in rows[1].params  # null: not given
+    assert scan(path, default_model="instantid").rows == 2
 
 
 def test_unknown_extension(tmp_path: Path) -> None:

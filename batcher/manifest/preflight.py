@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from batcher.errors import Interrupted, ManifestError
-from batcher.manifest.records import SHOWN, Source, open_source, quoted
+from batcher.manifest.records import SHOWN, Source, open_source, quoted, regular_file
 from batcher.manifest.rows import NO_MODEL, read_rows, to_row, unknown_model
 from batcher.schemas import ModelSpec, did_you_mean, get_model, registry
 
@@ -132,8 +132,8 @@ def fingerprint(path: str | Path) -> str:
     """A cheap identity of the file for logs: size, mtime and a hash of both ends."""
     path = Path(path)
     digest = hashlib.sha256()
+    stat = regular_file(path)
     try:
-        stat = path.stat()
         with path.open("rb") as f:
             digest.update(f.read(_EDGE))
             if stat.st_size > 2 * _EDGE:

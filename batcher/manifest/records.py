@@ -2,7 +2,9 @@
 
 - CSV must be UTF-8 (a BOM is fine). A latin-1 fallback decodes anything, so garbled
   prompts would be sent and paid for; the error names the line of the first bad byte.
-- CSV cells are text; Parquet and JSONL cells keep their types. Schema validation coerces.
+- CSV cells are text; Parquet and JSONL cells keep their types (a Parquet decimal reads as
+  an int when whole, else a float). Schema validation coerces.
+- The manifest must be a regular file: a pipe cannot be read twice.
 - A JSONL line that is not a JSON object (or nests past MAX_JSON_DEPTH) is a record of
   its own problem (it counts in the numbering); blank lines are skipped and not counted.
 - A problem of the whole file (unreadable, ragged CSV, duplicated column) raises
@@ -14,8 +16,11 @@ from __future__ import annotations
 import codecs
 import csv
 import json
+import os
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +61,7 @@ def open_source(path: Path, batch_rows: int) -> Source:
     if fmt is None:
         kind = repr(path.suffix) if path.suffix else "(no extension)"
         raise ManifestError(f"{path}: unknown manifest type {kind}; use {', '.join(FORMATS)}")
-    try:
-        with path.open("rb") as f:
-            empty = not f.read(1)
-    except OSError as exc:
-        raise ManifestError(f"{path}: cannot open it ({exc.strerror or exc})") from None
-    if empty:
+    if not regular_file(path).st_size:
         raise ManifestError(f"{path}: the file is empty")
     columns: dict[str, None] = {}
     try:
@@ -77,6 +77,29 @@ def open_source(path: Path, batch_rows: int) -> Source:
     except (pa.ArrowException, OSError) as exc:
         raise _unreadable(path, fmt, exc) from None
     return Source(format=fmt, columns=columns, records=_guarded(path, fmt, records))
+
+
+def regular_file(path: Path) -> os.stat_result:
+    """The file's stat, or a :class:`ManifestError` if it is not a regular file: a run
+    reads its manifest more than once, which a pipe cannot give (and opening one with no
+    writer waits forever)."""
+    try:
+        info = path.stat()
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot open it ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ManifestError(f"{path}: is a folder, not a manifest file")
+    if not stat.S_ISREG(info.st_mode):
+        raise ManifestError(
+            f"{path}: is not a regular file (a pipe or a device?); batcher reads a manifest "
+            "more than once, so give it a file"
+        )
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot open it ({exc.strerror or exc})") from None
+    return info
 
 
 def _guarded(path: Path, fmt: str, records: Iterator[Record]) -> Iterator[Record]:
@@ -163,6 +186,8 @@ def _csv_reader(
 def _parquet_records(path: Path, batch_rows: int) -> Iterator[Record]:
     given = 0
     with pq.ParquetFile(path) as parquet:
+        schema = parquet.schema_arrow
+        decimals = [f.name for f in schema if pa.types.is_decimal(f.type)]
         for batch in parquet.iter_batches(batch_size=batch_rows):
             try:
                 records = batch.to_pylist()  # at most batch_rows rows
@@ -173,7 +198,18 @@ def _parquet_records(path: Path, batch_rows: int) -> Iterator[Record]:
                     "only, so write them as UTF-8"
                 ) from None
             given += len(records)
+            if decimals:
+                records = [_numbers(record, decimals) for record in records]
             yield from records
+
+
+def _numbers(record: dict[str, object], columns: list[str]) -> dict[str, object]:
+    """Decimal cells as numbers: whole ones as int (exact, as a seed needs), others float."""
+    for name in columns:
+        value = record[name]
+        if isinstance(value, Decimal) and value.is_finite():
+            record[name] = int(value) if value == value.to_integral_value() else float(value)
+    return record
 
 
 def _first_not_utf8(batch: Any, given: int) -> str:
