@@ -6,6 +6,7 @@ that nothing was paid twice and nothing was left behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import dataclasses
 import sqlite3
@@ -461,6 +462,43 @@ async def test_an_unreachable_api_stops_resumably_with_no_row_taken_for_sent(
     final = _results(options.out)
     assert {(r["status"], r["unknown_submits"]) for r in final.values()} == {("COMPLETED", 0)}
     assert server.stats()["accepted"] == len(final)
+
+
+async def test_a_stop_cancelling_workers_at_their_retry_count_leaves_no_row_submitting(
+    tmp_path: Path, sim: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race behind 90cf1a8, made certain: the first worker refused a connection
+    stops the run while the others wait in their retry count's checkpoint write. Each
+    must have handed its row back to PENDING before that await, or the row stays
+    SUBMITTING and a resume takes it for maybe billed."""
+    manifest = _manifest(tmp_path, instantid=6)
+    server = await sim(time_scale=SCALE, image_size=(64, 64))
+    options = _options(manifest, server)
+    waiting: list[str] = []
+    others_waiting = asyncio.Event()
+
+    async def refused(self: ApiClient, model: str, params: Any) -> Reply:
+        raise TransportError("cannot connect: [Errno 111] Connection refused", maybe_sent=False)
+
+    async def count_retries(self: Any, job: Any, retries: int) -> None:
+        waiting.append(job.id)
+        if len(waiting) == 1:  # the first stops the run once the others are in here
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(others_waiting.wait(), 10)
+            return
+        if len(waiting) == 3:
+            others_waiting.set()
+        await asyncio.sleep(3600)  # cancelled by the stop
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ApiClient, "submit", refused)
+        patch.setattr(run_module.RunContext, "count_retries", count_retries)
+        first = await arun(options)
+
+    assert first.exit_code == EXIT_STOPPED
+    assert len(waiting) >= 3  # the race was run: two workers were cancelled in the await
+    rows = _results(options.out)
+    assert {(r["status"], r["attempts"]) for r in rows.values()} == {("PENDING", 0)}
 
 
 async def test_a_finished_run_run_again_reads_and_rewrites_nothing(
