@@ -4,6 +4,7 @@ model pages' example payloads."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
@@ -128,10 +129,15 @@ async def sim() -> AsyncIterator[StartSim]:
     """A factory: ``await sim(time_scale=0.001, ...)`` starts an emulator; all stop at teardown."""
     servers: list[SimServer] = []
 
-    async def start(config: SimConfig | None = None, **knobs: Any) -> SimServer:
+    async def start(
+        config: SimConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        **knobs: Any,
+    ) -> SimServer:
         if config is not None and knobs:
             raise TypeError("give a SimConfig or knobs, not both")
-        server = SimServer(config or SimConfig(**knobs), host="127.0.0.1", port=0)
+        server = SimServer(config or SimConfig(**knobs), host="127.0.0.1", port=0, clock=clock)
         await server.start()
         servers.append(server)
         return server

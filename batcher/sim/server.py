@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -32,10 +33,12 @@ class SimServer:
         host: str = "127.0.0.1",
         port: int = 0,
         middlewares: Sequence[Middleware] = (),
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``middlewares`` (aiohttp's) see every request first and may record or change
-        the answers: how tests play a hostile or broken API."""
-        self.emulator = Emulator(config)
+        the answers: how tests play a hostile or broken API. ``clock`` (seconds) is what
+        job timelines are read against: a test may hold it still."""
+        self.emulator = Emulator(config, clock=clock)
         self._host = host
         self._port = port
         self._middlewares = tuple(middlewares)
