@@ -58,6 +58,7 @@ async def test_a_queued_job_is_polled_about_once_per_job_length_of_its_wait(
     rows, server = await _run(tmp_path, sim)
 
     assert [r["status"] for r in rows] == ["COMPLETED"] * JOBS
+
     def wait_s(row: dict[str, Any]) -> float:  # model seconds in the emulator's queue
         return float(json.loads(row["metrics"])["queue_time"]) / SCALE
 
@@ -70,7 +71,7 @@ async def test_a_queued_job_is_polled_about_once_per_job_length_of_its_wait(
     for row in longest[-4:]:
         assert row["polls"] <= wait_s(row) / 4.0 + 8, (row["id"], row["polls"], wait_s(row))
     # Jobs that never waited are polled as usual.
-    first = longest[: CAPACITY]
+    first = longest[:CAPACITY]
     assert statistics.fmean(r["polls"] for r in first) <= 8
     status_polls = sum(server.stats()["requests"]["status"].values())
     assert status_polls == sum(r["polls"] for r in rows)  # every poll counted on the row
