@@ -5,43 +5,122 @@ it, opened with ``O_EXCL | O_NOFOLLOW`` under a random name (whatever already si
 name, a symlink included, is an error, never a target), fsynced, then renamed over the
 final name: a crash leaves the old file or the new one, never half, and a symlink at the
 final name is replaced, not followed.
+
+A killed writer leaves its temporary file behind; :func:`remove_abandoned` lets the next
+writer delete it. The writer holds an ``flock`` on its temporary file from creation to
+rename, and the kernel drops it when the process dies however it dies, so a file nobody
+holds is a dead writer's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import re
 import secrets
+import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["PART", "create_temp", "replacing"]
+__all__ = ["PART", "STALE_AFTER_S", "create_temp", "remove_abandoned", "replacing"]
 
 #: Suffix of every temporary file (leftovers of a killed process are swept by name).
 PART = ".part"
+#: Random hex digits in a temporary file's name, between the final name and PART.
+_TOKEN_BYTES = 4
+#: Age (by mtime) below which a temporary file is never taken for a dead writer's, held
+#: or not: it covers the instant between a writer creating its file and locking it.
+STALE_AFTER_S = 60.0
 
 
 def create_temp(final: str | Path) -> tuple[int, str]:
-    """A new ``<final>.<random>.part`` open for writing: its descriptor and its name."""
-    temp = f"{final}.{secrets.token_hex(4)}{PART}"
+    """A new ``<final>.<8 hex digits>.part`` open for writing and exclusively flock-ed
+    (the mark of a live writer, see :func:`remove_abandoned`): its descriptor and name."""
+    temp = f"{final}.{secrets.token_hex(_TOKEN_BYTES)}{PART}"
     # os.open rather than tempfile: the mode then follows the umask like any output file.
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    return os.open(temp, flags | getattr(os, "O_NOFOLLOW", 0), 0o666), temp
+    fd = os.open(temp, flags | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    # A file system without locks (ENOLCK...) still gets the file written; the sweep
+    # there cannot lock either, so it leaves every temporary file alone.
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd, temp
 
 
 @contextlib.contextmanager
 def replacing(final: str | Path) -> Iterator[BinaryIO]:
     """A binary file for ``final``'s new content: fsynced and renamed over ``final`` when
-    the block ends cleanly, deleted when it raises. Blocking."""
+    the block ends cleanly, deleted when it raises. Its lock is held until it is renamed
+    or deleted. Blocking."""
     fd, temp = create_temp(final)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb", closefd=False) as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            os.fsync(fd)
         os.replace(temp, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
         raise
+    finally:
+        os.close(fd)
+
+
+def remove_abandoned(
+    folder: str | Path, final_name: str | None = None, *, min_age_s: float = STALE_AFTER_S
+) -> int:
+    """Delete the temporary files killed writers left in ``folder``; return how many.
+    Blocking.
+
+    Only names :func:`create_temp` makes (``<final_name>.<8 hex digits>.part``; any final
+    name when ``final_name`` is None), only regular files (a symlink or folder at such a
+    name is not ours and is left, never followed), and only files no live writer holds
+    (a writer's flock) that are at least ``min_age_s`` old. The age covers the instant
+    between a writer's create and its lock; a caller that excludes every other writer of
+    these names (the run's ``.lock``) may pass 0. A file that cannot be opened or locked
+    (a file system without locks) is left: it cannot be told from a live one.
+    """
+    token = rf"\.[0-9a-f]{{{2 * _TOKEN_BYTES}}}{re.escape(PART)}"
+    final = ".+" if final_name is None else re.escape(final_name)
+    pattern = re.compile(final + token, re.DOTALL)
+    removed = 0
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if (
+                pattern.fullmatch(entry.name)
+                and entry.is_file(follow_symlinks=False)
+                and _remove_if_abandoned(entry.path, min_age_s)
+            ):
+                removed += 1
+    return removed
+
+
+def _remove_if_abandoned(path: str, min_age_s: float) -> bool:
+    """Unlink ``path`` if it is a regular file at least ``min_age_s`` old that no process
+    holds a lock on (checked through a descriptor, then that the name is still the same
+    file, so a file renamed or swapped in meanwhile is not the one removed)."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # gone, or a link or something unreadable put there since the listing
+        return False
+    try:
+        seen = os.fstat(fd)
+        if not stat.S_ISREG(seen.st_mode) or time.time() - seen.st_mtime < min_age_s:
+            return False
+        # Shared, so a reader-only descriptor may take it; a writer's exclusive lock
+        # refuses it. Held until close: a writer cannot take this file meanwhile.
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        now = os.lstat(path)
+        if (now.st_dev, now.st_ino) != (seen.st_dev, seen.st_ino):
+            return False
+        os.unlink(path)
+        return True
+    except OSError:  # held by its live writer, or gone meanwhile
+        return False
+    finally:
+        os.close(fd)
