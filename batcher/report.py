@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batcher.atomic import replacing
+from batcher.atomic import remove_abandoned, replacing
 from batcher.checkpoint import CHECKPOINT, RESULTS_META, RESULTS_STALE
 from batcher.errors import UsageError, reason_key
 from batcher.results import RESULTS
@@ -217,6 +217,10 @@ def write_chart(report: Report, path: Path) -> Path | None:
     """Throughput over time and a latency histogram as a PNG; None without matplotlib.
 
     Drawn on an explicit Agg canvas, never through pyplot: no display and no global state.
+    The temporary files of ``path`` that killed reports left are deleted first. No lock
+    keeps two reports of a folder apart, so only those no live writer holds and older
+    than a minute go (see :func:`batcher.atomic.remove_abandoned`); a run's files are
+    never touched.
     """
     try:
         # matplotlib is an optional extra: CI's type check may run without it.
@@ -257,6 +261,7 @@ def write_chart(report: Report, path: Path) -> Path | None:
     bottom.set_ylabel("completed jobs")
     bottom.set_title("End-to-end latency")
     try:
+        remove_abandoned(path.parent, path.name)
         with replacing(path) as f:
             fig.savefig(f, format="png")
     except OSError as exc:  # the folder's problem (a folder at the name, permissions...)

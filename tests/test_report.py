@@ -4,6 +4,7 @@ without matplotlib."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import sqlite3
 import statistics
@@ -247,6 +248,35 @@ def test_the_chart_goes_through_a_new_temporary_file_never_a_planted_link(
     with Image.open(run_dir / CHART) as image:
         assert image.format == "PNG"
     assert [p.name for p in run_dir.glob("*.part")] == [f"{CHART}.part"]  # only the link
+
+
+def test_a_killed_reports_temporary_file_goes_with_the_next_report(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: each report killed while writing the chart left a ``report.png.*.part``
+    for ever. Only that writer's own names go: not a user's file, not through a link."""
+    pytest.importorskip("matplotlib")
+    stale = aged(run_dir / f"{CHART}.0badc0de.part")
+    theirs = [aged(run_dir / n) for n in (f"{CHART}.draft.part", f"{CHART}.0badc0d.part")]
+    victim = aged(tmp_path / "precious.part")
+    (run_dir / f"{CHART}.1badc0de.part").symlink_to(victim)
+
+    assert report_main(run_dir) == 0
+
+    assert not stale.exists()
+    assert all(p.read_bytes() == b"half a chart" for p in theirs)
+    assert victim.read_bytes() == b"half a chart"
+    assert (run_dir / f"{CHART}.1badc0de.part").is_symlink()
+    with Image.open(run_dir / CHART) as image:
+        assert image.format == "PNG"
+
+
+def aged(path: Path) -> Path:
+    """A file at ``path`` last written an hour ago."""
+    path.write_bytes(b"half a chart")
+    then = (datetime.now(UTC) - timedelta(hours=1)).timestamp()
+    os.utime(path, (then, then))
+    return path
 
 
 def test_a_folder_at_the_charts_name_is_a_clear_error(run_dir: Path) -> None:
