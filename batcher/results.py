@@ -14,7 +14,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batcher.atomic import PART, replacing
+from batcher.atomic import remove_abandoned, replacing
 from batcher.checkpoint import Checkpoint
 from batcher.inputs import ImageInputs
 from batcher.schemas import registry
@@ -77,10 +77,13 @@ def _params_for_results(
 
 
 def write_results(checkpoint: Checkpoint, out: Path, manifest_dir: Path) -> Path:
-    """Write ``out/results.parquet`` atomically. Blocking: call from a worker thread."""
+    """Write ``out/results.parquet`` atomically. Blocking: call from a worker thread.
+
+    First deletes the temporary files of results.parquet a killed run left, of any age:
+    the caller holds the run's ``.lock``, so no other process is writing this file (and
+    a temporary file still flock-held is left all the same)."""
     final = out / RESULTS
-    for stale in out.glob(f"{RESULTS}.*{PART}"):  # a killed run's temporary file
-        stale.unlink(missing_ok=True)
+    remove_abandoned(out, RESULTS, min_age_s=0)
     inputs = ImageInputs(manifest_dir)
     image_params = {slug: m.image_params for slug, m in registry().items()}
     with replacing(final) as f, pq.ParquetWriter(f, SCHEMA) as writer:

@@ -30,7 +30,7 @@ from pathlib import Path
 import aiohttp
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from batcher.atomic import PART, replacing
+from batcher.atomic import remove_abandoned, replacing
 
 __all__ = [
     "IMAGE_FORMATS",
@@ -410,19 +410,18 @@ def _fsync_dir(folder: str | Path) -> None:
 
 
 def remove_partials(out_dir: Path) -> int:
-    """Delete ``*.part`` files a crash left in ``out_dir/images``; return how many. Blocking.
+    """Delete the temporary files a crash left in ``out_dir/images``; return how many.
+    Blocking.
 
-    ``images`` being a symlink is a NotADirectoryError: nothing outside --out is swept.
+    Only files named as batcher.atomic names them, of any age: the caller holds the
+    run's ``.lock``, so no other process writes images here. ``images`` being a symlink
+    is a NotADirectoryError: nothing outside --out is swept.
     """
     images_dir = out_dir / "images"
     _refuse_link(images_dir)
     if not images_dir.is_dir():
         return 0
-    removed = 0
-    for path in images_dir.glob(f"*{PART}"):
-        if path.is_file() or path.is_symlink():
-            path.unlink(missing_ok=True)
-            removed += 1
+    removed = remove_abandoned(images_dir, min_age_s=0)
     if removed:
         logger.info("removed %d partial file(s) from %s", removed, images_dir)
     return removed

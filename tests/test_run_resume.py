@@ -782,6 +782,32 @@ async def test_results_go_through_a_new_temporary_file_never_a_planted_link(
     assert not (out / "results.parquet.0badc0de.part").exists()
 
 
+async def test_a_run_sweeps_only_the_temporary_files_its_own_writers_name(
+    tmp_path: Path, sim: Any
+) -> None:
+    """Before: every ``results.parquet.*.part`` and every ``images/*.part`` was deleted,
+    a user's file with a similar name and a link at a temporary name included."""
+    manifest = _manifest(tmp_path, instantid=2)
+    server = await sim(time_scale=SCALE, image_size=(32, 32))
+    out = manifest.parent / "out"
+    (out / "images").mkdir(parents=True)
+    victim = tmp_path / "precious.part"
+    victim.write_text("precious")
+    left = [out / "results.parquet.0badc0de.part", out / "images" / "g0_0.png.0badc0de.part"]
+    theirs = [out / "results.parquet.backup.part", out / "images" / "notes.part"]
+    for path in left + theirs:
+        path.write_bytes(b"half a file")
+    (out / "results.parquet.1badc0de.part").symlink_to(victim)
+
+    result = await arun(_options(manifest, server))
+
+    assert result.exit_code == EXIT_OK, result.text()
+    assert not [p for p in left if p.exists()]
+    assert all(p.read_bytes() == b"half a file" for p in theirs)
+    assert (out / "results.parquet.1badc0de.part").is_symlink()
+    assert victim.read_text() == "precious"
+
+
 async def test_ctrl_c_while_the_manifest_is_read_stops_at_once_with_nothing_sent(
     tmp_path: Path,
 ) -> None:
