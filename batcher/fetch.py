@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from batcher.client import Outcome, TransportError
 from batcher.errors import OutputUnwritable
 from batcher.gate import Priority
 from batcher.pipeline import Flight, RunContext
-from batcher.poll import _get, metric, retry_later, settle_not_ok
+from batcher.poll import Reschedule, _get, metric, retry_later, settle_not_ok
 from batcher.retry import CallStats
 from batcher.sink import (
     CorruptImage,
@@ -38,14 +37,14 @@ log = logging.getLogger(__name__)
 
 
 async def work(
-    ctx: RunContext, receive: ObjectReceiveStream[Flight], reschedule: Callable[[Flight], None]
+    ctx: RunContext, receive: ObjectReceiveStream[Flight], reschedule: Reschedule
 ) -> None:
     async with receive:
         async for flight in receive:
             await fetch_one(ctx, flight, reschedule)
 
 
-async def fetch_one(ctx: RunContext, flight: Flight, reschedule: Callable[[Flight], None]) -> None:
+async def fetch_one(ctx: RunContext, flight: Flight, reschedule: Reschedule) -> None:
     stats = CallStats()
     reply = await _get(ctx, Priority.FETCH, flight.response_url, stats)
     await ctx.count_get("result", flight.job, stats)
@@ -73,7 +72,6 @@ async def fetch_one(ctx: RunContext, flight: Flight, reschedule: Callable[[Fligh
         # that failed past its own retries (a CDN outage, 5xx, resets) is tried again
         # later from the result, not turned into a FAILED row.
         reason = f"output could not be downloaded: {_reason(exc, ctx.options.downloads.timeout_s)}"
-        log.warning("row %s: %s; trying again later", job.id, reason)
         await retry_later(ctx, flight, reason, reschedule)
         return
     except (ValueError, CorruptImage) as exc:  # the output itself is unusable

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 DONE = ("COMPLETED", "FAILED")
 
+#: Puts a job back on the poll schedule; returns the seconds until its next poll.
+Reschedule = Callable[[Flight], float]
+
 
 class Poller:
     """Schedules and runs status polls; hands COMPLETED jobs to the fetch stream."""
@@ -48,12 +51,13 @@ class Poller:
     def __len__(self) -> int:
         return len(self._heap)
 
-    def track(self, flight: Flight) -> None:
-        """Start polling a submitted job."""
+    def track(self, flight: Flight) -> float:
+        """Start polling a submitted job: the seconds until its first poll."""
         self._ctx.flights[flight.job.id] = flight
-        self._schedule(flight)
+        return self._schedule(flight)
 
-    def _schedule(self, flight: Flight, delay: float | None = None) -> None:
+    def _schedule(self, flight: Flight, delay: float | None = None) -> float:
+        """Put ``flight`` on the heap for its next poll; return the seconds until then."""
         ctx = self._ctx
         now = ctx.now()
         if delay is None:
@@ -69,6 +73,7 @@ class Poller:
                 delay = max(delay, backoff_delay(flight.errors, ctx.retry, ctx.rng))
         heapq.heappush(self._heap, (now + delay, next(self._seq), flight))
         self._wake.set()
+        return delay
 
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
@@ -187,7 +192,7 @@ async def _get(
 
 
 async def settle_not_ok(
-    ctx: RunContext, flight: Flight, reply: Reply, reschedule: Callable[[Flight], None]
+    ctx: RunContext, flight: Flight, reply: Reply, reschedule: Reschedule
 ) -> None:
     """A status or result GET that is not a plain success: FAILED, expired, or an error."""
     job = flight.job
@@ -212,26 +217,26 @@ async def settle_not_ok(
             status=reply.status,
         )
     # 5xx/429 past every retry, or another 4xx/3xx on a GET.
-    log.warning("row %s: %s while polling; trying again later", job.id, reply.error_text())
     await retry_later(ctx, flight, reply.error_text(), reschedule)
 
 
-async def retry_later(
-    ctx: RunContext, flight: Flight, reason: str, reschedule: Callable[[Flight], None]
-) -> None:
+async def retry_later(ctx: RunContext, flight: Flight, reason: str, reschedule: Reschedule) -> None:
     """A status or result GET of the job got no usable answer (after its own retries).
     The job may be paid for: ask again later, backing off (see Poller._schedule), until
     the schedule's deadline (half the result's retention: the API still knows the job,
     so it is not sent again and paid twice on a 404); then the row is FAILED with the
-    last reason."""
+    last reason. The one place that decides, so the one that logs which it did."""
+    job = flight.job
     flight.errors += 1
     if flight.elapsed(ctx.now()) < ctx.poll.deadline_s:
-        reschedule(flight)
+        delay = reschedule(flight)
+        shown = f"{delay:.3g}" if delay < 100 else f"{delay:.0f}"
+        log.warning("row %s: %s; trying again in %s s", job.id, reason, shown)
         return
-    await ctx.fail(
-        flight.job,
+    error = (
         f"no usable answer about this job within half its result's retention "
         f"({flight.errors} tries in a row; last: {reason}); it may have been billed. "
-        "--retry-failed submits it again",
-        polls=flight.job.polls + flight.polls,
+        "--retry-failed submits it again"
     )
+    log.warning("row %s: giving up: FAILED because %s", job.id, error)
+    await ctx.fail(job, error, polls=job.polls + flight.polls)

@@ -80,7 +80,7 @@ async def _feed(ctx: RunContext, send: ObjectSendStream[Job]) -> None:
 
 
 async def work(
-    ctx: RunContext, receive: ObjectReceiveStream[Job], track: Callable[[Flight], None]
+    ctx: RunContext, receive: ObjectReceiveStream[Job], track: Callable[[Flight], object]
 ) -> None:
     """Take a slot, then a job, and submit it; the slot goes with the job."""
     async with receive:
@@ -110,7 +110,7 @@ async def _payload(ctx: RunContext, job: Job) -> dict[str, Any] | str:
     return params
 
 
-async def submit_one(ctx: RunContext, job: Job, track: Callable[[Flight], None]) -> None:
+async def submit_one(ctx: RunContext, job: Job, track: Callable[[Flight], object]) -> None:
     payload = await _payload(ctx, job)
     if isinstance(payload, str):
         await ctx.fail(job, payload)
@@ -211,7 +211,7 @@ async def _settle(
     reply: Reply,
     sent_at: float,
     stats: CallStats,
-    track: Callable[[Flight], None],
+    track: Callable[[Flight], object],
     began: float,
 ) -> None:
     outcome = reply.outcome

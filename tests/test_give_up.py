@@ -8,10 +8,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
+import re
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
+import pytest
 from aiohttp import web
 
 from batcher.gate import RateConfig
@@ -42,10 +45,24 @@ def _options(tmp_path: Path, base_url: str, scale: float, rows: int) -> RunOptio
     )
 
 
+def assert_retried_then_gave_up(caplog: pytest.LogCaptureFixture, row: str) -> list[str]:
+    """The row's log says what was done: each try before the deadline is retried after a
+    stated delay, the last (at the deadline) gives up, FAILED, and claims no retry.
+    (Before, every one, the last included, said "trying again later".)"""
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"row {row}:")]
+    *retried, last = said
+    assert retried, said
+    assert all(re.search(r"; trying again in \d[\d.e+-]* s$", m) for m in retried), retried
+    assert "giving up: FAILED because no usable answer" in last, last
+    assert "again" not in last.replace("--retry-failed submits it again", ""), last
+    return said
+
+
 async def test_a_job_the_api_keeps_refusing_ends_failed_within_its_retention(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # time scale 0.001: the 1-hour retention is 3.6 s
+    caplog.set_level(logging.WARNING, logger="batcher.poll")
 
     @web.middleware
     async def teapot(request: web.Request, handler: Any) -> web.StreamResponse:
@@ -68,6 +85,7 @@ async def test_a_job_the_api_keeps_refusing_ends_failed_within_its_retention(
         assert row["request_id"]  # the job is known: it may have been billed
         # Backing off (up to 60 model-s apart): far fewer polls than one a model-second.
         assert row["polls"] < 600, row["polls"]
+        assert_retried_then_gave_up(caplog, row["id"])
 
 
 async def test_an_api_gone_silent_stops_the_run_resumable(tmp_path: Path) -> None:
@@ -146,8 +164,9 @@ async def test_a_paid_job_whose_download_fails_is_fetched_again_not_failed(
 
 
 async def test_a_download_that_never_works_fails_at_retention_without_the_signature(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="batcher.poll")
     config = SimConfig(time_scale=0.001, image_size=(16, 16))
     async with SimServer(config, middlewares=[_flaky_outputs(10**9, sign=True)]) as server:
         result = await asyncio.wait_for(
@@ -159,6 +178,9 @@ async def test_a_download_that_never_works_fails_at_retention_without_the_signat
     assert "HTTP 503" in row["error"]
     assert "SECRET-SIG" not in row["error"]
     assert "SECRET-SIG" not in result.text()
+    said = assert_retried_then_gave_up(caplog, "g0")
+    assert all("output could not be downloaded: HTTP 503" in m for m in said), said
+    assert "SECRET-SIG" not in caplog.text
 
 
 async def test_an_api_answering_5xx_to_everything_stops_the_run_with_no_row_failed(
