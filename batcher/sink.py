@@ -40,6 +40,7 @@ __all__ = [
     "DownloadTooLarge",
     "IncompleteDownload",
     "SavedImage",
+    "decode_data_url",
     "decode_inline",
     "download",
     "is_base64_image",
@@ -199,7 +200,7 @@ def decode_inline(item: str) -> bytes | None:
     if _URL.match(text):
         return None
     if text[:5].lower() == "data:":
-        return _decode_data_url(text)
+        return decode_data_url(text)
     if is_base64_image(text):
         return base64.b64decode(_WS.sub("", text), validate=True)
     if scheme := _SCHEME.match(text):
@@ -207,14 +208,19 @@ def decode_inline(item: str) -> bytes | None:
     raise ValueError(f"output is neither an http(s) URL nor base64 image data: {_preview(text)}")
 
 
-def _decode_data_url(text: str) -> bytes:
+def decode_data_url(text: str) -> bytes:
+    """The bytes of a ``data:`` URL: it must be base64 and of an image media type.
+
+    Shared by outputs and inputs (a job's image parameters). The ValueError never
+    quotes the payload: it can be megabytes, and inputs show it on the terminal.
+    """
     header, comma, payload = text.partition(",")
     media_type, *params = header[5:].split(";")
     media_type = media_type.strip().lower()
     if not comma or "base64" not in (p.strip().lower() for p in params):
-        raise ValueError(f"data URL is not base64-encoded: {_preview(text)}")
+        raise ValueError("data URL is not base64-encoded (expected data:image/...;base64,...)")
     if not (media_type.startswith("image/") or media_type in ("", "application/octet-stream")):
-        raise ValueError(f"data URL holds {media_type!r}, not an image")
+        raise ValueError(f"data URL holds {_preview(media_type)}, not an image")
     try:
         data = base64.b64decode(_WS.sub("", payload), validate=True)
     except binascii.Error as exc:

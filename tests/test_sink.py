@@ -27,6 +27,7 @@ from batcher.sink import (
     DownloadTooLarge,
     IncompleteDownload,
     SavedImage,
+    decode_data_url,
     decode_inline,
     download,
     is_base64_image,
@@ -198,6 +199,24 @@ def test_decode_inline_url_is_none(url: str) -> None:
 def test_decode_inline_rejects(item: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         decode_inline(item)
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        "data:image/png,PAYLOAD-PAYLOAD",
+        "data:image/png;base64,PAYLOAD!PAYLOAD",
+        "data:image/png;base64",  # no comma: all of it is header
+        "data:" + "PAYLOAD" * 100 + ";base64,AAAA",  # a header that is mostly junk
+    ],
+)
+def test_decode_data_url_never_quotes_the_payload(item: str) -> None:
+    """Inputs show this message on the terminal; the payload can be megabytes."""
+    with pytest.raises(ValueError, match=r"^data URL ") as caught:
+        decode_data_url(item)
+    assert "PAYLOAD-PAYLOAD" not in str(caught.value)
+    assert "PAYLOAD!" not in str(caught.value)
+    assert len(str(caught.value)) < 120
 
 
 def test_is_base64_image_needs_signature() -> None:
