@@ -3,15 +3,24 @@
 A manifest value is one of:
 
 - an ``http(s)`` URL: sent unchanged (Segmind fetches it);
-- a ``data:`` URL or bare base64 image data: sent unchanged;
+- a ``data:`` URL or bare base64 image data ("inline"): decoded and checked like a
+  file, then sent unchanged, byte for byte. A data URL must be ``;base64``;
 - a local file path, relative to the manifest's folder (absolute paths allowed):
   read, checked with Pillow, and sent as **plain base64** (no ``data:`` prefix).
   Plain base64 is what Segmind's docs describe for image inputs; a data URL would
   only add a guess about the media type.
 
+Files and inline data pass the same checks (an image Pillow identifies, within
+``max_file_bytes`` and ``max_pixels``), so a row that would fail at Segmind, perhaps
+after being paid for, is INVALID before anything is sent. A problem names the
+parameter; it never quotes inline data, which can be megabytes.
+
 Each distinct file is read and encoded once per run, however many rows use it. The
 cache is keyed by the resolved absolute path and bounded in bytes (least recently
 used goes first), so a manifest with a million distinct files cannot exhaust memory.
+Each distinct inline value is likewise checked once: its verdict is kept under a
+hash of the value in a cache bounded in entries. Large values are hashed and
+decoded in a worker thread, off the event loop.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ import anyio.to_thread
 from PIL import Image, UnidentifiedImageError
 
 from batcher.errors import InvalidRow
-from batcher.sink import IMAGE_FORMATS, is_base64_image
+from batcher.sink import IMAGE_FORMATS, decode_data_url, is_base64_image
 
 __all__ = ["ImageInputs", "InputError"]
 
@@ -43,6 +52,11 @@ _WS = re.compile(r"\s+")
 _REFERENCE_MAX = 200
 #: Resolved-path memo entries kept (a name -> path map; small next to the data cache).
 _MAX_ALIASES = 65_536
+#: Inline verdicts kept (a digest -> problem map, a few MB at most).
+_MAX_VERDICTS = 65_536
+#: Inline values longer than this (in characters) are hashed and checked in a worker
+#: thread; shorter ones cost less than the hop and are done on the event loop.
+_INLINE_ON_LOOP = 64 * 1024
 
 Kind = Literal["url", "inline", "other-url", "path"]
 
@@ -104,8 +118,12 @@ class ImageInputs:
         self._cached = 0
         self._aliases: OrderedDict[str, str] = OrderedDict()
         self._pending: dict[str, _Pending] = {}
+        #: Inline value digest -> its problem, or None when it is a usable image.
+        self._verdicts: OrderedDict[bytes, str | None] = OrderedDict()
         #: File reads performed so far (cache hits and shared reads do not count).
         self.reads = 0
+        #: Inline values decoded and checked so far (cache hits do not count).
+        self.inline_checks = 0
 
     def __repr__(self) -> str:
         return (
@@ -114,15 +132,19 @@ class ImageInputs:
         )
 
     async def resolve(self, param: str, value: str) -> str:
-        """The value to send for ``param``: a URL or base64 as given, else the file's base64.
+        """The value to send for ``param``: a URL or inline data as given, else the file's base64.
 
         Raises :class:`InputError` for a missing, unreadable, oversized or non-image
-        file, or a URL scheme other than http(s).
+        file or inline value, or a URL scheme other than http(s).
         """
         if not value.strip():
             raise InputError(f"{param}: empty value")
         kind = _kind(value)
-        if kind in ("url", "inline"):
+        if kind == "url":
+            return value
+        if kind == "inline":
+            if (problem := await self._inline_problem(value)) is not None:
+                raise InputError(f"{param}=<inline data, {len(value)} characters>: {problem}")
             return value
         if kind == "other-url":
             scheme = value.partition(":")[0]
@@ -170,10 +192,9 @@ class ImageInputs:
         if kind == "path":
             return "file:" + value
         if kind == "inline":
-            payload = value.partition(",")[2] if value[:5].lower() == "data:" else value
             try:
-                body = base64.b64decode(_WS.sub("", payload), validate=True)
-            except binascii.Error:
+                body = _decode_inline(value)
+            except ValueError:
                 body = value.encode("utf-8", "surrogatepass")
             return f"base64:{hashlib.sha256(body).hexdigest()[:16]} ({len(body)} bytes)"
         if len(value) > _REFERENCE_MAX:
@@ -190,6 +211,37 @@ class ImageInputs:
         if len(self._aliases) > _MAX_ALIASES:
             self._aliases.popitem(last=False)
         return path
+
+    async def _inline_problem(self, value: str) -> str | None:
+        """What is wrong with inline ``value`` (None: a usable image), checked once a run.
+
+        Concurrent first checks of one value may each decode it; the verdict is the same.
+        """
+        large = len(value) > _INLINE_ON_LOOP
+        key = await anyio.to_thread.run_sync(_digest, value) if large else _digest(value)
+        if key in self._verdicts:
+            self._verdicts.move_to_end(key)
+            return self._verdicts[key]
+        self.inline_checks += 1
+        check = self._check_inline
+        problem = await anyio.to_thread.run_sync(check, value) if large else check(value)
+        self._verdicts[key] = problem  # a value cannot change: problems are kept too
+        if len(self._verdicts) > _MAX_VERDICTS:
+            self._verdicts.popitem(last=False)
+        return problem
+
+    def _check_inline(self, value: str) -> str | None:
+        """Decode and check one inline value. Blocking when large: run it in a thread."""
+        try:
+            data = _decode_inline(value)
+        except ValueError as exc:  # binascii.Error is one
+            return str(exc)
+        try:
+            _check_size(len(data), self._max_file_bytes, "image data")
+            _check_image(data, self._max_pixels)
+        except _Problem as exc:
+            return str(exc)
+        return None
 
     def _store(self, path: str, encoded: str) -> None:
         size = len(encoded)  # ASCII: one byte a character
@@ -223,8 +275,7 @@ def _read_capped(path: str, max_bytes: int) -> bytes:
         # Checked before opening: opening a FIFO or a device could block for ever.
         if not stat.S_ISREG(info.st_mode):
             raise _Problem(f"not a regular file ({path})")
-        if info.st_size > max_bytes:
-            raise _Problem(f"file is {info.st_size} bytes, over the {max_bytes} byte limit")
+        _check_size(info.st_size, max_bytes, "file")
         with open(path, "rb") as handle:
             data = handle.read(max_bytes + 1)  # +1: a file that grew since stat is caught
     except FileNotFoundError:
@@ -238,6 +289,25 @@ def _read_capped(path: str, max_bytes: int) -> bytes:
     if not data:
         raise _Problem(f"file is empty ({path})")
     return data
+
+
+def _check_size(size: int, max_bytes: int, what: str) -> None:
+    if size > max_bytes:
+        raise _Problem(f"{what} is {size} bytes, over the {max_bytes} byte limit")
+
+
+def _digest(value: str) -> bytes:
+    return hashlib.sha256(value.encode("utf-8", "surrogatepass")).digest()
+
+
+def _decode_inline(value: str) -> bytes:
+    """The bytes of an inline value; a ValueError (never quoting the data) if it has none."""
+    if value[:5].lower() == "data:":
+        return decode_data_url(value)
+    try:
+        return base64.b64decode(_WS.sub("", value), validate=True)
+    except binascii.Error as exc:
+        raise ValueError(f"not valid base64: {exc}") from None
 
 
 def _check_image(data: bytes, max_pixels: int) -> None:

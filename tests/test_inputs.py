@@ -1,4 +1,5 @@
-"""Tests for batcher.inputs: passthrough, one read per file, rejections, references."""
+"""Tests for batcher.inputs: passthrough, one read per file, inline data checked once,
+rejections, references."""
 
 from __future__ import annotations
 
@@ -55,6 +56,17 @@ def decoded(value: str) -> bytes:
     return base64.b64decode(value, validate=True)
 
 
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def noise_png(side: int) -> bytes:
+    """A PNG that does not compress: ``side`` x ``side`` random pixels."""
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", (side, side), os.urandom(side * side * 3)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 # --- passthrough -------------------------------------------------------------
 
 
@@ -72,6 +84,129 @@ async def test_passthrough(tmp_path: Path, value: str) -> None:
     inputs = ImageInputs(tmp_path)
     assert await inputs.resolve("face_image", value) == value
     assert inputs.reads == 0
+
+
+# --- inline data -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "data:image/png;base64," + b64(image_bytes()),
+        "data:IMAGE/JPEG;BASE64," + b64(image_bytes("JPEG")),
+        "data:image/png;base64," + base64.encodebytes(image_bytes()).decode(),  # line breaks
+        base64.encodebytes(image_bytes("WEBP")).decode(),
+    ],
+    ids=["data-url", "data-url-upper-case", "data-url-line-breaks", "bare-line-breaks"],
+)
+async def test_valid_inline_is_checked_and_sent_unchanged(tmp_path: Path, value: str) -> None:
+    inputs = ImageInputs(tmp_path)
+    assert await inputs.resolve("id_image", value) is value
+    assert inputs.inline_checks == 1
+    assert inputs.reads == 0
+
+
+TEXT = b"these are words, not pixels\n" * 4
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("data:image/png;base64,!!!notbase64", "data URL payload is not valid base64: "),
+        ("data:image/png;base64," + b64(image_bytes())[:-1], "data URL payload is not valid base"),
+        ("data:,hello", "data URL is not base64-encoded (expected data:image/...;base64,...)"),
+        ("data:image/png," + b64(image_bytes()), "data URL is not base64-encoded"),
+        ("data:image/png;base64,", "data URL payload is empty"),
+        ("data:text/plain;base64," + b64(image_bytes()), "data URL holds 'text/plain', not an"),
+        ("data:image/png;base64," + b64(TEXT), "not an image (avif, bmp, gif, jpeg, png, tiff, "),
+        (b64(image_bytes("PNG", (64, 64))[:-30]), "not an image"),  # a cut PNG
+        (b64(png_header_only(8_000, 8_000)), "image is 8000x8000 (64.0 megapixels), over the 50"),
+        (b64(png_header_only(100_000, 100_000)), "image dimensions are absurd"),
+    ],
+    ids=[
+        "bad-base64",
+        "bad-padding",
+        "data-url-not-base64",
+        "image-data-url-not-base64",
+        "empty-payload",
+        "text-media-type",
+        "text-not-an-image",
+        "truncated-image",
+        "too-many-pixels",
+        "bomb",
+    ],
+)
+async def test_bad_inline_is_refused_without_quoting_it(
+    tmp_path: Path, value: str, problem: str
+) -> None:
+    inputs = ImageInputs(tmp_path)
+    with pytest.raises(InputError) as caught:
+        await inputs.resolve("face_image", value)
+    message = str(caught.value)
+    assert message.startswith(f"face_image=<inline data, {len(value)} characters>: {problem}")
+    payload = value.partition(",")[2] or value
+    assert payload[:12] not in message
+    assert isinstance(caught.value, InvalidRow)
+    assert inputs.reads == 0
+
+
+async def test_inline_over_the_size_limit(tmp_path: Path) -> None:
+    data = image_bytes()
+    inputs = ImageInputs(tmp_path, max_file_bytes=len(data) - 1)
+    with pytest.raises(InputError) as caught:
+        await inputs.resolve("face_image", "data:image/png;base64," + b64(data))
+    assert str(caught.value).endswith(
+        f": image data is {len(data)} bytes, over the {len(data) - 1} byte limit"
+    )
+
+
+async def test_inline_pixel_limit_is_configurable(tmp_path: Path) -> None:
+    inputs = ImageInputs(tmp_path, max_pixels=100)  # the 16x16 image has 256
+    with pytest.raises(InputError, match="16x16"):
+        await inputs.resolve("face_image", b64(image_bytes()))
+
+
+async def test_each_inline_value_checked_once_across_rows(tmp_path: Path) -> None:
+    good = [b64(image_bytes(color=c)) for c in (1, 2)]
+    bad = "data:image/png;base64," + b64(TEXT)
+    inputs = ImageInputs(tmp_path)
+    for row in range(100):
+        value = good[row % 2]
+        # A new string each row, as the manifest reader makes: equal, not identical.
+        assert await inputs.resolve("face_image", "".join(value)) == value
+        with pytest.raises(InputError, match="not an image"):
+            await inputs.resolve("id_image", "".join(bad))
+    assert inputs.inline_checks == 3
+
+
+async def test_inline_verdicts_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("batcher.inputs._MAX_VERDICTS", 2)
+    values = [b64(image_bytes(color=c)) for c in (1, 2, 3)]
+    inputs = ImageInputs(tmp_path)
+    for value in [*values, values[2], values[0]]:
+        await inputs.resolve("face_image", value)
+    assert inputs.inline_checks == 4  # the first evicted by the third, checked again
+    assert len(inputs._verdicts) == 2
+
+
+async def test_large_inline_is_checked_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads: list[threading.Thread] = []
+    original = ImageInputs._check_inline
+
+    def spy(self: ImageInputs, value: str) -> str | None:
+        threads.append(threading.current_thread())
+        return original(self, value)
+
+    monkeypatch.setattr(ImageInputs, "_check_inline", spy)
+    large = b64(noise_png(200))
+    assert len(large) > 100_000
+    inputs = ImageInputs(tmp_path)
+    assert await inputs.resolve("face_image", large) == large
+    assert await inputs.resolve("face_image", b64(image_bytes())) == b64(image_bytes())
+    assert threads[0] is not threading.current_thread()  # decoded in a worker
+    assert threads[1] is threading.current_thread()  # small: not worth the hop
 
 
 # --- local files ---------------------------------------------------------------
