@@ -12,8 +12,10 @@ every case at once in a few threads and the tests then judge the outcomes one by
 
 from __future__ import annotations
 
+import base64
 import csv
 import hashlib
+import io
 import json
 import os
 import re
@@ -243,6 +245,46 @@ def _oversized_image(folder: Path) -> Path:
     Image.new("RGB", (2650, 2650), (90, 90, 90)).save(folder / "big.bmp")
     assert (folder / "big.bmp").stat().st_size > MAX_IMAGE_BYTES
     return write_csv(folder, [good("a", face_image="big.bmp"), good("b")])
+
+
+def _data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def _png(mode: str, size: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+#: The bad-inline-images case's face_image values (the too-big one is built when written).
+INLINE_BAD_BASE64 = "data:image/png;base64,!!!notbase64"
+INLINE_NOT_BASE64 = "data:,hello"
+INLINE_NOT_PIXELS = _data_url(b"these are words, not pixels\n" * 4)
+INLINE_64_MP = _data_url(_png("1", (8000, 8000)))  # 64 megapixels in a few kB
+#: A PNG signature and zeros, one signature over the input cap (the size is checked first).
+INLINE_TOO_BIG_BYTES = 8 + MAX_IMAGE_BYTES
+INLINE_OK = _data_url(_png("RGB", (64, 64)))
+
+
+def _inline_label(value: str | int) -> str:
+    """How a problem names a face_image value, or a data URL of that many bytes."""
+    chars = len(value) if isinstance(value, str) else len(_data_url(b"")) + -(-value // 3) * 4
+    return f"face_image=<inline data, {chars} characters>: "
+
+
+def _bad_inline_images(folder: Path) -> Path:
+    too_big = _data_url(b"\x89PNG\r\n\x1a\n" + bytes(MAX_IMAGE_BYTES))
+    assert _inline_label(too_big) == _inline_label(INLINE_TOO_BIG_BYTES)
+    rows = [
+        good("bad-base64", face_image=INLINE_BAD_BASE64),
+        good("not-base64", face_image=INLINE_NOT_BASE64),
+        good("text", face_image=INLINE_NOT_PIXELS),
+        good("pixels", face_image=INLINE_64_MP),
+        good("too-big", face_image=too_big),
+        good("ok", face_image=INLINE_OK),
+    ]
+    return write_jsonl(folder, [json.dumps(row) for row in rows])
 
 
 def _not_json_line(folder: Path) -> Path:
@@ -475,6 +517,43 @@ CASES = [
         invalid=(
             # 2650 rows of 7952 bytes (3 x 2650, padded to 4) plus a 54-byte header.
             Invalid(1, "a", "face_image=big.bmp: file is 21072854 bytes, over the 20971520 "),
+        ),
+    ),
+    Case(
+        name="bad-inline-images",
+        validate=True,
+        write=_bad_inline_images,
+        code=3,
+        invalid=(
+            Invalid(
+                1,
+                "bad-base64",
+                _inline_label(INLINE_BAD_BASE64) + "data URL payload is not valid base64",
+            ),
+            Invalid(
+                2,
+                "not-base64",
+                _inline_label(INLINE_NOT_BASE64) + "data URL is not base64-encoded "
+                "(expected data:image/...;base64,...)",
+            ),
+            Invalid(
+                3,
+                "text",
+                _inline_label(INLINE_NOT_PIXELS) + "not an image (avif, bmp, gif, jpeg, png, "
+                "tiff, webp): its content matches none of these formats",
+            ),
+            Invalid(
+                4,
+                "pixels",
+                _inline_label(INLINE_64_MP) + "image is 8000x8000 (64.0 megapixels), "
+                "over the 50 megapixel limit",
+            ),
+            Invalid(
+                5,
+                "too-big",
+                _inline_label(INLINE_TOO_BIG_BYTES) + "image data is 20971528 bytes, "
+                "over the 20971520 byte limit",
+            ),
         ),
     ),
     Case(
@@ -718,6 +797,20 @@ def test_ten_megabyte_prompt_is_sent_whole(outcomes: dict[str, Outcome]) -> None
     rows = results(outcomes["ten-megabyte-prompt"].out)
     assert rows["big"]["status"] == "COMPLETED"
     assert len(json.loads(rows["big"]["params"])["prompt"]) == TEN_MB
+
+
+def test_bad_inline_images_are_not_tried_nor_printed(outcomes: dict[str, Outcome]) -> None:
+    o = outcomes["bad-inline-images"]
+    assert o.validate is not None
+    rows = results(o.out)
+    for row in rows.values():  # the bad ones were not tried at all
+        assert row["attempts"] == (1 if row["id"] == "ok" else 0), row["id"]
+    sent = json.loads(rows["ok"]["params"])["face_image"]
+    assert sent.startswith("base64:")  # results hold a reference, not the image
+    for text in (o.run.stderr, o.validate.stderr):
+        assert INLINE_NOT_PIXELS[22:34] not in text  # the start of its payload
+        assert "AAAAAAAAAAAA" not in text  # the too-big payload
+        assert len(text) < 10_000
 
 
 def test_validate_summarises_and_sends_nothing(outcomes: dict[str, Outcome]) -> None:
