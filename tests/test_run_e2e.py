@@ -460,6 +460,55 @@ async def test_invalid_rows_are_recorded_with_the_column_and_never_sent(
     assert _requests(stats, "submit") == 2
 
 
+async def test_bad_inline_images_are_never_sent_and_good_ones_are_sent_byte_for_byte(
+    tmp_path: Path, sim: Any
+) -> None:
+    buf = io.BytesIO()
+    Image.new("1", (8000, 8000)).save(buf, "PNG")  # 64 megapixels in a few kB
+    face_url = "data:image/png;base64," + _b64_face((7, 8, 9))
+    bad = {
+        "bad-base64": "data:image/png;base64,!!!notbase64",
+        "not-base64": "data:,hello",
+        "text": "data:image/png;base64," + base64.b64encode(b"not pixels\n" * 9).decode(),
+        "pixels": base64.b64encode(buf.getvalue()).decode(),
+        "too-big": "data:image/png;base64,"
+        + base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(20 * 1024 * 1024)).decode(),
+    }
+    spec = [
+        *({"id": i, "model": "instantid", "prompt": "p", "face_image": v} for i, v in bad.items()),
+        # The same value on several rows, as a big manifest has it.
+        *({"id": f"url-{n}", "model": "instantid", "prompt": "p", "face_image": face_url}
+          for n in range(3)),
+        {"id": "bare", "model": "infinite-you", "prompt": "p", "id_image": _b64_face((1, 1, 1)),
+         "width": 256, "height": 256},
+    ]  # fmt: skip
+    manifest = _write_manifest(tmp_path / "jobs.jsonl", spec)
+    server = await sim(time_scale=SCALE, image_size=(64, 64), retention_s=1e6)
+
+    result = await arun(_options(manifest, tmp_path / "out", server))
+
+    assert result.exit_code == EXIT_FAILED_ROWS
+    rows = {r["id"]: r for r in _results(tmp_path / "out")}
+    for row_id in bad:
+        row = rows[row_id]
+        assert (row["status"], row["attempts"], row["request_id"]) == ("INVALID", 0, None)
+        assert row["error"].startswith(f"face_image=<inline data, {len(bad[row_id])} characters>: ")
+    assert "not valid base64" in rows["bad-base64"]["error"]
+    assert "not base64-encoded" in rows["not-base64"]["error"]
+    assert "not an image" in rows["text"]["error"]
+    assert "8000x8000" in rows["pixels"]["error"]
+    assert "over the 20971520 byte limit" in rows["too-big"]["error"]
+    stats = server.stats()
+    assert stats["accepted"] == _requests(stats, "submit") == len(spec) - len(bad)
+    for want in spec[len(bad) :]:
+        row = rows[want["id"]]
+        assert row["status"] == "COMPLETED", row["error"]
+        job = server.emulator.jobs.get(row["request_id"])
+        assert job is not None
+        name = "face_image" if want["model"] == "instantid" else "id_image"
+        assert job.params[name] == want[name]  # the manifest's text, byte for byte
+
+
 @pytest.mark.parametrize(
     ("rows", "message"),
     [
