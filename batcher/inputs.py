@@ -4,7 +4,8 @@ A manifest value is one of:
 
 - an ``http(s)`` URL: sent unchanged (Segmind fetches it);
 - a ``data:`` URL or bare base64 image data ("inline"): decoded and checked like a
-  file, then sent unchanged, byte for byte. A data URL must be ``;base64``;
+  file, then sent unchanged, byte for byte. A data URL must be ``;base64``. Bare
+  base64 is known by an image signature, or by being too long to be a path;
 - a local file path, relative to the manifest's folder (absolute paths allowed):
   read, checked with Pillow, and sent as **plain base64** (no ``data:`` prefix).
   Plain base64 is what Segmind's docs describe for image inputs; a data URL would
@@ -49,6 +50,9 @@ __all__ = ["ImageInputs", "InputError"]
 _URL = re.compile(r"https?://", re.IGNORECASE)
 _OTHER_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _WS = re.compile(r"\s+")
+_B64_TEXT = re.compile(r"[A-Za-z0-9+/=\s]+")
+#: Longest path Linux resolves (PATH_MAX): a longer value cannot name a file.
+_PATH_MAX = 4096
 _REFERENCE_MAX = 200
 #: Resolved-path memo entries kept (a name -> path map; small next to the data cache).
 _MAX_ALIASES = 65_536
@@ -86,6 +90,10 @@ def _kind(value: str) -> Kind:
     if _URL.match(value):
         return "url"
     if value[:5].lower() == "data:" or is_base64_image(value):
+        return "inline"
+    if len(value) > _PATH_MAX and _B64_TEXT.fullmatch(value):
+        # Base64 of something that is not an image: refused as inline data, so the
+        # problem says so, rather than quoting it all as a file name that is too long.
         return "inline"
     if _OTHER_URL.match(value):
         return "other-url"

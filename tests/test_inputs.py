@@ -150,6 +150,22 @@ async def test_bad_inline_is_refused_without_quoting_it(
     assert inputs.reads == 0
 
 
+@pytest.mark.parametrize("wrap", [False, True])
+async def test_long_base64_of_text_is_inline_not_a_path(tmp_path: Path, wrap: bool) -> None:
+    text = TEXT * 100
+    value = base64.encodebytes(text).decode() if wrap else b64(text)
+    assert len(value) > 4096  # longer than any path
+    inputs = ImageInputs(tmp_path)
+    with pytest.raises(InputError) as caught:
+        await inputs.resolve("face_image", value)
+    assert str(caught.value) == (
+        f"face_image=<inline data, {len(value)} characters>: not an image (avif, bmp, gif, "
+        "jpeg, png, tiff, webp): its content matches none of these formats"
+    )
+    digest = hashlib.sha256(text).hexdigest()[:16]
+    assert inputs.reference("face_image", value) == f"base64:{digest} ({len(text)} bytes)"
+
+
 async def test_inline_over_the_size_limit(tmp_path: Path) -> None:
     data = image_bytes()
     inputs = ImageInputs(tmp_path, max_file_bytes=len(data) - 1)
