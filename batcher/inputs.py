@@ -66,7 +66,8 @@ Kind = Literal["url", "inline", "other-url", "path"]
 
 
 class InputError(InvalidRow, ValueError):
-    """An image parameter cannot be used; the message names the parameter and the file.
+    """An image parameter cannot be used; the message names the parameter and the file
+    (inline data by its length only).
 
     It is an :class:`~batcher.errors.InvalidRow` (the row is never sent) and a
     ValueError; the caller fills in ``row_id`` when it knows it.
@@ -74,7 +75,8 @@ class InputError(InvalidRow, ValueError):
 
 
 class _Problem(Exception):
-    """What is wrong with a file, without the parameter name (several may share it)."""
+    """What is wrong with a file or inline value, without the parameter name (several
+    may share it)."""
 
 
 @dataclass(eq=False)
