@@ -7,6 +7,7 @@ repr, formatted into a message, or attached to an exception.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import re
 from collections.abc import Mapping
@@ -16,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import anyio.to_thread
 
 DEFAULT_BASE_URL = "https://api.segmind.com"
 #: Largest API answer read. Status answers are tiny; a result with inline (base64)
@@ -23,6 +25,9 @@ DEFAULT_BASE_URL = "https://api.segmind.com"
 #: or decompression-bomb body stops here instead of filling the memory.
 MAX_BODY_BYTES = 128 * 1024 * 1024
 _CHUNK = 256 * 1024
+#: Request bodies larger than this are encoded off the event loop and streamed (aiohttp
+#: warns that a larger bytes body "might lock the event loop").
+LARGE_BODY_BYTES = 1024 * 1024
 
 
 class Outcome(Enum):
@@ -106,7 +111,13 @@ class ApiClient:
         return f"ApiClient(base_url={self.base_url!r})"
 
     async def submit(self, model: str, params: Mapping[str, Any]) -> Reply:
-        return await self._request("POST", f"{self.base_url}/v2/{model}", params)
+        # A local face photo goes as base64: a body of megabytes is encoded in a worker
+        # thread, not on the event loop.
+        if _text_size(params) > LARGE_BODY_BYTES:
+            body = await anyio.to_thread.run_sync(_encode, params)
+        else:
+            body = _encode(params)
+        return await self._request("POST", f"{self.base_url}/v2/{model}", body)
 
     async def get(self, url: str) -> Reply:
         """GET a status or result URL, which must be on the base URL's host (see
@@ -115,15 +126,20 @@ class ApiClient:
             raise ValueError("refusing to send the API key to a URL off --base-url's host")
         return await self._request("GET", url, None)
 
-    async def _request(self, method: str, url: str, payload: Mapping[str, Any] | None) -> Reply:
+    async def _request(self, method: str, url: str, body: bytes | None) -> Reply:
         headers = {"x-api-key": self.__key, "Accept": "application/json"}
+        data: bytes | io.BytesIO | None = body
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+            if len(body) > LARGE_BODY_BYTES:  # aiohttp sends a stream in chunks
+                data = io.BytesIO(body)
         try:
             # Redirects are not followed: aiohttp drops only Authorization on a redirect
             # to another host, and x-api-key would go with it.
             async with self._session.request(
                 method,
                 url,
-                json=payload,
+                data=data,
                 headers=headers,
                 timeout=self._timeout,
                 allow_redirects=False,
@@ -230,6 +246,15 @@ def _base64_forms(raw: bytes) -> set[str]:
     for text in (base64.b64encode(raw).decode(), base64.urlsafe_b64encode(raw).decode()):
         forms |= {text, text[: len(raw) * 4 // 3]}
     return {f for f in forms if len(f) >= _MIN_FORM}
+
+
+def _encode(params: Mapping[str, Any]) -> bytes:
+    return json.dumps(params).encode()
+
+
+def _text_size(params: Mapping[str, Any]) -> int:
+    """Characters in the strings of a (flat) payload: about its JSON size, found cheaply."""
+    return sum(len(v) for v in params.values() if isinstance(v, str))
 
 
 def _json_body(raw: bytes) -> dict[str, Any]:

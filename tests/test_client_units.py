@@ -1,6 +1,7 @@
 """HTTP units with aioresponses: the answer table (classify), the API client, and one call
 through the gate with its retry policy (retry.call). Nothing leaves the process except
-the one test that needs a refused connection, which dials a closed port on 127.0.0.1."""
+the one test that needs a refused connection, which dials a closed port on 127.0.0.1, and
+the one that reads a large body off the wire, from an in-process server on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -9,15 +10,19 @@ import base64
 import json
 import random
 import socket
+import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 from unittest.mock import Mock
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from aioresponses import aioresponses
 from yarl import URL
 
+import batcher.client as client_module
 from batcher.backoff import RetryConfig
 from batcher.client import ApiClient, Outcome, Reply, TransportError, classify
 from batcher.gate import Priority, RateConfig, RequestGate
@@ -125,7 +130,45 @@ async def test_submit_posts_the_params_with_the_key_header(
     assert (reply.status, reply.body["request_id"], reply.outcome) == (200, "r-1", Outcome.OK)
     (sent,) = _sent(mocked, "POST", SUBMIT)
     assert sent.kwargs["headers"]["x-api-key"] == KEY
-    assert sent.kwargs["json"] == {"prompt": "a", "face_image": "https://x/f.jpg"}
+    assert sent.kwargs["headers"]["Content-Type"] == "application/json"
+    assert json.loads(sent.kwargs["data"]) == {"prompt": "a", "face_image": "https://x/f.jpg"}
+
+
+@pytest.mark.parametrize("size", [1000, 3 * 1024 * 1024], ids=["small", "megabytes"])
+async def test_a_body_of_megabytes_is_encoded_off_the_loop_and_sent_whole(
+    size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A local face photo goes as base64 in the JSON body. A big one is encoded in a worker
+    thread and streamed (aiohttp warns, an error under this suite, that a big bytes body
+    "might lock the event loop"), and still arrives with its Content-Length, not chunked."""
+    params = {"prompt": "a", "face_image": base64.b64encode(random.randbytes(size)).decode()}
+    seen: dict[str, Any] = {}
+
+    async def handle(request: web.Request) -> web.Response:
+        seen["headers"] = dict(request.headers)
+        seen["body"] = await request.read()
+        return web.json_response({"request_id": "r-1", "status": "QUEUED"})
+
+    encoded_in: list[str] = []
+    encode = client_module._encode
+
+    def spy(payload: Any) -> bytes:
+        encoded_in.append(threading.current_thread().name)
+        return encode(payload)
+
+    monkeypatch.setattr(client_module, "_encode", spy)
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_post("/v2/instantid", handle)
+    async with TestServer(app, host="127.0.0.1") as server, aiohttp.ClientSession() as session:
+        reply = await ApiClient(session, str(server.make_url("/")), KEY).submit("instantid", params)
+
+    assert reply.status == 200
+    assert json.loads(seen["body"]) == params
+    assert int(seen["headers"]["Content-Length"]) == len(seen["body"])
+    assert "Transfer-Encoding" not in seen["headers"]
+    assert seen["headers"]["Content-Type"] == "application/json"
+    on_loop = encoded_in == [threading.main_thread().name]
+    assert on_loop is (size < 1024 * 1024), encoded_in
 
 
 async def test_the_key_is_in_no_repr(client: ApiClient) -> None:
