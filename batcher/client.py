@@ -26,7 +26,8 @@ DEFAULT_BASE_URL = "https://api.segmind.com"
 MAX_BODY_BYTES = 128 * 1024 * 1024
 _CHUNK = 256 * 1024
 #: Request bodies larger than this are encoded off the event loop and streamed (aiohttp
-#: warns that a larger bytes body "might lock the event loop").
+#: warns that a larger bytes body "might lock the event loop"); answers larger than this
+#: are parsed off it.
 LARGE_BODY_BYTES = 1024 * 1024
 
 
@@ -152,7 +153,12 @@ class ApiClient:
                         resp.headers,
                     )
                 # Should a server ever echo the key, it must not reach a message or a file.
-                return Reply(resp.status, self._redact(raw), resp.headers)
+                # A result with inline images is megabytes of JSON: parsed off the loop.
+                if len(raw) > LARGE_BODY_BYTES:
+                    answer = await anyio.to_thread.run_sync(self._redact, raw)
+                else:
+                    answer = self._redact(raw)
+                return Reply(resp.status, answer, resp.headers)
         except aiohttp.ClientConnectorError as exc:
             # The connection never opened: nothing was sent.
             raise TransportError(f"cannot connect: {exc.os_error}", maybe_sent=False) from None

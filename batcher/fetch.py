@@ -103,6 +103,10 @@ async def fetch_one(ctx: RunContext, flight: Flight, reschedule: Reschedule) -> 
     )
 
 
+#: Longest output item decoded on the event loop: any URL; not an inline image.
+_INLINE_ON_LOOP = 64 * 1024
+
+
 def _remove(out: Path, paths: list[str]) -> None:
     """Delete images written under ``out`` (paths as SavedImage gives them). Blocking."""
     for path in paths:
@@ -121,7 +125,10 @@ def _reason(exc: Exception, timeout_s: float) -> str:
 
 
 async def _save(ctx: RunContext, job: Job, index: int, item: str) -> SavedImage:
-    data = decode_inline(item)
+    if len(item) > _INLINE_ON_LOOP:  # megabytes of base64: decoded off the event loop
+        data = await anyio.to_thread.run_sync(decode_inline, item)
+    else:
+        data = decode_inline(item)
     if data is None:
         data = await _download(ctx, job, item)
     try:

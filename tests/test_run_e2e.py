@@ -13,8 +13,9 @@ import hashlib
 import io
 import json
 import re
+import threading
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+import batcher.client as client_module
+import batcher.fetch as fetch_module
 from batcher.backoff import RetryConfig
 from batcher.client import ApiClient, Reply, TransportError
 from batcher.errors import ManifestError
@@ -171,6 +174,42 @@ async def test_every_row_completes_with_verified_images_and_a_full_results_table
     stats = server.stats()
     assert stats["accepted"] == len(spec)
     assert stats["paid_twice"] == 0
+
+
+@pytest.mark.parametrize("large", [False, True], ids=["small-on-loop", "large-off-loop"])
+async def test_inline_outputs_and_large_answers_are_decoded_off_the_event_loop(
+    tmp_path: Path, sim: Any, monkeypatch: pytest.MonkeyPatch, large: bool
+) -> None:
+    """A result with base64 images is megabytes: its JSON and each image's base64 are
+    decoded in a worker thread past a size (lowered here, so small images cross it),
+    and on the loop below it, where a thread hop would cost more than the work."""
+    if large:
+        monkeypatch.setattr(client_module, "LARGE_BODY_BYTES", 1000)
+        monkeypatch.setattr(fetch_module, "_INLINE_ON_LOOP", 1000)
+    threads: dict[str, list[bool]] = {"answer": [], "image": []}
+
+    def spy(kind: str, real: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        def call(value: Any) -> Any:
+            threads[kind].append(threading.current_thread() is threading.main_thread())
+            return real(value)
+
+        return call
+
+    monkeypatch.setattr(client_module, "_json_body", spy("answer", client_module._json_body))
+    monkeypatch.setattr(fetch_module, "decode_inline", spy("image", fetch_module.decode_inline))
+    _face(tmp_path / "face.png")
+    spec = [{"id": "b64", "prompt": "p", "face_image": "face.png", "samples": 2, "base64": True}]
+    manifest = _write_manifest(tmp_path / "jobs.csv", spec)
+    server = await sim(time_scale=SCALE)
+
+    result = await arun(_options(manifest, tmp_path / "out", server, model="instantid"))
+
+    assert result.exit_code == EXIT_OK, result.text()
+    (row,) = _results(tmp_path / "out")
+    _check_images(tmp_path / "out", row, {"model": "instantid", **spec[0]})
+    assert threads["image"] == [not large] * 2  # the result's two samples
+    # The result (over 1,000 bytes with its images) crosses; the small status answers not.
+    assert set(threads["answer"]) == ({True, False} if large else {True})
 
 
 def _check_images(out: Path, row: dict[str, Any], want: dict[str, Any]) -> None:
