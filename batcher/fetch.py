@@ -25,6 +25,7 @@ from batcher.pipeline import Flight, RunContext
 from batcher.poll import Reschedule, _get, metric, retry_later, settle_not_ok
 from batcher.retry import CallStats
 from batcher.sink import (
+    INLINE_ON_LOOP,
     CorruptImage,
     IncompleteDownload,
     SavedImage,
@@ -103,10 +104,6 @@ async def fetch_one(ctx: RunContext, flight: Flight, reschedule: Reschedule) -> 
     )
 
 
-#: Longest output item decoded on the event loop: any URL; not an inline image.
-_INLINE_ON_LOOP = 64 * 1024
-
-
 def _remove(out: Path, paths: list[str]) -> None:
     """Delete images written under ``out`` (paths as SavedImage gives them). Blocking."""
     for path in paths:
@@ -125,7 +122,7 @@ def _reason(exc: Exception, timeout_s: float) -> str:
 
 
 async def _save(ctx: RunContext, job: Job, index: int, item: str) -> SavedImage:
-    if len(item) > _INLINE_ON_LOOP:  # megabytes of base64: decoded off the event loop
+    if len(item) > INLINE_ON_LOOP:  # megabytes of base64: decoded off the event loop
         data = await anyio.to_thread.run_sync(decode_inline, item)
     else:
         data = decode_inline(item)

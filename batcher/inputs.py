@@ -43,14 +43,18 @@ import anyio.to_thread
 from PIL import Image, UnidentifiedImageError
 
 from batcher.errors import InvalidRow
-from batcher.sink import IMAGE_FORMATS, decode_data_url, is_base64_image
+from batcher.sink import (
+    IMAGE_FORMATS,
+    INLINE_ON_LOOP,
+    b64decode_text,
+    decode_data_url,
+    is_base64_image,
+)
 
 __all__ = ["ImageInputs", "InputError"]
 
 _URL = re.compile(r"https?://", re.IGNORECASE)
 _OTHER_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
-_WS = re.compile(r"\s+")
-_B64_TEXT = re.compile(r"[A-Za-z0-9+/=\s]+")
 #: Longest path Linux resolves (PATH_MAX): a longer value cannot name a file.
 _PATH_MAX = 4096
 _REFERENCE_MAX = 200
@@ -58,9 +62,6 @@ _REFERENCE_MAX = 200
 _MAX_ALIASES = 65_536
 #: Inline verdicts kept (a digest -> problem map, a few MB at most).
 _MAX_VERDICTS = 65_536
-#: Inline values longer than this (in characters) are hashed and checked in a worker
-#: thread; shorter ones cost less than the hop and are done on the event loop.
-_INLINE_ON_LOOP = 64 * 1024
 
 Kind = Literal["url", "inline", "other-url", "path"]
 
@@ -93,9 +94,9 @@ def _kind(value: str) -> Kind:
         return "url"
     if value[:5].lower() == "data:" or is_base64_image(value):
         return "inline"
-    if len(value) > _PATH_MAX and _B64_TEXT.fullmatch(value):
-        # Base64 of something that is not an image: refused as inline data, so the
-        # problem says so, rather than quoting it all as a file name that is too long.
+    if len(value) > _PATH_MAX:
+        # No file has so long a name: data (base64 of something that is not an image,
+        # or junk), refused as inline data rather than quoted whole as a file name.
         return "inline"
     if _OTHER_URL.match(value):
         return "other-url"
@@ -130,6 +131,8 @@ class ImageInputs:
         self._pending: dict[str, _Pending] = {}
         #: Inline value digest -> its problem, or None when it is a usable image.
         self._verdicts: OrderedDict[bytes, str | None] = OrderedDict()
+        #: Inline value digest -> set when its first check ends (the others wait for it).
+        self._checking: dict[bytes, anyio.Event] = {}
         #: File reads performed so far (cache hits and shared reads do not count).
         self.reads = 0
         #: Inline values decoded and checked so far (cache hits do not count).
@@ -223,21 +226,27 @@ class ImageInputs:
         return path
 
     async def _inline_problem(self, value: str) -> str | None:
-        """What is wrong with inline ``value`` (None: a usable image), checked once a run.
-
-        Concurrent first checks of one value may each decode it; the verdict is the same.
-        """
-        large = len(value) > _INLINE_ON_LOOP
+        """What is wrong with inline ``value`` (None: a usable image), checked once a run:
+        concurrent first checks of one value (32 submit workers on a resume) wait for
+        the one that runs, as file reads do."""
+        large = len(value) > INLINE_ON_LOOP
         key = await anyio.to_thread.run_sync(_digest, value) if large else _digest(value)
+        while (running := self._checking.get(key)) is not None:
+            await running.wait()  # if that check was cancelled, there is no verdict: run it
         if key in self._verdicts:
             self._verdicts.move_to_end(key)
             return self._verdicts[key]
-        self.inline_checks += 1
-        check = self._check_inline
-        problem = await anyio.to_thread.run_sync(check, value) if large else check(value)
-        self._verdicts[key] = problem  # a value cannot change: problems are kept too
-        if len(self._verdicts) > _MAX_VERDICTS:
-            self._verdicts.popitem(last=False)
+        done = self._checking[key] = anyio.Event()
+        try:
+            self.inline_checks += 1
+            check = self._check_inline
+            problem = await anyio.to_thread.run_sync(check, value) if large else check(value)
+            self._verdicts[key] = problem  # a value cannot change: problems are kept too
+            if len(self._verdicts) > _MAX_VERDICTS:
+                self._verdicts.popitem(last=False)
+        finally:
+            del self._checking[key]
+            done.set()
         return problem
 
     def _check_inline(self, value: str) -> str | None:
@@ -315,7 +324,7 @@ def _decode_inline(value: str) -> bytes:
     if value[:5].lower() == "data:":
         return decode_data_url(value)
     try:
-        return base64.b64decode(_WS.sub("", value), validate=True)
+        return b64decode_text(value)
     except binascii.Error as exc:
         raise ValueError(f"not valid base64: {exc}") from None
 

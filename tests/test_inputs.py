@@ -225,6 +225,28 @@ async def test_large_inline_is_checked_off_the_event_loop(
     assert threads[1] is threading.current_thread()  # small: not worth the hop
 
 
+async def test_concurrent_first_checks_of_one_value_decode_it_once(tmp_path: Path) -> None:
+    """On a resume the submit workers meet a shared face at once, with no verdict yet:
+    one checks it, the others wait for its verdict instead of each decoding it."""
+    good, bad = b64(noise_png(200)), "data:image/png;base64," + b64(TEXT)
+    inputs = ImageInputs(tmp_path)
+    outcomes: list[str] = []
+
+    async def resolve(value: str) -> None:
+        try:
+            outcomes.append(await inputs.resolve("face_image", "".join(value)))
+        except InputError as exc:
+            outcomes.append(str(exc))
+
+    async with anyio.create_task_group() as tg:
+        for value in [good] * 16 + [bad] * 16:
+            tg.start_soon(resolve, value)
+    assert inputs.inline_checks == 2
+    assert outcomes.count(good) == 16
+    assert sum("not an image" in o for o in outcomes) == 16
+
+
+# --- local files ---------------------------------------------------------------
 # --- local files ---------------------------------------------------------------
 
 

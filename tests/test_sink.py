@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import hashlib
 import io
 import os
@@ -27,6 +28,7 @@ from batcher.sink import (
     DownloadTooLarge,
     IncompleteDownload,
     SavedImage,
+    b64decode_text,
     decode_data_url,
     decode_inline,
     download,
@@ -224,6 +226,28 @@ def test_is_base64_image_needs_signature() -> None:
     assert is_base64_image(base64.b64encode(image_bytes("WEBP")).decode())
     assert not is_base64_image(base64.b64encode(b"just some text, not image").decode())
     assert not is_base64_image("faces/alice.png")
+
+
+def test_is_base64_image_reads_only_the_head() -> None:
+    """Megabytes are not scanned to classify a value: a PNG's head followed by junk is
+    taken for image data (its decode then fails), and a line-wrapped one still counts."""
+    head = base64.b64encode(PNG).decode()
+    assert is_base64_image(head + "!!! not base64 after the head")
+    assert is_base64_image("\n".join(head[i : i + 8] for i in range(0, len(head), 8)))
+    with pytest.raises(binascii.Error):
+        b64decode_text(head + "!!!")
+
+
+@pytest.mark.parametrize("size", [10, 3 * 1024 * 1024 + 7], ids=["small", "pieces"])
+def test_b64decode_text_matches_the_library_in_pieces_and_with_line_breaks(size: int) -> None:
+    data = os.urandom(size)
+    text = base64.b64encode(data).decode()
+    assert b64decode_text(text) == data
+    wrapped = "\r\n".join(text[i : i + 76] for i in range(0, len(text), 76))  # MIME style
+    assert b64decode_text(" " + wrapped + "\n") == data
+    for broken in (text[:-1], text[:100] + "*" + text[101:]):
+        with pytest.raises(binascii.Error):
+            b64decode_text(broken)
 
 
 # --- write_image -------------------------------------------------------------
