@@ -23,7 +23,7 @@ import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
 
 from batcher.checkpoint import PENDING, SUBMITTED, SUBMITTING, Job
-from batcher.client import Outcome, Reply, TransportError, api_urls
+from batcher.client import Outcome, Reply, TransportError, api_urls, encode_params
 from batcher.errors import ApiUnreachable, AuthError, UnknownModel
 from batcher.gate import Priority
 from batcher.inputs import InputError
@@ -115,13 +115,14 @@ async def submit_one(ctx: RunContext, job: Job, track: Callable[[Flight], object
     if isinstance(payload, str):
         await ctx.fail(job, payload)
         return
+    body = await encode_params(payload)  # once for all attempts, before any is on the wire
     stats = CallStats()  # the row's retries over all its attempts
     while True:
         job = _with(job, attempts=job.attempts + 1)
         retries, rate_limited = stats.retries, stats.rate_limited
         sent: list[float] = []
         began = ctx.now()
-        result = await _post(ctx, job, payload, stats, sent)
+        result = await _post(ctx, job, body, stats, sent)
         # Only this attempt's requests: earlier attempts of the row were counted already.
         retries = stats.retries - retries
         ctx.counters.api_requests["submit"] += 1 + retries + stats.rate_limited - rate_limited
@@ -153,7 +154,7 @@ async def submit_one(ctx: RunContext, job: Job, track: Callable[[Flight], object
 
 
 async def _post(
-    ctx: RunContext, job: Job, payload: dict[str, Any], stats: CallStats, sent: list[float]
+    ctx: RunContext, job: Job, body: bytes, stats: CallStats, sent: list[float]
 ) -> Reply | TransportError:
     """POST through the gate; the row is SUBMITTING from the grant until the answer.
     Each attempt's send time (epoch seconds) is appended to ``sent``."""
@@ -173,7 +174,7 @@ async def _post(
         on_wire = True
         sent.append(time.time())
         try:
-            reply = await ctx.api.submit(job.model, payload)
+            reply = await ctx.api.submit(job.model, body)
         except TransportError as exc:
             on_wire = exc.maybe_sent
             raise

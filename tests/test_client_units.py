@@ -24,7 +24,15 @@ from yarl import URL
 
 import batcher.client as client_module
 from batcher.backoff import RetryConfig
-from batcher.client import ApiClient, Outcome, Reply, TransportError, classify
+from batcher.client import (
+    ApiClient,
+    Outcome,
+    Reply,
+    TransportError,
+    classify,
+    encode_params,
+    json_body,
+)
 from batcher.gate import Priority, RateConfig, RequestGate
 from batcher.retry import CallStats, call
 
@@ -125,13 +133,32 @@ async def test_submit_posts_the_params_with_the_key_header(
 ) -> None:
     _answer(mocked, "POST", SUBMIT, body={"request_id": "r-1", "status": "QUEUED"})
 
-    reply = await client.submit("instantid", {"prompt": "a", "face_image": "https://x/f.jpg"})
+    reply = await client.submit(
+        "instantid", json_body({"prompt": "a", "face_image": "https://x/f.jpg"})
+    )
 
     assert (reply.status, reply.body["request_id"], reply.outcome) == (200, "r-1", Outcome.OK)
     (sent,) = _sent(mocked, "POST", SUBMIT)
     assert sent.kwargs["headers"]["x-api-key"] == KEY
     assert sent.kwargs["headers"]["Content-Type"] == "application/json"
     assert json.loads(sent.kwargs["data"]) == {"prompt": "a", "face_image": "https://x/f.jpg"}
+
+
+def test_json_body_is_json_dumps_with_long_plain_strings_spliced_in() -> None:
+    image = base64.b64encode(random.randbytes(100_000)).decode()
+    small = {"prompt": 'a "quoted" \u00e9 prompt', "seed": 7, "base64": False}
+    assert json_body(small) == json.dumps(small).encode()  # byte for byte
+    for params in (
+        {**small, "face_image": image},
+        {"face_image": image},  # every value spliced
+        {"face_image": image, "pose_image": "data:image/png;base64," + image, **small},
+    ):
+        body = json_body(params)
+        assert json.loads(body) == params
+        assert b'"' + image.encode() + b'"' in body  # as it is, not re-encoded
+    for needs_escaping in (image[:-10] + "\n" + image[-10:], image + '"', image + "\u00e9"):
+        params = {"prompt": "p", "face_image": needs_escaping}
+        assert json_body(params) == json.dumps(params).encode()
 
 
 @pytest.mark.parametrize("size", [1000, 3 * 1024 * 1024], ids=["small", "megabytes"])
@@ -150,17 +177,18 @@ async def test_a_body_of_megabytes_is_encoded_off_the_loop_and_sent_whole(
         return web.json_response({"request_id": "r-1", "status": "QUEUED"})
 
     encoded_in: list[str] = []
-    encode = client_module._encode
+    encode = client_module.json_body
 
     def spy(payload: Any) -> bytes:
         encoded_in.append(threading.current_thread().name)
         return encode(payload)
 
-    monkeypatch.setattr(client_module, "_encode", spy)
+    monkeypatch.setattr(client_module, "json_body", spy)
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_post("/v2/instantid", handle)
     async with TestServer(app, host="127.0.0.1") as server, aiohttp.ClientSession() as session:
-        reply = await ApiClient(session, str(server.make_url("/")), KEY).submit("instantid", params)
+        body = await encode_params(params)
+        reply = await ApiClient(session, str(server.make_url("/")), KEY).submit("instantid", body)
 
     assert reply.status == 200
     assert json.loads(seen["body"]) == params
@@ -197,7 +225,7 @@ async def test_a_lost_connection_may_have_been_sent(
     mocked.post(SUBMIT, exception=exc)
 
     with pytest.raises(TransportError) as raised:
-        await client.submit("instantid", {"prompt": "a"})
+        await client.submit("instantid", json_body({"prompt": "a"}))
 
     assert raised.value.maybe_sent is True
     assert KEY not in str(raised.value)
@@ -210,7 +238,7 @@ async def test_a_refused_connection_was_not_sent() -> None:
     async with aiohttp.ClientSession() as session:
         api = ApiClient(session, f"http://127.0.0.1:{port}", KEY)
         with pytest.raises(TransportError) as raised:
-            await api.submit("instantid", {"prompt": "a"})
+            await api.submit("instantid", json_body({"prompt": "a"}))
     assert raised.value.maybe_sent is False
     assert KEY not in str(raised.value)
 
@@ -322,7 +350,7 @@ async def test_5xx_is_retried_then_succeeds(
 
     reply = await _call(
         gate,
-        lambda: client.submit("instantid", {"prompt": "a"}),
+        lambda: client.submit("instantid", json_body({"prompt": "a"})),
         safe=False,
         priority=Priority.SUBMIT,
         stats=stats,
@@ -415,7 +443,7 @@ async def test_a_post_whose_connection_dropped_is_not_resent(
 
     result = await _call(
         gate,
-        lambda: client.submit("instantid", {"prompt": "a"}),
+        lambda: client.submit("instantid", json_body({"prompt": "a"})),
         safe=False,
         priority=Priority.SUBMIT,
         stats=stats,

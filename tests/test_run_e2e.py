@@ -15,7 +15,7 @@ import json
 import re
 import threading
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -185,7 +185,7 @@ async def test_inline_outputs_and_large_answers_are_decoded_off_the_event_loop(
     and on the loop below it, where a thread hop would cost more than the work."""
     if large:
         monkeypatch.setattr(client_module, "LARGE_BODY_BYTES", 1000)
-        monkeypatch.setattr(fetch_module, "_INLINE_ON_LOOP", 1000)
+        monkeypatch.setattr(fetch_module, "INLINE_ON_LOOP", 1000)
     threads: dict[str, list[bool]] = {"answer": [], "image": []}
 
     def spy(kind: str, real: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -653,14 +653,14 @@ async def test_every_request_is_counted_once_through_retries_and_resent_submits(
     real_submit = ApiClient.submit
     calls: Counter[str] = Counter()
 
-    async def flaky_submit(self: ApiClient, model: str, params: Mapping[str, Any]) -> Reply:
-        prompt = str(params["prompt"])
+    async def flaky_submit(self: ApiClient, model: str, body: bytes) -> Reply:
+        prompt = str(json.loads(body)["prompt"])
         calls[prompt] += 1
         if prompt.startswith("flaky") and calls[prompt] == 1:
             return Reply(502, {"error": "Bad gateway"})
         if prompt.startswith("flaky") and calls[prompt] == 2:
             raise TransportError("connection lost (ServerDisconnectedError)", maybe_sent=True)
-        return await real_submit(self, model, params)
+        return await real_submit(self, model, body)
 
     monkeypatch.setattr(ApiClient, "submit", flaky_submit)
 

@@ -34,7 +34,7 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
-from batcher.client import ApiClient, TransportError
+from batcher.client import ApiClient, TransportError, json_body
 from batcher.errors import AuthError
 from batcher.options import RunOptions
 from batcher.run import arun
@@ -273,7 +273,7 @@ async def test_api_client_repr_and_its_transport_errors_hold_no_key() -> None:
         assert leaks(repr(client)) == []
         assert leaks(str(client)) == []
         with pytest.raises(TransportError) as info:
-            await client.submit("instantid", {"prompt": "x", "face_image": FACE_URL})
+            await client.submit("instantid", json_body({"prompt": "x", "face_image": FACE_URL}))
     assert_exception_is_clean(info.value)
 
 
