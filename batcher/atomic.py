@@ -44,9 +44,11 @@ def create_temp(final: str | Path) -> tuple[int, str]:
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     fd = os.open(temp, flags | getattr(os, "O_NOFOLLOW", 0), 0o666)
     # A file system without locks (ENOLCK...) still gets the file written; the sweep
-    # there cannot lock either, so it leaves every temporary file alone.
+    # there cannot lock either, so it leaves every temporary file alone. Non-blocking:
+    # nobody can hold a file just made with O_EXCL, and a hung lock daemon (NFS) must
+    # not hang every image write.
     with contextlib.suppress(OSError):
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     return fd, temp
 
 
