@@ -231,7 +231,10 @@ async def retry_later(ctx: RunContext, flight: Flight, reason: str, reschedule: 
     if flight.elapsed(ctx.now()) < ctx.poll.deadline_s:
         delay = reschedule(flight)
         shown = f"{delay:.3g}" if delay < 100 else f"{delay:.0f}"
-        log.warning("row %s: %s; trying again in %s s", job.id, reason, shown)
+        # Once a job at warning level: an outage would otherwise print a line per job in
+        # flight per try (it stops the run as unreachable itself if it lasts).
+        level = logging.WARNING if flight.errors == 1 else logging.INFO
+        log.log(level, "row %s: %s; trying again in %s s", job.id, reason, shown)
         return
     error = (
         f"no usable answer about this job within half its result's retention "
