@@ -94,7 +94,8 @@ class RequestGate:
         self._rng = rng or random.Random()
         self._rate = config.per_second
         self._limiter = _limiter(self._rate)
-        self._primed = False
+        #: Tokens to take from the bucket, unused, before its next grant (see _BURST).
+        self._spend = 1
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._seq = itertools.count()
         self._wake = asyncio.Event()
@@ -117,7 +118,7 @@ class RequestGate:
         loop = asyncio.get_running_loop()
         if (
             not self._waiters
-            and self._primed
+            and not self._spend
             and self._paused_until <= loop.time()
             and self._limiter.has_capacity()
         ):
@@ -158,8 +159,8 @@ class RequestGate:
             if pause > 0:
                 await asyncio.sleep(pause)
                 continue
-            if not self._primed:  # a new bucket: its spare token is for catching up only
-                self._primed = True
+            while self._spend:  # a new bucket opens with no burst (see _BURST)
+                self._spend -= 1
                 await self._limiter.acquire()
             await self._limiter.acquire()
             if self._paused_until > loop.time():
@@ -201,15 +202,19 @@ class RequestGate:
     def _set_rate(self, per_second: float) -> None:
         self._rate = per_second
         self._limiter = _limiter(per_second)
-        self._primed = False
+        self._spend = _BURST
 
 
 #: Tokens the bucket holds. With one, every grant that the event loop serves late
 #: loses that lateness for good (a 1 ms lag at 80 requests/s wastes 8% of the budget);
-#: with two, it is made up at the next grant. A new bucket (at start, after a rate
-#: cut) starts with its spare token spent, so it does not open with a burst; any
-#: window of the server's period sees at most one request above the configured rate
-#: (48/min: 49 of Pro's 50).
+#: with two, it is made up at the next grant. The first bucket starts with its spare
+#: token spent, so the run does not open with a burst: any window of the server's
+#: period sees at most one request above the configured rate (48/min: 49 of Pro's 50).
+#: A bucket that replaces another (each rate change: a cut at a 429, and every step of
+#: the climb back, one per success) starts with both spent, so its next grant waits an
+#: interval as under the old one. It used to start with one: every success while the
+#: rate climbed back granted the next request at once, a burst that drew the next 429,
+#: so one 429 became a cycle of hundreds.
 _BURST = 2
 
 

@@ -174,6 +174,31 @@ async def test_grants_are_spaced_at_the_rate_without_a_burst(
     assert gate.granted == 30
 
 
+async def test_climbing_back_after_a_429_grants_no_faster_than_the_rate(
+    serve: Callable[[RequestGate], None],
+) -> None:
+    """Each success after a 429 raises the rate a step, with a new bucket. That bucket
+    must not grant at once: it did, so a client answering at once climbed back in a
+    burst far above its rate, drew the next 429, and one 429 became hundreds."""
+    gate = _gate(100)
+    serve(gate)
+    loop = asyncio.get_running_loop()
+    await gate.acquire(POLL)
+    gate.rate_limited(0.001)  # rate 70/s, climbing back 1/s a success
+    await asyncio.sleep(0.01)
+
+    start = loop.time()
+    granted = 0
+    while loop.time() - start < 0.1:
+        await gate.acquire(POLL)
+        gate.succeeded()  # the answer came back at once
+        granted += 1
+    elapsed = loop.time() - start
+
+    # At most one per 10 ms (the rate never exceeds 100/s), plus the bucket's spare.
+    assert granted <= elapsed * 100 + 2, (granted, elapsed)
+
+
 async def test_a_429_pauses_every_priority_and_cuts_the_rate_once_per_pause(
     serve: Callable[[RequestGate], None],
 ) -> None:
