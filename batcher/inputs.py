@@ -60,6 +60,10 @@ _PATH_MAX = 4096
 _REFERENCE_MAX = 200
 #: Resolved-path memo entries kept (a name -> path map; small next to the data cache).
 _MAX_ALIASES = 65_536
+#: Characters of inline values whose results-table reference is kept (the values are
+#: the keys: a dict lookup hashes a 3 MB one in about a millisecond, decoding it for
+#: its sha256 takes ten times that, for every row that uses it).
+_REFERENCE_MEMO_CHARS = 64 * 1024 * 1024
 #: Inline verdicts kept (a digest -> problem map, a few MB at most).
 _MAX_VERDICTS = 65_536
 
@@ -131,6 +135,9 @@ class ImageInputs:
         self._pending: dict[str, _Pending] = {}
         #: Inline value digest -> its problem, or None when it is a usable image.
         self._verdicts: OrderedDict[bytes, str | None] = OrderedDict()
+        #: Inline value -> its reference for the results table (one decode per value).
+        self._references: OrderedDict[str, str] = OrderedDict()
+        self._referenced = 0
         #: Inline value digest -> set when its first check ends (the others wait for it).
         self._checking: dict[bytes, anyio.Event] = {}
         #: File reads performed so far (cache hits and shared reads do not count).
@@ -205,14 +212,28 @@ class ImageInputs:
         if kind == "path":
             return "file:" + value
         if kind == "inline":
+            if (known := self._references.get(value)) is not None:
+                return known  # a face shared by many rows is decoded once, not per row
             try:
                 body = _decode_inline(value)
             except ValueError:
                 body = value.encode("utf-8", "surrogatepass")
-            return f"base64:{hashlib.sha256(body).hexdigest()[:16]} ({len(body)} bytes)"
+            reference = f"base64:{hashlib.sha256(body).hexdigest()[:16]} ({len(body)} bytes)"
+            self._remember(value, reference)
+            return reference
         if len(value) > _REFERENCE_MAX:
             return value[:_REFERENCE_MAX] + "..."
         return value
+
+    def _remember(self, value: str, reference: str) -> None:
+        """Keep the reference of an inline value, the values kept bounded in characters."""
+        if len(value) > _REFERENCE_MEMO_CHARS:
+            return
+        self._references[value] = reference
+        self._referenced += len(value)
+        while self._referenced > _REFERENCE_MEMO_CHARS:
+            evicted, _ = self._references.popitem(last=False)
+            self._referenced -= len(evicted)
 
     async def _resolved(self, joined: str) -> str:
         """The resolved absolute path for ``joined``; memoised so cache hits skip a thread."""

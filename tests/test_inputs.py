@@ -17,6 +17,7 @@ import anyio.from_thread
 import pytest
 from PIL import Image
 
+import batcher.inputs as inputs_module
 from batcher.errors import InvalidRow
 from batcher.inputs import ImageInputs, InputError
 
@@ -531,6 +532,32 @@ def test_reference_never_holds_base64_body(tmp_path: Path, data_url: bool) -> No
     assert body[:24] not in ref
     assert body[-24:] not in ref
     assert len(ref) < 50
+
+
+def test_reference_of_a_shared_inline_value_decodes_it_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The results table is rewritten at each run's end: a face inlined on every row
+    would be decoded for its sha256 once per row (20 ms for 3 MB) without the memo."""
+    decodes: list[int] = []
+    real = inputs_module._decode_inline
+
+    def counting(value: str) -> bytes:
+        decodes.append(len(value))
+        return real(value)
+
+    monkeypatch.setattr(inputs_module, "_decode_inline", counting)
+    faces = [b64(image_bytes(color=c)) for c in (1, 2)]
+    inputs = ImageInputs(tmp_path)
+    seen = {inputs.reference("face_image", "".join(faces[n % 2])) for n in range(100)}
+    assert len(seen) == 2
+    assert len(decodes) == 2
+    room = len(faces[0]) + len(faces[1]) - 1  # one value at a time: each evicts the other
+    monkeypatch.setattr(inputs_module, "_REFERENCE_MEMO_CHARS", room)
+    inputs = ImageInputs(tmp_path)
+    for n in range(4):
+        inputs.reference("face_image", faces[n % 2])
+    assert len(decodes) == 2 + 4
 
 
 def test_reference_is_pure(tmp_path: Path) -> None:
