@@ -306,6 +306,23 @@ class Checkpoint:
         result: str | None = await self._call(get)
         return result
 
+    @staticmethod
+    def read_meta(path: Path, key: str) -> str | None:
+        """A meta value of the checkpoint at ``path``, read-only and without opening it
+        for a run (another process may be running on it); None when there is none or
+        the file is not a readable checkpoint. Blocking."""
+        if not path.is_file():
+            return None
+        try:
+            db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+            try:
+                row = db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+            finally:
+                db.close()
+        except sqlite3.Error:
+            return None
+        return None if row is None else str(row[0])
+
     async def set_meta(self, key: str, value: str) -> None:
         await self._write("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
 

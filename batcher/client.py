@@ -17,7 +17,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
-import anyio.to_thread
+
+from batcher.offload import run_sized
 
 DEFAULT_BASE_URL = "https://api.segmind.com"
 #: Largest API answer read. Status answers are tiny; a result with inline (base64)
@@ -150,10 +151,7 @@ class ApiClient:
                     )
                 # Should a server ever echo the key, it must not reach a message or a file.
                 # A result with inline images is megabytes of JSON: parsed off the loop.
-                if len(raw) > LARGE_BODY_BYTES:
-                    answer = await anyio.to_thread.run_sync(self._redact, raw)
-                else:
-                    answer = self._redact(raw)
+                answer = await run_sized(len(raw) > LARGE_BODY_BYTES, self._redact, raw)
                 return Reply(resp.status, answer, resp.headers)
         except aiohttp.ClientConnectorError as exc:
             # The connection never opened: nothing was sent.
@@ -212,9 +210,9 @@ class _Redactor:
                 if clue in lowered:
                     break
             else:  # no clue: no form of the key can be in there
-                return _json_body(raw)
+                return _parse_answer(raw)
         # Before decoding too, so a non-JSON body cut to 200 characters keeps no half key.
-        body = _json_body(self._raw.sub(b"***", raw))
+        body = _parse_answer(self._raw.sub(b"***", raw))
         todo: list[dict[Any, Any] | list[Any]] = [body]
         while todo:  # no recursion: a deeply nested answer cannot overflow the stack
             node = todo.pop()
@@ -253,9 +251,8 @@ def _base64_forms(raw: bytes) -> set[str]:
 async def encode_params(params: Mapping[str, Any]) -> bytes:
     """A submit's JSON body: in a worker thread when its strings are megabytes (a local
     face photo goes as base64), else on the event loop."""
-    if sum(len(v) for v in params.values() if isinstance(v, str)) > LARGE_BODY_BYTES:
-        return await anyio.to_thread.run_sync(json_body, params)
-    return json_body(params)
+    heavy = sum(len(v) for v in params.values() if isinstance(v, str)) > LARGE_BODY_BYTES
+    return await run_sized(heavy, json_body, params)
 
 
 def json_body(params: Mapping[str, Any]) -> bytes:
@@ -286,7 +283,7 @@ _SPLICE_CHARS = 64 * 1024
 _JSON_PLAIN = bytes(c for c in range(0x20, 0x7F) if c not in b'"\\')
 
 
-def _json_body(raw: bytes) -> dict[str, Any]:
+def _parse_answer(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw) if raw else {}
     except (ValueError, RecursionError):  # RecursionError: nested absurdly deep

@@ -21,6 +21,7 @@ from batcher.checkpoint import Job
 from batcher.client import Outcome, TransportError
 from batcher.errors import OutputUnwritable
 from batcher.gate import Priority
+from batcher.offload import run_sized
 from batcher.pipeline import Flight, RunContext
 from batcher.poll import Reschedule, _get, metric, retry_later, settle_not_ok
 from batcher.retry import CallStats
@@ -122,10 +123,7 @@ def _reason(exc: Exception, timeout_s: float) -> str:
 
 
 async def _save(ctx: RunContext, job: Job, index: int, item: str) -> SavedImage:
-    if len(item) > INLINE_ON_LOOP:  # megabytes of base64: decoded off the event loop
-        data = await anyio.to_thread.run_sync(decode_inline, item)
-    else:
-        data = decode_inline(item)
+    data = await run_sized(len(item) > INLINE_ON_LOOP, decode_inline, item)
     if data is None:
         data = await _download(ctx, job, item)
     try:

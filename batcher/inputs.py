@@ -43,6 +43,7 @@ import anyio.to_thread
 from PIL import Image, UnidentifiedImageError
 
 from batcher.errors import InvalidRow
+from batcher.offload import run_sized
 from batcher.sink import (
     IMAGE_FORMATS,
     INLINE_ON_LOOP,
@@ -251,7 +252,7 @@ class ImageInputs:
         concurrent first checks of one value (32 submit workers on a resume) wait for
         the one that runs, as file reads do."""
         large = len(value) > INLINE_ON_LOOP
-        key = await anyio.to_thread.run_sync(_digest, value) if large else _digest(value)
+        key = await run_sized(large, _digest, value)
         while (running := self._checking.get(key)) is not None:
             await running.wait()  # if that check was cancelled, there is no verdict: run it
         if key in self._verdicts:
@@ -260,8 +261,7 @@ class ImageInputs:
         done = self._checking[key] = anyio.Event()
         try:
             self.inline_checks += 1
-            check = self._check_inline
-            problem = await anyio.to_thread.run_sync(check, value) if large else check(value)
+            problem = await run_sized(large, self._check_inline, value)
             self._verdicts[key] = problem  # a value cannot change: problems are kept too
             if len(self._verdicts) > _MAX_VERDICTS:
                 self._verdicts.popitem(last=False)

@@ -7,7 +7,6 @@ latency histogram) needs matplotlib, an optional extra (``pip install 'batcher[r
 from __future__ import annotations
 
 import math
-import sqlite3
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -19,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batcher.atomic import remove_abandoned, replacing
-from batcher.checkpoint import CHECKPOINT, RESULTS_META, RESULTS_STALE
+from batcher.checkpoint import CHECKPOINT, RESULTS_META, RESULTS_STALE, Checkpoint
 from batcher.errors import UsageError, reason_key
 from batcher.results import RESULTS
 
@@ -293,17 +292,7 @@ def report_main(out_dir: Path, *, chart: bool = True) -> int:
 def results_stale(checkpoint: Path) -> bool:
     """Whether the checkpoint beside a results table says the table is out of date (a run
     changed rows and did not get to write it). Read-only; False when there is none."""
-    if not checkpoint.is_file():
-        return False
-    try:
-        db = sqlite3.connect(f"{checkpoint.resolve().as_uri()}?mode=ro", uri=True)
-        try:
-            row = db.execute("SELECT value FROM meta WHERE key=?", (RESULTS_META,)).fetchone()
-        finally:
-            db.close()
-    except sqlite3.Error:
-        return False
-    return row is not None and row[0] == RESULTS_STALE
+    return Checkpoint.read_meta(checkpoint, RESULTS_META) == RESULTS_STALE
 
 
 def _col(table: pa.Table, name: str) -> Any:

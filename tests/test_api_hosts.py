@@ -22,7 +22,7 @@ import pytest
 from aiohttp import web
 
 from batcher import client as client_module
-from batcher.client import ApiClient, _json_body, api_urls, same_origin
+from batcher.client import ApiClient, _parse_answer, api_urls, same_origin
 from batcher.gate import RateConfig
 from batcher.options import RunOptions
 from batcher.run import EXIT_FAILED_ROWS, EXIT_OK, EXIT_STOPPED, arun
@@ -89,7 +89,7 @@ async def test_the_client_refuses_to_send_the_key_off_the_base_host() -> None:
 
 
 def test_a_body_nested_too_deep_is_an_error_text() -> None:
-    body = _json_body(b"[" * 200_000)
+    body = _parse_answer(b"[" * 200_000)
     assert body["error"].startswith("[[[")
 
 

@@ -195,7 +195,7 @@ async def test_inline_outputs_and_large_answers_are_decoded_off_the_event_loop(
 
         return call
 
-    monkeypatch.setattr(client_module, "_json_body", spy("answer", client_module._json_body))
+    monkeypatch.setattr(client_module, "_parse_answer", spy("answer", client_module._parse_answer))
     monkeypatch.setattr(fetch_module, "decode_inline", spy("image", fetch_module.decode_inline))
     _face(tmp_path / "face.png")
     spec = [{"id": "b64", "prompt": "p", "face_image": "face.png", "samples": 2, "base64": True}]

@@ -281,17 +281,7 @@ async def test_auth_error_of_a_run_and_its_log_hold_no_key(
     tmp_path: Path, sim: Callable[..., Awaitable[SimServer]], caplog: pytest.LogCaptureFixture
 ) -> None:
     server = await sim(time_scale=0.001, api_keys=frozenset({OTHER_KEY}))
-    manifest = tmp_path / "m.csv"
-    manifest.write_text(f"id,prompt,face_image\na,x,{FACE_URL}\n", encoding="utf-8")
-    options = RunOptions(
-        manifest=manifest,
-        out=tmp_path / "out",
-        model="instantid",
-        base_url=server.base_url,
-        time_scale=0.001,
-        api_key=KEY,
-        progress=False,
-    )
+    options = _one_row_options(tmp_path, server, KEY)
     caplog.set_level("DEBUG")
     with pytest.raises(AuthError) as info:
         await arun(options)
