@@ -247,7 +247,9 @@ def test_sdk_does_not_retry_429_or_5xx(
     threaded_sim: StartThreaded, sdk: MakeClient, instantid_payload: dict[str, Any]
 ) -> None:
     """The contract's note: the SDK raises on any 429 or 5xx; the emulator must produce them."""
-    limited = sdk(threaded_sim(rate_limit=1, **FAST))
+    # The window is not time-scaled: at FAST's scale a 60 s window is 60 ms, and a loaded
+    # machine can take longer than that between the two calls (CI did, once).
+    limited = sdk(threaded_sim(rate_limit=1, rate_period_s=60.0))
     limited.submit_async("instantid", **instantid_payload)
     assert _status_of(lambda: limited.submit_async("instantid", **instantid_payload)).status == 429
     broken = sdk(threaded_sim(error_rate=1.0, **FAST))
