@@ -14,8 +14,9 @@ from typing import Any
 
 import aiohttp
 import anyio
-from anyio.abc import ObjectReceiveStream
+from anyio.streams.memory import MemoryObjectReceiveStream
 
+from batcher import handoff
 from batcher.backoff import backoff_delay
 from batcher.checkpoint import Job
 from batcher.client import Outcome, TransportError
@@ -39,10 +40,14 @@ log = logging.getLogger(__name__)
 
 
 async def work(
-    ctx: RunContext, receive: ObjectReceiveStream[Flight], reschedule: Reschedule
+    ctx: RunContext, receive: MemoryObjectReceiveStream[Flight], reschedule: Reschedule
 ) -> None:
     async with receive:
-        async for flight in receive:
+        while True:
+            try:
+                flight = await handoff.receive(receive)
+            except anyio.EndOfStream:
+                return
             await fetch_one(ctx, flight, reschedule)
 
 

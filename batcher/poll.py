@@ -14,8 +14,9 @@ import logging
 from collections.abc import Callable
 
 import anyio
-from anyio.abc import ObjectSendStream
+from anyio.streams.memory import MemoryObjectSendStream
 
+from batcher import handoff
 from batcher.backoff import backoff_delay
 from batcher.client import Outcome, Reply, TransportError
 from batcher.errors import AuthError
@@ -37,14 +38,15 @@ class Poller:
     """Schedules and runs status polls; hands COMPLETED jobs to the fetch stream."""
 
     def __init__(
-        self, ctx: RunContext, to_fetch: ObjectSendStream[Flight], *, concurrency: int = 256
+        self, ctx: RunContext, to_fetch: MemoryObjectSendStream[Flight], *, concurrency: int = 256
     ) -> None:
         self._ctx = ctx
         self._to_fetch = to_fetch
         self._heap: list[tuple[float, int, Flight]] = []
         self._seq = itertools.count()
         self._wake = anyio.Event()
-        self._limit = anyio.Semaphore(concurrency)
+        # fast_acquire: a free slot is taken without a turn of the loop (one per poll).
+        self._limit = anyio.Semaphore(concurrency, fast_acquire=True)
         #: Loop time when poll slots last freed up after all were taken.
         self._unblocked = float("-inf")
 
@@ -161,7 +163,7 @@ class Poller:
                 flight.clock(now), flight.last_gap, reported=reported
             )
             flight.state = "COMPLETED"
-            await self._to_fetch.send(flight)
+            await handoff.send(self._to_fetch, flight)
             return
         await settle_not_ok(ctx, flight, reply, self._schedule)
 

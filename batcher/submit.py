@@ -20,8 +20,9 @@ from dataclasses import replace
 from typing import Any
 
 import anyio
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from batcher import handoff
 from batcher.checkpoint import PENDING, SUBMITTED, SUBMITTING, Job
 from batcher.client import Outcome, Reply, TransportError, api_urls, encode_params
 from batcher.errors import ApiUnreachable, AuthError, UnknownModel
@@ -40,7 +41,7 @@ UNKNOWN_OUTCOME = (
 )
 
 
-async def feed(ctx: RunContext, send: ObjectSendStream[Job]) -> None:
+async def feed(ctx: RunContext, send: MemoryObjectSendStream[Job]) -> None:
     """Send jobs to the workers until there is nothing left or submitting stops."""
     try:
         await _feed(ctx, send)
@@ -49,7 +50,7 @@ async def feed(ctx: RunContext, send: ObjectSendStream[Job]) -> None:
         ctx.requeue_signal.set()
 
 
-async def _feed(ctx: RunContext, send: ObjectSendStream[Job]) -> None:
+async def _feed(ctx: RunContext, send: MemoryObjectSendStream[Job]) -> None:
     cursor = (-1, "")
     page: list[Job] = []
     exhausted = False
@@ -76,18 +77,18 @@ async def _feed(ctx: RunContext, send: ObjectSendStream[Job]) -> None:
             # in no count, and `active == 0` above could end the feed under a job that is
             # about to be submitted (and maybe requeued, with no feeder left to take it).
             ctx.active += 1
-            await send.send(job)
+            await handoff.send(send, job)
 
 
 async def work(
-    ctx: RunContext, receive: ObjectReceiveStream[Job], track: Callable[[Flight], object]
+    ctx: RunContext, receive: MemoryObjectReceiveStream[Job], track: Callable[[Flight], object]
 ) -> None:
     """Take a slot, then a job, and submit it; the slot goes with the job."""
     async with receive:
         while True:
             await ctx.acquire_slot()
             try:
-                job = await receive.receive()
+                job = await handoff.receive(receive)
             except anyio.EndOfStream:
                 ctx.release_slot()
                 return
