@@ -30,7 +30,7 @@ from pathlib import Path
 import aiohttp
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from batcher.atomic import remove_abandoned, replacing
+from batcher.atomic import remove_abandoned, write_all
 
 __all__ = [
     "IMAGE_FORMATS",
@@ -352,7 +352,7 @@ def _identify(data: bytes) -> tuple[int, int, str]:
 def write_image(out_dir: Path, row_id: str, index: int, data: bytes) -> SavedImage:
     """Verify ``data`` and write it atomically as ``images/<stem>_<index>.<ext>``. Blocking.
 
-    The bytes go to a ``.part`` file in the same folder, are fsynced, then renamed over
+    The bytes go to a ``.part`` file in the same folder, are made durable, then renamed over
     the final name, so a crash leaves either the old file or the new one, never half
     (leftover ``.part`` files are swept by :func:`remove_partials`). Rewriting the same
     row and sample replaces the file: retries are idempotent.
@@ -367,16 +367,27 @@ def write_images(
     out_dir: Path, items: Sequence[tuple[str, int, bytes]]
 ) -> list[SavedImage | Exception]:
     """Each ``(row_id, index, data)`` verified and written as :func:`write_image` says,
-    then one fsync of the folder for all the renames: each item's record, or the error
-    that refused it. Blocking.
+    made durable together (:func:`batcher.atomic.write_all`), then one fsync of the
+    folder for all the renames: each item's record, or the error that refused it.
+    Blocking.
     """
     folder = _images_folder(out_dir)
     results: list[SavedImage | Exception] = []
+    to_write: list[tuple[int, str, bytes]] = []  # (position in results, final path, data)
     for row_id, index, data in items:
         try:
-            results.append(_save(folder, row_id, index, data))
+            final, checked = _checked(folder, row_id, index, data)
         except Exception as exc:  # this image's own problem: the others still go
             results.append(exc)
+            continue
+        to_write.append((len(results), final, data))
+        results.append(checked)
+    errors = write_all([(final, data) for _, final, data in to_write])
+    for (position, final, data), error in zip(to_write, errors, strict=True):
+        if error is not None:
+            results[position] = error
+        else:
+            logger.debug("saved %s (%d bytes)", os.path.basename(final), len(data))
     if any(isinstance(r, SavedImage) for r in results):
         _fsync_dir(folder)
     return results
@@ -395,9 +406,10 @@ def _refuse_link(folder: str | Path) -> None:
         raise NotADirectoryError(errno.ENOTDIR, "a symbolic link, not a folder", str(folder))
 
 
-def _save(folder: str, row_id: str, index: int, data: bytes) -> SavedImage:
-    """Verify and write one image into ``folder``. Plain string paths, no resolving:
-    this runs once per image on a worker thread that shares the GIL with the loop."""
+def _checked(folder: str, row_id: str, index: int, data: bytes) -> tuple[str, SavedImage]:
+    """Verify one image for ``folder``: the path to write it at, and its record. Plain
+    string paths, no resolving: this runs once per image on a worker thread that shares
+    the GIL with the loop."""
     if isinstance(index, bool) or index < 0:
         raise ValueError(f"index must be a sample number >= 0, got {index!r}")
     width, height, pillow_format = _identify(data)
@@ -407,9 +419,7 @@ def _save(folder: str, row_id: str, index: int, data: bytes) -> SavedImage:
     # cannot regress. (A symlink at the final name is replaced, never written through.)
     if os.sep in name or (os.altsep and os.altsep in name) or name.startswith("."):
         raise ValueError(f"refusing to write {name!r} outside {folder}")
-    _atomic_write(os.path.join(folder, name), data)
-    logger.debug("saved %s (%dx%d %s, %d bytes)", name, width, height, fmt, len(data))
-    return SavedImage(
+    record = SavedImage(
         path=f"images/{name}",
         width=width,
         height=height,
@@ -417,12 +427,7 @@ def _save(folder: str, row_id: str, index: int, data: bytes) -> SavedImage:
         bytes=len(data),
         sha256=hashlib.sha256(data).hexdigest(),
     )
-
-
-def _atomic_write(final: str, data: bytes) -> None:
-    """Write ``data`` to a temp file beside ``final``, fsync it, rename it over ``final``."""
-    with replacing(final) as f:
-        f.write(data)
+    return os.path.join(folder, name), record
 
 
 def _fsync_dir(folder: str | Path) -> None:

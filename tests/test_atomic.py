@@ -1,8 +1,10 @@
-"""batcher.atomic: temporary files a killed writer left are swept by the next writer, and
-only those: not a live writer's, not a name of the user's, never through a link."""
+"""batcher.atomic: files written together are durable before any is renamed; temporary
+files a killed writer left are swept by the next writer, and only those: not a live
+writer's, not a name of the user's, never through a link."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import subprocess
@@ -12,7 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from batcher.atomic import STALE_AFTER_S, create_temp, remove_abandoned, replacing
+import batcher.atomic
+from batcher.atomic import (
+    PART,
+    STALE_AFTER_S,
+    SYNC_TOGETHER_MIN,
+    create_temp,
+    remove_abandoned,
+    replacing,
+    write_all,
+)
 
 #: Names the writer never makes for ``report.png``: each must survive a sweep.
 NOT_OURS = (
@@ -122,3 +133,142 @@ def test_a_writer_killed_mid_write_leaves_a_file_the_next_sweep_removes(tmp_path
 
     assert remove_abandoned(tmp_path, "report.png") == 1
     assert list(tmp_path.iterdir()) == []
+
+
+# -- files written together ------------------------------------------------------------
+
+
+def _files(folder: Path, n: int) -> list[tuple[str, bytes]]:
+    """``n`` files for ``folder``, one of them 3 MiB (more than one write call)."""
+    return [
+        (str(folder / f"f{i}.png"), os.urandom(3 * 2**20 if i == 1 else 100 + i)) for i in range(n)
+    ]
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(PART))
+
+
+@pytest.mark.parametrize("n", [1, SYNC_TOGETHER_MIN - 1, SYNC_TOGETHER_MIN, 12])
+def test_files_written_together_are_each_whole(tmp_path: Path, n: int) -> None:
+    files = _files(tmp_path, n)  # on this Linux, the larger batches take the syncfs path
+    assert write_all(files) == [None] * n
+    for final, data in files:
+        assert Path(final).read_bytes() == data
+    assert _leftovers(tmp_path) == []
+
+
+class _Barrier:
+    """Stands in for syncfs (or fsync): records the calls, and checks at each that every
+    file of the batch is written and none renamed yet."""
+
+    def __init__(self, folder: Path, files: list[tuple[str, bytes]], fail: bool = False):
+        self.folder, self.fail = folder, fail
+        self.expected = len(files)
+        self.new = [final for final, _ in files if not Path(final).exists()]
+        self.calls: list[int] = []
+
+    def __call__(self, fd: int) -> None:
+        self.calls.append(fd)
+        assert not any(Path(final).exists() for final in self.new)  # nothing renamed yet
+        assert len(_leftovers(self.folder)) == self.expected  # every file written first
+        if self.fail:
+            raise OSError(errno.EIO, "syncfs: Input/output error")
+
+
+def test_a_batch_is_durable_in_one_flush_before_any_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = _files(tmp_path, SYNC_TOGETHER_MIN + 2)
+    barrier = _Barrier(tmp_path, files)
+    fsyncs: list[int] = []
+    monkeypatch.setattr(batcher.atomic, "_syncfs", lambda: barrier)
+    monkeypatch.setattr(os, "fsync", fsyncs.append)
+
+    assert write_all(files) == [None] * len(files)
+
+    assert len(barrier.calls) == 1  # one file system: one flush for all
+    assert fsyncs == []
+    assert all(Path(final).read_bytes() == data for final, data in files)
+
+
+def test_a_few_files_or_no_syncfs_get_an_fsync_each_before_any_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for n, syncfs_there in ((SYNC_TOGETHER_MIN - 1, True), (SYNC_TOGETHER_MIN + 2, False)):
+        folder = tmp_path / f"{n}"
+        folder.mkdir()
+        files = _files(folder, n)
+        barrier = _Barrier(folder, files)
+        monkeypatch.setattr(
+            batcher.atomic, "_syncfs", lambda b=barrier, on=syncfs_there: b if on else None
+        )
+        monkeypatch.setattr(os, "fsync", barrier)  # each fsync: still nothing renamed
+
+        assert write_all(files) == [None] * n
+        assert len(barrier.calls) == n
+
+
+def test_a_failed_flush_keeps_no_file_of_the_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = _files(tmp_path, SYNC_TOGETHER_MIN)
+    Path(files[0][0]).write_bytes(b"the old image")
+    barrier = _Barrier(tmp_path, files, fail=True)
+    monkeypatch.setattr(batcher.atomic, "_syncfs", lambda: barrier)
+
+    errors = write_all(files)
+
+    assert barrier.calls  # the checks ran
+    assert all(isinstance(e, OSError) and e.errno == errno.EIO for e in errors)
+    assert Path(files[0][0]).read_bytes() == b"the old image"  # left as it was
+    assert not any(Path(final).exists() for final, _ in files[1:])
+    assert _leftovers(tmp_path) == []
+
+
+def test_one_file_that_cannot_be_made_does_not_stop_the_others(tmp_path: Path) -> None:
+    files = _files(tmp_path, SYNC_TOGETHER_MIN + 1)
+    files[2] = (str(tmp_path / "no such folder" / "f2.png"), b"x")
+
+    errors = write_all(files)
+
+    assert isinstance(errors[2], FileNotFoundError)
+    assert [e is None for i, e in enumerate(errors) if i != 2] == [True] * (len(files) - 1)
+    assert all(Path(f).read_bytes() == d for i, (f, d) in enumerate(files) if i != 2)
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("platform_name", "release", "used"),
+    [
+        ("linux", "6.18.44-fc", True),
+        ("linux", "5.8.0-generic", True),
+        ("linux", "5.4.0-150-generic", False),  # syncfs returned 0 whatever failed
+        ("linux", "not a version", False),
+        ("darwin", "23.1.0", False),
+    ],
+)
+def test_syncfs_is_used_only_where_it_reports_errors(
+    monkeypatch: pytest.MonkeyPatch, platform_name: str, release: str, used: bool
+) -> None:
+    monkeypatch.setattr(sys, "platform", platform_name)
+    monkeypatch.setattr(batcher.atomic.platform, "release", lambda: release)
+    batcher.atomic._syncfs.cache_clear()
+    try:
+        assert (batcher.atomic._syncfs() is not None) is used
+    finally:
+        batcher.atomic._syncfs.cache_clear()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="syncfs is Linux's")
+def test_the_real_syncfs_raises_on_a_bad_descriptor(tmp_path: Path) -> None:
+    syncfs = batcher.atomic._syncfs()
+    assert syncfs is not None  # this kernel reports errors to it
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        syncfs(fd)  # a flush that works returns quietly
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError, match="Bad file descriptor") as caught:
+        syncfs(fd)  # closed now
+    assert caught.value.errno == errno.EBADF
