@@ -54,6 +54,18 @@ INFINITE_YOU_PAYLOAD: dict[str, Any] = {
 TERMINAL = ("COMPLETED", "FAILED")
 
 
+class Clock:
+    """An emulator's clock (``sim(clock=...)``), held still and moved by hand: what a test
+    reads off the emulator then depends on the moves alone, never on how long a loaded
+    machine took between two requests."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class Api:
     """Raw HTTP to the emulated API with one session and key; answers are (status, JSON body).
 
@@ -122,6 +134,12 @@ def instantid_payload() -> dict[str, Any]:
 @pytest.fixture
 def infinite_you_payload() -> dict[str, Any]:
     return dict(INFINITE_YOU_PAYLOAD)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    """A held clock for ``sim(clock=clock)``, at 1000.0 until the test moves it."""
+    return Clock()
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
-from conftest import Api, StartSim
+from conftest import Api, Clock, StartSim
 
 from batcher.sim import Emulator, SimConfig
 
@@ -17,24 +17,8 @@ LIMITED: dict[str, Any] = {"rate_limit": 3, "rate_period_s": 20.0, "time_scale":
 WINDOW_S = 0.2
 
 
-class _Clock:
-    """The emulator's clock, moved by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> _Clock:
-    """Held still, so a loaded machine cannot let a 0.2 s window pass between two requests."""
-    return _Clock()
-
-
 async def test_every_api_request_counts_and_the_excess_is_429(
-    sim: StartSim, api: Api, clock: _Clock, instantid_payload: dict[str, Any]
+    sim: StartSim, api: Api, clock: Clock, instantid_payload: dict[str, Any]
 ) -> None:
     server = await sim(clock=clock, **LIMITED)
     code, sub = await api.submit(server.base_url, "instantid", instantid_payload)
@@ -102,7 +86,7 @@ async def _hit_limit(api: Api, base_url: str) -> tuple[datetime, Any, dict[str, 
     ],
 )
 async def test_rate_limit_header_variants(
-    sim: StartSim, api: Api, clock: _Clock, mode: str, retry_after: bool, reset_at: bool
+    sim: StartSim, api: Api, clock: Clock, mode: str, retry_after: bool, reset_at: bool
 ) -> None:
     server = await sim(rate_limit_headers=mode, clock=clock, **LIMITED)
     before, body, headers = await _hit_limit(api, server.base_url)
@@ -118,7 +102,7 @@ async def test_rate_limit_header_variants(
         assert before < at < before + timedelta(seconds=WINDOW_S + 1)
 
 
-async def test_retry_after_is_enough_to_pass_again(sim: StartSim, api: Api, clock: _Clock) -> None:
+async def test_retry_after_is_enough_to_pass_again(sim: StartSim, api: Api, clock: Clock) -> None:
     server = await sim(clock=clock, **LIMITED)
     _, _, headers = await _hit_limit(api, server.base_url)
     clock.now += float(headers["Retry-After"])
@@ -138,7 +122,7 @@ async def test_a_client_that_waits_exactly_retry_after_passes(
     http: aiohttp.ClientSession, api_key: str
 ) -> None:
     """Retry-After must never round the wait down, or an obedient client meets another 429."""
-    clock = _Clock()
+    clock = Clock()
     config = SimConfig(rate_limit=1, rate_period_s=1.0, time_scale=0.5)  # a 0.5 s window
     async with TestServer(Emulator(config, clock=clock).app(), host="127.0.0.1") as server:
         url = str(server.make_url("/v2/requests/x/status"))
