@@ -5,15 +5,10 @@ from __future__ import annotations
 import asyncio
 import math
 import statistics
-import time
 from typing import Any
 
 import pytest
-from conftest import Api, StartSim
-
-
-async def _sleep_until(t: float) -> None:
-    await asyncio.sleep(max(0.0, t - time.monotonic()))
+from conftest import Api, Clock, StartSim
 
 
 async def _submit_all(api: Api, base_url: str, payloads: list[dict[str, Any]]) -> list[Any]:
@@ -31,6 +26,19 @@ async def _metrics(api: Api, base_url: str, payload: dict[str, Any], n: int) -> 
     return [(await api.wait(sub["status_url"]))[1]["metrics"] for sub in subs]
 
 
+async def _held_metrics(
+    api: Api, base_url: str, clock: Clock, payload: dict[str, Any], *, wait_s: float
+) -> Any:
+    """Submit one job to an emulator on a held clock, move the clock ``wait_s`` on, and
+    return the job's final metrics."""
+    code, sub = await api.submit(base_url, "instantid", payload)
+    assert code == 200, sub
+    clock.now += wait_s
+    _, body = await api.get(sub["status_url"])
+    assert body["status"] == "COMPLETED", body
+    return body["metrics"]
+
+
 @pytest.mark.parametrize(
     ("time_scale", "median_s", "wall_s"),
     [(0.01, 10.0, 0.1), (0.005, 40.0, 0.2), (0.02, 10.0, 0.2)],
@@ -38,21 +46,26 @@ async def _metrics(api: Api, base_url: str, payload: dict[str, Any], n: int) -> 
 async def test_job_completes_at_its_scaled_latency(
     sim: StartSim,
     api: Api,
+    clock: Clock,
     instantid_payload: dict[str, Any],
     time_scale: float,
     median_s: float,
     wall_s: float,
 ) -> None:
+    # Read on a held clock: at 0.6 of a 0.1 s job, a loaded machine could be past its end.
     server = await sim(
-        time_scale=time_scale, latency_median_s={"instantid": median_s}, latency_sigma=0.0
+        time_scale=time_scale,
+        latency_median_s={"instantid": median_s},
+        latency_sigma=0.0,
+        clock=clock,
     )
-    t0 = time.monotonic()
+    t0 = clock.now
     code, sub = await api.submit(server.base_url, "instantid", instantid_payload)
     assert code == 200
-    await _sleep_until(t0 + 0.6 * wall_s)
+    clock.now = t0 + 0.6 * wall_s
     _, body = await api.get(sub["status_url"])
     assert body["status"] == "PROCESSING"
-    await _sleep_until(t0 + 1.3 * wall_s)
+    clock.now = t0 + 1.3 * wall_s
     _, body = await api.get(sub["status_url"])
     assert body["status"] == "COMPLETED"
     assert body["metrics"]["inference_time"] == pytest.approx(wall_s, abs=1e-6)
@@ -145,11 +158,18 @@ async def test_capacity_keeps_extra_jobs_queued_fifo(
 async def test_capacity_is_per_model(
     sim: StartSim,
     api: Api,
+    clock: Clock,
     instantid_payload: dict[str, Any],
     infinite_you_payload: dict[str, Any],
 ) -> None:
+    # Held clock: the InstantID job (50 ms) is surely still running when the other model's
+    # job is submitted, however long the machine takes (else its one worker would be free).
     server = await sim(
-        time_scale=0.005, latency_median_s={"instantid": 10.0}, latency_sigma=0.0, capacity=1
+        time_scale=0.005,
+        latency_median_s={"instantid": 10.0},
+        latency_sigma=0.0,
+        capacity=1,
+        clock=clock,
     )
     await _submit_all(api, server.base_url, [instantid_payload])
     code, sub = await api.submit(server.base_url, "infinite-you", infinite_you_payload)
@@ -159,43 +179,55 @@ async def test_capacity_is_per_model(
 
 
 async def test_cold_start_delays_the_first_job_until_the_model_idles(
-    sim: StartSim, api: Api, instantid_payload: dict[str, Any]
+    sim: StartSim, api: Api, clock: Clock, instantid_payload: dict[str, Any]
 ) -> None:
-    # 10 ms jobs; a cold start costs 100 ms; the model goes cold after 100 ms idle.
+    # 10 ms jobs; a cold start costs 100 ms; the model goes cold after 100 ms idle. On a
+    # held clock: a loaded machine once let the 100 ms idle pass before the warm submit.
     server = await sim(
         time_scale=0.01,
         latency_median_s={"instantid": 1.0},
         latency_sigma=0.0,
         cold_start_s=10.0,
         cold_idle_s=10.0,
+        clock=clock,
     )
-    [first] = await _metrics(api, server.base_url, instantid_payload, 1)
+    base, payload = server.base_url, instantid_payload
+    first = await _held_metrics(api, base, clock, payload, wait_s=0.11)
     assert first["queue_time"] == pytest.approx(0.1, abs=1e-6)
     assert first["inference_time"] == pytest.approx(0.01, abs=1e-6)
-    [warm] = await _metrics(api, server.base_url, instantid_payload, 1)
+    clock.now += 0.05  # idle, but not for long
+    warm = await _held_metrics(api, base, clock, payload, wait_s=0.01)
     assert warm["queue_time"] == 0.0
-    await asyncio.sleep(0.15)  # past cold_idle_s
-    [cold_again] = await _metrics(api, server.base_url, instantid_payload, 1)
+    clock.now += 0.15  # past cold_idle_s
+    cold_again = await _held_metrics(api, base, clock, payload, wait_s=0.11)
     assert cold_again["queue_time"] == pytest.approx(0.1, abs=1e-6)
 
 
 async def test_job_submitted_during_a_cold_start_waits_for_it(
-    sim: StartSim, api: Api, instantid_payload: dict[str, Any]
+    sim: StartSim, api: Api, clock: Clock, instantid_payload: dict[str, Any]
 ) -> None:
     """A model still booting is not warm: a second job cannot start before the boot ends.
 
     Fails today: jobs.py marks the model warm at the first submit, so the second job,
     submitted a few ms into the 100 ms cold start, starts at once and finishes first.
     """
+    # On a held clock: the second submit came over 20 ms after the first on a loaded machine.
     server = await sim(
-        time_scale=0.01, latency_median_s={"instantid": 1.0}, latency_sigma=0.0, cold_start_s=10.0
+        time_scale=0.01,
+        latency_median_s={"instantid": 1.0},
+        latency_sigma=0.0,
+        cold_start_s=10.0,
+        clock=clock,
     )
-    first, second = await _submit_all(api, server.base_url, [instantid_payload] * 2)
+    [first] = await _submit_all(api, server.base_url, [instantid_payload])
+    clock.now += 0.005  # 5 ms into the cold start
+    [second] = await _submit_all(api, server.base_url, [instantid_payload])
     _, body = await api.get(second["status_url"])
     assert body["status"] == "QUEUED"  # not PROCESSING on a model that is not up yet
-    [m1, m2] = [(await api.wait(sub["status_url"]))[1]["metrics"] for sub in (first, second)]
+    clock.now += 0.2  # both done
+    [m1, m2] = [(await api.get(sub["status_url"]))[1]["metrics"] for sub in (first, second)]
     assert m1["queue_time"] == pytest.approx(0.1, abs=1e-6)
-    assert m2["queue_time"] > 0.08, (m1, m2)
+    assert m2["queue_time"] == pytest.approx(0.095, abs=1e-6), (m1, m2)
 
 
 async def test_no_cold_start_by_default(
@@ -226,9 +258,15 @@ async def test_retention_expires_status_and_result(
 
 
 async def test_output_retention_is_separate_from_job_retention(
-    sim: StartSim, api: Api, instantid_payload: dict[str, Any]
+    sim: StartSim, api: Api, clock: Clock, instantid_payload: dict[str, Any]
 ) -> None:
-    quick = {"time_scale": 0.005, "latency_median_s": {"instantid": 0.0}, "image_size": (8, 8)}
+    # Held clock: submit, result and download took over the 0.1 s on a loaded machine.
+    quick = {
+        "time_scale": 0.005,
+        "latency_median_s": {"instantid": 0.0},
+        "image_size": (8, 8),
+        "clock": clock,
+    }
     short_output = await sim(output_retention_s=20.0, **quick)
     short_job = await sim(retention_s=20.0, **quick)
     outputs = []
@@ -239,7 +277,7 @@ async def test_output_retention_is_separate_from_job_retention(
         assert code == 200
         assert (await api.download(result["output"]))[0] == 200
         outputs.append((sub, result["output"]))
-    await asyncio.sleep(0.15)
+    clock.now += 0.15
     (sub_a, out_a), (sub_b, out_b) = outputs
     # Output gone, job still answered.
     assert (await api.download(out_a))[0] == 404
