@@ -7,7 +7,7 @@ import io
 from typing import Any
 
 import pytest
-from conftest import Api, StartSim
+from conftest import Api, Clock, StartSim
 from PIL import Image
 
 from batcher.sim import FAILURES
@@ -42,14 +42,21 @@ async def test_submit_urls_follow_the_host_the_client_used(
 
 
 async def test_status_walks_queued_processing_completed_with_metrics(
-    sim: StartSim, api: Api, instantid_payload: dict[str, Any]
+    sim: StartSim, api: Api, clock: Clock, instantid_payload: dict[str, Any]
 ) -> None:
     # One worker and 50 ms jobs: the second job is QUEUED behind the first, then runs.
+    # Polled every 5 ms of a held clock: polling every 5 ms of wall time, a loaded machine
+    # can skip PROCESSING, and 20 ms between the two submits cut the queue time below 30 ms.
     server = await sim(
-        time_scale=0.005, latency_median_s={"instantid": 10.0}, latency_sigma=0.0, capacity=1
+        time_scale=0.005,
+        latency_median_s={"instantid": 10.0},
+        latency_sigma=0.0,
+        capacity=1,
+        clock=clock,
     )
     code, _ = await api.submit(server.base_url, "instantid", instantid_payload)
     assert code == 200
+    clock.now += 0.005
     code, sub = await api.submit(server.base_url, "instantid", instantid_payload)
     assert code == 200
     seen: list[str] = []
@@ -61,11 +68,11 @@ async def test_status_walks_queued_processing_completed_with_metrics(
             assert "output" not in body  # the status answer never carries the output
             if not seen or seen[-1] != body["status"]:
                 seen.append(body["status"])
-            await asyncio.sleep(0.005)
+            clock.now += 0.005
     assert seen == ["QUEUED", "PROCESSING", "COMPLETED"]
     metrics = body["metrics"]
     assert metrics["inference_time"] == pytest.approx(0.05, abs=1e-3)
-    assert metrics["queue_time"] > 0.03
+    assert metrics["queue_time"] == pytest.approx(0.045, abs=1e-6)
     assert metrics["total_time"] == pytest.approx(
         metrics["queue_time"] + metrics["inference_time"], abs=1e-5
     )
@@ -86,9 +93,10 @@ async def test_result_returns_output_and_metrics(
 
 
 async def test_result_before_completion_has_no_output(
-    sim: StartSim, api: Api, instantid_payload: dict[str, Any]
+    sim: StartSim, api: Api, clock: Clock, instantid_payload: dict[str, Any]
 ) -> None:
-    server = await sim(time_scale=0.01)  # 77 ms
+    # 77 ms, on a held clock: a loaded machine may take longer than that to ask.
+    server = await sim(time_scale=0.01, clock=clock)
     code, sub = await api.submit(server.base_url, "instantid", instantid_payload)
     assert code == 200
     code, body = await api.get(sub["response_url"])
@@ -126,15 +134,18 @@ async def test_unknown_request_id_is_404_with_error(sim: StartSim, api: Api) -> 
 
 
 async def test_expired_request_id_is_404(
-    sim: StartSim, api: Api, instantid_payload: dict[str, Any]
+    sim: StartSim, api: Api, clock: Clock, instantid_payload: dict[str, Any]
 ) -> None:
-    # retention 20 model s at time_scale 0.005: 0.1 s of wall time.
-    server = await sim(time_scale=0.005, retention_s=20.0, latency_median_s={"instantid": 0.0})
+    # retention 20 model s at time_scale 0.005: 0.1 s, of a held clock (a loaded machine
+    # may take longer between the submit and the first status).
+    server = await sim(
+        time_scale=0.005, retention_s=20.0, latency_median_s={"instantid": 0.0}, clock=clock
+    )
     code, sub = await api.submit(server.base_url, "instantid", instantid_payload)
     assert code == 200
     code, body = await api.get(sub["status_url"])
     assert (code, body["status"]) == (200, "COMPLETED")
-    await asyncio.sleep(0.15)
+    clock.now += 0.15
     for url in (sub["status_url"], sub["response_url"]):
         code, body = await api.get(url)
         assert code == 404
