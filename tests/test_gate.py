@@ -66,12 +66,18 @@ async def test_a_later_fetch_goes_before_submits_already_waiting(
 ) -> None:
     gate = _gate(40)  # a grant every 25 ms
     granted: list[Priority] = []
-    submits = [asyncio.create_task(_acquire(gate, SUBMIT, granted)) for _ in range(3)]
-    serve(gate)
-    while not granted:  # noqa: ASYNC110 -- waiting for the first grant, whenever it comes
-        await asyncio.sleep(0.001)
+    late: list[asyncio.Task[None]] = []
 
-    late = [asyncio.create_task(_acquire(gate, p, granted)) for p in (POLL, FETCH)]
+    async def first_submit() -> None:
+        await _acquire(gate, SUBMIT, granted)
+        # Queued as the first grant lands, before the next token comes: a test that polled
+        # for the grant could wake past it (25 ms) on a loaded machine, after a 2nd submit.
+        late.extend(asyncio.create_task(_acquire(gate, p, granted)) for p in (POLL, FETCH))
+
+    submits = [asyncio.create_task(first_submit())]
+    submits += [asyncio.create_task(_acquire(gate, SUBMIT, granted)) for _ in range(2)]
+    serve(gate)
+    await submits[0]  # granted: `late` is queued
     await asyncio.gather(*submits, *late)
 
     assert granted == [SUBMIT, FETCH, POLL, SUBMIT, SUBMIT]
@@ -207,9 +213,9 @@ async def test_a_429_pauses_every_priority_and_cuts_the_rate_once_per_pause(
     loop = asyncio.get_running_loop()
     await gate.acquire(SUBMIT)
 
+    start = loop.time()  # before the 429s: a stall after them would shorten the wait seen
     assert gate.rate_limited(0.1) == 0.1
     gate.rate_limited(0.05)  # a second 429 of the same burst
-    start = loop.time()
     await gate.acquire(FETCH)
 
     assert loop.time() - start >= 0.1 - 0.005
