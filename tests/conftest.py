@@ -4,8 +4,10 @@ model pages' example payloads."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -119,6 +121,29 @@ class Api:
         """An output URL, with no key (outputs are public): status, bytes, Content-Type."""
         async with self.http.get(url) as resp:
             return resp.status, await resp.read(), resp.content_type
+
+
+def in_checkpoint(out: Path, state: str) -> int:
+    """Rows in ``state`` as the run has recorded them so far (the file is WAL: readable live)."""
+    path = out / "checkpoint.sqlite"
+    if not path.exists():
+        return 0
+    db = sqlite3.connect(path)
+    try:
+        count: int = db.execute("SELECT COUNT(*) FROM jobs WHERE state=?", (state,)).fetchone()[0]
+    except sqlite3.OperationalError:  # not created yet
+        return 0
+    finally:
+        db.close()
+    return count
+
+
+async def until(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Return once ``check()`` holds: a run's moment to act on, not a guess in seconds."""
+    async with asyncio.timeout(timeout_s):
+        # Neither the emulator's counters nor the checkpoint file can be awaited: poll them.
+        while not check():  # noqa: ASYNC110
+            await asyncio.sleep(0.002)
 
 
 @pytest.fixture

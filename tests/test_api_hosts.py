@@ -20,6 +20,7 @@ import aiohttp
 import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
+from conftest import in_checkpoint, until
 
 from batcher import client as client_module
 from batcher.client import ApiClient, _parse_answer, api_urls, same_origin
@@ -272,8 +273,13 @@ async def test_a_run_resumed_after_its_emulator_is_gone_finishes(tmp_path: Path)
     first = SimServer(SimConfig(time_scale=1.0, image_size=(16, 16)), port=0)
     async with first:  # InstantID at full time: 7.7 s, nothing finishes before the stop
         interrupted = asyncio.Event()
-        asyncio.get_running_loop().call_later(0.5, interrupted.set)
-        stopped = await arun(_options(manifest, out, first.base_url, 1.0), interrupted=interrupted)
+        task = asyncio.create_task(
+            arun(_options(manifest, out, first.base_url, 1.0), interrupted=interrupted)
+        )
+        # Stopped once all six are sent (after a fixed 0.5 s, a slow start could leave one).
+        await until(lambda: in_checkpoint(out, "SUBMITTED") == 6 or task.done())
+        interrupted.set()
+        stopped = await task
     assert stopped.exit_code == EXIT_STOPPED
     assert stopped.summary is not None
     assert stopped.summary.counts.get("SUBMITTED") == 6

@@ -16,6 +16,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
+from conftest import in_checkpoint, until
 
 from batcher.gate import RateConfig
 from batcher.options import RunOptions
@@ -96,11 +97,22 @@ async def test_a_job_the_api_keeps_refusing_ends_failed_within_its_retention(
 async def test_an_api_gone_silent_stops_the_run_resumable(tmp_path: Path) -> None:
     server = SimServer(SimConfig(time_scale=1.0, image_size=(16, 16)), port=0)
     await server.start()
-    # Full-time InstantID (7.7 s): the jobs are in flight when the API goes away.
-    asyncio.get_running_loop().call_later(0.5, lambda: asyncio.ensure_future(server.stop()))
     # At time scale 0.01 the client gives up after 3 s with no answer at all.
     options = _options(tmp_path, server.base_url, 0.01, 3)
-    result = await asyncio.wait_for(arun(options), timeout=60)
+
+    async def go_silent() -> None:
+        # Full-time InstantID (7.7 s): the jobs are in flight when the API goes away, once
+        # all three are submitted (after a fixed 0.5 s, a slow start could leave one out).
+        await until(lambda: in_checkpoint(options.out, "SUBMITTED") == 3)
+        await server.stop()
+
+    silent = asyncio.create_task(go_silent())
+    try:
+        result = await asyncio.wait_for(arun(options), timeout=60)
+    finally:
+        silent.cancel()
+        await asyncio.gather(silent, return_exceptions=True)
+        await server.stop()
     assert result.exit_code == EXIT_STOPPED, result.text()
     assert result.stop_reason is not None
     assert "cannot reach the API" in result.stop_reason

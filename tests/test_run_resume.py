@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import pyarrow.parquet as pq
 import pytest
+from conftest import in_checkpoint, until
 from PIL import Image
 
 import batcher.run as run_module
@@ -69,45 +70,23 @@ def _results(out: Path) -> dict[str, dict[str, Any]]:
     return {r["id"]: r for r in pq.read_table(out / "results.parquet").to_pylist()}
 
 
-def _in_checkpoint(out: Path, state: str) -> int:
-    """Rows in ``state`` as the run has recorded them so far (the file is WAL: readable live)."""
-    path = out / "checkpoint.sqlite"
-    if not path.exists():
-        return 0
-    db = sqlite3.connect(path)
-    try:
-        count: int = db.execute("SELECT COUNT(*) FROM jobs WHERE state=?", (state,)).fetchone()[0]
-    except sqlite3.OperationalError:  # not created yet
-        return 0
-    finally:
-        db.close()
-    return count
-
-
 def _count(sim: SimServer, endpoint: str, outcome: str) -> int:
     count: int = sim.stats()["requests"].get(endpoint, {}).get(outcome, 0)
     return count
-
-
-async def _until(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    async with asyncio.timeout(timeout_s):
-        # Neither the emulator's counters nor the checkpoint file can be awaited: poll them.
-        while not check():  # noqa: ASYNC110
-            await asyncio.sleep(0.002)
 
 
 async def _interrupted_run(options: RunOptions, when: Callable[[], bool]) -> Any:
     """Run until ``when()`` holds, then set the run's interrupt event; the RunResult."""
     interrupted = asyncio.Event()
     task = asyncio.create_task(arun(options, interrupted=interrupted))
-    await _until(lambda: when() or task.done())
+    await until(lambda: when() or task.done())
     interrupted.set()
     return await task
 
 
 async def _stopped_at(options: RunOptions, state: str, at_least: int) -> Any:
     """The run, interrupted once ``at_least`` of its rows are ``state`` in the checkpoint."""
-    return await _interrupted_run(options, lambda: _in_checkpoint(options.out, state) >= at_least)
+    return await _interrupted_run(options, lambda: in_checkpoint(options.out, state) >= at_least)
 
 
 async def _long_jobs(sim: Any, image_size: tuple[int, int] = (64, 64)) -> Any:
@@ -206,7 +185,7 @@ async def test_a_cancelled_run_keeps_a_valid_table_and_resumes_at_most_once(
     options = _options(manifest, server, max_in_flight=10)
 
     task = asyncio.create_task(arun(options))
-    await _until(lambda: _in_checkpoint(options.out, "SUBMITTED") >= 6)
+    await until(lambda: in_checkpoint(options.out, "SUBMITTED") >= 6)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -301,7 +280,7 @@ async def test_out_of_credits_finishes_the_jobs_in_flight_and_a_top_up_finishes_
     done_at_first_406: list[int] = []
 
     async def watch() -> None:
-        await _until(lambda: _count(server, "submit", "406") > 0)
+        await until(lambda: _count(server, "submit", "406") > 0)
         done_at_first_406.append(_count(server, "result", "200"))
 
     watcher = asyncio.create_task(watch())
@@ -415,7 +394,7 @@ async def test_a_resumed_job_sent_back_for_resubmission_is_submitted_once(
     once = RetryConfig(max_failed_retries=0)
     first = await _interrupted_run(
         _options(manifest, server, retry=once),
-        lambda: _in_checkpoint(out, "FAILED") == _in_checkpoint(out, "SUBMITTED") == 1,
+        lambda: in_checkpoint(out, "FAILED") == in_checkpoint(out, "SUBMITTED") == 1,
     )
     assert first.exit_code == EXIT_STOPPED
     at_stop = _results(manifest.parent / "out")
@@ -748,7 +727,7 @@ async def test_a_folder_at_results_parquet_keeps_the_work_and_says_what_to_fix(
     assert f"every row is saved in {out / 'checkpoint.sqlite'}" in message
     assert "move away what is at its name" in message
     assert "run the same command again" in message
-    assert _in_checkpoint(out, "COMPLETED") == 3
+    assert in_checkpoint(out, "COMPLETED") == 3
     assert not list(out.glob("*.part"))
 
     (out / "results.parquet").rmdir()
