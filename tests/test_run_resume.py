@@ -332,8 +332,11 @@ async def test_a_refused_key_stops_the_run_with_the_checkpoint_intact(
     assert any(r["status"] == "SUBMITTED" for r in before.values())
     bad_key = "sk-revoked-key-5551234"
     # A slow rate here: the 401 is answered long before a second request could go out,
-    # so no submit is cut off on the wire (which would rightly count as unknown).
-    bad = dataclasses.replace(options, api_key=bad_key, rate=RateConfig(requests=2))
+    # so no submit is cut off on the wire (which would rightly count as unknown). One an
+    # hour is 7.2 s at this time scale; 2/min was 60 ms, a loaded machine's answer time.
+    bad = dataclasses.replace(
+        options, api_key=bad_key, rate=RateConfig(requests=1, period_s=3600.0)
+    )
 
     with pytest.raises(AuthError) as raised:
         await arun(bad)
