@@ -172,8 +172,8 @@ class RunContext:
         #: Jobs taken for submit and not yet finished or requeued.
         self.active = 0
         self._slot_freed = asyncio.Event()
-        #: Submits between the gate's grant and their answer (a crash now leaves them unknown).
-        self.sending = 0
+        #: Submits with a POST out now, unanswered (a crash now leaves them unknown).
+        self.on_wire = 0
         #: Jobs to submit again (expired, retried FAILED), ahead of new rows.
         self.requeued: deque[Job] = deque()
         #: Rows an earlier run left in flight, taken over by this one. They never enter
@@ -243,6 +243,18 @@ class RunContext:
             log.warning("%s", reason)
         self.stop_submitting.set()
         self.requeue_signal.set()
+
+    async def wind_down(self, grace_s: float) -> None:
+        """The run is about to stop (an interrupt, or an error): no new submit, and each
+        POST on the wire gets its answer first (at most ``grace_s``), so that its row is
+        recorded SUBMITTED or PENDING and not left "maybe billed" by the stop. The other
+        stages go on meanwhile: the gate grants, and an answer's request_id is saved."""
+        self.stop_submitting.set()
+        self.requeue_signal.set()
+        deadline = self.now() + grace_s
+        # A counter changed from many places: polling it for a few seconds beats an event.
+        while self.on_wire and self.now() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
 
     async def count_get(self, endpoint: str, job: Job, stats: CallStats) -> None:
         """A status or result GET of the row is over: its requests, retries and 429s."""

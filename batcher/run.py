@@ -16,10 +16,10 @@ import random
 import signal
 import time
 import unicodedata
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVarTuple, Unpack
 
 import aiohttp
 import anyio
@@ -59,8 +59,10 @@ from batcher.submit import work as submit_work
 
 log = logging.getLogger(__name__)
 
+Ts = TypeVarTuple("Ts")
 EXIT_OK, EXIT_USAGE, EXIT_FAILED_ROWS, EXIT_STOPPED = 0, 2, 3, 4
-#: After Ctrl-C, submits already on the wire get this long to be answered.
+#: After Ctrl-C, or an error that stops the run, submits already on the wire get this
+#: long to be answered.
 GRACE_S = 3.0
 #: Result fetches at once. A fetch mostly waits (result GET, image download, the image
 #: write and the checkpoint commit), so 16 left the event loop idle at 300 jobs/s.
@@ -387,21 +389,39 @@ async def _pipeline(
     try:
         with to_submit_send, to_submit, to_fetch_send, to_fetch:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(ctx.gate.serve)
-                tg.start_soon(ctx.images.run)
-                tg.start_soon(poller.run)
-                tg.start_soon(progress.run)
+                tg.start_soon(_stage, ctx, ctx.gate.serve)
+                tg.start_soon(_stage, ctx, ctx.images.run)
+                tg.start_soon(_stage, ctx, poller.run)
+                tg.start_soon(_stage, ctx, progress.run)
                 for _ in range(FETCH_WORKERS):
-                    tg.start_soon(fetch_work, ctx, to_fetch.clone(), poller.track)
+                    tg.start_soon(_stage, ctx, fetch_work, ctx, to_fetch.clone(), poller.track)
                 await _resume(ctx, poller)
-                tg.start_soon(feed, ctx, to_submit_send)
+                tg.start_soon(_stage, ctx, feed, ctx, to_submit_send)
                 for _ in range(ctx.options.submit_concurrency):
-                    tg.start_soon(submit_work, ctx, to_submit.clone(), poller.track)
+                    tg.start_soon(_stage, ctx, submit_work, ctx, to_submit.clone(), poller.track)
                 to_submit.close()
                 await _until_done(ctx, interrupted)
                 tg.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise _first_batcher_error(group) from None
+
+
+async def _stage(
+    ctx: RunContext, work: Callable[[Unpack[Ts]], Awaitable[None]], *args: *Ts
+) -> None:
+    """One of the pipeline's tasks. An error that stops the run (a refused key, an API
+    down...) would cancel every other task at once, cutting off other rows' submits on
+    the wire, which a resumed run must then count as maybe billed: they get their answer
+    first (see RunContext.wind_down)."""
+    try:
+        await work(*args)
+    except BaseException as exc:
+        stops_run = isinstance(exc, BatcherError) or (
+            isinstance(exc, BaseExceptionGroup) and exc.subgroup(BatcherError) is not None
+        )
+        if stops_run:
+            await ctx.wind_down(GRACE_S)
+        raise
 
 
 async def _until_done(ctx: RunContext, interrupted: asyncio.Event | None) -> None:
@@ -412,10 +432,7 @@ async def _until_done(ctx: RunContext, interrupted: asyncio.Event | None) -> Non
                 "interrupted: jobs in flight are saved in the checkpoint. Run the same "
                 "command again to resume"
             )
-            with anyio.move_on_after(GRACE_S):
-                # A counter changed from many places: polling it for <= 3 s beats an event each.
-                while ctx.sending:  # noqa: ASYNC110
-                    await anyio.sleep(0.05)
+            await ctx.wind_down(GRACE_S)
             return
         if ctx.feed_done and ctx.active == 0:
             return

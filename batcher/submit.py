@@ -123,7 +123,18 @@ async def submit_one(ctx: RunContext, job: Job, track: Callable[[Flight], object
         retries, rate_limited = stats.retries, stats.rate_limited
         sent: list[float] = []
         began = ctx.now()
-        result = await _post(ctx, job, body, stats, sent)
+        try:
+            result = await _post(ctx, job, body, stats, sent)
+        except _Stopping:
+            # Granted after the run began to stop (between tries, or waiting at the gate):
+            # not sent, so the row waits for the next run as it was.
+            ctx.counters.api_requests["submit"] += (
+                stats.retries - retries + stats.rate_limited - rate_limited
+            )
+            await ctx.count_retries(job, stats.retries - retries)
+            await ctx.count_429s(job, stats.rate_limited)
+            await ctx.unsubmitted(_with(job, attempts=job.attempts - 1))
+            return
         # Only this attempt's requests: earlier attempts of the row were counted already.
         retries = stats.retries - retries
         ctx.counters.api_requests["submit"] += 1 + retries + stats.rate_limited - rate_limited
@@ -154,31 +165,39 @@ async def submit_one(ctx: RunContext, job: Job, track: Callable[[Flight], object
         return
 
 
+class _Stopping(Exception):
+    """A submit's turn came after the run stopped submitting: it is not sent."""
+
+
 async def _post(
     ctx: RunContext, job: Job, body: bytes, stats: CallStats, sent: list[float]
 ) -> Reply | TransportError:
     """POST through the gate; the row is SUBMITTING from the grant until the answer.
-    Each attempt's send time (epoch seconds) is appended to ``sent``."""
+    Each attempt's send time (epoch seconds) is appended to ``sent``. Raises _Stopping,
+    the row PENDING again, when its turn comes after the run stopped submitting."""
     marked = False  # the row is SUBMITTING in the checkpoint
     on_wire = False  # a request of this row may be at the server, unanswered
 
     async def mark_sending() -> None:
         # After the gate's grant: a row still waiting for a token is not on the wire.
         nonlocal marked
-        if not marked:
-            marked = True
-            ctx.sending += 1
+        marked = True
         await ctx.checkpoint.update(job.id, state=SUBMITTING, attempts=job.attempts)
 
     async def send() -> Reply:
         nonlocal on_wire
+        if ctx.stop_submitting.is_set():  # no new POST once the run stops submitting
+            raise _Stopping
         on_wire = True
         sent.append(time.time())
+        ctx.on_wire += 1
         try:
             reply = await ctx.api.submit(job.model, body)
         except TransportError as exc:
             on_wire = exc.maybe_sent
             raise
+        finally:
+            ctx.on_wire -= 1
         on_wire = False
         ctx.heard_from_api(reply.status)
         return reply
@@ -202,9 +221,6 @@ async def _post(
             with anyio.CancelScope(shield=True):
                 await ctx.checkpoint.update(job.id, state=PENDING, attempts=job.attempts - 1)
         raise
-    finally:
-        if marked:
-            ctx.sending -= 1
 
 
 async def _settle(

@@ -284,7 +284,7 @@ def _dump_tasks() -> None:
                 print(
                     f"ctx: active={ctx.active} in_flight={ctx.in_flight} "
                     f"feed_done={ctx.feed_done} flights={len(ctx.flights)} "
-                    f"requeued={len(ctx.requeued)} sending={ctx.sending} "
+                    f"requeued={len(ctx.requeued)} on_wire={ctx.on_wire} "
                     f"counters={ctx.counters}",
                     file=sys.stderr,
                 )

@@ -10,15 +10,17 @@ import dataclasses
 import json
 import logging
 import re
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 from conftest import in_checkpoint, until
 
-from batcher.client import ApiClient, Reply
+from batcher.errors import AuthError
 from batcher.gate import RateConfig
 from batcher.options import RunOptions
 from batcher.run import EXIT_FAILED_ROWS, EXIT_OK, EXIT_STOPPED, arun
@@ -202,21 +204,16 @@ async def test_a_download_that_never_works_fails_at_retention_without_the_signat
 
 
 async def test_an_api_answering_5xx_to_everything_stops_the_run_with_no_row_failed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     """An outage answering 503 to every request is not the rows' fault: before, each row
-    ended FAILED 'gave up after 8 attempts' and the next run did nothing."""
-
-    async def outage(self: ApiClient, model: str, body: bytes) -> Reply:
-        # At once, like the refused connections of test_run_resume: no row's submit is
-        # then on the wire when the first row gives up and the run stops; one cut off
-        # there rightly stays SUBMITTING (maybe billed). From an emulator answering 5xx
-        # over HTTP, another row's submit was on the wire in about 1 run in 8.
-        return Reply(503, {"error": "Service unavailable"})
-
+    ended FAILED 'gave up after 8 attempts' and the next run did nothing. When the first
+    row gives up, another row's submit may be at the server: it gets its answer (a 503)
+    before the run stops, and no row is sent again, so all five are PENDING. (Before,
+    one cut off on the wire stayed SUBMITTING, maybe billed, in about 1 run in 8.)"""
     options = _options(tmp_path, "http://127.0.0.1:9", 0.001, 5)
-    with monkeypatch.context() as patch:
-        patch.setattr(ApiClient, "submit", outage)
+    async with SimServer(SimConfig(time_scale=0.001, error_rate=1.0)) as down:
+        options = dataclasses.replace(options, base_url=down.base_url)
         result = await asyncio.wait_for(arun(options), timeout=60)
     assert result.exit_code == EXIT_STOPPED, result.text()
     assert result.stop_reason is not None
@@ -278,3 +275,87 @@ async def test_a_row_whose_second_sample_is_not_an_image_keeps_no_images(
     (row,) = pq.read_table(tmp_path / "out" / "results.parquet").to_pylist()
     assert "not a decodable image" in row["error"]
     assert list((tmp_path / "out" / "images").iterdir()) == []
+
+
+async def test_a_run_stopped_by_an_error_lets_another_rows_submit_on_the_wire_land(
+    tmp_path: Path,
+) -> None:
+    """Row g1's submit is refused (401: the run stops) while row g0's POST is at the
+    server, unanswered. Before, the stop cut g0 off: SUBMITTING, which the next run must
+    count as maybe billed (FAILED, unknown outcome). Now its answer comes first, and g0's
+    request_id is saved to be polled when the run resumes."""
+    on_wire = asyncio.Event()
+    refused = asyncio.Event()
+
+    async def submit(request: web.Request) -> web.Response:
+        body = await request.json()
+        if body["prompt"] == "p 0":
+            on_wire.set()
+            await refused.wait()
+            await asyncio.sleep(0.2)  # answered well after the 401
+            base = f"{request.url.origin()}/v2/requests/held-1"
+            return web.json_response(
+                {
+                    "request_id": "held-1",
+                    "status": "QUEUED",
+                    "status_url": f"{base}/status",
+                    "response_url": base,
+                }
+            )
+        await on_wire.wait()  # g0's POST is at the server: now refuse g1's
+        refused.set()
+        return web.json_response({"error": "Invalid API key"}, status=401)
+
+    async def status(request: web.Request) -> web.Response:
+        return web.json_response({"request_id": "held-1", "status": "PROCESSING"})
+
+    app = web.Application()
+    app.router.add_post("/v2/instantid", submit)
+    app.router.add_get("/v2/requests/held-1/status", status)
+    async with TestServer(app, host="127.0.0.1") as server:
+        options = _options(tmp_path, str(server.make_url("")).rstrip("/"), 0.001, 2)
+        with pytest.raises(AuthError):
+            await asyncio.wait_for(arun(options), timeout=60)
+
+    db = sqlite3.connect(options.out / "checkpoint.sqlite")
+    try:
+        rows = dict(
+            ((job_id, (state, request_id)))
+            for job_id, state, request_id in db.execute("SELECT id, state, request_id FROM jobs")
+        )
+    finally:
+        db.close()
+    assert rows == {"g0": ("SUBMITTED", "held-1"), "g1": ("PENDING", None)}
+
+
+async def test_a_submit_due_again_after_the_run_stops_is_not_sent(tmp_path: Path) -> None:
+    """Ctrl-C while a row waits between tries of its submit (after a 503): its next try
+    comes up inside the stop's grace. Before, it was sent, and then the rest of its
+    tries; now nothing new goes out once the run stops submitting, and the row waits,
+    PENDING with no attempt used, for the next run."""
+    interrupted = asyncio.Event()
+    posts = 0
+
+    async def submit(request: web.Request) -> web.Response:
+        nonlocal posts
+        posts += 1
+        interrupted.set()  # Ctrl-C while the POST is at the server...
+        # ...answered once the run has seen it (it looks every 0.2 s), inside the stop's
+        # 3 s grace for submits on the wire. The row's next try is then due in ms.
+        await asyncio.sleep(1.0)
+        return web.json_response({"error": "Service unavailable"}, status=503)
+
+    app = web.Application()
+    app.router.add_post("/v2/instantid", submit)
+    async with TestServer(app, host="127.0.0.1") as server:
+        options = _options(tmp_path, str(server.make_url("")).rstrip("/"), 0.001, 1)
+        result = await asyncio.wait_for(arun(options, interrupted=interrupted), timeout=60)
+
+    assert result.exit_code == EXIT_STOPPED, result.text()
+    assert posts == 1
+    db = sqlite3.connect(options.out / "checkpoint.sqlite")
+    try:
+        row = db.execute("SELECT state, attempts, request_id FROM jobs").fetchone()
+    finally:
+        db.close()
+    assert row == ("PENDING", 0, None)
