@@ -22,7 +22,7 @@ import aiohttp
 from batcher.backoff import RetryConfig
 from batcher.checkpoint import FAILED, PENDING, Checkpoint, Job
 from batcher.client import ApiClient
-from batcher.errors import ApiUnreachable, reason_key
+from batcher.errors import ApiUnreachable, BatcherError, reason_key
 from batcher.gate import RequestGate
 from batcher.image_writer import ImageWriter
 from batcher.inputs import ImageInputs
@@ -185,6 +185,8 @@ class RunContext:
         #: The feeder has returned: no new job will be taken for submit.
         self.feed_done = False
         self.stop_reason: str | None = None
+        #: The first error that stops the run (raised once the stages have ended).
+        self.stop_error: BatcherError | None = None
         self.flights: dict[str, Flight] = {}
         #: Warned that the API named status/result URLs on another host (once a run).
         self.warned_foreign_urls = False

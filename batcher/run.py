@@ -403,7 +403,14 @@ async def _pipeline(
                 await _until_done(ctx, interrupted)
                 tg.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        raise _first_batcher_error(group) from None
+        found = _first_batcher_error(group)
+        if not isinstance(found, BatcherError) and ctx.stop_error is not None:
+            raise ctx.stop_error from group  # another error came up during its grace
+        raise found from None
+    if ctx.stop_error is not None:
+        # Its stage was cancelled in its grace (the run ended meanwhile, or Ctrl-C), and
+        # the cancel replaced the error: it still decides how the run ends.
+        raise ctx.stop_error
 
 
 async def _stage(
@@ -416,10 +423,10 @@ async def _stage(
     try:
         await work(*args)
     except BaseException as exc:
-        stops_run = isinstance(exc, BatcherError) or (
-            isinstance(exc, BaseExceptionGroup) and exc.subgroup(BatcherError) is not None
-        )
-        if stops_run:
+        found = _first_batcher_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
+        if isinstance(found, BatcherError):  # an error that stops the run
+            if ctx.stop_error is None:
+                ctx.stop_error = found
             await ctx.wind_down(GRACE_S)
         raise
 

@@ -148,10 +148,18 @@ async def submit_one(ctx: RunContext, job: Job, track: Callable[[Flight], object
             await ctx.count_retries(job, retries)
             ctx.counters.unknown_submits += 1
             job = _with(job, unknown_submits=job.unknown_submits + 1)
-            await ctx.checkpoint.update(job.id, unknown_submits=job.unknown_submits)
             if ctx.options.resubmit_unknown:
+                # PENDING until its next try is granted: a stop meanwhile must not leave it
+                # SUBMITTING, which the next run would count as a second unknown submit.
+                await ctx.checkpoint.update(
+                    job.id,
+                    state=PENDING,
+                    attempts=job.attempts,
+                    unknown_submits=job.unknown_submits,
+                )
                 log.warning("row %s: %s; sending it again (--resubmit-unknown)", job.id, result)
                 continue
+            await ctx.checkpoint.update(job.id, unknown_submits=job.unknown_submits)
             await ctx.fail(job, UNKNOWN_OUTCOME)
             await ctx.count_429s(job, stats.rate_limited)
             return
@@ -181,12 +189,14 @@ async def _post(
     async def mark_sending() -> None:
         # After the gate's grant: a row still waiting for a token is not on the wire.
         nonlocal marked
+        if ctx.stop_submitting.is_set():  # not even marked SUBMITTING
+            raise _Stopping
         marked = True
         await ctx.checkpoint.update(job.id, state=SUBMITTING, attempts=job.attempts)
 
     async def send() -> Reply:
         nonlocal on_wire
-        if ctx.stop_submitting.is_set():  # no new POST once the run stops submitting
+        if ctx.stop_submitting.is_set():  # stopped while it was being marked
             raise _Stopping
         on_wire = True
         sent.append(time.time())

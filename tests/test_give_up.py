@@ -20,6 +20,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from conftest import in_checkpoint, until
 
+from batcher.client import ApiClient, Reply, TransportError
 from batcher.errors import AuthError
 from batcher.gate import RateConfig
 from batcher.options import RunOptions
@@ -277,8 +278,18 @@ async def test_a_row_whose_second_sample_is_not_an_image_keeps_no_images(
     assert list((tmp_path / "out" / "images").iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("held_answer", "held_row"),
+    [
+        (200, ("SUBMITTED", "held-1")),
+        # Refused outright: the row ends FAILED, and with g1 PENDING nothing is left to
+        # do, so the run ends during the stop's grace. The 401 must still be raised (it
+        # was lost once: the cancel that ended the grace took its place, exit 4).
+        (400, ("FAILED", None)),
+    ],
+)
 async def test_a_run_stopped_by_an_error_lets_another_rows_submit_on_the_wire_land(
-    tmp_path: Path,
+    tmp_path: Path, held_answer: int, held_row: tuple[str, str | None]
 ) -> None:
     """Row g1's submit is refused (401: the run stops) while row g0's POST is at the
     server, unanswered. Before, the stop cut g0 off: SUBMITTING, which the next run must
@@ -293,6 +304,8 @@ async def test_a_run_stopped_by_an_error_lets_another_rows_submit_on_the_wire_la
             on_wire.set()
             await refused.wait()
             await asyncio.sleep(0.2)  # answered well after the 401
+            if held_answer != 200:
+                return web.json_response({"error": "bad prompt"}, status=held_answer)
             base = f"{request.url.origin()}/v2/requests/held-1"
             return web.json_response(
                 {
@@ -314,18 +327,44 @@ async def test_a_run_stopped_by_an_error_lets_another_rows_submit_on_the_wire_la
     app.router.add_get("/v2/requests/held-1/status", status)
     async with TestServer(app, host="127.0.0.1") as server:
         options = _options(tmp_path, str(server.make_url("")).rstrip("/"), 0.001, 2)
-        with pytest.raises(AuthError):
+        with pytest.raises(AuthError, match="refused the key"):
             await asyncio.wait_for(arun(options), timeout=60)
 
-    db = sqlite3.connect(options.out / "checkpoint.sqlite")
+    rows = _rows(options.out, "id, state, request_id")
+    assert {r[0]: tuple(r[1:]) for r in rows} == {"g0": held_row, "g1": ("PENDING", None)}
+
+
+def _rows(out: Path, columns: str) -> list[tuple[Any, ...]]:
+    db = sqlite3.connect(out / "checkpoint.sqlite")
     try:
-        rows = dict(
-            ((job_id, (state, request_id)))
-            for job_id, state, request_id in db.execute("SELECT id, state, request_id FROM jobs")
-        )
+        return db.execute(f"SELECT {columns} FROM jobs ORDER BY number").fetchall()
     finally:
         db.close()
-    assert rows == {"g0": ("SUBMITTED", "held-1"), "g1": ("PENDING", None)}
+
+
+async def test_a_resubmit_unknown_row_stopped_before_its_next_try_is_pending(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--resubmit-unknown: a row whose POST was lost mid-flight is sent again, and waits
+    at the gate for that. Ctrl-C then: before, it was left SUBMITTING from the lost POST,
+    and the next run counted a second unknown submit and FAILED it. Now it is PENDING
+    (its one maybe-billed submit counted once), to be sent by the next run."""
+    interrupted = asyncio.Event()
+
+    async def lost(self: ApiClient, model: str, body: bytes) -> Reply:
+        interrupted.set()
+        raise TransportError("connection lost (ServerDisconnectedError)", maybe_sent=True)
+
+    options = dataclasses.replace(
+        _options(tmp_path, "http://127.0.0.1:9", 1.0, 1),
+        resubmit_unknown=True,
+        rate=RateConfig(requests=1, period_s=3600.0),  # the next try waits an hour
+    )
+    monkeypatch.setattr(ApiClient, "submit", lost)
+    result = await asyncio.wait_for(arun(options, interrupted=interrupted), timeout=60)
+
+    assert result.exit_code == EXIT_STOPPED, result.text()
+    assert _rows(options.out, "state, attempts, unknown_submits") == [("PENDING", 1, 1)]
 
 
 async def test_a_submit_due_again_after_the_run_stops_is_not_sent(tmp_path: Path) -> None:
@@ -353,9 +392,4 @@ async def test_a_submit_due_again_after_the_run_stops_is_not_sent(tmp_path: Path
 
     assert result.exit_code == EXIT_STOPPED, result.text()
     assert posts == 1
-    db = sqlite3.connect(options.out / "checkpoint.sqlite")
-    try:
-        row = db.execute("SELECT state, attempts, request_id FROM jobs").fetchone()
-    finally:
-        db.close()
-    assert row == ("PENDING", 0, None)
+    assert _rows(options.out, "state, attempts, request_id") == [("PENDING", 0, None)]
