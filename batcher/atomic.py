@@ -80,16 +80,39 @@ def replacing(final: str | Path) -> Iterator[BinaryIO]:
 #: them durable, instead of an fsync each. Below it the fsyncs are few, and bounded to
 #: the files themselves: ``syncfs`` also writes back whatever else is pending there.
 SYNC_TOGETHER_MIN = 4
+#: File systems whose ``syncfs`` writes back every file and reports write-back errors (on
+#: the kernels :func:`_syncfs` accepts). Elsewhere (FUSE, network and overlay file
+#: systems...) each file is fsynced, which those pass on to where the data lives.
+SYNCFS_TYPES = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "tmpfs"})
 
 
 def write_all(files: Sequence[tuple[str, bytes]]) -> list[OSError | None]:
-    """Each ``(final, data)`` replaced whole as :func:`replacing` does, made durable
-    together: every temporary file is written first, then one barrier makes them all
-    durable (``syncfs`` once per file system for :data:`SYNC_TOGETHER_MIN` files or
-    more, where the kernel reports write-back errors to it; else an fsync each), and
-    only then is each renamed over its final name. Each file's error, or None; a file
-    that failed leaves no temporary file and its final name as it was. The folders'
-    own fsync (making the renames durable) is the caller's. Blocking."""
+    """Each ``(final, data)`` replaced whole as :func:`replacing` does: each file's
+    error, or None; a file that failed leaves no temporary file and its final name as it
+    was. The folders' own fsync (making the renames durable) is the caller's. Blocking.
+
+    :data:`SYNC_TOGETHER_MIN` files or more in one folder of a local file system (see
+    :data:`SYNCFS_TYPES`) are made durable together: every temporary file is written,
+    then one ``syncfs`` flushes them all, then each is renamed. Otherwise each file is
+    written, fsynced and renamed in turn, one open at a time."""
+    syncfs = _syncfs() if len(files) >= SYNC_TOGETHER_MIN else None
+    if syncfs is not None and _one_local_folder([final for final, _ in files]):
+        return _write_together(files, syncfs)
+    return [_write_one(final, data) for final, data in files]
+
+
+def _write_one(final: str, data: bytes) -> OSError | None:
+    try:
+        with replacing(final) as f:
+            f.write(data)
+    except OSError as exc:
+        return exc
+    return None
+
+
+def _write_together(
+    files: Sequence[tuple[str, bytes]], syncfs: Callable[[int], None]
+) -> list[OSError | None]:
     errors: list[OSError | None] = [None] * len(files)
     staged: list[tuple[int, int, str]] = []  # (position, descriptor, temporary name)
     renamed: set[int] = set()
@@ -106,11 +129,14 @@ def write_all(files: Sequence[tuple[str, bytes]]) -> list[OSError | None]:
             except OSError as exc:
                 errors[i] = exc
         written = [(i, fd) for i, fd, _ in staged if errors[i] is None]
-        try:
-            _make_durable([fd for _, fd in written])
-        except OSError as exc:  # which file's write-back failed is not known: none is kept
-            for i, _ in written:
-                errors[i] = exc
+        if written:
+            try:
+                # Through the first file opened: syncfs reports a write-back error to a
+                # descriptor opened before it, even one another caller has seen already.
+                syncfs(written[0][1])
+            except OSError as exc:  # which file's write-back failed is not known: none kept
+                for i, _ in written:
+                    errors[i] = exc
         for i, _, temp in staged:
             if errors[i] is None:
                 try:
@@ -119,11 +145,12 @@ def write_all(files: Sequence[tuple[str, bytes]]) -> list[OSError | None]:
                 except OSError as exc:
                     errors[i] = exc
     finally:
-        for i, fd, temp in staged:
+        for i, fd, temp in staged:  # every one, whatever fails here
             if i not in renamed:  # unlinked while still locked: never taken for abandoned
-                with contextlib.suppress(FileNotFoundError):
+                with contextlib.suppress(OSError):
                     os.unlink(temp)
-            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.close(fd)
     return errors
 
 
@@ -133,16 +160,33 @@ def _write_fully(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _make_durable(fds: Sequence[int]) -> None:
-    """Make the written contents of ``fds`` durable: see :func:`write_all`."""
-    syncfs = _syncfs() if len(fds) >= SYNC_TOGETHER_MIN else None
-    if syncfs is None:
-        for fd in fds:
-            os.fsync(fd)
-        return
-    one_per_device = {os.fstat(fd).st_dev: fd for fd in fds}
-    for fd in one_per_device.values():
-        syncfs(fd)
+def _one_local_folder(finals: Sequence[str]) -> bool:
+    """Whether every path is in one folder, on a file system of :data:`SYNCFS_TYPES`."""
+    folders = {os.path.dirname(final) for final in finals}
+    if len(folders) != 1:
+        return False
+    try:
+        device = os.stat(folders.pop() or ".").st_dev
+    except OSError:
+        return False
+    return _fs_type(device) in SYNCFS_TYPES
+
+
+@functools.cache
+def _fs_type(device: int) -> str | None:
+    """The type of the file system mounted from ``device`` (Linux: /proc/self/mountinfo),
+    or None when it cannot be told."""
+    wanted = f"{os.major(device)}:{os.minor(device)}"
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) > 2 and fields[2] == wanted and "-" in fields[3:]:
+                    after = fields.index("-", 3) + 1
+                    return fields[after] if after < len(fields) else None
+    except OSError:
+        return None
+    return None
 
 
 @functools.cache

@@ -156,14 +156,20 @@ def _records_without_files(*, verify: bool) -> Any:
 def _apply_ablations(names: list[str]) -> None:
     """What-if experiments: switch one cost of batcher off in this process only, to
     measure what it costs. Never used for a headline figure."""
-    import batcher.atomic
     import batcher.image_writer
     import batcher.sink
     from batcher.checkpoint import Checkpoint
 
     for name in names:
-        if name == "no_fsync":  # images verified and written, not flushed (folders still are)
-            batcher.atomic._make_durable = lambda fds: None
+        if name == "no_fsync":  # images verified and written in place, never flushed
+
+            def write_all(files: Any) -> list[None]:
+                for final, data in files:
+                    with open(final, "wb") as handle:
+                        handle.write(data)
+                return [None] * len(files)
+
+            batcher.sink.write_all = write_all  # type: ignore[attr-defined]
         elif name == "verify_only":  # Pillow's full decode on the worker thread, no file
             batcher.image_writer.write_images = _records_without_files(verify=True)  # type: ignore[attr-defined]
         elif name == "no_image_save":  # no Pillow verify, no file: the download only

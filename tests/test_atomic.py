@@ -149,9 +149,15 @@ def _leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.endswith(PART))
 
 
+@pytest.fixture
+def local(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every folder counts as on ext4, whatever the test machine's /tmp is."""
+    monkeypatch.setattr(batcher.atomic, "_fs_type", lambda device: "ext4")
+
+
 @pytest.mark.parametrize("n", [1, SYNC_TOGETHER_MIN - 1, SYNC_TOGETHER_MIN, 12])
 def test_files_written_together_are_each_whole(tmp_path: Path, n: int) -> None:
-    files = _files(tmp_path, n)  # on this Linux, the larger batches take the syncfs path
+    files = _files(tmp_path, n)  # on an ext4 /tmp, the larger batches take the syncfs path
     assert write_all(files) == [None] * n
     for final, data in files:
         assert Path(final).read_bytes() == data
@@ -159,8 +165,8 @@ def test_files_written_together_are_each_whole(tmp_path: Path, n: int) -> None:
 
 
 class _Barrier:
-    """Stands in for syncfs (or fsync): records the calls, and checks at each that every
-    file of the batch is written and none renamed yet."""
+    """Stands in for syncfs: records the calls, and checks at each that every file of
+    the batch is written and none renamed yet."""
 
     def __init__(self, folder: Path, files: list[tuple[str, bytes]], fail: bool = False):
         self.folder, self.fail = folder, fail
@@ -177,40 +183,93 @@ class _Barrier:
 
 
 def test_a_batch_is_durable_in_one_flush_before_any_rename(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local: None
 ) -> None:
     files = _files(tmp_path, SYNC_TOGETHER_MIN + 2)
     barrier = _Barrier(tmp_path, files)
     fsyncs: list[int] = []
+    opened: list[int] = []
+    real_create = batcher.atomic.create_temp
+
+    def create(final: str | Path) -> tuple[int, str]:
+        fd, temp = real_create(final)
+        opened.append(fd)
+        return fd, temp
+
+    monkeypatch.setattr(batcher.atomic, "create_temp", create)
     monkeypatch.setattr(batcher.atomic, "_syncfs", lambda: barrier)
     monkeypatch.setattr(os, "fsync", fsyncs.append)
 
     assert write_all(files) == [None] * len(files)
 
-    assert len(barrier.calls) == 1  # one file system: one flush for all
+    # One flush for all, through the first file opened: syncfs reports a write-back
+    # error only to a descriptor opened before it (another may have seen it first).
+    assert barrier.calls == [opened[0]]
     assert fsyncs == []
     assert all(Path(final).read_bytes() == data for final, data in files)
 
 
-def test_a_few_files_or_no_syncfs_get_an_fsync_each_before_any_rename(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("n", "syncfs_there", "fs_type"),
+    [
+        (SYNC_TOGETHER_MIN - 1, True, "ext4"),  # a few files
+        (SYNC_TOGETHER_MIN + 2, False, "ext4"),  # an old kernel, or not Linux
+        (SYNC_TOGETHER_MIN + 2, True, "fuse.sshfs"),  # syncfs never reaches the daemon
+        (SYNC_TOGETHER_MIN + 2, True, "nfs4"),
+        (SYNC_TOGETHER_MIN + 2, True, None),  # a folder mountinfo does not name
+    ],
+)
+def test_otherwise_each_file_is_fsynced_before_its_own_rename_one_at_a_time(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    n: int,
+    syncfs_there: bool,
+    fs_type: str | None,
 ) -> None:
-    for n, syncfs_there in ((SYNC_TOGETHER_MIN - 1, True), (SYNC_TOGETHER_MIN + 2, False)):
-        folder = tmp_path / f"{n}"
-        folder.mkdir()
-        files = _files(folder, n)
-        barrier = _Barrier(folder, files)
-        monkeypatch.setattr(
-            batcher.atomic, "_syncfs", lambda b=barrier, on=syncfs_there: b if on else None
-        )
-        monkeypatch.setattr(os, "fsync", barrier)  # each fsync: still nothing renamed
+    files = _files(tmp_path, n)
+    flushes: list[int] = []
+    fsynced: list[str] = []
 
-        assert write_all(files) == [None] * n
-        assert len(barrier.calls) == n
+    def fsync(fd: int) -> None:
+        (temp,) = _leftovers(tmp_path)  # the one file being written, and only it
+        final = temp.split(".")[0] + ".png"
+        assert not (tmp_path / final).exists()  # not renamed before it is durable
+        fsynced.append(final)
+
+    monkeypatch.setattr(batcher.atomic, "_syncfs", lambda: flushes.append if syncfs_there else None)
+    monkeypatch.setattr(batcher.atomic, "_fs_type", lambda device: fs_type)
+    monkeypatch.setattr(os, "fsync", fsync)
+
+    assert write_all(files) == [None] * n
+
+    assert fsynced == [Path(final).name for final, _ in files]
+    assert flushes == []
+
+
+def test_files_in_several_folders_are_fsynced_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local: None
+) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    files = _files(tmp_path / "a", 2) + _files(tmp_path / "b", SYNC_TOGETHER_MIN)
+    flushes: list[int] = []
+    fsyncs: list[int] = []
+    monkeypatch.setattr(batcher.atomic, "_syncfs", lambda: flushes.append)
+    monkeypatch.setattr(os, "fsync", fsyncs.append)
+
+    assert write_all(files) == [None] * len(files)
+    assert (len(flushes), len(fsyncs)) == (0, len(files))
+
+
+def test_the_file_system_of_a_folder_is_read_from_mountinfo(tmp_path: Path) -> None:
+    if not Path("/proc/self/mountinfo").exists():
+        pytest.skip("no /proc/self/mountinfo: not Linux (write_all fsyncs each file there)")
+    assert batcher.atomic._fs_type(os.stat("/proc").st_dev) == "proc"
+    assert batcher.atomic._fs_type(os.stat(tmp_path).st_dev)  # whatever /tmp is, named
 
 
 def test_a_failed_flush_keeps_no_file_of_the_batch(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local: None
 ) -> None:
     files = _files(tmp_path, SYNC_TOGETHER_MIN)
     Path(files[0][0]).write_bytes(b"the old image")
@@ -272,3 +331,24 @@ def test_the_real_syncfs_raises_on_a_bad_descriptor(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="Bad file descriptor") as caught:
         syncfs(fd)  # closed now
     assert caught.value.errno == errno.EBADF
+
+
+def test_a_cleanup_that_fails_still_closes_every_file_and_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, local: None
+) -> None:
+    """A file system gone read-only after an I/O error: renames and unlinks fail. Each
+    file gets its error, and no descriptor (nor its lock) is left open."""
+    files = _files(tmp_path, SYNC_TOGETHER_MIN + 2)
+    monkeypatch.setattr(batcher.atomic, "_syncfs", lambda: lambda fd: None)
+
+    def read_only(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    before = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(os, "replace", read_only)
+    monkeypatch.setattr(os, "unlink", read_only)
+    errors = write_all(files)
+    monkeypatch.undo()
+
+    assert all(isinstance(e, OSError) and e.errno == errno.EROFS for e in errors)
+    assert len(os.listdir("/proc/self/fd")) == before
