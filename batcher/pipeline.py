@@ -246,6 +246,12 @@ class RunContext:
         self.stop_submitting.set()
         self.requeue_signal.set()
 
+    def record_stop(self, error: BatcherError) -> None:
+        """``error`` stops the run: kept (the first one) to be raised once the stages
+        have ended, even if a cancel then takes its place in the task that raised it."""
+        if self.stop_error is None:
+            self.stop_error = error
+
     async def wind_down(self, grace_s: float) -> None:
         """The run is about to stop (an interrupt, or an error): no new submit, and each
         POST on the wire gets its answer first (at most ``grace_s``), so that its row is

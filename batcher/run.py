@@ -425,8 +425,7 @@ async def _stage(
     except BaseException as exc:
         found = _first_batcher_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
         if isinstance(found, BatcherError):  # an error that stops the run
-            if ctx.stop_error is None:
-                ctx.stop_error = found
+            ctx.record_stop(found)
             await ctx.wind_down(GRACE_S)
         raise
 

@@ -143,8 +143,12 @@ async def submit_one(ctx: RunContext, job: Job, track: Callable[[Flight], object
                 # The row's state first: a stop cancelling this worker at the retry count's
                 # await would otherwise leave it SUBMITTING (read as maybe billed).
                 await ctx.unsubmitted(_with(job, attempts=job.attempts - 1))
+                down = ApiUnreachable(f"cannot reach the API at {ctx.api.base_url}: {result}")
+                # Recorded before the next await: the row released its slot, so the run may
+                # end around this worker, and a cancel there would drop the error.
+                ctx.record_stop(down)
                 await ctx.count_retries(job, retries)
-                raise ApiUnreachable(f"cannot reach the API at {ctx.api.base_url}: {result}")
+                raise down
             await ctx.count_retries(job, retries)
             ctx.counters.unknown_submits += 1
             job = _with(job, unknown_submits=job.unknown_submits + 1)

@@ -393,3 +393,21 @@ async def test_a_submit_due_again_after_the_run_stops_is_not_sent(tmp_path: Path
     assert result.exit_code == EXIT_STOPPED, result.text()
     assert posts == 1
     assert _rows(options.out, "state, attempts, request_id") == [("PENDING", 0, None)]
+
+
+async def test_the_last_rows_refused_connection_still_says_why_the_run_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One row, its connection refused: handing it back to PENDING left nothing to do, so
+    the run ended while its worker still wrote its retry count, and the cancel took the
+    error's place: exit 4 with no reason. The reason is now kept."""
+
+    async def refused(self: ApiClient, model: str, body: bytes) -> Reply:
+        raise TransportError("cannot connect: [Errno 111] Connection refused", maybe_sent=False)
+
+    monkeypatch.setattr(ApiClient, "submit", refused)
+    result = await asyncio.wait_for(arun(_options(tmp_path, "http://127.0.0.1:9", 0.001, 1)), 60)
+
+    assert result.exit_code == EXIT_STOPPED, result.text()
+    assert result.stop_reason is not None
+    assert "cannot reach the API" in result.stop_reason
