@@ -159,12 +159,14 @@ def _job(row: Sequence[Any]) -> Job:
 
 
 @functools.cache
-def _update_sql(names: tuple[str, ...]) -> str:
-    """``UPDATE`` of these columns by id; built once per set of columns (once per call site)."""
-    unknown = set(names) - COLUMNS
+def _update_sql(names: tuple[str, ...], added: tuple[str, ...] = ()) -> str:
+    """``UPDATE`` by id that sets the columns ``names`` and adds to the columns ``added``;
+    built once per set of columns (once per call site)."""
+    unknown = (set(names) | set(added)) - COLUMNS
     if unknown:
         raise ValueError(f"not checkpoint columns: {sorted(unknown)}")
-    return f"UPDATE jobs SET {', '.join(f'{n}=?' for n in names)} WHERE id=?"
+    assignments = [f"{n}=?" for n in names] + [f"{n}={n}+?" for n in added]
+    return f"UPDATE jobs SET {', '.join(assignments)} WHERE id=?"
 
 
 class Checkpoint:
@@ -481,12 +483,21 @@ class Checkpoint:
 
     # -- transitions -------------------------------------------------------------------------
 
-    async def update(self, job_id: str, **fields: Any) -> None:
-        """Set columns of one row; durable when this returns."""
+    async def update(
+        self, job_id: str, *, counts: Mapping[str, int] | None = None, **fields: Any
+    ) -> None:
+        """Set columns of one row, and add ``counts`` to its counters, in one statement
+        (a state and the counts that go with it are never saved apart); durable when
+        this returns."""
         for name in ("metrics", "outputs"):
             if name in fields and not isinstance(fields[name], str | None):
                 fields[name] = json.dumps(fields[name], sort_keys=True)
-        await self._write(_update_sql(tuple(fields)), [*fields.values(), job_id])
+        added = {name: by for name, by in (counts or {}).items() if by}
+        if not fields and not added:
+            return
+        await self._write(
+            _update_sql(tuple(fields), tuple(added)), [*fields.values(), *added.values(), job_id]
+        )
 
     async def increment(self, job_id: str, column: str, by: int = 1) -> None:
         if column not in COLUMNS:

@@ -13,6 +13,7 @@ import random
 import sys
 import time
 from collections import Counter, deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -287,8 +288,10 @@ class RunContext:
         self.counters.completed += 1
         self._release(job.id)
 
-    async def fail(self, job: Job, error: str, **fields: Any) -> None:
-        await self.checkpoint.update(job.id, state=FAILED, error=error, **fields)
+    async def fail(
+        self, job: Job, error: str, *, counts: Mapping[str, int] | None = None, **fields: Any
+    ) -> None:
+        await self.checkpoint.update(job.id, counts=counts, state=FAILED, error=error, **fields)
         self.counters.failed += 1
         self.counters.failed_reasons[reason_key(error)] += 1
         self._release(job.id)
@@ -321,8 +324,9 @@ class RunContext:
             **fields,
         )
 
-    async def unsubmitted(self, job: Job) -> None:
+    async def unsubmitted(self, job: Job, *, counts: Mapping[str, int] | None = None) -> None:
         """A job taken for submit that was not sent, or refused before a job existed (the
-        run is stopping): back to PENDING with ``job.attempts``, the submits that counted."""
-        await self.checkpoint.update(job.id, state=PENDING, attempts=job.attempts)
+        run is stopping): back to PENDING with ``job.attempts``, the submits that counted,
+        and what its tries cost (``counts``: retries, 429s) in the same write."""
+        await self.checkpoint.update(job.id, counts=counts, state=PENDING, attempts=job.attempts)
         self._release(job.id)

@@ -199,17 +199,17 @@ async def settle_not_ok(
     """A status or result GET that is not a plain success: FAILED, expired, or an error."""
     job = flight.job
     outcome = reply.outcome
-    common = {"polls": job.polls + flight.polls}
+    polls = job.polls + flight.polls
     if outcome is Outcome.FAILED:
         error = str(reply.body.get("error") or reply.error_text())
         if job.attempts <= ctx.retry.max_failed_retries:
-            await ctx.requeue(job, f"job FAILED ({error})", **common)
+            await ctx.requeue(job, f"job FAILED ({error})", polls=polls)
             return
-        await ctx.fail(job, error, metrics=reply.body.get("metrics"), **common)
+        await ctx.fail(job, error, metrics=reply.body.get("metrics"), polls=polls)
         return
     if outcome is Outcome.NOT_FOUND:
         await ctx.resubmit_or_fail(
-            job, f"request {flight.request_id} is gone (expired or unknown)", **common
+            job, f"request {flight.request_id} is gone (expired or unknown)", polls=polls
         )
         return
     if outcome is Outcome.AUTH:

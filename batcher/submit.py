@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
@@ -120,36 +120,28 @@ async def submit_one(ctx: RunContext, job: Job, track: Callable[[Flight], object
     stats = CallStats()  # the row's retries over all its attempts
     while True:
         job = _with(job, attempts=job.attempts + 1)
-        retries, rate_limited = stats.retries, stats.rate_limited
+        attempt = _Attempt(stats, stats.retries, stats.rate_limited)
         sent: list[float] = []
         began = ctx.now()
         try:
-            result = await _post(ctx, job, body, stats, sent)
+            result = await _post(ctx, job, attempt, body, sent)
         except _Stopping:
             # Granted after the run began to stop (between tries, or waiting at the gate):
             # not sent, so the row waits for the next run as it was.
-            ctx.counters.api_requests["submit"] += (
-                stats.retries - retries + stats.rate_limited - rate_limited
-            )
-            await ctx.count_retries(job, stats.retries - retries)
-            await ctx.count_429s(job, stats.rate_limited)
-            await ctx.unsubmitted(_with(job, attempts=job.attempts - 1))
+            counts = attempt.tally(ctx, answered=False)
+            await ctx.unsubmitted(_with(job, attempts=job.attempts - 1), counts=counts)
             return
-        # Only this attempt's requests: earlier attempts of the row were counted already.
-        retries = stats.retries - retries
-        ctx.counters.api_requests["submit"] += 1 + retries + stats.rate_limited - rate_limited
+        # Each write below saves the row's state with this attempt's counts: a stop
+        # cannot come between them and lose the counts (earlier attempts saved theirs).
+        counts = attempt.tally(ctx, answered=True)
         if isinstance(result, TransportError):
             if not result.maybe_sent:
-                # The row's state first: a stop cancelling this worker at the retry count's
-                # await would otherwise leave it SUBMITTING (read as maybe billed).
-                await ctx.unsubmitted(_with(job, attempts=job.attempts - 1))
                 down = ApiUnreachable(f"cannot reach the API at {ctx.api.base_url}: {result}")
-                # Recorded before the next await: the row released its slot, so the run may
-                # end around this worker, and a cancel there would drop the error.
+                # Recorded first: once the row is handed back the run may end around this
+                # worker, and a cancel in the write would drop the error.
                 ctx.record_stop(down)
-                await ctx.count_retries(job, retries)
+                await ctx.unsubmitted(_with(job, attempts=job.attempts - 1), counts=counts)
                 raise down
-            await ctx.count_retries(job, retries)
             ctx.counters.unknown_submits += 1
             job = _with(job, unknown_submits=job.unknown_submits + 1)
             if ctx.options.resubmit_unknown:
@@ -157,24 +149,40 @@ async def submit_one(ctx: RunContext, job: Job, track: Callable[[Flight], object
                 # SUBMITTING, which the next run would count as a second unknown submit.
                 await ctx.checkpoint.update(
                     job.id,
+                    counts=counts,
                     state=PENDING,
                     attempts=job.attempts,
                     unknown_submits=job.unknown_submits,
                 )
                 log.warning("row %s: %s; sending it again (--resubmit-unknown)", job.id, result)
                 continue
-            await ctx.checkpoint.update(job.id, unknown_submits=job.unknown_submits)
-            await ctx.fail(job, UNKNOWN_OUTCOME)
-            await ctx.count_429s(job, stats.rate_limited)
+            await ctx.fail(job, UNKNOWN_OUTCOME, counts=counts, unknown_submits=job.unknown_submits)
             return
         # The answer is recorded first: nothing may come between a request_id and the
         # checkpoint, the row's retry and 429 counts included.
         # The job's clock starts when its POST went out, not when it began waiting for
         # the gate (rate-bound, submits wait longest): polls are timed from it.
-        await _settle(ctx, job, result, sent[-1] if sent else time.time(), stats, track, began)
-        await ctx.count_retries(job, retries)
-        await ctx.count_429s(job, stats.rate_limited)
+        sent_at = sent[-1] if sent else time.time()
+        await _settle(ctx, job, result, sent_at, stats, counts, track, began)
         return
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    """One submit attempt of a row: its share of ``stats``, which runs over them all."""
+
+    stats: CallStats
+    retries_before: int
+    rate_limited_before: int
+
+    def tally(self, ctx: RunContext, *, answered: bool) -> dict[str, int]:
+        """Count the attempt's requests in the run's totals (once, when it ends) and
+        return its retries and 429s, for the checkpoint write that ends it."""
+        retries = self.stats.retries - self.retries_before
+        rate_limited = self.stats.rate_limited - self.rate_limited_before
+        ctx.counters.api_requests["submit"] += int(answered) + retries + rate_limited
+        ctx.counters.retries += retries
+        return {"retries": retries, "rate_limited": rate_limited}
 
 
 class _Stopping(Exception):
@@ -182,11 +190,11 @@ class _Stopping(Exception):
 
 
 async def _post(
-    ctx: RunContext, job: Job, body: bytes, stats: CallStats, sent: list[float]
+    ctx: RunContext, job: Job, attempt: _Attempt, body: bytes, sent: list[float]
 ) -> Reply | TransportError:
     """POST through the gate; the row is SUBMITTING from the grant until the answer.
-    Each attempt's send time (epoch seconds) is appended to ``sent``. Raises _Stopping,
-    the row PENDING again, when its turn comes after the run stopped submitting."""
+    Each try's send time (epoch seconds) is appended to ``sent``. Raises _Stopping when
+    its turn comes after the run stopped submitting (the caller hands the row back)."""
     marked = False  # the row is SUBMITTING in the checkpoint
     on_wire = False  # a request of this row may be at the server, unanswered
 
@@ -224,16 +232,21 @@ async def _post(
             retry=ctx.retry,
             rng=ctx.rng,
             safe_to_resend=False,
-            stats=stats,
+            stats=attempt.stats,
             before_send=mark_sending,
         )
+    except _Stopping:
+        raise
     except BaseException:
         if marked and not on_wire:
-            # Stopped between attempts (in a backoff after a refused connection or a 5xx,
+            # Cancelled between tries (in a backoff after a refused connection or a 5xx,
             # or waiting for the gate): nothing of this row is at the server, so it is
             # PENDING, not a maybe-billed "unknown outcome" when the run resumes.
+            counts = attempt.tally(ctx, answered=False)
             with anyio.CancelScope(shield=True):
-                await ctx.checkpoint.update(job.id, state=PENDING, attempts=job.attempts - 1)
+                await ctx.checkpoint.update(
+                    job.id, counts=counts, state=PENDING, attempts=job.attempts - 1
+                )
         raise
 
 
@@ -243,15 +256,20 @@ async def _settle(
     reply: Reply,
     sent_at: float,
     stats: CallStats,
+    counts: dict[str, int],
     track: Callable[[Flight], object],
     began: float,
 ) -> None:
+    """Record the submit's answer; ``counts`` (the attempt's retries and 429s) go in the
+    same write as the row's new state."""
     outcome = reply.outcome
     if outcome is Outcome.OK:
         body = reply.body
         request_id = str(body.get("request_id") or "")
         if not request_id:
-            await ctx.fail(job, f"submit answered {reply.status} without a request_id")
+            await ctx.fail(
+                job, f"submit answered {reply.status} without a request_id", counts=counts
+            )
             return
         given = body.get("status_url") or body.get("poll_url"), body.get("response_url")
         status_url, response_url, replaced = api_urls(
@@ -266,6 +284,7 @@ async def _settle(
             )
         await ctx.checkpoint.update(
             job.id,
+            counts=counts,
             state=SUBMITTED,
             request_id=request_id,
             status_url=status_url,
@@ -289,19 +308,19 @@ async def _settle(
     # row's --max-failed-retries when the run resumes).
     unsent = _with(job, attempts=job.attempts - 1)
     if outcome is Outcome.AUTH:
-        await ctx.unsubmitted(unsent)
+        await ctx.unsubmitted(unsent, counts=counts)
         raise AuthError(
             f"the API refused the key ({reply.error_text()}); check "
             "SEGMIND_API_KEY. Nothing was lost: run again to resume",
             status=reply.status,
         )
     if outcome is Outcome.NOT_FOUND:
-        await ctx.unsubmitted(unsent)
+        await ctx.unsubmitted(unsent, counts=counts)
         raise UnknownModel(
             f"the API does not know model {job.model!r} ({reply.error_text()})", status=404
         )
     if outcome is Outcome.NO_CREDITS:
-        await ctx.unsubmitted(unsent)
+        await ctx.unsubmitted(unsent, counts=counts)
         ctx.stop(
             f"out of credits ({reply.error_text()}): no new submits; finishing the "
             f"jobs in flight. Top up, then run the same command again to resume"
@@ -310,7 +329,7 @@ async def _settle(
     if outcome is Outcome.RETRY and ctx.last_ok < began:
         # 5xx on every attempt, and no request of the run succeeded meanwhile: the API is
         # down, not this row's fault. A 5xx created no job: the row waits for the next run.
-        await ctx.unsubmitted(unsent)
+        await ctx.unsubmitted(unsent, counts=counts)
         raise ApiUnreachable(
             f"the API answered {reply.error_text()} to every attempt of a submit "
             f"({stats.retries + 1}) and to everything else meanwhile. Nothing was lost: "
@@ -320,9 +339,10 @@ async def _settle(
         await ctx.fail(
             job,
             f"gave up after {stats.retries + 1} attempts: {reply.error_text()}",
+            counts=counts,
         )
         return
-    await ctx.fail(job, reply.error_text())  # 400, 422, other 4xx
+    await ctx.fail(job, reply.error_text(), counts=counts)  # 400, 422, other 4xx
 
 
 def _with(job: Job, **changes: Any) -> Job:

@@ -171,6 +171,36 @@ async def test_a_kept_row_takes_its_new_line_number(cp: Checkpoint) -> None:
     assert rows["r1"] == (1, PENDING)
 
 
+async def test_an_update_sets_the_state_and_adds_the_counts_in_one_statement(
+    cp: Checkpoint,
+) -> None:
+    await cp.add_rows([_row(1)])
+    await cp.increment("r1", "retries", 2)
+    statements: list[str] = []
+    apply = cp._apply
+
+    def spy(batch: Any) -> None:
+        batch = list(batch)
+        statements.extend(sql for sql, _ in batch)
+        apply(batch)
+
+    cp._apply = spy  # type: ignore[method-assign]
+    await cp.update(
+        "r1", counts={"retries": 3, "rate_limited": 1, "polls": 0}, state=PENDING, attempts=1
+    )
+    await cp.update("r1", counts={"rate_limited": 0})  # nothing to set, nothing to add
+
+    assert statements[0] == (
+        "UPDATE jobs SET state=?, attempts=?, retries=retries+?, "
+        "rate_limited=rate_limited+? WHERE id=?"
+    )
+    assert _read(cp.path, "SELECT state, attempts, retries, rate_limited, polls FROM jobs") == [
+        (PENDING, 1, 5, 1, 0)
+    ]
+    with pytest.raises(ValueError, match="not checkpoint columns"):
+        await cp.update("r1", counts={"sneaky": 1})
+
+
 async def test_update_refuses_a_column_that_does_not_exist(cp: Checkpoint) -> None:
     await cp.add_rows([_row(1)])
     with pytest.raises(ValueError, match="not checkpoint columns"):

@@ -6,7 +6,6 @@ that nothing was paid twice and nothing was left behind.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import csv
 import dataclasses
 import sqlite3
@@ -446,41 +445,68 @@ async def test_an_unreachable_api_stops_resumably_with_no_row_taken_for_sent(
     assert server.stats()["accepted"] == len(final)
 
 
-async def test_a_stop_cancelling_workers_at_their_retry_count_leaves_no_row_submitting(
+async def test_a_stop_keeps_the_retry_counts_of_every_row_it_hands_back(
     tmp_path: Path, sim: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The race behind 90cf1a8, made certain: the first worker refused a connection
-    stops the run while the others wait in their retry count's checkpoint write. Each
-    must have handed its row back to PENDING before that await, or the row stays
-    SUBMITTING and a resume takes it for maybe billed."""
+    """Every connection refused: the first row out of tries stops the run while the
+    others are in a backoff or at the gate. Each row goes back to PENDING (not
+    SUBMITTING, which a resume would take for maybe billed) with its retries in the
+    same write: before, a row cancelled in its backoff lost them, and the first row's
+    were a separate write that the stop could cancel."""
     manifest = _manifest(tmp_path, instantid=6)
     server = await sim(time_scale=SCALE, image_size=(64, 64))
-    options = _options(manifest, server)
-    waiting: list[str] = []
-    others_waiting = asyncio.Event()
+    options = _options(manifest, server, retry=RetryConfig(base_s=2.0, max_attempts=4))
+    posts: Counter[bytes] = Counter()
 
-    async def refused(self: ApiClient, model: str, params: Any) -> Reply:
+    async def refused(self: ApiClient, model: str, body: bytes) -> Reply:
+        posts[body] += 1
         raise TransportError("cannot connect: [Errno 111] Connection refused", maybe_sent=False)
-
-    async def count_retries(self: Any, job: Any, retries: int) -> None:
-        waiting.append(job.id)
-        if len(waiting) == 1:  # the first stops the run once the others are in here
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(others_waiting.wait(), 10)
-            return
-        if len(waiting) == 3:
-            others_waiting.set()
-        await asyncio.sleep(3600)  # cancelled by the stop
 
     with monkeypatch.context() as patch:
         patch.setattr(ApiClient, "submit", refused)
-        patch.setattr(run_module.RunContext, "count_retries", count_retries)
         first = await arun(options)
 
     assert first.exit_code == EXIT_STOPPED
-    assert len(waiting) >= 3  # the race was run: two workers were cancelled in the await
+    assert "cannot reach the API" in first.text()
     rows = _results(options.out)
     assert {(r["status"], r["attempts"]) for r in rows.values()} == {("PENDING", 0)}
+    # The race was run: some row was stopped with tries left.
+    assert any(n < 4 for n in posts.values()), posts
+    # A refused POST is a retry but the last of a row's four; a row stopped in its
+    # backoff (or at the gate) after n POSTs was retrying its n-th.
+    assert sorted(min(n, 3) for n in posts.values()) == sorted(
+        r["retries"] for r in rows.values() if r["retries"]
+    )
+    assert first.summary is not None
+    assert first.summary.api_requests == sum(posts.values())
+
+
+async def test_a_stop_keeps_the_429_counts_of_rows_waiting_at_the_gate(
+    tmp_path: Path, sim: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each row's first POST is answered 429 with an hour's Retry-After; Ctrl-C while
+    they wait at the gate. Each row is PENDING again with its 429 in the same write
+    (before, a row cancelled at the gate lost it, and the report undercounted 429s)."""
+    manifest = _manifest(tmp_path, instantid=4)
+    server = await sim(time_scale=SCALE, image_size=(64, 64))
+    options = _options(manifest, server)
+    posts: list[bytes] = []
+
+    async def too_many(self: ApiClient, model: str, body: bytes) -> Reply:
+        posts.append(body)
+        return Reply(429, {"error": "Too Many Requests"}, {"Retry-After": "3600"})
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ApiClient, "submit", too_many)
+        first = await _interrupted_run(options, lambda: len(posts) >= 1)
+
+    assert first.exit_code == EXIT_STOPPED
+    rows = _results(options.out)
+    assert len(posts) >= 1
+    assert {(r["status"], r["attempts"]) for r in rows.values()} == {("PENDING", 0)}
+    assert sorted(Counter(posts).values()) == sorted(
+        r["rate_limited"] for r in rows.values() if r["rate_limited"]
+    )
 
 
 async def test_a_finished_run_run_again_reads_and_rewrites_nothing(
