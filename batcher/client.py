@@ -30,6 +30,9 @@ _CHUNK = 256 * 1024
 #: warns that a larger bytes body "might lock the event loop"); answers larger than this
 #: are parsed off it.
 LARGE_BODY_BYTES = 1024 * 1024
+#: Seconds for a TCP connection to open. Past it nothing was sent: the request is tried
+#: again, and a run whose every connection times out so stops as an outage.
+CONNECT_TIMEOUT_S = 20.0
 
 
 class Outcome(Enum):
@@ -102,12 +105,19 @@ class ApiClient:
         api_key: str,
         *,
         timeout_s: float = 60.0,
+        connect_timeout_s: float | None = None,
     ) -> None:
         self._session = session
         self.base_url = base_url.rstrip("/")
         self.__key = api_key
         self._redact = _Redactor(api_key)
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        # A TCP connect timeout of its own: past it aiohttp raises ConnectionTimeoutError,
+        # which says nothing was sent. Under the total alone a connection that never opens
+        # (a firewall dropping packets) ends in a bare TimeoutError, read as "maybe sent".
+        # Not `connect`, which counts the wait for a free pooled connection too: a slow
+        # API would then look unreachable.
+        self._connect_s = min(connect_timeout_s or CONNECT_TIMEOUT_S, timeout_s)
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=self._connect_s)
 
     def __repr__(self) -> str:
         return f"ApiClient(base_url={self.base_url!r})"
@@ -156,6 +166,12 @@ class ApiClient:
         except aiohttp.ClientConnectorError as exc:
             # The connection never opened: nothing was sent.
             raise TransportError(f"cannot connect: {exc.os_error}", maybe_sent=False) from None
+        except aiohttp.ConnectionTimeoutError:
+            raise TransportError(
+                f"cannot connect: no connection within {self._connect_s:g} s", maybe_sent=False
+            ) from None
+        except aiohttp.InvalidURL:
+            raise TransportError("cannot connect: not a valid URL", maybe_sent=False) from None
         except (TimeoutError, aiohttp.ClientError) as exc:
             # Reset, disconnect or timeout after the request went out: it may have arrived.
             name = type(exc).__name__

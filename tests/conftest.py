@@ -4,9 +4,10 @@ model pages' example payloads."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +166,25 @@ def infinite_you_payload() -> dict[str, Any]:
 def clock() -> Clock:
     """A held clock for ``sim(clock=clock)``, at 1000.0 until the test moves it."""
     return Clock()
+
+
+@pytest.fixture
+def blackhole() -> Iterator[int]:
+    """A port on 127.0.0.1 whose connections never open: it listens, but its accept
+    queue is full, so the kernel drops every new SYN (as a firewall does)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)
+        port = server.getsockname()[1]
+        fillers = [socket.socket() for _ in range(4)]
+        try:
+            for filler in fillers:
+                filler.setblocking(False)
+                filler.connect_ex(("127.0.0.1", port))
+            yield port
+        finally:
+            for filler in fillers:
+                filler.close()
 
 
 @pytest.fixture

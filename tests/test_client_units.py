@@ -243,6 +243,28 @@ async def test_a_refused_connection_was_not_sent() -> None:
     assert KEY not in str(raised.value)
 
 
+async def test_a_connection_that_never_opens_was_not_sent(blackhole: int) -> None:
+    """Before, only the total timeout applied, and its bare TimeoutError read as "maybe
+    sent": every row of a run behind a dead firewall ended FAILED "maybe billed"."""
+    async with aiohttp.ClientSession() as session:
+        api = ApiClient(session, f"http://127.0.0.1:{blackhole}", KEY)
+        api_fast = ApiClient(
+            session, f"http://127.0.0.1:{blackhole}", KEY, timeout_s=5.0, connect_timeout_s=0.3
+        )
+        assert api._timeout.sock_connect == client_module.CONNECT_TIMEOUT_S
+        with pytest.raises(TransportError) as raised:
+            await api_fast.submit("instantid", json_body({"prompt": "a"}))
+    assert raised.value.maybe_sent is False
+    assert str(raised.value) == "cannot connect: no connection within 0.3 s"
+
+
+async def test_an_invalid_url_was_not_sent(mocked: aioresponses, client: ApiClient) -> None:
+    mocked.post(SUBMIT, exception=aiohttp.InvalidURL(SUBMIT))
+    with pytest.raises(TransportError) as raised:
+        await client.submit("instantid", json_body({"prompt": "a"}))
+    assert raised.value.maybe_sent is False
+
+
 #: A key with what JSON escapes in it: "/" (as \/ by some servers), '"' and non-ASCII.
 ODD_KEY = 'sk-Odd/Key"S\u00e9cret-0042'
 ODD_B64 = base64.b64encode(ODD_KEY.encode()).decode()

@@ -20,6 +20,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from conftest import in_checkpoint, until
 
+import batcher.client as client_module
+from batcher.backoff import RetryConfig
 from batcher.client import ApiClient, Reply, TransportError
 from batcher.errors import AuthError
 from batcher.gate import RateConfig
@@ -411,3 +413,25 @@ async def test_the_last_rows_refused_connection_still_says_why_the_run_stopped(
     assert result.exit_code == EXIT_STOPPED, result.text()
     assert result.stop_reason is not None
     assert "cannot reach the API" in result.stop_reason
+
+
+async def test_an_api_whose_connections_never_open_stops_the_run_with_nothing_failed(
+    tmp_path: Path, blackhole: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dead VPN or a firewall dropping packets: no connection opens, so nothing was
+    sent. Each submit is tried again, then the run stops (exit 4) with every row PENDING.
+    Before, each ended FAILED "outcome unknown, may be billed", never to be sent again,
+    and the run went on through the whole manifest."""
+    monkeypatch.setattr(client_module, "CONNECT_TIMEOUT_S", 0.2)
+    options = dataclasses.replace(
+        _options(tmp_path, f"http://127.0.0.1:{blackhole}", 0.001, rows=3),
+        retry=RetryConfig(max_attempts=2),
+    )
+
+    result = await arun(options)
+
+    assert result.exit_code == EXIT_STOPPED, result.text()
+    assert "cannot reach the API" in result.text()
+    assert "no connection within 0.2 s" in result.text()
+    rows = pq.read_table(options.out / "results.parquet").to_pylist()
+    assert {(r["status"], r["attempts"], r["unknown_submits"]) for r in rows} == {("PENDING", 0, 0)}
