@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from batcher.backoff import RetryConfig
 from batcher.client import DEFAULT_BASE_URL
@@ -30,6 +31,27 @@ def check_time_scale(value: float) -> None:
     low, high = TIME_SCALE_RANGE
     if not low <= value <= high:  # NaN fails every comparison
         raise UsageError(f"--time-scale must be between {low:g} and {high:g}, got {value:g}")
+
+
+def check_base_url(url: str) -> None:
+    """Raise :class:`UsageError` unless ``url`` is an address to send the API's requests
+    to: http(s), a host, a port that can be connected to, no user, password or query (a
+    credential there would be sent, and shown in messages)."""
+    shown = repr(url)
+    try:
+        parts = urlsplit(url)
+        if parts.username is not None or parts.password is not None or parts.query:
+            shown = "the URL given (not shown: it may hold a secret)"
+            raise ValueError("it holds a user, password or query; the key goes in SEGMIND_API_KEY")
+        port = parts.port  # raises for a port that is not a number in 0-65535
+        if parts.scheme.lower() not in ("http", "https"):
+            raise ValueError("it must start with http:// or https://")
+        if not parts.hostname or any(c.isspace() for c in url):
+            raise ValueError("it has no host" if not parts.hostname else "it contains a space")
+        if port == 0 or parts.fragment:
+            raise ValueError("port 0 cannot be connected to" if port == 0 else "it has a #fragment")
+    except ValueError as exc:
+        raise UsageError(f"--base-url must be the API's http(s) address; {shown}: {exc}") from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,8 +96,7 @@ class RunOptions:
             check_time_scale(self.time_scale)
         if self.submit_concurrency < 1:
             raise UsageError("submit_concurrency must be >= 1")
-        if not self.base_url.startswith(("http://", "https://")):
-            raise UsageError(f"--base-url must be an http(s) URL, got {self.base_url!r}")
+        check_base_url(self.base_url)
 
     @property
     def scale(self) -> float:

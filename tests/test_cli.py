@@ -190,6 +190,58 @@ def test_a_time_scale_out_of_range_is_refused_before_anything_is_written(
     assert not out.exists()
 
 
+@pytest.mark.usefixtures("_sigint")
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("http://127.0.0.1:18O03", "Port could not be cast to integer value as '18O03'"),
+        ("http://127.0.0.1:99999", "Port out of range 0-65535"),
+        ("http://127.0.0.1:0", "port 0 cannot be connected to"),
+        ("http:///v2", "it has no host"),
+        ("http://[::1", "Invalid IPv6 URL"),
+        ("http://api.segmind .com", "it contains a space"),
+        ("api.segmind.com", "it must start with http:// or https://"),
+        ("https://api.segmind.com/#x", "it has a #fragment"),
+    ],
+)
+def test_a_base_url_that_cannot_be_dialled_is_refused_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], url: str, why: str
+) -> None:
+    """Before, a port typo was let through: every submit failed "outcome unknown, may
+    be billed", and those rows were never sent again, the URL once fixed."""
+    out = tmp_path / "out"
+
+    code = main(["run", str(DEMO), "--model", "instantid", "--out", str(out), "--base-url", url])
+
+    assert code == 2
+    assert capsys.readouterr().err == (
+        f"batcher: --base-url must be the API's http(s) address; {url!r}: {why}\n"
+    )
+    assert not out.exists()
+
+
+@pytest.mark.usefixtures("_sigint")
+@pytest.mark.parametrize("url", ["https://user:hunter2@api.segmind.com", "https://h/?key=hunter2"])
+def test_a_base_url_with_a_credential_is_refused_and_not_shown(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], url: str
+) -> None:
+    code = main(
+        ["run", str(DEMO), "--model", "instantid", "--out", str(tmp_path / "o"), "--base-url", url]
+    )
+
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "hunter2" not in err
+    assert "the key goes in SEGMIND_API_KEY" in err
+
+
+@pytest.mark.parametrize(
+    "url", ["https://api.segmind.com", "http://[::1]:80/", "https://p.example/segmind/"]
+)
+def test_a_base_url_with_a_path_or_an_ipv6_host_is_accepted(url: str) -> None:
+    assert RunOptions(manifest=DEMO, out=Path("out"), base_url=url).base_url == url
+
+
 @pytest.mark.parametrize("scale", [0.001, 1000.0])
 def test_the_ends_of_the_time_scale_range_are_accepted(scale: float) -> None:
     assert RunOptions(manifest=DEMO, out=Path("out"), time_scale=scale).scale == scale
