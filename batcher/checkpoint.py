@@ -158,6 +158,11 @@ def _job(row: Sequence[Any]) -> Job:
     )
 
 
+#: A row whose last submit may or may not have created a (billed) job: it never had an
+#: answer with a request_id since.
+_UNKNOWN_OUTCOME = "unknown_submits > 0 AND request_id IS NULL"
+
+
 @functools.cache
 def _update_sql(names: tuple[str, ...], added: tuple[str, ...] = ()) -> str:
     """``UPDATE`` by id that sets the columns ``names`` and adds to the columns ``added``;
@@ -468,17 +473,29 @@ class Checkpoint:
         result: dict[str, int] = await self._call(get)
         return result
 
-    async def reopen_failed(self, *, unknown_only: bool) -> int:
-        """Send FAILED rows back to PENDING (the user asked to pay for them again)."""
-        where = "state='FAILED'" + (
-            " AND unknown_submits > 0 AND request_id IS NULL" if unknown_only else ""
-        )
+    async def reopen_failed(self, *, known: bool, unknown: bool) -> tuple[int, int]:
+        """Send FAILED rows back to PENDING (the user asked to pay for them again): those
+        that failed for a known reason (``known``), those whose submit outcome is unknown,
+        so that they may exist and be billed already (``unknown``). Returns how many were
+        reopened, and how many FAILED rows of an unknown outcome stay FAILED."""
+        chosen = [f"NOT ({_UNKNOWN_OUTCOME})"] if known else []
+        chosen += [f"({_UNKNOWN_OUTCOME})"] if unknown else []
+        where = " OR ".join(chosen)
 
-        def run() -> int:
-            cur = self._conn.execute(f"UPDATE jobs SET state='PENDING', error=NULL WHERE {where}")
-            return cur.rowcount
+        def run() -> tuple[int, int]:
+            db = self._conn
+            reopened = 0
+            if where:
+                reopened = db.execute(
+                    f"UPDATE jobs SET state='PENDING', error=NULL "
+                    f"WHERE state='FAILED' AND ({where})"
+                ).rowcount
+            kept = db.execute(
+                f"SELECT COUNT(*) FROM jobs WHERE state='FAILED' AND {_UNKNOWN_OUTCOME}"
+            ).fetchone()[0]
+            return reopened, kept
 
-        result: int = await self._call(run)
+        result: tuple[int, int] = await self._call(run)
         return result
 
     # -- transitions -------------------------------------------------------------------------

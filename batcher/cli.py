@@ -127,7 +127,8 @@ def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument(
         "--retry-failed",
         action="store_true",
-        help="submit again the rows that ended FAILED in earlier runs",
+        help="submit again the rows that ended FAILED in earlier runs, except those whose "
+        "submit outcome is unknown (they may be billed already: --resubmit-unknown sends them)",
     )
     p.add_argument(
         "--max-failed-retries",

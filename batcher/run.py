@@ -209,12 +209,26 @@ async def _intake(
         await cp.set_meta("manifest", identity)
     if options.retry_failed or options.resubmit_unknown:
         await _results_stale(cp)
-    if options.retry_failed:
-        n = await cp.reopen_failed(unknown_only=False)
-        log.info("--retry-failed: %d FAILED rows will be submitted again", n)
-    elif options.resubmit_unknown:
-        n = await cp.reopen_failed(unknown_only=True)
-        log.info("--resubmit-unknown: %d rows with an unknown submit outcome go again", n)
+        reopened, kept = await cp.reopen_failed(
+            known=options.retry_failed, unknown=options.resubmit_unknown
+        )
+        asked = " ".join(
+            flag
+            for flag, on in (
+                ("--retry-failed", options.retry_failed),
+                ("--resubmit-unknown", options.resubmit_unknown),
+            )
+            if on
+        )
+        log.info("%s: %d FAILED rows will be submitted again", asked, reopened)
+        if kept:
+            # At-most-once holds unless asked for by name: --retry-failed is for rows that
+            # failed for a reason, and would pay these a second time.
+            log.warning(
+                "%d FAILED rows whose submit outcome is unknown (their jobs may exist and "
+                "be billed) are not sent again; add --resubmit-unknown to send them too",
+                kept,
+            )
 
 
 # results.parquet is "fresh" when it was written after the checkpoint's last change: a

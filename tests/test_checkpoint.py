@@ -217,11 +217,19 @@ async def test_reopen_failed_sends_back_only_what_was_asked(cp: Checkpoint) -> N
     await cp.update("r3", state=FAILED, error="No face", request_id="q3", unknown_submits=1)
     await cp.update("r4", state=COMPLETED)
 
-    assert await cp.reopen_failed(unknown_only=True) == 1
-    assert [j.id for j in await cp.jobs_in([PENDING])] == ["r2"]
-    assert await cp.reopen_failed(unknown_only=False) == 2
+    assert await cp.reopen_failed(known=False, unknown=False) == (0, 1)
+    assert await cp.reopen_failed(known=True, unknown=False) == (2, 1)  # r2 may be billed
+    assert [j.id for j in await cp.jobs_in([PENDING])] == ["r1", "r3"]
+    assert await cp.reopen_failed(known=False, unknown=True) == (1, 0)
     assert [j.id for j in await cp.jobs_in([PENDING])] == ["r1", "r2", "r3"]
     assert _read(cp.path, "SELECT COUNT(*) FROM jobs WHERE error IS NOT NULL") == [(0,)]
+
+
+async def test_reopen_failed_both_ways_at_once(cp: Checkpoint) -> None:
+    await cp.add_rows([_row(n) for n in range(1, 3)])
+    await cp.update("r1", state=FAILED, error="No face detected", request_id="q1")
+    await cp.update("r2", state=FAILED, error="unknown outcome", unknown_submits=1)
+    assert await cp.reopen_failed(known=True, unknown=True) == (2, 0)
 
 
 # -- manifest rows -----------------------------------------------------------------------------

@@ -53,6 +53,14 @@ def _manifest(tmp_path: Path, *, instantid: int, infinite_you: int = 0) -> Path:
     return path
 
 
+def _csv(tmp_path: Path, text: str) -> Path:
+    """A manifest of these lines, beside the face.png its rows name."""
+    Image.new("RGB", (64, 64)).save(tmp_path / "face.png")
+    manifest = tmp_path / "jobs.csv"
+    manifest.write_text(text)
+    return manifest
+
+
 def _options(manifest: Path, sim: SimServer, **changes: Any) -> RunOptions:
     return RunOptions(
         manifest=manifest,
@@ -384,12 +392,11 @@ async def test_a_resumed_job_sent_back_for_resubmission_is_submitted_once(
 ) -> None:
     """A job an earlier run left in flight, requeued by this run (FAILED, or expired), is
     PENDING in the checkpoint and in the requeue line at once: it must go out once."""
-    Image.new("RGB", (64, 64)).save(tmp_path / "face.png")
-    manifest = tmp_path / "jobs.csv"
-    manifest.write_text(
+    manifest = _csv(
+        tmp_path,
         "id,model,prompt,face_image,id_image\n"
         "fast,instantid,portrait sim:no-face,face.png,\n"
-        "slow,infinite-you,gentleman sim:blocked,,face.png\n"
+        "slow,infinite-you,gentleman sim:blocked,,face.png\n",
     )
     server = await sim(time_scale=SCALE, image_size=(64, 64))
     out = manifest.parent / "out"
@@ -411,6 +418,62 @@ async def test_a_resumed_job_sent_back_for_resubmission_is_submitted_once(
     assert {r["status"] for r in final.values()} == {"FAILED"}
     assert final["fast"]["attempts"] == final["slow"]["attempts"] == 2
     assert server.stats()["accepted"] == 4  # two per row, none twice in one attempt
+
+
+async def test_retry_failed_does_not_pay_again_for_a_submit_of_unknown_outcome(
+    tmp_path: Path, sim: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--retry-failed is for rows that failed for a reason. Before, it also sent the rows
+    whose submit outcome was unknown (maybe billed), which only --resubmit-unknown may:
+    an audit paid six jobs twice so."""
+    manifest = _csv(
+        tmp_path,
+        "id,model,prompt,face_image\n"
+        "ok,instantid,portrait,face.png\n"
+        "noface,instantid,portrait sim:no-face,face.png\n"
+        "lost1,instantid,lost one,face.png\n"
+        "lost2,instantid,lost two,face.png\n",
+    )
+    server = await sim(time_scale=SCALE, image_size=(64, 64))
+    once = RetryConfig(max_failed_retries=0)
+    submit = ApiClient.submit
+
+    async def lost(self: ApiClient, model: str, body: bytes) -> Reply:
+        if b"lost" in body:
+            raise TransportError("connection lost (ServerDisconnectedError)", maybe_sent=True)
+        return await submit(self, model, body)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ApiClient, "submit", lost)
+        first = await arun(_options(manifest, server, retry=once))
+    assert first.exit_code == EXIT_FAILED_ROWS
+    rows = _results(manifest.parent / "out")
+    assert {i: r["status"] for i, r in rows.items()} == {
+        "ok": "COMPLETED",
+        "noface": "FAILED",
+        "lost1": "FAILED",
+        "lost2": "FAILED",
+    }
+    accepted = server.stats()["accepted"]
+
+    second = await arun(_options(manifest, server, retry=once, retry_failed=True))
+
+    assert server.stats()["accepted"] == accepted + 1  # "noface" only
+    rows = _results(manifest.parent / "out")
+    assert [rows[i]["error"] for i in ("lost1", "lost2")] == [UNKNOWN_OUTCOME] * 2
+    assert second.exit_code == EXIT_FAILED_ROWS
+    assert (
+        "2 FAILED rows whose submit outcome is unknown (their jobs may exist and be billed) "
+        "are not sent again; add --resubmit-unknown to send them too"
+    ) in caplog.messages
+
+    third = await arun(_options(manifest, server, retry=once, resubmit_unknown=True))
+
+    assert server.stats()["accepted"] == accepted + 3
+    assert {r["status"] for i, r in _results(manifest.parent / "out").items() if i != "noface"} == {
+        "COMPLETED"
+    }
+    assert third.exit_code == EXIT_FAILED_ROWS  # "noface" is FAILED still
 
 
 async def test_an_unreachable_api_stops_resumably_with_no_row_taken_for_sent(
