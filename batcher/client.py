@@ -195,7 +195,8 @@ async def _read_capped(resp: aiohttp.ClientResponse) -> bytes | None:
 
 class _Redactor:
     """An answer's body, decoded, with every echo of the key replaced by ``***``: as sent
-    or in another letter case, JSON-escaped (``\\/``, ``\\"``, ``\\u00e9``), or base64.
+    or in another letter case, JSON-escaped (``\\/``, ``\\"``, ``\\u00e9``), or base64;
+    and every run of half the key or more (a server "masking" it as ``sk-AUDITSEC...``).
 
     The decoded strings (keys and values, at any depth) are rewritten only when the raw
     body holds a clue: the longest run of each form that JSON leaves unescaped, in any
@@ -205,11 +206,17 @@ class _Redactor:
     """
 
     def __init__(self, key: str) -> None:
-        forms = {key, *_base64_forms(key.encode())}
+        shortest = max(_MIN_FORM, (len(key) + 1) // 2)
+        whole = {key, *_base64_forms(key.encode())}
+        forms = whole | _runs(key, shortest)
         pattern = "|".join(re.escape(f) for f in sorted(forms, key=len, reverse=True))
         self._text = re.compile(pattern, re.IGNORECASE)
-        self._raw = re.compile(pattern.encode(), re.IGNORECASE)
-        runs = {max(_UNESCAPED.findall(form), key=len, default="").lower() for form in forms}
+        # Not right after a backslash: "***" there would break a JSON escape (a run of
+        # the key from its '"' on, say), and the decoded walk finds such echoes anyway.
+        self._raw = re.compile(rb"(?<!\\)(?:" + pattern.encode() + rb")", re.IGNORECASE)
+        # Each run of the key that long holds one of its anchors: they are its clues.
+        clued = whole | _anchors(key, shortest)
+        runs = {max(_UNESCAPED.findall(form), key=len, default="").lower() for form in clued}
         self._always = "" in runs  # a form with no plain run: no cheap test, always walk
         # A run that holds another is found only where that one is: one search does both.
         self._clues = tuple(
@@ -253,6 +260,25 @@ class _Redactor:
 _UNESCAPED = re.compile(r'[^"\\/\x00-\x1f\x7f-\U0010ffff]+')
 #: Base64 forms shorter than this are not looked for: they would match ordinary text.
 _MIN_FORM = 8
+
+
+def _runs(key: str, shortest: int) -> set[str]:
+    """Every run of the key's characters ``shortest`` long or more. Half the key (and
+    _MIN_FORM at least) is enough: what is left of a key echoed in part is too little
+    to keep it secret. A masked echo that keeps fewer (``sk-...cdef``) is left alone."""
+    return {
+        key[start:end]
+        for start in range(len(key) - shortest + 1)
+        for end in range(start + shortest, len(key) + 1)
+    }
+
+
+def _anchors(key: str, shortest: int) -> set[str]:
+    """Runs of the key, about half ``shortest`` long, placed so that every run of
+    ``shortest`` holds one: a few substring searches find all of them."""
+    size = (shortest + 1) // 2
+    step = shortest - size + 1
+    return {key[start : start + size] for start in range(0, len(key) - size + 1, step)}
 
 
 def _base64_forms(raw: bytes) -> set[str]:

@@ -322,6 +322,44 @@ async def test_an_echo_of_the_key_in_any_form_is_redacted(mocked: aioresponses, 
         assert part.rstrip("=").casefold()[:8] not in shown, part
 
 
+@pytest.mark.parametrize(
+    "echo",
+    [
+        KEY[: len(KEY) // 2 + 1] + "...",  # "masked", the rest of it guessable
+        "..." + KEY[-(len(KEY) // 2 + 1) :],
+        KEY[2:-2].upper(),
+    ],
+)
+async def test_half_the_key_or_more_echoed_is_redacted(mocked: aioresponses, echo: str) -> None:
+    """An audit's server echoed the key's first 14 characters of 21: that reached the
+    log, the checkpoint and results.parquet."""
+    _answer(mocked, "GET", STATUS, status=400, body={"error": f"bad request for key {echo}"})
+    async with aiohttp.ClientSession() as session:
+        reply = await ApiClient(session, BASE, KEY).get(STATUS)
+    assert reply.body == {"error": f"bad request for key {echo.replace(echo.strip('.'), '***')}"}
+
+
+@pytest.mark.parametrize("length", range(1, 90))
+def test_every_run_of_the_key_long_enough_to_redact_holds_one_of_its_clues(length: int) -> None:
+    """The cheap test (a few substring searches) must see every run that the slow path
+    would redact, or a partial echo would pass unseen."""
+    key = "".join(chr(0x41 + (n * 7) % 26) + str(n % 10) for n in range(length))[:length]
+    shortest = max(client_module._MIN_FORM, (length + 1) // 2)
+    anchors = client_module._anchors(key, shortest)
+    for run in client_module._runs(key, shortest):
+        assert any(anchor in run for anchor in anchors), run
+
+
+async def test_a_masked_echo_of_less_than_half_the_key_is_left_as_it_is(
+    mocked: aioresponses,
+) -> None:
+    body = {"error": f"bad key {KEY[:4]}...{KEY[-4:]}"}
+    _answer(mocked, "GET", STATUS, status=401, body=body)
+    async with aiohttp.ClientSession() as session:
+        reply = await ApiClient(session, BASE, KEY).get(STATUS)
+    assert reply.body == body
+
+
 async def test_an_answer_without_the_key_is_left_as_it_is(mocked: aioresponses) -> None:
     body = {
         "status": "COMPLETED",
