@@ -279,7 +279,12 @@ def _add_sim_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--slow-rate", type=_fraction, default=0.0, help="fraction of slow answers")
     p.add_argument("--slow", type=float, default=5.0, help="seconds a slow answer waits")
     p.add_argument("--truncate-rate", type=_fraction, default=0.0, help="fraction of cut downloads")
-    p.add_argument("--fail-rate", type=_fraction, default=0.0, help="fraction of FAILED jobs")
+    p.add_argument(
+        "--fail-rate",
+        type=_fraction,
+        default=0.0,
+        help="fraction of FAILED jobs (not billed: the charge is returned when one fails)",
+    )
     p.add_argument("--credits", type=float, help="account balance in USD (default: unlimited)")
     p.add_argument("--retention", type=float, default=3600.0, help="seconds results are kept")
     p.add_argument(

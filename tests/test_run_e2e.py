@@ -448,7 +448,34 @@ async def test_a_job_failed_more_than_once_is_retried_up_to_its_limit_and_its_po
     assert (row["status"], row["error"], row["attempts"]) == ("FAILED", FAILURES[0], 3)
     stats = server.stats()
     assert stats["accepted"] == 3
+    assert (stats["billed"], stats["paid_twice"]) == (0, 0)  # FAILED jobs are not billed
     assert row["polls"] == _requests(stats, "status")  # the polls of every attempt
+
+
+async def test_a_row_resubmitted_after_failed_is_billed_once_and_never_paid_twice(
+    tmp_path: Path, sim: Any
+) -> None:
+    """FAILED jobs are not billed (API contract): resubmitting one pays for nothing twice."""
+    spec = [{"id": f"r{n}", "prompt": f"portrait {n}", "face_image": "https://x/a.jpg"}
+            for n in range(20)]  # fmt: skip
+    manifest = _write_manifest(tmp_path / "jobs.csv", spec)
+    server = await sim(
+        time_scale=SCALE, fail_rate=0.3, credits_usd=10.0, image_size=(64, 64), seed=4
+    )
+    out = tmp_path / "out"
+    retry = RetryConfig(max_failed_retries=20)  # no row fails 21 times in a row
+
+    result = await arun(_options(manifest, out, server, model="instantid", retry=retry))
+
+    assert result.exit_code == EXIT_OK, result.text()
+    rows = _results(out)
+    assert {r["status"] for r in rows} == {"COMPLETED"}
+    attempts = sum(r["attempts"] for r in rows)
+    assert attempts > len(spec), "no job failed: raise fail_rate"
+    stats = server.stats()
+    assert (stats["accepted"], stats["billed"]) == (attempts, len(spec))
+    assert stats["paid_twice"] == 0
+    assert stats["credits_remaining_usd"] == pytest.approx(10.0 - 0.025 * len(spec))
 
 
 # -- 6. rows that cannot be sent, manifests that cannot be used ------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import aiohttp
 import pytest
 from conftest import Api, Clock, StartSim
 
@@ -85,6 +86,43 @@ async def test_unlimited_credits_by_default(
     assert await _credits(api, server.base_url) is None
 
 
+async def test_a_failed_job_is_held_while_it_runs_then_not_billed(
+    sim: StartSim, api: Api, clock: Clock, instantid_payload: dict[str, Any]
+) -> None:
+    # A 20 ms job on a held clock: its charge is taken at submit (a 406 decides on it, as
+    # the service cannot know the job's fate yet) and given back when it ends FAILED.
+    server = await sim(
+        credits_usd=0.025,
+        time_scale=0.01,
+        latency_median_s={"instantid": 2.0},
+        latency_sigma=0.0,
+        clock=clock,
+    )
+    failing = {**instantid_payload, "prompt": "sim:no-face"}
+    code, sub = await api.submit(server.base_url, "instantid", failing)
+    assert code == 200
+    assert await _credits(api, server.base_url) == pytest.approx(0.0)
+    assert (await api.submit(server.base_url, "instantid", instantid_payload))[0] == 406
+    clock.now += 0.021  # the job has ended FAILED, polled or not
+    assert await _credits(api, server.base_url) == pytest.approx(0.025)
+    code, body = await api.get(sub["status_url"])
+    assert (code, body["status"]) == (422, "FAILED")
+    assert body["metrics"]["cost"] == 0
+    assert await _credits(api, server.base_url) == pytest.approx(0.025)  # returned once only
+    assert (await api.submit(server.base_url, "instantid", instantid_payload))[0] == 200
+    stats = server.stats()
+    assert (stats["accepted"], stats["billed"]) == (2, 1)
+
+
+async def test_a_failed_sync_job_is_not_billed(
+    sim: StartSim, api: Api, instantid_payload: dict[str, Any]
+) -> None:
+    server = await sim(credits_usd=0.025, **INSTANT)
+    failing = {**instantid_payload, "prompt": "sim:blocked"}
+    assert (await api.submit(server.base_url, "instantid", failing, version="v1"))[0] == 422
+    assert await _credits(api, server.base_url) == pytest.approx(0.025)
+
+
 # -- stats ---------------------------------------------------------------------------------------
 
 
@@ -153,3 +191,49 @@ async def test_live_jobs_drops_when_retention_passes_without_requests(
     assert server.stats()["live_jobs"] == 1
     clock.now += 0.002
     assert server.stats()["live_jobs"] == 0  # no API request in between to expire it
+
+
+async def test_paid_twice_counts_only_billed_jobs(
+    sim: StartSim, api: Api, instantid_payload: dict[str, Any]
+) -> None:
+    """The same payload sent until it completes: the FAILED tries before it cost nothing and
+    are paid for by no one, so the one that completes is not paid twice; a second completed
+    one is."""
+    server = await sim(fail_rate=0.5, credits_usd=1.0, seed=3, **INSTANT)
+
+    async def until_completed() -> int:
+        failed = 0
+        while True:
+            code, sub = await api.submit(server.base_url, "instantid", instantid_payload)
+            assert code == 200
+            code, body = await api.wait(sub["status_url"])
+            if body["status"] == "COMPLETED":
+                return failed
+            failed += 1
+
+    failed = await until_completed()
+    assert failed >= 1, "no job failed before the first completed: change the seed"
+    stats = server.stats()
+    assert (stats["accepted"], stats["billed"], stats["paid_twice"]) == (failed + 1, 1, 0)
+    assert stats["credits_remaining_usd"] == pytest.approx(1.0 - 0.025)
+    more = await until_completed()
+    stats = server.stats()
+    assert (stats["accepted"], stats["billed"]) == (failed + more + 2, 2)
+    assert stats["paid_twice"] == 1
+    assert stats["credits_remaining_usd"] == pytest.approx(1.0 - 0.05)
+
+
+@pytest.mark.parametrize(("prompt", "billed"), [("photo of a man", 2), ("sim:no-face", 0)])
+async def test_an_accepted_then_dropped_job_is_billed_unless_it_fails(
+    sim: StartSim, api: Api, instantid_payload: dict[str, Any], prompt: str, billed: int
+) -> None:
+    """The client never heard of the job, but the account pays for it (twice, if sent again),
+    unless it ends FAILED, as any job."""
+    server = await sim(drop_rate=1.0, drop_after_accept=1.0, credits_usd=1.0, **INSTANT)
+    for _ in range(2):
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await api.submit(server.base_url, "instantid", {**instantid_payload, "prompt": prompt})
+    stats = server.stats()
+    assert (stats["accepted_then_dropped"], stats["billed"]) == (2, billed)
+    assert stats["paid_twice"] == billed // 2
+    assert stats["credits_remaining_usd"] == pytest.approx(1.0 - 0.025 * billed)

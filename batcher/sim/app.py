@@ -71,6 +71,8 @@ class Emulator:
         self._images = ImageCache()
         self._outputs: dict[str, Job] = {}
         self._output_expiry: list[tuple[float, str]] = []
+        #: Heap of (done_at, request_id, cost): jobs that will end FAILED, charged until then.
+        self._refunds: list[tuple[float, str, float]] = []
         self._keys = (
             None if self.config.api_keys is None else {_key_id(k) for k in self.config.api_keys}
         )
@@ -166,7 +168,7 @@ class Emulator:
         )
 
     async def _accept(self, request: web.Request, key_id: str) -> Job | web.Response:
-        """Check model, body, parameters and credits; create the (billed) job."""
+        """Check model, body, parameters and credits; create the job, charged until it fails."""
         slug = request.match_info["model"]
         model = self.models.get(slug)
         if model is None:
@@ -174,6 +176,8 @@ class Emulator:
         params = await self._params(request, model)
         if isinstance(params, web.Response):
             return params
+        # Charged at submit, whatever the job's fate (the service cannot know it yet).
+        self._settle()
         if not self.credits.charge(model.cost_usd):
             return _error(406, "Insufficient credits: not enough credits to process request")
         canon = json.dumps([slug, params], sort_keys=True, default=str)
@@ -181,13 +185,21 @@ class Emulator:
         job = self.jobs.submit(
             model=model, params=model.with_defaults(params), key_id=key_id, digest=digest
         )
-        self.stats.accept(key_id, digest)
+        self.stats.accept(key_id, digest, billed=job.error is None)
+        if job.error is not None:
+            heapq.heappush(self._refunds, (job.done_at, job.request_id, job.cost))
         self._outputs[job.request_id] = job
         heapq.heappush(
             self._output_expiry,
             (job.submitted_at + self.config.scaled(self.config.output_retention_s), job.request_id),
         )
         return job
+
+    def _settle(self) -> None:
+        """Return the charge of every job that has ended FAILED: a FAILED job is not billed."""
+        now = self._clock()
+        while self._refunds and self._refunds[0][0] <= now:
+            self.credits.add(heapq.heappop(self._refunds)[2])
 
     async def _params(
         self, request: web.Request, model: ModelSpec
@@ -348,6 +360,7 @@ class Emulator:
     def snapshot(self) -> dict[str, Any]:
         """Stats plus live state, as ``GET /__sim/stats`` serves them."""
         self.jobs.expire()
+        self._settle()
         snap = self.stats.snapshot(self.config.time_scale)
         snap.update(
             live_jobs=len(self.jobs),
@@ -361,5 +374,6 @@ class Emulator:
 
     async def _add_credits(self, request: web.Request) -> web.Response:
         body = await request.json()
+        self._settle()
         self.credits.add(float(body.get("add_usd", 0)))
         return web.json_response({"credits_remaining_usd": self.credits.remaining})

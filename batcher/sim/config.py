@@ -56,7 +56,8 @@ class SimConfig:
     slow_s: float = 5.0
     #: Fraction of image downloads cut off before the declared length.
     truncate_rate: float = 0.0
-    #: Fraction of jobs that end FAILED with a realistic error.
+    #: Fraction of jobs that end FAILED with a realistic error (not billed: the charge taken
+    #: at submit is returned when the job fails).
     fail_rate: float = 0.0
     #: Account balance in USD; a submit that it cannot pay answers 406. None: unlimited.
     credits_usd: float | None = None

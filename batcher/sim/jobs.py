@@ -89,7 +89,7 @@ class Job:
             "inference_time": round(self.done_at - self.started_at, 6),
             "queue_time": round(self.started_at - self.submitted_at, 6),
             "total_time": round(self.done_at - self.submitted_at, 6),
-            "cost": self.cost,
+            "cost": 0.0 if self.error else self.cost,  # a FAILED job is not billed
         }
 
 

@@ -28,11 +28,14 @@ class SimStats:
 
     #: (endpoint, outcome) -> count; outcome is the HTTP status or "dropped".
     requests: Counter[tuple[str, str]] = field(default_factory=Counter)
-    #: Jobs accepted (each one billed).
+    #: Jobs accepted, each charged at submit (the charge of one that ends FAILED is returned).
     accepted: int = 0
-    #: Accepted submits whose payload matched an earlier accepted one from the same key.
+    #: Accepted jobs that do not end FAILED: the ones the account pays for.
+    billed: int = 0
+    #: Billed jobs whose payload matched an earlier billed one from the same key.
     paid_twice: int = 0
-    #: Submits accepted, then the connection was dropped: billed, but the client never heard.
+    #: Submits accepted, then the connection was dropped: the client never heard, and the job
+    #: is billed (unless it ends FAILED, as any job).
     accepted_then_dropped: int = 0
     #: Completion (or failure) to the first status poll that saw it, wall seconds.
     detection_lag: list[float] = field(default_factory=list)
@@ -43,8 +46,12 @@ class SimStats:
     def count(self, endpoint: str, outcome: int | str) -> None:
         self.requests[(endpoint, str(outcome))] += 1
 
-    def accept(self, key_id: str, digest: str) -> None:
+    def accept(self, key_id: str, digest: str, *, billed: bool) -> None:
+        """Count an accepted job; ``billed`` is False for one that will end FAILED."""
         self.accepted += 1
+        if not billed:
+            return
+        self.billed += 1
         if (key_id, digest) in self._payloads:
             self.paid_twice += 1
         else:
@@ -68,6 +75,7 @@ class SimStats:
         return {
             "requests": by_endpoint,
             "accepted": self.accepted,
+            "billed": self.billed,
             "paid_twice": self.paid_twice,
             "accepted_then_dropped": self.accepted_then_dropped,
             "detection_lag_s": lag,
