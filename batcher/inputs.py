@@ -37,6 +37,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import anyio
 import anyio.to_thread
@@ -162,6 +163,8 @@ class ImageInputs:
             raise InputError(f"{param}: empty value")
         kind = _kind(value)
         if kind == "url":
+            if not urlsplit(value).hostname:
+                raise InputError(f"{param}={value}: the URL names no host")
             return value
         if kind == "inline":
             if (problem := await self._inline_problem(value)) is not None:

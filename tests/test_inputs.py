@@ -486,6 +486,8 @@ async def test_fifo_rejected_without_blocking(tmp_path: Path) -> None:
     ("value", "message"),
     [
         ("ftp://host/face.png", "unsupported URL scheme 'ftp'"),
+        ("http://", "the URL names no host"),
+        ("https:///face.png", "the URL names no host"),
         ("file:///etc/passwd", "unsupported URL scheme 'file'"),
         ("", "empty value"),
         ("   ", "empty value"),

@@ -62,8 +62,42 @@ def test_csv_cells_are_coerced_and_empty_cells_mean_not_given() -> None:
     )
     assert [str(p) for p in bad.errors] == [
         "num_inference_steps=ten is not an integer",
-        "guidance_scale=nan is not a finite number",
+        "guidance_scale=nan is not a number",
         "samples=1.5 is not an integer",
+    ]
+
+
+def test_a_number_is_written_in_ascii_digits_as_a_manifest_writes_it() -> None:
+    """int() and float() also read "1_0" as 10 and other scripts' digits: a typo there
+    was sent as another value."""
+    good = validate(
+        get_model("instantid"),
+        {
+            **IID,
+            "seed": "+7",
+            "samples": "1e0",
+            "guidance_scale": "7.5e0",
+            "adapter_strength": ".5",
+        },
+    )
+    assert good.ok, good.message()
+    wanted = {"seed": 7, "samples": 1, "guidance_scale": 7.5, "adapter_strength": 0.5}
+    assert {k: good.params[k] for k in wanted} == wanted
+    bad = validate(
+        get_model("instantid"),
+        {
+            **IID,
+            "seed": "1_0",
+            "samples": "\u0663",
+            "guidance_scale": "\uff15",
+            "num_inference_steps": "2 0",
+        },
+    )
+    assert [str(p) for p in bad.errors] == [
+        "seed=1_0 is not an integer",
+        "samples=\u0663 is not an integer",
+        "guidance_scale=\uff15 is not a number",
+        "num_inference_steps=2 0 is not an integer",
     ]
 
 

@@ -70,6 +70,20 @@ def _is_missing(value: object) -> bool:
     return isinstance(value, str) and value.strip() == ""
 
 
+#: A number as a manifest writes it: ASCII digits, an optional sign, point and exponent.
+#: int() and float() take more ("1_0" is 10, Arabic-Indic and full-width digits, "nan"):
+#: a typo there would be sent as some other value.
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def _numeral(value: str, rule: str) -> str:
+    """``value`` stripped, if it is written as a number; else :class:`_Bad` with ``rule``."""
+    text = value.strip()
+    if not _NUMBER.fullmatch(text):
+        raise _Bad(rule)
+    return text
+
+
 def _to_int(value: object) -> int:
     if isinstance(value, bool):
         raise _Bad("is not an integer")
@@ -80,15 +94,12 @@ def _to_int(value: object) -> int:
             return int(value)
         raise _Bad("is not an integer")
     if isinstance(value, str):
-        text = value.strip()
+        text = _numeral(value, "is not an integer")
         try:
             return int(text)
         except ValueError:
             pass
-        try:
-            number = float(text)
-        except ValueError:
-            raise _Bad("is not an integer") from None
+        number = float(text)
         if number.is_integer():
             return int(number)
     raise _Bad("is not an integer")
@@ -102,10 +113,7 @@ def _to_number(value: object) -> float | int:
     if isinstance(value, float):
         number = value
     elif isinstance(value, str):
-        try:
-            number = float(value.strip())
-        except ValueError:
-            raise _Bad("is not a number") from None
+        number = float(_numeral(value, "is not a number"))
     else:
         raise _Bad("is not a number")
     if not math.isfinite(number):
