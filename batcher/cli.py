@@ -170,10 +170,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _retry_config(cls: Any, max_failed_retries: int) -> Any:
-    try:
-        return cls(max_failed_retries=max_failed_retries)
-    except (ValueError, BatcherError) as exc:
-        raise UsageError(f"--max-failed-retries: {exc}") from None
+    if max_failed_retries < 0:
+        raise UsageError(f"--max-failed-retries must be 0 or more, got {max_failed_retries}")
+    return cls(max_failed_retries=max_failed_retries)
 
 
 def _add_validate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -46,7 +46,8 @@ class Progress:
         ctx = self._ctx
         states = [f.state for f in ctx.flights.values()]
         return {
-            "in_flight": ctx.in_flight,
+            # Submitted, not yet finished: idle submit workers hold slots too (ctx.in_flight).
+            "in_flight": len(ctx.flights),
             "queued": states.count("QUEUED"),
             "processing": states.count("PROCESSING"),
             "failed": ctx.counters.failed,

@@ -95,8 +95,12 @@ def _lock(out: Path) -> Iterator[None]:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
     except OSError as exc:
-        why = "a symbolic link" if os.path.islink(path) else exc.strerror or exc
-        raise UsageError(f"{path}: cannot open the lock file ({why}): remove it") from None
+        if os.path.islink(path):
+            raise UsageError(f"{path}: the lock file is a symbolic link: remove it") from None
+        raise UsageError(
+            f"{path}: cannot open the lock file ({exc.strerror or exc}): batcher needs a "
+            "folder it can write to for --out"
+        ) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -341,8 +341,8 @@ def _identify(data: bytes) -> tuple[int, int, str]:
         raise CorruptImage(f"not a decodable image ({type(exc).__name__}: {exc})") from exc
     if oversized:  # a few KB can declare gigabytes of pixels: refused before decoding
         raise CorruptImage(
-            f"image is {width}x{height} ({width * height / 1e6:.0f} megapixels), over the "
-            f"{MAX_PIXELS / 1e6:.0f} megapixel cap: not decoded"
+            f"image is {width}x{height} ({width * height / 1e6:.1f} megapixels), over the "
+            f"{MAX_PIXELS / 1e6:.1f} megapixel cap: not decoded"
         )
     if fmt not in IMAGE_FORMATS:
         raise CorruptImage(f"unsupported image format {fmt!r}")

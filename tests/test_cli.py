@@ -121,6 +121,15 @@ async def test_run_without_a_key_exits_2_with_one_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.usefixtures("_sigint")
+def test_a_negative_max_failed_retries_names_the_option(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """(Before: "RetryConfig.max_failed_retries must be >= 0", the code's name for it.)"""
+    argv = ["run", str(DEMO), "--out", str(tmp_path / "o"), "--max-failed-retries", "-1"]
+    assert main([*argv, "--simulate"]) == 2
+    assert capsys.readouterr().err == "batcher: --max-failed-retries must be 0 or more, got -1\n"
+
+
 def test_bad_flags_exit_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = str(tmp_path / "out")
     for argv in (
@@ -128,6 +137,7 @@ def test_bad_flags_exit_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFi
         ["run", str(DEMO), "--out", out, "--max-in-flight", "0", "--simulate"],
         ["run", str(DEMO), "--out", out, "--model", "nope", "--simulate"],
         ["run", str(tmp_path / "missing.csv"), "--out", out, "--simulate"],
+        ["run", str(DEMO), "--out", out, "--max-failed-retries", "-1", "--simulate"],
     ):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err

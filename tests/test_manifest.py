@@ -464,6 +464,29 @@ def test_duplicate_header_column(tmp_path: Path) -> None:
     assert scan_error(path) == f'{path}: column "prompt" appears more than once'
 
 
+@pytest.mark.parametrize(
+    ("header", "says"),
+    [
+        ("prompt,face_image,", "column 3 of the header has no name (a trailing comma, as "
+         "spreadsheets write?): name it, or remove it from every line"),
+        ("prompt,face_image,, ", "columns 3, 4 of the header have no name (a trailing comma, "
+         "as spreadsheets write?): name them, or remove them from every line"),
+        ("prompt;face_image", 'the header is one column, "prompt;face_image": batcher reads '
+         "comma-separated CSV, and this file looks separated by ';'"),
+        ("prompt\tface_image", 'the header is one column, "prompt\\tface_image": batcher '
+         "reads comma-separated CSV, and this file looks separated by '\\t'"),
+    ],
+)  # fmt: skip
+def test_a_header_a_spreadsheet_wrote_says_what_to_change(
+    tmp_path: Path, header: str, says: str
+) -> None:
+    """(Before: 'unknown column ""', 'column "" appears more than once', or no model
+    column, the whole header being one.)"""
+    path = tmp_path / "m.csv"
+    path.write_text(f"{header}\na,{FACE}\n")
+    assert scan_error(path) == f"{path}: {says}"
+
+
 def test_csv_row_larger_than_a_block_is_a_manifest_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import csv
 import dataclasses
+import logging
+import re
 import sqlite3
 from collections import Counter
 from collections.abc import Callable
@@ -508,6 +510,21 @@ async def test_an_unreachable_api_stops_resumably_with_no_row_taken_for_sent(
     assert server.stats()["accepted"] == len(final)
 
 
+async def test_progress_lines_count_the_jobs_in_flight_not_the_idle_workers(
+    tmp_path: Path, sim: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """(Before: in_flight=32 for a 4-row manifest, the submit workers' slots.)"""
+    caplog.set_level(logging.INFO, logger="batcher.progress")
+    manifest = _manifest(tmp_path, instantid=1, infinite_you=3)  # InstantID's done at once
+    server = await _long_jobs(sim)
+    result = await arun(_options(manifest, server, log_every_s=0.01))
+    assert result.exit_code == EXIT_OK, result.text()
+    lines = [m for m in caplog.messages if m.startswith("progress:")]
+    assert lines, caplog.messages
+    shown = [int(re.search(r"in_flight=(\d+)", line)[1]) for line in lines]  # type: ignore[index]
+    assert max(shown) <= 4, lines
+
+
 async def test_a_stop_keeps_the_retry_counts_of_every_row_it_hands_back(
     tmp_path: Path, sim: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -738,10 +755,36 @@ def _tree(folder: Path) -> dict[str, bytes | None]:
     }
 
 
+async def test_an_out_folder_that_cannot_be_written_says_so(
+    tmp_path: Path, sim: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(Before: "cannot open the lock file (Read-only file system): remove it", advice
+    that cannot help.) A read-only mount, faked: as root a mode bit would not stop us."""
+    manifest = _manifest(tmp_path, instantid=1)
+    server = await sim(time_scale=SCALE, image_size=(32, 32))
+    options = _options(manifest, server)
+    options.out.mkdir()
+    real_open = run_module.os.open
+
+    def read_only(path: Any, *args: Any, **kwargs: Any) -> int:
+        if str(path).endswith(".lock"):
+            raise OSError(30, "Read-only file system")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(run_module.os, "open", read_only)
+    with pytest.raises(UsageError) as raised:
+        await arun(options)
+    assert str(raised.value) == (
+        f"{options.out / '.lock'}: cannot open the lock file (Read-only file system): "
+        "batcher needs a folder it can write to for --out"
+    )
+    assert server.stats()["accepted"] == 0
+
+
 @pytest.mark.parametrize(
     ("name", "says"),
     [
-        (".lock", "cannot open the lock file (a symbolic link)"),
+        (".lock", "the lock file is a symbolic link: remove it"),
         ("checkpoint.sqlite", "checkpoint.sqlite is a symbolic link"),
         ("checkpoint.sqlite-wal", "checkpoint.sqlite-wal is a symbolic link"),
         ("checkpoint.sqlite-shm", "checkpoint.sqlite-shm is a symbolic link"),

@@ -349,8 +349,8 @@ def test_an_image_over_the_pixel_cap_is_refused_undecoded_and_nothing_is_printed
         with pytest.raises(CorruptImage) as info:
             write_image(tmp_path, "r", 0, data)
     assert str(info.value) == (
-        f"image is {width}x{height} ({width * height / 1e6:.0f} megapixels), "
-        "over the 67 megapixel cap: not decoded"
+        f"image is {width}x{height} ({width * height / 1e6:.1f} megapixels), "
+        "over the 67.1 megapixel cap: not decoded"
     )
     assert caught == []
     assert list((tmp_path / "images").iterdir()) == []
@@ -359,7 +359,7 @@ def test_an_image_over_the_pixel_cap_is_refused_undecoded_and_nothing_is_printed
 def test_the_pixel_cap_is_inclusive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(batcher.sink, "MAX_PIXELS", 12 * 8)
     assert write_image(tmp_path, "r", 0, PNG).width == 12  # PNG is 12x8
-    with pytest.raises(CorruptImage, match="over the 0 megapixel cap"):
+    with pytest.raises(CorruptImage, match=r"over the 0\.0 megapixel cap"):
         write_image(tmp_path, "r", 1, image_bytes("PNG", (13, 8)))
 
 

@@ -129,6 +129,20 @@ def _csv_header(path: Path) -> list[str]:
         raise ManifestError(f"{path}: the header is not valid CSV ({exc})") from None
     if header is None:
         raise ManifestError(f"{path}: the file is empty (no header row)")
+    if len(header) == 1 and (sep := next((c for c in ";\t|" if c in header[0]), None)):
+        raise ManifestError(
+            f"{path}: the header is one column, {quoted(header[0])}: batcher reads "
+            f"comma-separated CSV, and this file looks separated by {sep!r}"
+        )
+    unnamed = [n for n, name in enumerate(header, 1) if not name.strip()]
+    if unnamed:
+        which = ", ".join(map(str, unnamed[:SHOWN])) + (" ..." if len(unnamed) > SHOWN else "")
+        few = len(unnamed) > 1
+        raise ManifestError(
+            f"{path}: column{'s' * few} {which} of the header {'have' if few else 'has'} no "
+            f"name (a trailing comma, as spreadsheets write?): name {'them' if few else 'it'}, "
+            f"or remove {'them' if few else 'it'} from every line"
+        )
     return header
 
 
