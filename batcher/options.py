@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from batcher.backoff import RetryConfig
-from batcher.client import DEFAULT_BASE_URL
+from batcher.client import DEFAULT_BASE_URL, origin
 from batcher.errors import UsageError
 from batcher.gate import RateConfig
 from batcher.schedule import PollConfig
@@ -80,8 +80,11 @@ class RunOptions:
             check_time_scale(self.time_scale)
         if self.submit_concurrency < 1:
             raise UsageError("submit_concurrency must be >= 1")
-        if not self.base_url.startswith(("http://", "https://")):
-            raise UsageError(f"--base-url must be an http(s) URL, got {self.base_url!r}")
+        # A host is needed: the checkpoint records the origin its jobs were sent to.
+        if not self.base_url.startswith(("http://", "https://")) or not origin(self.base_url):
+            raise UsageError(
+                f"--base-url must be an http(s) URL (scheme://host[:port]), got {self.base_url!r}"
+            )
         if self.simulate and self.base_url != DEFAULT_BASE_URL:
             raise UsageError(SIMULATE_AND_BASE_URL)
 

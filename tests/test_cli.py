@@ -387,3 +387,35 @@ def test_run_options_refuse_simulate_with_another_base_url(tmp_path: Path) -> No
             simulate=True,
             base_url="http://127.0.0.1:8400",
         )
+
+
+# -- one service per output folder ------------------------------------------------------------
+
+
+async def test_a_simulated_folder_is_refused_by_a_real_run_with_exit_2_and_nothing_sent(
+    tmp_path: Path, sim: Any
+) -> None:
+    """The audit's case: before, the second run said 12 of 12 completed, 0 API requests,
+    exit 0 (and a folder half done had the emulator's request ids polled for real)."""
+    out = tmp_path / "out"
+    server = await sim(time_scale=0.01)
+    run = ("run", str(DEMO), "--model", "instantid", "--out", str(out), "--no-progress")
+    code, _, stderr = await _batcher(*run, "--simulate", env=_env(KEY), cwd=tmp_path)
+    assert code == 0, stderr.decode()[-2000:]
+    table = (out / "results.parquet").read_bytes()
+
+    code, stdout, stderr = await _batcher(
+        *run, "--base-url", server.base_url, env=_env(KEY), cwd=tmp_path
+    )
+
+    assert code == 2, stderr.decode()[-2000:]
+    assert stdout == b""
+    origin = f"http://127.0.0.1:{server.port}"
+    assert stderr.decode().splitlines() == [
+        f"batcher: {out} holds jobs sent to the built-in emulator (--simulate), not to "
+        f"{origin}: their request ids and images belong to that service. Use another --out "
+        f"for {origin}, or run again with --simulate (and no --base-url) to go on with this "
+        "folder"
+    ]
+    assert server.stats()["requests"] == {}
+    assert (out / "results.parquet").read_bytes() == table
