@@ -91,8 +91,8 @@ def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument(
         "--model", help="model for rows without a model column (instantid, infinite-you)"
     )
-    p.add_argument(
-        "--base-url", default=DEFAULT_BASE_URL, help=f"API address (default {DEFAULT_BASE_URL})"
+    p.add_argument(  # no default here: --simulate refuses a --base-url given, even the default
+        "--base-url", help=f"API address (default {DEFAULT_BASE_URL}; not with --simulate)"
     )
     p.add_argument(
         "--rate",
@@ -143,18 +143,21 @@ def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from batcher.backoff import RetryConfig
-    from batcher.options import RunOptions
+    from batcher.client import DEFAULT_BASE_URL
+    from batcher.options import SIMULATE_AND_BASE_URL, RunOptions
     from batcher.run import exit_at_once, run
 
     _setup_logging(args.quiet)
     # Outside the run (reading options, printing the summary) Ctrl-C has nothing to
     # save: exit at once, 130, as during the run's own second Ctrl-C; no traceback.
     signal.signal(signal.SIGINT, exit_at_once)
+    if args.simulate and args.base_url is not None:
+        raise UsageError(SIMULATE_AND_BASE_URL)
     options = RunOptions(
         manifest=args.manifest,
         out=_out_folder(args.out),
         model=args.model,
-        base_url=args.base_url,
+        base_url=DEFAULT_BASE_URL if args.base_url is None else args.base_url,
         rate=_rate(args.rate),
         max_in_flight=args.max_in_flight,
         simulate=args.simulate,

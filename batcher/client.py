@@ -353,6 +353,16 @@ def _origin(url: str) -> tuple[str, str, int | None] | None:
     return scheme, parts.hostname, port
 
 
+def origin(url: str) -> str | None:
+    """``scheme://host:port`` of an absolute http(s) URL, lowercased and with the port
+    always given; never its user info, path or query. None when it has no such origin."""
+    parts = _origin(url)
+    if parts is None:
+        return None
+    scheme, host, port = parts
+    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
+
+
 def api_urls(
     base_url: str, request_id: str, status_url: str | None, response_url: str | None
 ) -> tuple[str, str, bool]:

@@ -24,6 +24,12 @@ SIMULATE_TIME_SCALE = 0.01
 #: expire before they are fetched, and rows go round for ever. Above 1000 a 7.7 s job
 #: takes two hours.
 TIME_SCALE_RANGE = (0.001, 1000.0)
+#: --simulate sends nothing to --base-url: asking for both is a mistake, not a choice.
+SIMULATE_AND_BASE_URL = (
+    "--simulate runs the built-in emulator in-process and sends nothing to --base-url: give "
+    "one of them (--base-url alone for the API or a `batcher sim`, --simulate alone for "
+    "the built-in emulator)"
+)
 
 
 def check_time_scale(value: float) -> None:
@@ -96,7 +102,9 @@ class RunOptions:
             check_time_scale(self.time_scale)
         if self.submit_concurrency < 1:
             raise UsageError("submit_concurrency must be >= 1")
-        check_base_url(self.base_url)
+        check_base_url(self.base_url)  # a host too: the checkpoint records the origin
+        if self.simulate and self.base_url != DEFAULT_BASE_URL:
+            raise UsageError(SIMULATE_AND_BASE_URL)
 
     @property
     def scale(self) -> float:

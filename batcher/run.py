@@ -35,7 +35,7 @@ from batcher.checkpoint import (
     SUBMITTING,
     Checkpoint,
 )
-from batcher.client import ApiClient, api_urls
+from batcher.client import ApiClient, api_urls, origin
 from batcher.errors import (
     ApiUnreachable,
     BatcherError,
@@ -67,6 +67,8 @@ GRACE_S = 3.0
 #: Result fetches at once. A fetch mostly waits (result GET, image download, the image
 #: write and the checkpoint commit), so 16 left the event loop idle at 300 jobs/s.
 FETCH_WORKERS = 64
+#: Meta key: the service the folder's jobs are sent to, SIMULATED or --base-url's origin.
+SERVICE_META, SIMULATED = "service", "simulate"
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,7 @@ async def arun(options: RunOptions, *, interrupted: asyncio.Event | None = None)
             raise UsageError(f"--out {out}: cannot create the folder ({exc.strerror})") from None
         with _lock(out):
             async with Checkpoint(out / CHECKPOINT) as cp:
+                await _check_service(cp, options)
                 inputs = ImageInputs(options.manifest.parent)
                 await _intake(cp, options, inputs, scanned=scanned, stop=stop)
                 return await _work(options, cp, inputs, key, interrupted)
@@ -182,6 +185,45 @@ def manifest_identity(manifest: Path, model: str | None) -> str:
     """What the checkpoint remembers of the manifest it was loaded from. Blocking."""
     # The same file read with another --model is another job.
     return f"{fingerprint(manifest)} model={model}"
+
+
+def service_identity(options: RunOptions) -> str:
+    """What the checkpoint remembers of the service its jobs are sent to: the in-process
+    emulator, or --base-url's origin (scheme://host:port: nothing that could hold a
+    credential, no user info, no query)."""
+    if options.simulate:
+        return SIMULATED
+    identity = origin(options.base_url)
+    if identity is None:  # RunOptions refuses it already
+        raise UsageError(f"--base-url must be an http(s) URL, got {options.base_url!r}")
+    return identity
+
+
+async def _check_service(cp: Checkpoint, options: RunOptions) -> None:
+    """Refuse, before anything is sent or polled, a folder whose jobs belong to another
+    service: its request ids mean nothing there, and its images would be mixed with that
+    service's in one results.parquet."""
+    current = service_identity(options)
+    recorded = await cp.get_meta(SERVICE_META)
+    if recorded is None:
+        # A new folder, or one from before the service was recorded: it belongs to this
+        # run's service from now on.
+        await cp.set_meta(SERVICE_META, current)
+        return
+    if recorded == current:
+        return
+
+    def name(service: str) -> str:
+        return "the built-in emulator (--simulate)" if service == SIMULATED else service
+
+    again = "--simulate (and no --base-url)" if recorded == SIMULATED else f"--base-url {recorded}"
+    if options.simulate:
+        again += " and without --simulate"
+    raise UsageError(
+        f"{options.out} holds jobs sent to {name(recorded)}, not to {name(current)}: their "
+        f"request ids and images belong to that service. Use another --out for "
+        f"{name(current)}, or run again with {again} to go on with this folder"
+    )
 
 
 async def _scan(options: RunOptions, stop: Callable[[], bool] | None = None) -> None:

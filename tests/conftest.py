@@ -139,6 +139,17 @@ def in_checkpoint(out: Path, state: str) -> int:
     return count
 
 
+def url_manifest(tmp_path: Path, rows: int) -> Path:
+    """``tmp_path/m.csv``: ``rows`` InstantID rows (no model column) whose face is a URL."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(
+        "id,prompt,face_image\n"
+        + "".join(f"h{n},p {n},https://example.com/face.jpg\n" for n in range(rows)),
+        encoding="utf-8",
+    )
+    return manifest
+
+
 async def until(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
     """Return once ``check()`` holds: a run's moment to act on, not a guess in seconds."""
     async with asyncio.timeout(timeout_s):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import aiohttp
 import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
-from conftest import in_checkpoint, until
+from conftest import in_checkpoint, until, url_manifest
 
 from batcher import client as client_module
 from batcher.client import ApiClient, _parse_answer, api_urls, same_origin
@@ -139,16 +140,6 @@ def _sim(middleware: Any) -> SimServer:
     return SimServer(SimConfig(time_scale=0.001, image_size=(16, 16)), middlewares=[middleware])
 
 
-def _manifest(tmp_path: Path, rows: int) -> Path:
-    manifest = tmp_path / "m.csv"
-    manifest.write_text(
-        "id,prompt,face_image\n"
-        + "".join(f"h{n},p {n},https://example.com/face.jpg\n" for n in range(rows)),
-        encoding="utf-8",
-    )
-    return manifest
-
-
 def _options(manifest: Path, out: Path, base_url: str, scale: float) -> RunOptions:
     return RunOptions(
         manifest=manifest,
@@ -180,7 +171,7 @@ async def test_status_urls_an_answer_names_on_another_host_are_not_followed(
     server = _sim(hostile(steer))
     async with server:
         result = await arun(
-            _options(_manifest(tmp_path, 5), tmp_path / "out", server.base_url, 0.001)
+            _options(url_manifest(tmp_path, 5), tmp_path / "out", server.base_url, 0.001)
         )
     assert result.exit_code == EXIT_OK, result.text()  # polled on --base-url instead
     assert foreign.seen == []
@@ -206,7 +197,7 @@ async def test_redirects_are_not_followed(tmp_path: Path, foreign: Foreign, endp
     server = _sim(hostile(redirect))
     out = tmp_path / "out"
     async with server:
-        options = _options(_manifest(tmp_path, 2), out, server.base_url, 0.001)
+        options = _options(url_manifest(tmp_path, 2), out, server.base_url, 0.001)
         if endpoint == "submit":
             result = await arun(options)
         else:  # the row is kept (paid) and asked again: stop the run after a while
@@ -235,7 +226,7 @@ async def test_an_oversized_answer_is_not_read(
     server = _sim(hostile(bloat))
     out = tmp_path / "out"
     async with server:
-        result = await arun(_options(_manifest(tmp_path, 1), out, server.base_url, 0.001))
+        result = await arun(_options(url_manifest(tmp_path, 1), out, server.base_url, 0.001))
     assert result.exit_code == EXIT_FAILED_ROWS
     (row,) = pq.read_table(out / "results.parquet").to_pylist()
     assert row["error"].startswith("HTTP 400: answer body over")
@@ -258,7 +249,7 @@ async def test_a_compressed_answer_is_capped_as_it_decompresses(
     server = _sim(hostile(inflate))
     out = tmp_path / "out"
     async with server:
-        result = await arun(_options(_manifest(tmp_path, 1), out, server.base_url, 0.001))
+        result = await arun(_options(url_manifest(tmp_path, 1), out, server.base_url, 0.001))
     assert len(bomb) < 1024 < 200_000
     assert result.exit_code == EXIT_FAILED_ROWS
     (row,) = pq.read_table(out / "results.parquet").to_pylist()
@@ -268,8 +259,10 @@ async def test_a_compressed_answer_is_capped_as_it_decompresses(
 async def test_a_run_resumed_after_its_emulator_is_gone_finishes(tmp_path: Path) -> None:
     """Jobs in flight keep the URLs of the emulator (or base URL) they were sent to. A
     resume against another one asks its own API about them (unknown there: sent again),
-    instead of polling a host that is gone until the end of time."""
-    manifest, out = _manifest(tmp_path, 6), tmp_path / "out"
+    instead of polling a host that is gone until the end of time. A folder records its
+    base URL now and refuses another one: this is a folder from before that record (with
+    --simulate, every run's emulator has a port of its own, the same case)."""
+    manifest, out = url_manifest(tmp_path, 6), tmp_path / "out"
     first = SimServer(SimConfig(time_scale=1.0, image_size=(16, 16)), port=0)
     async with first:  # InstantID at full time: 7.7 s, nothing finishes before the stop
         interrupted = asyncio.Event()
@@ -283,6 +276,12 @@ async def test_a_run_resumed_after_its_emulator_is_gone_finishes(tmp_path: Path)
     assert stopped.exit_code == EXIT_STOPPED
     assert stopped.summary is not None
     assert stopped.summary.counts.get("SUBMITTED") == 6
+    db = sqlite3.connect(out / "checkpoint.sqlite")
+    try:
+        db.execute("DELETE FROM meta WHERE key='service'")
+        db.commit()
+    finally:
+        db.close()
     second = SimServer(SimConfig(time_scale=0.01, image_size=(16, 16)), port=0)
     async with second:
         result = await asyncio.wait_for(

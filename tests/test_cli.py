@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from batcher.cli import build_parser, main
+from batcher.errors import UsageError
 from batcher.options import RunOptions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -412,3 +413,71 @@ def test_validate_refuses_a_max_errors_that_is_no_count(
     err = capsys.readouterr().err
     assert "argument --max-errors" in err
     assert "Traceback" not in err
+
+
+# -- --simulate and --base-url -----------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("_sigint")
+@pytest.mark.parametrize("base_url", ["http://127.0.0.1:8400", "https://api.segmind.com"])
+def test_simulate_with_a_base_url_exits_2_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], base_url: str
+) -> None:
+    """Before: --base-url was ignored without a word (the default given too), and the run
+    went to the built-in emulator."""
+    out = tmp_path / "out"
+
+    code = main([
+        "run", str(DEMO), "--model", "instantid", "--out", str(out), "--simulate",
+        "--base-url", base_url, "--no-progress",
+    ])  # fmt: skip
+
+    assert code == 2
+    assert capsys.readouterr().err == (
+        "batcher: --simulate runs the built-in emulator in-process and sends nothing to "
+        "--base-url: give one of them (--base-url alone for the API or a `batcher sim`, "
+        "--simulate alone for the built-in emulator)\n"
+    )
+    assert not out.exists()
+
+
+def test_run_options_refuse_simulate_with_another_base_url(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="--simulate runs the built-in emulator in-process"):
+        RunOptions(
+            manifest=tmp_path / "m.csv",
+            out=tmp_path / "out",
+            simulate=True,
+            base_url="http://127.0.0.1:8400",
+        )
+
+
+# -- one service per output folder ------------------------------------------------------------
+
+
+async def test_a_simulated_folder_is_refused_by_a_real_run_with_exit_2_and_nothing_sent(
+    tmp_path: Path, sim: Any
+) -> None:
+    """The audit's case: before, the second run said 12 of 12 completed, 0 API requests,
+    exit 0 (and a folder half done had the emulator's request ids polled for real)."""
+    out = tmp_path / "out"
+    server = await sim(time_scale=0.01)
+    run = ("run", str(DEMO), "--model", "instantid", "--out", str(out), "--no-progress")
+    code, _, stderr = await _batcher(*run, "--simulate", env=_env(KEY), cwd=tmp_path)
+    assert code == 0, stderr.decode()[-2000:]
+    table = (out / "results.parquet").read_bytes()
+
+    code, stdout, stderr = await _batcher(
+        *run, "--base-url", server.base_url, env=_env(KEY), cwd=tmp_path
+    )
+
+    assert code == 2, stderr.decode()[-2000:]
+    assert stdout == b""
+    origin = f"http://127.0.0.1:{server.port}"
+    assert stderr.decode().splitlines() == [
+        f"batcher: {out} holds jobs sent to the built-in emulator (--simulate), not to "
+        f"{origin}: their request ids and images belong to that service. Use another --out "
+        f"for {origin}, or run again with --simulate (and no --base-url) to go on with this "
+        "folder"
+    ]
+    assert server.stats()["requests"] == {}
+    assert (out / "results.parquet").read_bytes() == table

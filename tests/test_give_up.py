@@ -223,8 +223,10 @@ async def test_an_api_answering_5xx_to_everything_stops_the_run_with_no_row_fail
     assert "to every attempt of a submit" in result.stop_reason
     assert result.summary is not None
     assert result.summary.counts == {"PENDING": 5}
-    async with SimServer(SimConfig(time_scale=0.001, image_size=(16, 16))) as up:
-        resumed = await arun(dataclasses.replace(options, base_url=up.base_url))
+    # The API back at its address: a folder's jobs belong to one base URL's origin.
+    back = SimServer(SimConfig(time_scale=0.001, image_size=(16, 16)), port=down.port or 0)
+    async with back as up:
+        resumed = await arun(options)
         assert up.stats()["accepted"] == 5
     assert resumed.exit_code == EXIT_OK, resumed.text()
 
