@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import signal
+import sqlite3
 import time
 import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -52,7 +53,7 @@ from batcher.options import RunOptions
 from batcher.pipeline import Counters, Flight, RunContext
 from batcher.poll import Poller
 from batcher.progress import Progress, Summary, summarize
-from batcher.results import RESULTS, write_results
+from batcher.results import RESULTS, summary_table, write_results
 from batcher.sink import remove_partials
 from batcher.submit import UNKNOWN_OUTCOME, feed
 from batcher.submit import work as submit_work
@@ -77,6 +78,9 @@ class RunResult:
     summary: Summary | None
     results: Path | None
     stop_reason: str | None
+    #: Why results.parquet could not be written, when the run had already stopped (the
+    #: stop, not this, decides the exit code).
+    results_unwritten: str | None = None
 
     def text(self) -> str:
         parts = [self.summary.text()] if self.summary else []
@@ -84,6 +88,8 @@ class RunResult:
             parts.append(f"results: {self.results}")
         if self.stop_reason:
             parts.append(f"stopped: {self.stop_reason}")
+        if self.results_unwritten:
+            parts.append(f"results: {self.results_unwritten}")
         return "\n".join(parts)
 
 
@@ -287,18 +293,18 @@ async def _work(
     counts = await cp.counts()
     total = sum(counts.values())
     done_before = sum(counts.get(s, 0) for s in ("COMPLETED", "FAILED", "INVALID"))
-    results = options.out / RESULTS
+    table = options.out / RESULTS
     if (
         done_before == total
         and await cp.get_meta(RESULTS_META) == RESULTS_FRESH
-        and await anyio.to_thread.run_sync(results.is_file)
+        and await anyio.to_thread.run_sync(table.is_file)
     ):
         # A finished job run again: every row is final and the table already says so.
         log.info("nothing to do: every row is COMPLETED, FAILED or INVALID")
-        summary = await anyio.to_thread.run_sync(
-            summarize, results, Counters(), 0, time.monotonic() - started
+        as_is = await anyio.to_thread.run_sync(
+            summarize, table, Counters(), 0, time.monotonic() - started
         )
-        return RunResult(_exit_code(summary, None), summary, results, None)
+        return RunResult(_exit_code(as_is, None), as_is, table, None)
     await _results_stale(cp)
     try:
         await anyio.to_thread.run_sync(remove_partials, options.out)
@@ -309,6 +315,7 @@ async def _work(
         ) from None
     gate = RequestGate(options.rate.scaled(options.scale), retry=options.scaled_retry())
     error: BatcherError | None = None
+    other: BaseException | None = None
     async with (
         _service(options) as base_url,
         aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as api_session,
@@ -327,38 +334,82 @@ async def _work(
             await _pipeline(ctx, total, done_before, interrupted)
         except BatcherError as exc:
             error = exc
+        except BaseException as exc:  # a bug, a cancel: raised as it is, whatever follows
+            other = exc
+            raise
         finally:
             with anyio.CancelScope(shield=True):
                 # Transitions queued by stages cancelled mid-write belong in the table too.
                 await cp.flush()
-                results = await _write_results(cp, options)
-                await cp.set_meta(RESULTS_META, RESULTS_FRESH)
-                summary = await anyio.to_thread.run_sync(
-                    summarize,
-                    results,
-                    ctx.counters,
-                    ctx.gate.limited,
-                    time.monotonic() - started,
-                )
+                results, summary, unwritten = await _finish(ctx, time.monotonic() - started)
+            if unwritten is not None and other is not None:
+                other.add_note(_results_also_unwritten(options, unwritten))
     if isinstance(error, ApiUnreachable | OutputUnwritable):  # stopped, resumable: exit 4
         ctx.stop(str(error))
     elif error is not None:
+        # The error that stopped the run is the one raised (a disk that refuses images
+        # often refuses results.parquet too): the file's failure is a note under it.
+        if unwritten is not None:
+            error.add_note(_results_also_unwritten(options, unwritten))
         raise error
-    return RunResult(_exit_code(summary, ctx.stop_reason), summary, results, ctx.stop_reason)
+    if unwritten is None:
+        assert summary is not None  # read from the file just written
+        return RunResult(_exit_code(summary, ctx.stop_reason), summary, results, ctx.stop_reason)
+    if ctx.stop_reason is None:  # the run's only failure: exit 2, as a folder in its way
+        raise _results_unwritable(options, unwritten)
+    # Stopped (Ctrl-C, a full disk...): the stop's reason and exit 4 stay, the file's
+    # failure comes after them.
+    note = _results_also_unwritten(options, unwritten)
+    log.warning("%s", note)
+    return RunResult(EXIT_STOPPED, summary, None, ctx.stop_reason, note)
 
 
-async def _write_results(cp: Checkpoint, options: RunOptions) -> Path:
-    """results.parquet from the checkpoint; a folder that refuses it is a clear error."""
+async def _finish(
+    ctx: RunContext, elapsed_s: float
+) -> tuple[Path | None, Summary | None, OSError | None]:
+    """Write results.parquet and read the summary from it. A file that cannot be written
+    is returned, not raised: whether it is the run's error or a note under the error
+    that stopped it is the caller's call; the summary then comes from the checkpoint."""
+    cp, options = ctx.checkpoint, ctx.options
     try:
-        return await anyio.to_thread.run_sync(
+        results = await anyio.to_thread.run_sync(
             write_results, cp, options.out, options.manifest.parent
         )
     except OSError as exc:  # e.g. a folder at results.parquet, a full disk
-        raise UsageError(
-            f"cannot write {options.out / RESULTS} ({exc.strerror or exc}): every row is "
-            f"saved in {options.out / CHECKPOINT}; make room for the file (move away what "
-            "is at its name, free space), then run the same command again"
-        ) from None
+        return None, await _checkpoint_summary(ctx, elapsed_s), exc
+    await cp.set_meta(RESULTS_META, RESULTS_FRESH)
+    summary = await anyio.to_thread.run_sync(
+        summarize, results, ctx.counters, ctx.gate.limited, elapsed_s
+    )
+    return results, summary, None
+
+
+async def _checkpoint_summary(ctx: RunContext, elapsed_s: float) -> Summary | None:
+    """The summary read from the checkpoint (results.parquet could not be written); None
+    if even that fails: the run's own error matters more than its figures."""
+    try:
+        table = await anyio.to_thread.run_sync(summary_table, ctx.checkpoint)
+    except (OSError, sqlite3.Error) as exc:
+        log.warning("no summary: the checkpoint could not be read (%s)", exc)
+        return None
+    return await anyio.to_thread.run_sync(
+        summarize, table, ctx.counters, ctx.gate.limited, elapsed_s
+    )
+
+
+def _results_unwritable(options: RunOptions, exc: OSError) -> UsageError:
+    return UsageError(
+        f"cannot write {options.out / RESULTS} ({exc.strerror or exc}): every row is "
+        f"saved in {options.out / CHECKPOINT}; make room for the file (move away what "
+        "is at its name, free space), then run the same command again"
+    )
+
+
+def _results_also_unwritten(options: RunOptions, exc: OSError) -> str:
+    return (
+        f"{options.out / RESULTS} could not be written either ({exc.strerror or exc}): "
+        f"every row is saved in {options.out / CHECKPOINT}, and the next run writes it"
+    )
 
 
 def _exit_code(summary: Summary, stop_reason: str | None) -> int:
