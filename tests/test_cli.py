@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import errno
 import os
 import signal
@@ -321,6 +322,31 @@ def test_a_full_disk_exits_4_with_its_reason_first_when_results_parquet_fails_to
         f"device): every row is saved in {out / 'checkpoint.sqlite'}, and the next run "
         "writes it"
     )
+
+
+@pytest.mark.usefixtures("_sigint")
+def test_a_refused_key_is_the_first_line_when_results_parquet_fails_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sim_config = RunOptions.sim_config
+
+    def refusing(self: RunOptions) -> Any:
+        return dataclasses.replace(sim_config(self), api_keys=frozenset({"sk-not-this-one"}))
+
+    monkeypatch.setattr(RunOptions, "sim_config", refusing)
+    monkeypatch.setattr(run_module, "write_results", _no_space)
+    out = tmp_path / "out"
+
+    code = main(
+        ["run", str(DEMO), "--model", "instantid", "--out", str(out), "--simulate",
+         "--no-progress", "-q", "--rate", "1/h"]
+    )  # fmt: skip
+
+    err = capsys.readouterr().err
+    assert code == 2, err
+    first, second = [line for line in err.splitlines() if line.startswith("batcher: ")]
+    assert "refused the key" in first
+    assert second.startswith(f"batcher: {out / 'results.parquet'} could not be written either")
 
 
 @pytest.mark.parametrize(
