@@ -78,9 +78,9 @@ class RunResult:
     summary: Summary | None
     results: Path | None
     stop_reason: str | None
-    #: Why results.parquet could not be written, when the run had already stopped (the
-    #: stop, not this, decides the exit code).
-    results_unwritten: str | None = None
+    #: What else failed as the stopped run ended (results.parquet not written...): said
+    #: after the stop, which alone decides the exit code.
+    notes: tuple[str, ...] = ()
 
     def text(self) -> str:
         parts = [self.summary.text()] if self.summary else []
@@ -88,8 +88,7 @@ class RunResult:
             parts.append(f"results: {self.results}")
         if self.stop_reason:
             parts.append(f"stopped: {self.stop_reason}")
-        if self.results_unwritten:
-            parts.append(f"results: {self.results_unwritten}")
+        parts.extend(self.notes)
         return "\n".join(parts)
 
 
@@ -338,50 +337,76 @@ async def _work(
             other = exc
             raise
         finally:
+            stopping = error is not None or other is not None or ctx.stop_reason is not None
             with anyio.CancelScope(shield=True):
-                # Transitions queued by stages cancelled mid-write belong in the table too.
-                await cp.flush()
-                results, summary, unwritten = await _finish(ctx, time.monotonic() - started)
-            if unwritten is not None and other is not None:
-                other.add_note(_results_also_unwritten(options, unwritten))
+                end = await _finish(ctx, time.monotonic() - started, stopping=stopping)
+            if other is not None:
+                for note in end.notes:
+                    other.add_note(note)
     if isinstance(error, ApiUnreachable | OutputUnwritable):  # stopped, resumable: exit 4
         ctx.stop(str(error))
     elif error is not None:
         # The error that stopped the run is the one raised (a disk that refuses images
-        # often refuses results.parquet too): the file's failure is a note under it.
-        if unwritten is not None:
-            error.add_note(_results_also_unwritten(options, unwritten))
+        # often refuses results.parquet too): what failed after it is a note under it.
+        for note in end.notes:
+            error.add_note(note)
         raise error
-    if unwritten is None:
-        assert summary is not None  # read from the file just written
-        return RunResult(_exit_code(summary, ctx.stop_reason), summary, results, ctx.stop_reason)
-    if ctx.stop_reason is None:  # the run's only failure: exit 2, as a folder in its way
-        raise _results_unwritable(options, unwritten)
-    # Stopped (Ctrl-C, a full disk...): the stop's reason and exit 4 stay, the file's
-    # failure comes after them.
-    note = _results_also_unwritten(options, unwritten)
-    log.warning("%s", note)
-    return RunResult(EXIT_STOPPED, summary, None, ctx.stop_reason, note)
+    for note in end.notes:
+        log.warning("%s", note)
+    summary = end.summary
+    code = EXIT_STOPPED if summary is None else _exit_code(summary, ctx.stop_reason)
+    return RunResult(code, summary, end.results, ctx.stop_reason, end.notes)
 
 
-async def _finish(
-    ctx: RunContext, elapsed_s: float
-) -> tuple[Path | None, Summary | None, OSError | None]:
-    """Write results.parquet and read the summary from it. A file that cannot be written
-    is returned, not raised: whether it is the run's error or a note under the error
-    that stopped it is the caller's call; the summary then comes from the checkpoint."""
+@dataclass(frozen=True)
+class _End:
+    results: Path | None
+    summary: Summary | None
+    notes: tuple[str, ...] = ()
+
+
+async def _finish(ctx: RunContext, elapsed_s: float, *, stopping: bool) -> _End:
+    """Save the checkpoint's last changes, write results.parquet and read the summary.
+
+    When the run is ``stopping`` (an error, Ctrl-C), a failure here must not take the
+    place of the reason it stopped: it becomes a note, said after it; the summary then
+    comes from the checkpoint. Otherwise it is the run's error, as it always was."""
     cp, options = ctx.checkpoint, ctx.options
+    notes = []
+    try:
+        # Transitions queued by stages cancelled mid-write belong in the table too.
+        await cp.flush()
+    except sqlite3.Error as exc:
+        if not stopping:
+            raise
+        notes.append(
+            f"{options.out / CHECKPOINT} could not save its last changes ({exc}): rows "
+            "caught mid-way by the stop are taken up by the next run as after a crash"
+        )
     try:
         results = await anyio.to_thread.run_sync(
             write_results, cp, options.out, options.manifest.parent
         )
     except OSError as exc:  # e.g. a folder at results.parquet, a full disk
-        return None, await _checkpoint_summary(ctx, elapsed_s), exc
-    await cp.set_meta(RESULTS_META, RESULTS_FRESH)
+        if not stopping:
+            raise _results_unwritable(options, exc) from None
+        notes.append(
+            f"{options.out / RESULTS} could not be written either ({exc.strerror or exc}): "
+            f"every row is saved in {options.out / CHECKPOINT}, and the next run writes it"
+        )
+        return _End(None, await _checkpoint_summary(ctx, elapsed_s), tuple(notes))
+    try:
+        await cp.set_meta(RESULTS_META, RESULTS_FRESH)
+    except sqlite3.Error as exc:  # the file is right; only the next run's shortcut is lost
+        log.warning(
+            "%s could not be marked up to date (%s): the next run writes it again",
+            results,
+            exc,
+        )
     summary = await anyio.to_thread.run_sync(
         summarize, results, ctx.counters, ctx.gate.limited, elapsed_s
     )
-    return results, summary, None
+    return _End(results, summary, tuple(notes))
 
 
 async def _checkpoint_summary(ctx: RunContext, elapsed_s: float) -> Summary | None:
@@ -402,13 +427,6 @@ def _results_unwritable(options: RunOptions, exc: OSError) -> UsageError:
         f"cannot write {options.out / RESULTS} ({exc.strerror or exc}): every row is "
         f"saved in {options.out / CHECKPOINT}; make room for the file (move away what "
         "is at its name, free space), then run the same command again"
-    )
-
-
-def _results_also_unwritten(options: RunOptions, exc: OSError) -> str:
-    return (
-        f"{options.out / RESULTS} could not be written either ({exc.strerror or exc}): "
-        f"every row is saved in {options.out / CHECKPOINT}, and the next run writes it"
     )
 
 

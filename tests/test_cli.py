@@ -318,7 +318,7 @@ def test_a_full_disk_exits_4_with_its_reason_first_when_results_parquet_fails_to
     assert rows < stop < note, err
     assert "No space left on device" in lines[stop]
     assert lines[note] == (
-        f"results: {out / 'results.parquet'} could not be written either (No space left on "
+        f"{out / 'results.parquet'} could not be written either (No space left on "
         f"device): every row is saved in {out / 'checkpoint.sqlite'}, and the next run "
         "writes it"
     )

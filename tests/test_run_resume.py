@@ -24,7 +24,7 @@ from PIL import Image
 
 import batcher.run as run_module
 from batcher.backoff import RetryConfig
-from batcher.checkpoint import Checkpoint
+from batcher.checkpoint import RESULTS_FRESH, Checkpoint
 from batcher.client import ApiClient, Reply, TransportError
 from batcher.errors import AuthError, Interrupted, ManifestError, UsageError
 from batcher.gate import Priority, RateConfig, RequestGate
@@ -648,16 +648,26 @@ def _no_space(*args: Any) -> Any:
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-def _disk_full(monkeypatch: pytest.MonkeyPatch, *, images: bool) -> None:
-    """What a full disk does to a run, without filling one: results.parquet cannot be
-    written, and with ``images`` no image either."""
+def _disk_full(monkeypatch: pytest.MonkeyPatch, *, images: bool, results: bool = True) -> None:
+    """What a full disk does to a run, without filling one: with ``images`` no image
+    can be written, with ``results`` no results.parquet."""
 
     async def write(self: ImageWriter, row_id: str, index: int, data: bytes) -> Any:
         return _no_space()
 
     if images:
         monkeypatch.setattr(ImageWriter, "write", write)
-    monkeypatch.setattr(run_module, "write_results", _no_space)
+    if results:
+        monkeypatch.setattr(run_module, "write_results", _no_space)
+
+
+async def _stopped_on_images(manifest: Path, server: SimServer) -> Any:
+    """The run, stopped by images the disk refuses: exit 4, saying why."""
+    result = await arun(_options(manifest, server))
+    assert result.exit_code == EXIT_STOPPED, result.text()
+    assert result.stop_reason is not None
+    assert "cannot write images" in result.stop_reason
+    return result
 
 
 def _says_results_unwritten_after(text: str, first: str, out: Path) -> None:
@@ -685,11 +695,8 @@ async def test_a_full_disk_stops_with_exit_4_though_results_parquet_fails_too(
     out = manifest.parent / "out"
     _disk_full(monkeypatch, images=True)
 
-    first = await arun(_options(manifest, server))
+    first = await _stopped_on_images(manifest, server)
 
-    assert first.exit_code == EXIT_STOPPED, first.text()
-    assert first.stop_reason is not None
-    assert "cannot write images" in first.stop_reason
     assert "No space left on device" in first.stop_reason
     assert first.results is None
     assert first.summary is not None  # read from the checkpoint instead
@@ -768,6 +775,63 @@ async def test_an_unexpected_error_is_not_replaced_by_results_parquet_failing(
 
     (note,) = raised.value.__notes__
     _says_results_unwritten_after(f"{raised.value}\n{note}", "a bug", options.out)
+
+
+async def test_a_checkpoint_that_cannot_save_its_last_changes_does_not_hide_the_stop(
+    tmp_path: Path, sim: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checkpoint's last commit at the end of a stopped run fails too (its disk is
+    full): the stop and exit 4 stay, and a line says so. Before: sqlite3's error took
+    their place, a traceback."""
+    manifest = _manifest(tmp_path, instantid=4)
+    server = await sim(time_scale=SCALE, image_size=(32, 32))
+    out = manifest.parent / "out"
+    _disk_full(monkeypatch, images=True, results=False)
+
+    async def full(self: Checkpoint) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(Checkpoint, "flush", full)
+
+    first = await _stopped_on_images(manifest, server)
+
+    assert first.results == out / "results.parquet"
+    lines = first.text().splitlines()
+    (stop,) = [n for n, line in enumerate(lines) if line.startswith("stopped: cannot write")]
+    (note,) = [n for n, line in enumerate(lines) if "could not save its last changes" in line]
+    assert stop < note
+    assert lines[note].startswith(f"{out / 'checkpoint.sqlite'} could not save")
+    assert "(database or disk is full)" in lines[note]
+    assert "as after a crash" in lines[note]
+
+
+async def test_results_parquet_not_marked_up_to_date_is_a_warning_not_the_runs_end(
+    tmp_path: Path, sim: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """results.parquet is written, but the checkpoint cannot record that (its disk is
+    full): nothing is lost, the next run writes the file again. Before: sqlite3's error
+    replaced the stop (a traceback)."""
+    manifest = _manifest(tmp_path, instantid=4)
+    server = await sim(time_scale=SCALE, image_size=(32, 32))
+    out = manifest.parent / "out"
+    _disk_full(monkeypatch, images=True, results=False)
+    set_meta = Checkpoint.set_meta
+
+    async def full_at_the_end(self: Checkpoint, key: str, value: str) -> None:
+        if value == RESULTS_FRESH:
+            raise sqlite3.OperationalError("database or disk is full")
+        await set_meta(self, key, value)
+
+    monkeypatch.setattr(Checkpoint, "set_meta", full_at_the_end)
+
+    first = await _stopped_on_images(manifest, server)
+
+    assert first.results == out / "results.parquet"
+    assert len(_results(out)) == 4
+    assert any(
+        "could not be marked up to date (database or disk is full)" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 async def test_a_resume_after_the_wall_clock_stepped_back_polls_on(
