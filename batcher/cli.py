@@ -391,6 +391,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except BatcherError as exc:
         print(f"batcher: {exc}", file=sys.stderr)
+        # What went wrong besides (results.parquet not written either): after the cause.
+        for note in getattr(exc, "__notes__", ()):
+            print(f"batcher: {note}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:  # Ctrl-C while starting, before a command's own handling
         print("batcher: interrupted", file=sys.stderr)

@@ -9,12 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from batcher.errors import reason_key
 from batcher.pipeline import Counters, RunContext
+from batcher.results import SUMMARY_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -144,11 +146,15 @@ class Summary:
 _TERMINAL = ("COMPLETED", "FAILED", "INVALID")
 
 
-def summarize(results: Path, counters: Counters, rate_limited: int, elapsed_s: float) -> Summary:
-    """Figures from results.parquet and the run's counters. Blocking: use a worker thread."""
-    table = pq.read_table(
-        results, columns=["status", "error", "latency_s", "inference_time", "unknown_submits"]
-    )
+def summarize(
+    results: Path | pa.Table, counters: Counters, rate_limited: int, elapsed_s: float
+) -> Summary:
+    """Figures from results.parquet (or a table of its SUMMARY_COLUMNS) and the run's
+    counters. Blocking: use a worker thread."""
+    if isinstance(results, pa.Table):
+        table = results
+    else:
+        table = pq.read_table(results, columns=list(SUMMARY_COLUMNS))
     counts = {str(k): int(v) for k, v in zip(*_value_counts(table.column("status")), strict=True)}
     failed = table.filter(pc.equal(table.column("status"), "FAILED"))
     reasons: dict[str, int] = {}

@@ -106,5 +106,22 @@ def write_results(checkpoint: Checkpoint, out: Path, manifest_dir: Path) -> Path
     return final
 
 
+#: The columns a run's summary reads (batcher.progress.summarize).
+SUMMARY_COLUMNS = ("status", "error", "latency_s", "inference_time", "unknown_submits")
+
+
+def summary_table(checkpoint: Checkpoint) -> pa.Table:
+    """results.parquet's SUMMARY_COLUMNS, read from the checkpoint: the summary of a run
+    that could not write the file. Blocking: call from a worker thread."""
+    schema = pa.schema([SCHEMA.field(name) for name in SUMMARY_COLUMNS])
+    source = ["state" if name == "status" else name for name in SUMMARY_COLUMNS]
+    tables = []
+    for chunk in checkpoint.iter_rows_blocking(source):
+        cols = zip(*chunk, strict=True)
+        arrays = [pa.array(col, type=f.type) for col, f in zip(cols, schema, strict=True)]
+        tables.append(pa.Table.from_arrays(arrays, schema=schema))
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
 def _us(epoch: float | None) -> int | None:
     return None if epoch is None else round(epoch * 1_000_000)

@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import signal
+import sqlite3
 import time
 import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -52,7 +53,7 @@ from batcher.options import RunOptions
 from batcher.pipeline import Counters, Flight, RunContext
 from batcher.poll import Poller
 from batcher.progress import Progress, Summary, summarize
-from batcher.results import RESULTS, write_results
+from batcher.results import RESULTS, summary_table, write_results
 from batcher.sink import remove_partials
 from batcher.submit import UNKNOWN_OUTCOME, feed
 from batcher.submit import work as submit_work
@@ -79,6 +80,9 @@ class RunResult:
     summary: Summary | None
     results: Path | None
     stop_reason: str | None
+    #: What else failed as the stopped run ended (results.parquet not written...): said
+    #: after the stop, which alone decides the exit code.
+    notes: tuple[str, ...] = ()
 
     def text(self) -> str:
         parts = [self.summary.text()] if self.summary else []
@@ -86,6 +90,7 @@ class RunResult:
             parts.append(f"results: {self.results}")
         if self.stop_reason:
             parts.append(f"stopped: {self.stop_reason}")
+        parts.extend(self.notes)
         return "\n".join(parts)
 
 
@@ -347,18 +352,18 @@ async def _work(
     counts = await cp.counts()
     total = sum(counts.values())
     done_before = sum(counts.get(s, 0) for s in ("COMPLETED", "FAILED", "INVALID"))
-    results = options.out / RESULTS
+    table = options.out / RESULTS
     if (
         done_before == total
         and await cp.get_meta(RESULTS_META) == RESULTS_FRESH
-        and await anyio.to_thread.run_sync(results.is_file)
+        and await anyio.to_thread.run_sync(table.is_file)
     ):
         # A finished job run again: every row is final and the table already says so.
         log.info("nothing to do: every row is COMPLETED, FAILED or INVALID")
-        summary = await anyio.to_thread.run_sync(
-            summarize, results, Counters(), 0, time.monotonic() - started
+        as_is = await anyio.to_thread.run_sync(
+            summarize, table, Counters(), 0, time.monotonic() - started
         )
-        return RunResult(_exit_code(summary, None), summary, results, None)
+        return RunResult(_exit_code(as_is, None), as_is, table, None)
     await _results_stale(cp)
     try:
         await anyio.to_thread.run_sync(remove_partials, options.out)
@@ -369,6 +374,7 @@ async def _work(
         ) from None
     gate = RequestGate(options.rate.scaled(options.scale), retry=options.scaled_retry())
     error: BatcherError | None = None
+    other: BaseException | None = None
     async with (
         _service(options) as base_url,
         aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as api_session,
@@ -387,38 +393,101 @@ async def _work(
             await _pipeline(ctx, total, done_before, interrupted)
         except BatcherError as exc:
             error = exc
+        except BaseException as exc:  # a bug, a cancel: raised as it is, whatever follows
+            other = exc
+            raise
         finally:
+            stopping = error is not None or other is not None or ctx.stop_reason is not None
             with anyio.CancelScope(shield=True):
-                # Transitions queued by stages cancelled mid-write belong in the table too.
-                await cp.flush()
-                results = await _write_results(cp, options)
-                await cp.set_meta(RESULTS_META, RESULTS_FRESH)
-                summary = await anyio.to_thread.run_sync(
-                    summarize,
-                    results,
-                    ctx.counters,
-                    ctx.gate.limited,
-                    time.monotonic() - started,
-                )
+                end = await _finish(ctx, time.monotonic() - started, stopping=stopping)
+            if other is not None:
+                for note in end.notes:
+                    other.add_note(note)
     if isinstance(error, ApiUnreachable | OutputUnwritable):  # stopped, resumable: exit 4
         ctx.stop(str(error))
     elif error is not None:
+        # The error that stopped the run is the one raised (a disk that refuses images
+        # often refuses results.parquet too): what failed after it is a note under it.
+        for note in end.notes:
+            error.add_note(note)
         raise error
-    return RunResult(_exit_code(summary, ctx.stop_reason), summary, results, ctx.stop_reason)
+    for note in end.notes:
+        log.warning("%s", note)
+    summary = end.summary
+    code = EXIT_STOPPED if summary is None else _exit_code(summary, ctx.stop_reason)
+    return RunResult(code, summary, end.results, ctx.stop_reason, end.notes)
 
 
-async def _write_results(cp: Checkpoint, options: RunOptions) -> Path:
-    """results.parquet from the checkpoint; a folder that refuses it is a clear error."""
+@dataclass(frozen=True)
+class _End:
+    results: Path | None
+    summary: Summary | None
+    notes: tuple[str, ...] = ()
+
+
+async def _finish(ctx: RunContext, elapsed_s: float, *, stopping: bool) -> _End:
+    """Save the checkpoint's last changes, write results.parquet and read the summary.
+
+    When the run is ``stopping`` (an error, Ctrl-C), a failure here must not take the
+    place of the reason it stopped: it becomes a note, said after it; the summary then
+    comes from the checkpoint. Otherwise it is the run's error, as it always was."""
+    cp, options = ctx.checkpoint, ctx.options
+    notes = []
     try:
-        return await anyio.to_thread.run_sync(
+        # Transitions queued by stages cancelled mid-write belong in the table too.
+        await cp.flush()
+    except sqlite3.Error as exc:
+        if not stopping:
+            raise
+        notes.append(
+            f"{options.out / CHECKPOINT} could not save its last changes ({exc}): rows "
+            "caught mid-way by the stop are taken up by the next run as after a crash"
+        )
+    try:
+        results = await anyio.to_thread.run_sync(
             write_results, cp, options.out, options.manifest.parent
         )
     except OSError as exc:  # e.g. a folder at results.parquet, a full disk
-        raise UsageError(
-            f"cannot write {options.out / RESULTS} ({exc.strerror or exc}): every row is "
-            f"saved in {options.out / CHECKPOINT}; make room for the file (move away what "
-            "is at its name, free space), then run the same command again"
-        ) from None
+        if not stopping:
+            raise _results_unwritable(options, exc) from None
+        notes.append(
+            f"{options.out / RESULTS} could not be written either ({exc.strerror or exc}): "
+            f"every row is saved in {options.out / CHECKPOINT}, and the next run writes it"
+        )
+        return _End(None, await _checkpoint_summary(ctx, elapsed_s), tuple(notes))
+    try:
+        await cp.set_meta(RESULTS_META, RESULTS_FRESH)
+    except sqlite3.Error as exc:  # the file is right; only the next run's shortcut is lost
+        log.warning(
+            "%s could not be marked up to date (%s): the next run writes it again",
+            results,
+            exc,
+        )
+    summary = await anyio.to_thread.run_sync(
+        summarize, results, ctx.counters, ctx.gate.limited, elapsed_s
+    )
+    return _End(results, summary, tuple(notes))
+
+
+async def _checkpoint_summary(ctx: RunContext, elapsed_s: float) -> Summary | None:
+    """The summary read from the checkpoint (results.parquet could not be written); None
+    if even that fails: the run's own error matters more than its figures."""
+    try:
+        table = await anyio.to_thread.run_sync(summary_table, ctx.checkpoint)
+    except (OSError, sqlite3.Error) as exc:
+        log.warning("no summary: the checkpoint could not be read (%s)", exc)
+        return None
+    return await anyio.to_thread.run_sync(
+        summarize, table, ctx.counters, ctx.gate.limited, elapsed_s
+    )
+
+
+def _results_unwritable(options: RunOptions, exc: OSError) -> UsageError:
+    return UsageError(
+        f"cannot write {options.out / RESULTS} ({exc.strerror or exc}): every row is "
+        f"saved in {options.out / CHECKPOINT}; make room for the file (move away what "
+        "is at its name, free space), then run the same command again"
+    )
 
 
 def _exit_code(summary: Summary, stop_reason: str | None) -> int:

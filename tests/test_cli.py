@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import errno
 import os
 import signal
 import sys
@@ -16,8 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+import batcher.run as run_module
 from batcher.cli import build_parser, main
 from batcher.errors import UsageError
+from batcher.image_writer import ImageWriter
 from batcher.options import RunOptions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -340,6 +344,72 @@ async def test_a_refused_key_exits_2_with_one_clear_line_and_a_resumable_folder(
     rows = pq.read_table(out / "results.parquet").to_pylist()
     assert {r["status"] for r in rows} == {"PENDING"}  # the checkpoint holds every row
     assert server.stats()["accepted"] == 0
+
+
+def _no_space(*args: Any) -> Any:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.usefixtures("_sigint")
+def test_a_full_disk_exits_4_with_its_reason_first_when_results_parquet_fails_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Images and results.parquet both refused (ENOSPC): the stop (exit 4, resumable) is
+    what the user sees, with the summary, then one line about results.parquet. Before:
+    exit 2 and only "batcher: cannot write .../results.parquet"."""
+
+    async def write(self: ImageWriter, row_id: str, index: int, data: bytes) -> Any:
+        return _no_space()
+
+    monkeypatch.setattr(ImageWriter, "write", write)
+    monkeypatch.setattr(run_module, "write_results", _no_space)
+    out = tmp_path / "out"
+
+    code = main(
+        ["run", str(DEMO), "--model", "instantid", "--out", str(out), "--simulate",
+         "--no-progress", "-q"]
+    )  # fmt: skip
+
+    err = capsys.readouterr().err
+    assert code == 4, err
+    assert "Traceback" not in err
+    assert not [line for line in err.splitlines() if line.startswith("batcher: ")], err
+    lines = err.splitlines()
+    (rows,) = [n for n, line in enumerate(lines) if line.startswith("rows: 12 ")]
+    (stop,) = [n for n, line in enumerate(lines) if line.startswith("stopped: cannot write images")]
+    (note,) = [n for n, line in enumerate(lines) if "could not be written either" in line]
+    assert rows < stop < note, err
+    assert "No space left on device" in lines[stop]
+    assert lines[note] == (
+        f"{out / 'results.parquet'} could not be written either (No space left on "
+        f"device): every row is saved in {out / 'checkpoint.sqlite'}, and the next run "
+        "writes it"
+    )
+
+
+@pytest.mark.usefixtures("_sigint")
+def test_a_refused_key_is_the_first_line_when_results_parquet_fails_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sim_config = RunOptions.sim_config
+
+    def refusing(self: RunOptions) -> Any:
+        return dataclasses.replace(sim_config(self), api_keys=frozenset({"sk-not-this-one"}))
+
+    monkeypatch.setattr(RunOptions, "sim_config", refusing)
+    monkeypatch.setattr(run_module, "write_results", _no_space)
+    out = tmp_path / "out"
+
+    code = main(
+        ["run", str(DEMO), "--model", "instantid", "--out", str(out), "--simulate",
+         "--no-progress", "-q", "--rate", "1/h"]
+    )  # fmt: skip
+
+    err = capsys.readouterr().err
+    assert code == 2, err
+    first, second = [line for line in err.splitlines() if line.startswith("batcher: ")]
+    assert "refused the key" in first
+    assert second.startswith(f"batcher: {out / 'results.parquet'} could not be written either")
 
 
 @pytest.mark.parametrize(

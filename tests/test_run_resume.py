@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import csv
 import dataclasses
+import errno
 import logging
+import os
 import re
 import sqlite3
 from collections import Counter
@@ -24,13 +26,15 @@ from PIL import Image
 
 import batcher.run as run_module
 from batcher.backoff import RetryConfig
-from batcher.checkpoint import Checkpoint
+from batcher.checkpoint import RESULTS_FRESH, Checkpoint
 from batcher.client import ApiClient, Reply, TransportError
 from batcher.errors import AuthError, Interrupted, ManifestError, UsageError
 from batcher.gate import Priority, RateConfig, RequestGate
+from batcher.image_writer import ImageWriter
 from batcher.inputs import ImageInputs
 from batcher.intake import BATCH, load
 from batcher.options import RunOptions
+from batcher.results import SUMMARY_COLUMNS, summary_table
 from batcher.run import EXIT_FAILED_ROWS, EXIT_OK, EXIT_STOPPED, arun
 from batcher.schedule import PollConfig
 from batcher.sim import SimServer
@@ -715,6 +719,199 @@ async def test_an_unwritable_images_folder_stops_resumably_and_nothing_is_paid_t
     # jobs submitted before the stop were fetched, not sent again
     assert sum(stats["requests"]["submit"].values()) == 6
     assert sum(submitted.values()) >= 1
+
+
+# -- a full disk: results.parquet failing too never hides why the run stopped ------------
+
+
+def _no_space(*args: Any) -> Any:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _disk_full(monkeypatch: pytest.MonkeyPatch, *, images: bool, results: bool = True) -> None:
+    """What a full disk does to a run, without filling one: with ``images`` no image
+    can be written, with ``results`` no results.parquet."""
+
+    async def write(self: ImageWriter, row_id: str, index: int, data: bytes) -> Any:
+        return _no_space()
+
+    if images:
+        monkeypatch.setattr(ImageWriter, "write", write)
+    if results:
+        monkeypatch.setattr(run_module, "write_results", _no_space)
+
+
+async def _stopped_on_images(manifest: Path, server: SimServer) -> Any:
+    """The run, stopped by images the disk refuses: exit 4, saying why."""
+    result = await arun(_options(manifest, server))
+    assert result.exit_code == EXIT_STOPPED, result.text()
+    assert result.stop_reason is not None
+    assert "cannot write images" in result.stop_reason
+    return result
+
+
+def _says_results_unwritten_after(text: str, first: str, out: Path) -> None:
+    """``text`` names the run's own reason (the line holding ``first``) before a line
+    that says results.parquet could not be written too, the next run writes it and the
+    checkpoint holds every row."""
+    lines = text.splitlines()
+    (reason,) = [n for n, line in enumerate(lines) if first in line]
+    (note,) = [n for n, line in enumerate(lines) if "could not be written either" in line]
+    assert reason < note, text
+    assert str(out / "results.parquet") in lines[note]
+    assert "No space left on device" in lines[note]
+    assert f"every row is saved in {out / 'checkpoint.sqlite'}" in lines[note]
+    assert "the next run writes it" in lines[note]
+
+
+async def test_a_full_disk_stops_with_exit_4_though_results_parquet_fails_too(
+    tmp_path: Path, sim: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: the results.parquet error, raised in a ``finally``, took the place of the
+    stop: exit 2, "cannot write results.parquet", no summary, and a wrapper retrying on 4
+    gave up."""
+    manifest = _manifest(tmp_path, instantid=6)
+    server = await sim(time_scale=SCALE, image_size=(32, 32))
+    out = manifest.parent / "out"
+    _disk_full(monkeypatch, images=True)
+
+    first = await _stopped_on_images(manifest, server)
+
+    assert "No space left on device" in first.stop_reason
+    assert first.results is None
+    assert first.summary is not None  # read from the checkpoint instead
+    assert sum(first.summary.counts.values()) == 6
+    assert "COMPLETED" not in first.summary.counts
+    _says_results_unwritten_after(first.text(), "stopped: cannot write images", out)
+    assert not (out / "results.parquet").exists()
+
+    monkeypatch.undo()  # space freed
+    second = await arun(_options(manifest, server))
+
+    assert second.exit_code == EXIT_OK, second.text()
+    assert {r["status"] for r in _results(out).values()} == {"COMPLETED"}
+    assert server.stats()["paid_twice"] == 0
+    # The summary's columns read from the checkpoint are the file's.
+    async with Checkpoint(out / "checkpoint.sqlite") as cp:
+        from_checkpoint = await asyncio.to_thread(summary_table, cp)
+    written = pq.read_table(out / "results.parquet", columns=list(SUMMARY_COLUMNS))
+    assert from_checkpoint.equals(written)
+
+
+async def test_an_interrupted_run_stays_exit_4_though_results_parquet_cannot_be_written(
+    tmp_path: Path, sim: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = _manifest(tmp_path, instantid=4, infinite_you=4)
+    server = await _long_jobs(sim, image_size=(32, 32))
+    options = _options(manifest, server, max_in_flight=4)
+    _disk_full(monkeypatch, images=False)
+
+    first = await _stopped_at(options, "SUBMITTED", 2)
+
+    assert first.exit_code == EXIT_STOPPED, first.text()
+    assert first.stop_reason is not None
+    assert first.stop_reason.startswith("interrupted")
+    assert first.summary is not None
+    assert sum(first.summary.counts.values()) == 8
+    _says_results_unwritten_after(first.text(), "stopped: interrupted", options.out)
+
+
+async def test_a_refused_key_stays_the_error_though_results_parquet_cannot_be_written(
+    tmp_path: Path, sim: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error raised at the end of the run (exit 2 here) is still the one raised, with
+    a note that results.parquet could not be written: before, the results.parquet
+    error replaced it, and the refused key was never mentioned."""
+    manifest = _manifest(tmp_path, instantid=3)
+    server = await sim(time_scale=SCALE, api_keys=frozenset({"sk-another-key-0000"}))
+    options = _options(manifest, server, rate=RateConfig(requests=1, period_s=3600.0))
+    _disk_full(monkeypatch, images=False)
+
+    with pytest.raises(AuthError) as raised:
+        await arun(options)
+
+    assert "refused the key" in str(raised.value)
+    (note,) = raised.value.__notes__
+    _says_results_unwritten_after(f"{raised.value}\n{note}", "refused the key", options.out)
+
+
+async def test_an_unexpected_error_is_not_replaced_by_results_parquet_failing(
+    tmp_path: Path, sim: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug's traceback must survive: before, the results.parquet UsageError (raised
+    ``from None``) took its place and hid it altogether."""
+    manifest = _manifest(tmp_path, instantid=2)
+    server = await sim(time_scale=SCALE, image_size=(32, 32))
+    options = _options(manifest, server)
+    _disk_full(monkeypatch, images=False)
+
+    async def broken(*args: Any) -> None:
+        raise RuntimeError("a bug in the pipeline")
+
+    monkeypatch.setattr(run_module, "_pipeline", broken)
+
+    with pytest.raises(RuntimeError, match="a bug in the pipeline") as raised:
+        await arun(options)
+
+    (note,) = raised.value.__notes__
+    _says_results_unwritten_after(f"{raised.value}\n{note}", "a bug", options.out)
+
+
+async def test_a_checkpoint_that_cannot_save_its_last_changes_does_not_hide_the_stop(
+    tmp_path: Path, sim: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checkpoint's last commit at the end of a stopped run fails too (its disk is
+    full): the stop and exit 4 stay, and a line says so. Before: sqlite3's error took
+    their place, a traceback."""
+    manifest = _manifest(tmp_path, instantid=4)
+    server = await sim(time_scale=SCALE, image_size=(32, 32))
+    out = manifest.parent / "out"
+    _disk_full(monkeypatch, images=True, results=False)
+
+    async def full(self: Checkpoint) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(Checkpoint, "flush", full)
+
+    first = await _stopped_on_images(manifest, server)
+
+    assert first.results == out / "results.parquet"
+    lines = first.text().splitlines()
+    (stop,) = [n for n, line in enumerate(lines) if line.startswith("stopped: cannot write")]
+    (note,) = [n for n, line in enumerate(lines) if "could not save its last changes" in line]
+    assert stop < note
+    assert lines[note].startswith(f"{out / 'checkpoint.sqlite'} could not save")
+    assert "(database or disk is full)" in lines[note]
+    assert "as after a crash" in lines[note]
+
+
+async def test_results_parquet_not_marked_up_to_date_is_a_warning_not_the_runs_end(
+    tmp_path: Path, sim: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """results.parquet is written, but the checkpoint cannot record that (its disk is
+    full): nothing is lost, the next run writes the file again. Before: sqlite3's error
+    replaced the stop (a traceback)."""
+    manifest = _manifest(tmp_path, instantid=4)
+    server = await sim(time_scale=SCALE, image_size=(32, 32))
+    out = manifest.parent / "out"
+    _disk_full(monkeypatch, images=True, results=False)
+    set_meta = Checkpoint.set_meta
+
+    async def full_at_the_end(self: Checkpoint, key: str, value: str) -> None:
+        if value == RESULTS_FRESH:
+            raise sqlite3.OperationalError("database or disk is full")
+        await set_meta(self, key, value)
+
+    monkeypatch.setattr(Checkpoint, "set_meta", full_at_the_end)
+
+    first = await _stopped_on_images(manifest, server)
+
+    assert first.results == out / "results.parquet"
+    assert len(_results(out)) == 4
+    assert any(
+        "could not be marked up to date (database or disk is full)" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 async def test_a_resume_after_the_wall_clock_stepped_back_polls_on(
