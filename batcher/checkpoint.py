@@ -28,7 +28,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from batcher.errors import UsageError
+from batcher.errors import CheckpointUnwritable, UsageError
 
 T = TypeVar("T")
 
@@ -266,6 +266,16 @@ class Checkpoint:
         self._wake.set()
         await future
 
+    def _unwritable(self, exc: sqlite3.OperationalError) -> CheckpointUnwritable:
+        """A write the file refused (full disk, I/O error, read-only): the folder's
+        problem, not a row's. Whatever was committed before stays; the batch did not."""
+        return CheckpointUnwritable(
+            f"cannot write the checkpoint {self.path} ({exc}): its last changes are not "
+            "saved, and rows caught mid-way are taken up by the next run as after a crash. "
+            "Free space or fix the folder, then run the same command again to resume",
+            reason=str(exc),
+        )
+
     async def flush(self) -> None:
         """Return once every write queued so far is committed, including writes whose
         callers were cancelled while they waited (the statement was queued all the same)."""
@@ -284,9 +294,10 @@ class Checkpoint:
         try:
             await self._call(self._apply, [(sql, params) for sql, params, _ in batch])
         except Exception as exc:  # surface to every writer that waited on this batch
+            error = self._unwritable(exc) if isinstance(exc, sqlite3.OperationalError) else exc
             for *_, future in batch:
                 if not future.done():
-                    future.set_exception(exc)
+                    future.set_exception(error)
             return
         for *_, future in batch:
             if not future.done():

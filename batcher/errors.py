@@ -61,6 +61,15 @@ class OutputUnwritable(BatcherError):
     folder): every row would fail the same way, so the run stops, resumable."""
 
 
+class CheckpointUnwritable(OutputUnwritable):
+    """The checkpoint cannot be written (disk full, I/O error, made read-only): the run
+    stops, resumable, as when images cannot be written. ``reason``: SQLite's words."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class RowError(BatcherError):
     """A single row ended in failure; the context travels as attributes."""
 

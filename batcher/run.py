@@ -40,6 +40,7 @@ from batcher.client import ApiClient, api_urls, origin
 from batcher.errors import (
     ApiUnreachable,
     BatcherError,
+    CheckpointUnwritable,
     Interrupted,
     OutputUnwritable,
     UsageError,
@@ -436,11 +437,12 @@ async def _finish(ctx: RunContext, elapsed_s: float, *, stopping: bool) -> _End:
     try:
         # Transitions queued by stages cancelled mid-write belong in the table too.
         await cp.flush()
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, CheckpointUnwritable) as exc:
         if not stopping:
             raise
+        why = exc.reason if isinstance(exc, CheckpointUnwritable) else exc
         notes.append(
-            f"{options.out / CHECKPOINT} could not save its last changes ({exc}): rows "
+            f"{options.out / CHECKPOINT} could not save its last changes ({why}): rows "
             "caught mid-way by the stop are taken up by the next run as after a crash"
         )
     try:
@@ -457,7 +459,7 @@ async def _finish(ctx: RunContext, elapsed_s: float, *, stopping: bool) -> _End:
         return _End(None, await _checkpoint_summary(ctx, elapsed_s), tuple(notes))
     try:
         await cp.set_meta(RESULTS_META, RESULTS_FRESH)
-    except sqlite3.Error as exc:  # the file is right; only the next run's shortcut is lost
+    except (sqlite3.Error, CheckpointUnwritable) as exc:  # only the next run's shortcut is lost
         log.warning(
             "%s could not be marked up to date (%s): the next run writes it again",
             results,

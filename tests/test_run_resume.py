@@ -798,6 +798,44 @@ async def test_a_full_disk_stops_with_exit_4_though_results_parquet_fails_too(
     assert from_checkpoint.equals(written)
 
 
+async def test_a_checkpoint_the_disk_refuses_stops_the_run_resumably(
+    tmp_path: Path, sim: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk that fills under the checkpoint (its log grows first on a small one): the
+    run stops, exit 4, saying so. Before: an ExceptionGroup traceback, exit 1."""
+    manifest = _manifest(tmp_path, instantid=4, infinite_you=4)
+    server = await _long_jobs(sim, image_size=(32, 32))
+    out = manifest.parent / "out"
+    apply = Checkpoint._apply
+
+    def fills_up(self: Checkpoint, statements: Any) -> None:
+        statements = list(statements)
+        if any(sql.startswith("UPDATE jobs SET state=?") for sql, _ in statements) and (
+            in_checkpoint(out, "SUBMITTED") >= 2
+        ):
+            raise sqlite3.OperationalError("database or disk is full")
+        apply(self, statements)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Checkpoint, "_apply", fills_up)
+        first = await arun(_options(manifest, server))
+
+    assert first.exit_code == EXIT_STOPPED, first.text()
+    assert first.stop_reason is not None
+    assert first.stop_reason.startswith(
+        f"cannot write the checkpoint {out / 'checkpoint.sqlite'} (database or disk is full)"
+    )
+    assert "run the same command again to resume" in first.stop_reason
+
+    second = await arun(_options(manifest, server))  # space freed
+
+    final = _results(out)
+    assert {r["status"] for r in final.values()} <= {"COMPLETED", "FAILED"}
+    assert all(r["error"] == UNKNOWN_OUTCOME for r in final.values() if r["status"] == "FAILED")
+    assert second.exit_code in (EXIT_OK, EXIT_FAILED_ROWS), second.text()
+    assert server.stats()["paid_twice"] == 0
+
+
 async def test_an_interrupted_run_stays_exit_4_though_results_parquet_cannot_be_written(
     tmp_path: Path, sim: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
