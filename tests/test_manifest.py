@@ -458,6 +458,16 @@ def test_ragged_csv_names_the_rows(tmp_path: Path) -> None:
     assert message == (f"{path}: every row needs the header's 2 cells; row 2 has 3, row 4 has 1")
 
 
+def test_an_unclosed_quote_is_named_as_the_cause(tmp_path: Path) -> None:
+    """(Before: "row 2 has 1", and nothing about the quote.)"""
+    path = tmp_path / "m.csv"
+    path.write_text(f'prompt,face_image\na,{FACE}\n"b,{FACE}\nc,{FACE}\n')
+    assert scan_error(path) == (
+        f"{path}: every row needs the header's 2 cells; row 2 has 1 (a quote opened in it "
+        "is never closed: the rest of the file is one cell)"
+    )
+
+
 def test_duplicate_header_column(tmp_path: Path) -> None:
     path = tmp_path / "m.csv"
     path.write_text("prompt,seed,prompt\na,1,b\n")

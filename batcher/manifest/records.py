@@ -181,7 +181,9 @@ def _csv_reader(
 ) -> pa_csv.CSVStreamingReader:
     def skip(row: object) -> str:
         number, cells = row.number - 1, row.actual_columns  # type: ignore[attr-defined]
-        ragged.append(f"row {number} has {cells}")
+        unclosed = (row.text or "").count('"') % 2  # type: ignore[attr-defined]
+        why = " (a quote opened in it is never closed: the rest of the file is one cell)"
+        ragged.append(f"row {number} has {cells}{why if unclosed else ''}")
         return "skip"
 
     reader = pa_csv.open_csv(
