@@ -163,7 +163,11 @@ class ImageInputs:
             raise InputError(f"{param}: empty value")
         kind = _kind(value)
         if kind == "url":
-            if not urlsplit(value).hostname:
+            try:
+                host = urlsplit(value).hostname
+            except ValueError as exc:  # "Invalid IPv6 URL": a bracket left open
+                raise InputError(f"{param}={value}: not a valid URL ({exc})") from None
+            if not host:
                 raise InputError(f"{param}={value}: the URL names no host")
             return value
         if kind == "inline":

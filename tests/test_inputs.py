@@ -488,6 +488,7 @@ async def test_fifo_rejected_without_blocking(tmp_path: Path) -> None:
         ("ftp://host/face.png", "unsupported URL scheme 'ftp'"),
         ("http://", "the URL names no host"),
         ("https:///face.png", "the URL names no host"),
+        ("http://[::1/face.png", r"not a valid URL \(Invalid IPv6 URL\)"),
         ("file:///etc/passwd", "unsupported URL scheme 'file'"),
         ("", "empty value"),
         ("   ", "empty value"),
