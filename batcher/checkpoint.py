@@ -158,9 +158,14 @@ def _job(row: Sequence[Any]) -> Job:
     )
 
 
-#: A row whose last submit may or may not have created a (billed) job: it never had an
-#: answer with a request_id since.
-_UNKNOWN_OUTCOME = "unknown_submits > 0 AND request_id IS NULL"
+#: A FAILED row's error when its submit's outcome is unknown: the job may exist and be
+#: billed. Rows are told by its first words, the same since the first version.
+UNKNOWN_OUTCOME = (
+    "submit outcome unknown: the connection was lost after the request was sent, so the job "
+    "may exist and be billed; not sent again (at-most-once). Run again with "
+    "--resubmit-unknown to submit it again"
+)
+_UNKNOWN_OUTCOME = "error LIKE 'submit outcome unknown:%'"
 
 
 @functools.cache
@@ -482,6 +487,19 @@ class Checkpoint:
             return {state: n for state, n in self._conn.execute(sql)}
 
         result: dict[str, int] = await self._call(get)
+        return result
+
+    async def any_sent(self) -> bool:
+        """Whether any row was ever submitted: a job may exist for it at some service."""
+
+        def get() -> bool:
+            sql = (
+                "SELECT 1 FROM jobs WHERE attempts > 0 OR unknown_submits > 0 "
+                "OR request_id IS NOT NULL LIMIT 1"
+            )
+            return self._conn.execute(sql).fetchone() is not None
+
+        result: bool = await self._call(get)
         return result
 
     async def reopen_failed(self, *, known: bool, unknown: bool) -> tuple[int, int]:

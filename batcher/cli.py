@@ -16,12 +16,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from batcher.errors import BatcherError, UsageError
+from batcher.errors import BatcherError, OutputUnwritable, UsageError
 
 if TYPE_CHECKING:
     from batcher.gate import RateConfig
 
 EXIT_USAGE = 2
+#: Stopped early, resumable (as batcher.run.EXIT_STOPPED).
+EXIT_STOPPED = 4
 
 
 def _fraction(text: str) -> float:
@@ -394,7 +396,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # What went wrong besides (results.parquet not written either): after the cause.
         for note in getattr(exc, "__notes__", ()):
             print(f"batcher: {note}", file=sys.stderr)
-        return EXIT_USAGE
+        # A folder that refuses writes (the checkpoint at start-up, say) is resumable.
+        return EXIT_STOPPED if isinstance(exc, OutputUnwritable) else EXIT_USAGE
     except KeyboardInterrupt:  # Ctrl-C while starting, before a command's own handling
         print("batcher: interrupted", file=sys.stderr)
         return 130

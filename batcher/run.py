@@ -211,12 +211,13 @@ async def _check_service(cp: Checkpoint, options: RunOptions) -> None:
     service's in one results.parquet."""
     current = service_identity(options)
     recorded = await cp.get_meta(SERVICE_META)
-    if recorded is None:
-        # A new folder, or one from before the service was recorded: it belongs to this
-        # run's service from now on.
-        await cp.set_meta(SERVICE_META, current)
-        return
     if recorded == current:
+        return
+    if recorded is None or not await cp.any_sent():
+        # A new folder, one from before the service was recorded, or one whose rows were
+        # never sent (a mistyped --base-url, a run stopped during intake): it belongs to
+        # this run's service from now on.
+        await cp.set_meta(SERVICE_META, current)
         return
 
     def name(service: str) -> str:
@@ -298,13 +299,15 @@ async def _resume(ctx: RunContext, poller: Poller) -> None:
     """Jobs a previous run left on the wire or in flight."""
     cp = ctx.checkpoint
     for job in await cp.jobs_in([SUBMITTING], limit=1 << 30):
-        # The process died between the gate's grant and the answer: maybe billed.
-        await cp.update(job.id, unknown_submits=job.unknown_submits + 1)
+        # The process died between the gate's grant and the answer: maybe billed. One
+        # write: a kill between two would count the unknown submit twice.
         ctx.counters.unknown_submits += 1
         if ctx.options.resubmit_unknown:
-            await cp.update(job.id, state=PENDING)
+            await cp.update(job.id, counts={"unknown_submits": 1}, state=PENDING)
         else:
-            await cp.update(job.id, state=FAILED, error=UNKNOWN_OUTCOME)
+            await cp.update(
+                job.id, counts={"unknown_submits": 1}, state=FAILED, error=UNKNOWN_OUTCOME
+            )
     now_wall, now = time.time(), ctx.now()
     limit = ctx.poll.retention_s * ctx.poll.time_scale
     moved = 0
@@ -404,7 +407,10 @@ async def _work(
             if other is not None:
                 for note in end.notes:
                     other.add_note(note)
+    notes = end.notes
     if isinstance(error, ApiUnreachable | OutputUnwritable):  # stopped, resumable: exit 4
+        if ctx.stop_reason is not None and ctx.stop_reason != str(error):
+            notes = (str(error), *notes)  # came while stopping (Ctrl-C, out of credits)
         ctx.stop(str(error))
     elif error is not None:
         # The error that stopped the run is the one raised (a disk that refuses images
@@ -412,11 +418,11 @@ async def _work(
         for note in end.notes:
             error.add_note(note)
         raise error
-    for note in end.notes:
+    for note in notes:
         log.warning("%s", note)
     summary = end.summary
     code = EXIT_STOPPED if summary is None else _exit_code(summary, ctx.stop_reason)
-    return RunResult(code, summary, end.results, ctx.stop_reason, end.notes)
+    return RunResult(code, summary, end.results, ctx.stop_reason, notes)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from batcher import handoff
-from batcher.checkpoint import PENDING, SUBMITTED, SUBMITTING, Job
+from batcher.checkpoint import PENDING, SUBMITTED, SUBMITTING, UNKNOWN_OUTCOME, Job
 from batcher.client import Outcome, Reply, TransportError, api_urls, encode_params
 from batcher.errors import ApiUnreachable, AuthError, UnknownModel
 from batcher.gate import Priority
@@ -33,12 +33,6 @@ from batcher.retry import CallStats, call
 from batcher.schemas import get_model
 
 log = logging.getLogger(__name__)
-
-UNKNOWN_OUTCOME = (
-    "submit outcome unknown: the connection was lost after the request was sent, so the job "
-    "may exist and be billed; not sent again (at-most-once). Run again with "
-    "--resubmit-unknown to submit it again"
-)
 
 
 async def feed(ctx: RunContext, send: MemoryObjectSendStream[Job]) -> None:
@@ -204,7 +198,16 @@ async def _post(
         if ctx.stop_submitting.is_set():  # not even marked SUBMITTING
             raise _Stopping
         marked = True
-        await ctx.checkpoint.update(job.id, state=SUBMITTING, attempts=job.attempts)
+        # An earlier job's request id goes: were this submit's outcome unknown, the row
+        # must not show (or be taken for) a job it may not have.
+        await ctx.checkpoint.update(
+            job.id,
+            state=SUBMITTING,
+            attempts=job.attempts,
+            request_id=None,
+            status_url=None,
+            response_url=None,
+        )
 
     async def send() -> Reply:
         nonlocal on_wire

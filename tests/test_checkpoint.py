@@ -22,6 +22,7 @@ from batcher.checkpoint import (
     REMOVED,
     SUBMITTED,
     SUBMITTING,
+    UNKNOWN_OUTCOME,
     Checkpoint,
     NewRow,
 )
@@ -213,8 +214,10 @@ async def test_update_refuses_a_column_that_does_not_exist(cp: Checkpoint) -> No
 async def test_reopen_failed_sends_back_only_what_was_asked(cp: Checkpoint) -> None:
     await cp.add_rows([_row(n) for n in range(1, 5)])
     await cp.update("r1", state=FAILED, error="No face detected", request_id="q1")
-    await cp.update("r2", state=FAILED, error="unknown outcome", unknown_submits=1)
-    await cp.update("r3", state=FAILED, error="No face", request_id="q3", unknown_submits=1)
+    # r2: an unknown outcome, though it kept an older job's request id (before: counted as
+    # known, sent again by --retry-failed). r3: unknown once, then FAILED for a reason.
+    await cp.update("r2", state=FAILED, error=UNKNOWN_OUTCOME, unknown_submits=1, request_id="q0")
+    await cp.update("r3", state=FAILED, error="No face", unknown_submits=1)
     await cp.update("r4", state=COMPLETED)
 
     assert await cp.reopen_failed(known=False, unknown=False) == (0, 1)
@@ -228,7 +231,7 @@ async def test_reopen_failed_sends_back_only_what_was_asked(cp: Checkpoint) -> N
 async def test_reopen_failed_both_ways_at_once(cp: Checkpoint) -> None:
     await cp.add_rows([_row(n) for n in range(1, 3)])
     await cp.update("r1", state=FAILED, error="No face detected", request_id="q1")
-    await cp.update("r2", state=FAILED, error="unknown outcome", unknown_submits=1)
+    await cp.update("r2", state=FAILED, error=UNKNOWN_OUTCOME, unknown_submits=1)
     assert await cp.reopen_failed(known=True, unknown=True) == (2, 0)
 
 

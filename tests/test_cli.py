@@ -9,6 +9,7 @@ import dataclasses
 import errno
 import os
 import signal
+import sqlite3
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 from PIL import Image
 
 import batcher.run as run_module
+from batcher.checkpoint import Checkpoint
 from batcher.cli import build_parser, main
 from batcher.errors import UsageError
 from batcher.image_writer import ImageWriter
@@ -126,6 +128,28 @@ async def test_run_without_a_key_exits_2_with_one_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.usefixtures("_sigint")
+@pytest.mark.usefixtures("_sigint")
+def test_a_checkpoint_refused_at_start_up_exits_4_resumable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk already full when the run starts: the folder's problem, resumable (exit 4,
+    as when it fills later), not a usage error (exit 2, before)."""
+
+    def full(self: Checkpoint, statements: Any) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(Checkpoint, "_apply", full)
+    out = tmp_path / "out"
+    code = main(["run", str(DEMO), "--model", "instantid", "--out", str(out), "--simulate"])
+
+    assert code == 4
+    err = capsys.readouterr().err
+    checkpoint = out / "checkpoint.sqlite"
+    assert err.startswith(
+        f"batcher: cannot write the checkpoint {checkpoint} (database or disk is full)"
+    ), err
+
+
 def test_a_negative_max_failed_retries_names_the_option(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

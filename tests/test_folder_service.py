@@ -8,6 +8,7 @@ finished, 0 requests, exit 0; one half done had emulator request ids polled for 
 from __future__ import annotations
 
 import asyncio
+import socket
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -175,3 +176,29 @@ async def test_a_folder_from_before_the_record_resumes_and_gets_it(
     assert _service(options.out) == _origin(server)
     with pytest.raises(UsageError, match="another --out"):  # recorded from now on
         await arun(_options(manifest))
+
+
+async def test_a_folder_whose_rows_were_never_sent_goes_to_the_next_service(
+    tmp_path: Path, sim: Any
+) -> None:
+    """A review's case: a first run against a mistyped --base-url (connection refused)
+    sends nothing and stops. Before, the folder stayed bound to that URL: the right one
+    was refused, "holds jobs sent to" a service that never had any."""
+    manifest = url_manifest(tmp_path, rows=2)
+    server = await sim(time_scale=SCALE, image_size=(16, 16))
+    typo = f"http://127.0.0.1:{_closed_port()}"
+    first = await arun(_options(manifest, typo))
+    assert first.exit_code == EXIT_STOPPED, first.text()
+    assert _service(manifest.parent / "out") == f"{typo}"
+
+    second = await arun(_options(manifest, server.base_url))
+
+    assert second.exit_code == EXIT_OK, second.text()
+    assert _service(manifest.parent / "out") == _origin(server)
+    assert server.stats()["accepted"] == 2
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

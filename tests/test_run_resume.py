@@ -482,6 +482,36 @@ async def test_retry_failed_does_not_pay_again_for_a_submit_of_unknown_outcome(
     assert third.exit_code == EXIT_FAILED_ROWS  # "noface" is FAILED still
 
 
+async def test_an_unknown_outcome_is_known_as_such_though_the_row_had_a_job_before(
+    tmp_path: Path, sim: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review's case: a row whose job FAILED is sent again (--retry-failed), and that
+    submit's outcome is unknown. Before, the row kept the old job's request id, so it
+    was taken for a known failure, and the next --retry-failed paid for it again."""
+    manifest = _csv(
+        tmp_path, "id,model,prompt,face_image\nnoface,instantid,portrait sim:no-face,face.png\n"
+    )
+    server = await sim(time_scale=SCALE, image_size=(64, 64))
+    once = RetryConfig(max_failed_retries=0)
+    await arun(_options(manifest, server, retry=once))  # FAILED: the job failed
+    submit = ApiClient.submit
+
+    async def accepted_then_lost(self: ApiClient, model: str, body: bytes) -> Reply:
+        await submit(self, model, body)  # the server created the job...
+        raise TransportError("connection lost (ServerDisconnectedError)", maybe_sent=True)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ApiClient, "submit", accepted_then_lost)
+        await arun(_options(manifest, server, retry=once, retry_failed=True))
+    row = _results(manifest.parent / "out")["noface"]
+    assert (row["error"], row["unknown_submits"], row["request_id"]) == (UNKNOWN_OUTCOME, 1, None)
+    assert server.stats()["accepted"] == 2
+
+    await arun(_options(manifest, server, retry=once, retry_failed=True))
+
+    assert server.stats()["accepted"] == 2  # not sent again: only --resubmit-unknown may
+
+
 async def test_an_unreachable_api_stops_resumably_with_no_row_taken_for_sent(
     tmp_path: Path, sim: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -834,6 +864,48 @@ async def test_a_checkpoint_the_disk_refuses_stops_the_run_resumably(
     assert all(r["error"] == UNKNOWN_OUTCOME for r in final.values() if r["status"] == "FAILED")
     assert second.exit_code in (EXIT_OK, EXIT_FAILED_ROWS), second.text()
     assert server.stats()["paid_twice"] == 0
+
+
+async def test_a_checkpoint_refused_while_the_run_stops_is_said_after_the_stop(
+    tmp_path: Path, sim: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A review's case: Ctrl-C, then the disk refuses a commit of the stopping run. The
+    stop's reason stands (exit 4), and the refusal follows it. Before, it was not said:
+    "jobs in flight are saved", though a paid job's request id was not."""
+    manifest = _manifest(tmp_path, instantid=2, infinite_you=4)
+    server = await _long_jobs(sim, image_size=(32, 32))
+    out = manifest.parent / "out"
+    interrupted = asyncio.Event()
+    apply = Checkpoint._apply
+    failed: list[Any] = []
+
+    def once(self: Checkpoint, statements: Any) -> None:
+        statements = list(statements)
+        if (
+            interrupted.is_set()
+            and not failed
+            and any(sql.startswith("UPDATE jobs SET state=?") for sql, _ in statements)
+        ):
+            failed.append(statements)
+            raise sqlite3.OperationalError("disk I/O error")
+        apply(self, statements)
+
+    monkeypatch.setattr(Checkpoint, "_apply", once)
+    task = asyncio.create_task(arun(_options(manifest, server), interrupted=interrupted))
+    await until(lambda: in_checkpoint(out, "SUBMITTED") >= 2 or task.done())
+    interrupted.set()
+    result = await task
+
+    assert failed
+    assert result.exit_code == EXIT_STOPPED, result.text()
+    assert result.stop_reason is not None
+    assert result.stop_reason.startswith("interrupted")
+    lines = result.text().splitlines()
+    stopped = next(n for n, line in enumerate(lines) if line.startswith("stopped: interrupted"))
+    assert any(
+        line.startswith(f"cannot write the checkpoint {out / 'checkpoint.sqlite'} (disk I/O error)")
+        for line in lines[stopped + 1 :]
+    ), lines
 
 
 async def test_an_interrupted_run_stays_exit_4_though_results_parquet_cannot_be_written(
