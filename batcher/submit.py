@@ -241,15 +241,20 @@ async def _post(
     except _Stopping:
         raise
     except BaseException:
-        if marked and not on_wire:
-            # Cancelled between tries (in a backoff after a refused connection or a 5xx,
-            # or waiting for the gate): nothing of this row is at the server, so it is
-            # PENDING, not a maybe-billed "unknown outcome" when the run resumes.
-            counts = attempt.tally(ctx, answered=False)
+        if marked:
+            counts = attempt.tally(ctx, answered=on_wire)
             with anyio.CancelScope(shield=True):
-                await ctx.checkpoint.update(
-                    job.id, counts=counts, state=PENDING, attempts=job.attempts - 1
-                )
+                if on_wire:
+                    # Cut off with its POST at the server (past the stop's grace): the
+                    # row stays SUBMITTING, maybe billed; its tries so far are counted.
+                    await ctx.checkpoint.update(job.id, counts=counts)
+                else:
+                    # Cancelled between tries (in a backoff after a refused connection
+                    # or a 5xx, or at the gate): nothing of this row is at the server,
+                    # so it is PENDING, not a maybe-billed "unknown outcome" on resume.
+                    await ctx.checkpoint.update(
+                        job.id, counts=counts, state=PENDING, attempts=job.attempts - 1
+                    )
         raise
 
 

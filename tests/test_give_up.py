@@ -21,6 +21,7 @@ from aiohttp.test_utils import TestServer
 from conftest import in_checkpoint, until
 
 import batcher.client as client_module
+import batcher.run as run_module
 from batcher.backoff import RetryConfig
 from batcher.client import ApiClient, Reply, TransportError
 from batcher.errors import AuthError
@@ -437,3 +438,37 @@ async def test_an_api_whose_connections_never_open_stops_the_run_with_nothing_fa
     assert "no connection within 0.2 s" in result.text()
     rows = pq.read_table(options.out / "results.parquet").to_pylist()
     assert {(r["status"], r["attempts"], r["unknown_submits"]) for r in rows} == {("PENDING", 0, 0)}
+
+
+async def test_a_submit_cut_off_on_the_wire_keeps_the_counts_of_its_tries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row's first POST is answered 503, its second is held at the server past the
+    stop's grace: the row stays SUBMITTING (maybe billed) and its retry is counted.
+    Before, a worker cancelled with its POST on the wire dropped the attempt's counts."""
+    monkeypatch.setattr(run_module, "GRACE_S", 0.2)
+    posts: list[int] = []
+    held = asyncio.Event()
+
+    async def submit(request: web.Request) -> web.Response:
+        posts.append(1)
+        if len(posts) == 1:
+            return web.json_response({"error": "Service Unavailable"}, status=503)
+        held.set()
+        await asyncio.sleep(3600)  # never answered: the client gives up on it
+        raise AssertionError("unreachable")
+
+    app = web.Application()
+    app.router.add_post("/v2/instantid", submit)
+    async with TestServer(app, host="127.0.0.1") as server:
+        options = _options(tmp_path, str(server.make_url("")).rstrip("/"), 0.001, 1)
+        interrupted = asyncio.Event()
+        task = asyncio.create_task(arun(options, interrupted=interrupted))
+        await asyncio.wait_for(held.wait(), 30)
+        interrupted.set()
+        result = await asyncio.wait_for(task, 30)
+
+    assert result.exit_code == EXIT_STOPPED, result.text()
+    assert _rows(options.out, "state, attempts, retries") == [("SUBMITTING", 1, 1)]
+    assert result.summary is not None
+    assert result.summary.api_requests == len(posts) == 2
