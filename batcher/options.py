@@ -52,10 +52,14 @@ def check_base_url(url: str) -> None:
         port = parts.port  # raises for a port that is not a number in 0-65535
         if parts.scheme.lower() not in ("http", "https"):
             raise ValueError("it must start with http:// or https://")
-        if not parts.hostname or any(c.isspace() for c in url):
-            raise ValueError("it has no host" if not parts.hostname else "it contains a space")
-        if port == 0 or parts.fragment:
-            raise ValueError("port 0 cannot be connected to" if port == 0 else "it has a #fragment")
+        if not parts.hostname:
+            raise ValueError("it has no host")
+        if any(c.isspace() for c in url):
+            raise ValueError("it contains a space")
+        if port == 0:
+            raise ValueError("port 0 cannot be connected to")
+        if parts.fragment:
+            raise ValueError("it has a #fragment")
     except ValueError as exc:
         raise UsageError(f"--base-url must be the API's http(s) address; {shown}: {exc}") from None
 

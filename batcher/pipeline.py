@@ -244,6 +244,10 @@ class RunContext:
         if self.stop_reason is None:
             self.stop_reason = reason
             log.warning("%s", reason)
+        self._halt_submits()
+
+    def _halt_submits(self) -> None:
+        """No new submit from now on; the feeder wakes to see it."""
         self.stop_submitting.set()
         self.requeue_signal.set()
 
@@ -258,8 +262,7 @@ class RunContext:
         POST on the wire gets its answer first (at most ``grace_s``), so that its row is
         recorded SUBMITTED or PENDING and not left "maybe billed" by the stop. The other
         stages go on meanwhile: the gate grants, and an answer's request_id is saved."""
-        self.stop_submitting.set()
-        self.requeue_signal.set()
+        self._halt_submits()
         deadline = self.now() + grace_s
         # A counter changed from many places: polling it for a few seconds beats an event.
         while self.on_wire and self.now() < deadline:  # noqa: ASYNC110

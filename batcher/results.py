@@ -114,7 +114,7 @@ def summary_table(checkpoint: Checkpoint) -> pa.Table:
     """results.parquet's SUMMARY_COLUMNS, read from the checkpoint: the summary of a run
     that could not write the file. Blocking: call from a worker thread."""
     schema = pa.schema([SCHEMA.field(name) for name in SUMMARY_COLUMNS])
-    source = ["state" if name == "status" else name for name in SUMMARY_COLUMNS]
+    source = [_SOURCE[SCHEMA.get_field_index(name)] for name in SUMMARY_COLUMNS]
     tables = []
     for chunk in checkpoint.iter_rows_blocking(source):
         cols = zip(*chunk, strict=True)

@@ -200,8 +200,7 @@ def service_identity(options: RunOptions) -> str:
     if options.simulate:
         return SIMULATED
     identity = origin(options.base_url)
-    if identity is None:  # RunOptions refuses it already
-        raise UsageError(f"--base-url must be an http(s) URL, got {options.base_url!r}")
+    assert identity is not None, "RunOptions checks --base-url"
     return identity
 
 

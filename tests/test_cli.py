@@ -22,6 +22,7 @@ from PIL import Image
 import batcher.run as run_module
 from batcher.checkpoint import Checkpoint
 from batcher.cli import build_parser, main
+from batcher.client import DEFAULT_BASE_URL
 from batcher.errors import UsageError
 from batcher.image_writer import ImageWriter
 from batcher.options import RunOptions
@@ -239,8 +240,8 @@ def test_a_time_scale_out_of_range_is_refused_before_anything_is_written(
         ("http:///v2", "it has no host"),
         ("http://[::1", "Invalid IPv6 URL"),
         ("http://api.segmind .com", "it contains a space"),
-        ("api.segmind.com", "it must start with http:// or https://"),
-        ("https://api.segmind.com/#x", "it has a #fragment"),
+        ("api.example.com", "it must start with http:// or https://"),
+        ("https://api.example.com/#x", "it has a #fragment"),
     ],
 )
 def test_a_base_url_that_cannot_be_dialled_is_refused_before_anything_is_written(
@@ -260,7 +261,7 @@ def test_a_base_url_that_cannot_be_dialled_is_refused_before_anything_is_written
 
 
 @pytest.mark.usefixtures("_sigint")
-@pytest.mark.parametrize("url", ["https://user:hunter2@api.segmind.com", "https://h/?key=hunter2"])
+@pytest.mark.parametrize("url", ["https://user:hunter2@api.example.com", "https://h/?key=hunter2"])
 def test_a_base_url_with_a_credential_is_refused_and_not_shown(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], url: str
 ) -> None:
@@ -275,7 +276,7 @@ def test_a_base_url_with_a_credential_is_refused_and_not_shown(
 
 
 @pytest.mark.parametrize(
-    "url", ["https://api.segmind.com", "http://[::1]:80/", "https://p.example/segmind/"]
+    "url", [DEFAULT_BASE_URL, "http://[::1]:80/", "https://p.example/segmind/"]
 )
 def test_a_base_url_with_a_path_or_an_ipv6_host_is_accepted(url: str) -> None:
     assert RunOptions(manifest=DEMO, out=Path("out"), base_url=url).base_url == url
@@ -513,7 +514,7 @@ def test_validate_refuses_a_max_errors_that_is_no_count(
 
 
 @pytest.mark.usefixtures("_sigint")
-@pytest.mark.parametrize("base_url", ["http://127.0.0.1:8400", "https://api.segmind.com"])
+@pytest.mark.parametrize("base_url", ["http://127.0.0.1:8400", DEFAULT_BASE_URL])
 def test_simulate_with_a_base_url_exits_2_before_anything_is_written(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], base_url: str
 ) -> None:
