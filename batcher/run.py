@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import random
 import signal
 import sqlite3
 import time
-import unicodedata
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVarTuple, Unpack
@@ -36,7 +34,7 @@ from batcher.checkpoint import (
     SUBMITTING,
     Checkpoint,
 )
-from batcher.client import ApiClient, api_urls, origin
+from batcher.client import ApiClient, api_urls
 from batcher.errors import (
     ApiUnreachable,
     BatcherError,
@@ -49,10 +47,11 @@ from batcher.fetch import work as fetch_work
 from batcher.gate import RequestGate
 from batcher.inputs import ImageInputs
 from batcher.intake import load
-from batcher.manifest import fingerprint, scan
+from batcher.manifest import scan
 from batcher.options import RunOptions
 from batcher.pipeline import Counters, Flight, RunContext
 from batcher.poll import Poller
+from batcher.preflight import api_key, check_service, lock, manifest_identity
 from batcher.progress import Progress, Summary, summarize
 from batcher.results import RESULTS, summary_table, write_results
 from batcher.sink import remove_partials
@@ -69,8 +68,6 @@ GRACE_S = 3.0
 #: Result fetches at once. A fetch mostly waits (result GET, image download, the image
 #: write and the checkpoint commit), so 16 left the event loop idle at 300 jobs/s.
 FETCH_WORKERS = 64
-#: Meta key: the service the folder's jobs are sent to, SIMULATED or --base-url's origin.
-SERVICE_META, SIMULATED = "service", "simulate"
 
 
 @dataclass(frozen=True)
@@ -95,57 +92,6 @@ class RunResult:
         return "\n".join(parts)
 
 
-@contextlib.contextmanager
-def _lock(out: Path) -> Iterator[None]:
-    """One run per output folder at a time. The lock file is neither truncated nor opened
-    through a symlink: a link planted at ``.lock`` must not make the run clobber its target."""
-    path = out / ".lock"
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
-    except OSError as exc:
-        if os.path.islink(path):
-            raise UsageError(f"{path}: the lock file is a symbolic link: remove it") from None
-        raise UsageError(
-            f"{path}: cannot open the lock file ({exc.strerror or exc}): batcher needs a "
-            "folder it can write to for --out"
-        ) from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise UsageError(f"another batcher run is using {out}") from None
-        yield
-    finally:
-        os.close(fd)
-
-
-def _api_key(options: RunOptions) -> str:
-    key = (options.api_key or os.environ.get("SEGMIND_API_KEY", "")).strip()
-    if key:
-        _check_key(key)
-        return key
-    if options.simulate:
-        return "sim-key"
-    raise UsageError(
-        "SEGMIND_API_KEY is not set: export your Segmind API key (or use "
-        "--simulate to run against the built-in emulator)"
-    )
-
-
-def _check_key(key: str) -> None:
-    """A key goes into an HTTP header: a line break or a control character there makes
-    every request fail (aiohttp refuses it) after the row was marked as being sent."""
-    for char in key:
-        control = unicodedata.category(char) == "Cc"
-        if control or char.isspace():
-            # The character's code only: the message must not show any of the key.
-            kind = "a control character" if control else "whitespace"
-            raise UsageError(
-                f"SEGMIND_API_KEY contains {kind} (U+{ord(char):04X}) within the key: set "
-                "it to the key alone"
-            )
-
-
 @contextlib.asynccontextmanager
 async def _service(options: RunOptions) -> AsyncIterator[str]:
     """The base URL to talk to: the in-process emulator with --simulate, else the option."""
@@ -164,7 +110,7 @@ async def arun(options: RunOptions, *, interrupted: asyncio.Event | None = None)
     # A bad key, option or manifest is refused before anything is written: not even the
     # output folder is left behind. Scanning only reads the manifest; a run resumed on
     # the manifest it was made from needs no second scan (see _intake).
-    key = _api_key(options)
+    key = api_key(options)
     stop = interrupted.is_set if interrupted is not None else None
     scanned = False
     try:
@@ -175,9 +121,9 @@ async def arun(options: RunOptions, *, interrupted: asyncio.Event | None = None)
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UsageError(f"--out {out}: cannot create the folder ({exc.strerror})") from None
-        with _lock(out):
+        with lock(out):
             async with Checkpoint(out / CHECKPOINT) as cp:
-                await _check_service(cp, options)
+                await check_service(cp, options)
                 inputs = ImageInputs(options.manifest.parent)
                 await _intake(cp, options, inputs, scanned=scanned, stop=stop)
                 return await _work(options, cp, inputs, key, interrupted)
@@ -185,51 +131,6 @@ async def arun(options: RunOptions, *, interrupted: asyncio.Event | None = None)
         reason = f"interrupted: {exc}. Run the same command again to start"
         log.warning("%s", reason)
         return RunResult(EXIT_STOPPED, None, None, reason)
-
-
-def manifest_identity(manifest: Path, model: str | None) -> str:
-    """What the checkpoint remembers of the manifest it was loaded from. Blocking."""
-    # The same file read with another --model is another job.
-    return f"{fingerprint(manifest)} model={model}"
-
-
-def service_identity(options: RunOptions) -> str:
-    """What the checkpoint remembers of the service its jobs are sent to: the in-process
-    emulator, or --base-url's origin (scheme://host:port: nothing that could hold a
-    credential, no user info, no query)."""
-    if options.simulate:
-        return SIMULATED
-    identity = origin(options.base_url)
-    assert identity is not None, "RunOptions checks --base-url"
-    return identity
-
-
-async def _check_service(cp: Checkpoint, options: RunOptions) -> None:
-    """Refuse, before anything is sent or polled, a folder whose jobs belong to another
-    service: its request ids mean nothing there, and its images would be mixed with that
-    service's in one results.parquet."""
-    current = service_identity(options)
-    recorded = await cp.get_meta(SERVICE_META)
-    if recorded == current:
-        return
-    if recorded is None or not await cp.any_sent():
-        # A new folder, one from before the service was recorded, or one whose rows were
-        # never sent (a mistyped --base-url, a run stopped during intake): it belongs to
-        # this run's service from now on.
-        await cp.set_meta(SERVICE_META, current)
-        return
-
-    def name(service: str) -> str:
-        return "the built-in emulator (--simulate)" if service == SIMULATED else service
-
-    again = "--simulate (and no --base-url)" if recorded == SIMULATED else f"--base-url {recorded}"
-    if options.simulate:
-        again += " and without --simulate"
-    raise UsageError(
-        f"{options.out} holds jobs sent to {name(recorded)}, not to {name(current)}: their "
-        f"request ids and images belong to that service. Use another --out for "
-        f"{name(current)}, or run again with {again} to go on with this folder"
-    )
 
 
 async def _scan(options: RunOptions, stop: Callable[[], bool] | None = None) -> None:

@@ -31,8 +31,9 @@ from typing import Any
 from batcher.checkpoint import Checkpoint
 from batcher.inputs import ImageInputs
 from batcher.intake import load
+from batcher.preflight import manifest_identity
 from batcher.results import write_results
-from batcher.run import CHECKPOINT, RESULTS_FRESH, RESULTS_META, manifest_identity
+from batcher.run import CHECKPOINT, RESULTS_FRESH, RESULTS_META
 from batcher.sink import safe_stem
 
 _RESULT_COLUMNS = (
