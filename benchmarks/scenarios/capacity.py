@@ -101,7 +101,10 @@ def _row(label: str, report: dict[str, Any], n: int, ceiling: float | None) -> l
 
 def run(ctx: Context) -> Outcome:
     n = 1000 if ctx.quick else 5000
-    rounds = 1 if ctx.quick else 2
+    # The two share 2 cores with the emulator, and a round's ratio swings by 0.2 with the
+    # machine's state (0.64 and 0.88 in one run): five rounds, each pair run back to back
+    # in alternating order, and the target judged on the median of the paired ratios.
+    rounds = 1 if ctx.quick else 5
     work = ctx.folder("capacity")
     manifest = write_manifest(work / "manifest.csv", n)
     base = {
@@ -130,16 +133,19 @@ def run(ctx: Context) -> Outcome:
     bare: list[dict[str, Any]] = []
     mine: list[dict[str, Any]] = []
     for r in range(rounds):
-        ctx.log(f"capacity round {r + 1}/{rounds}: bare loop, {n} jobs")
-        bare.append(_one(ctx, "bare", base))
-        ctx.log(f"capacity round {r + 1}/{rounds}: batcher, {n} jobs")
-        mine.append(_one(ctx, "batcher", {**base, "out": str(work / f"batcher-{r}")}))
+        for mode in ("bare", "batcher") if r % 2 == 0 else ("batcher", "bare"):
+            ctx.log(f"capacity round {r + 1}/{rounds}: {mode}, {n} jobs")
+            if mode == "bare":
+                bare.append(_one(ctx, "bare", base))
+            else:
+                mine.append(_one(ctx, "batcher", {**base, "out": str(work / f"batcher-{r}")}))
     ctx.log(f"capacity: official SDK, 64 threads, {n} jobs")
     sdk = _one(ctx, "sdk", {**base, "threads": 64})
 
     bare_jps = statistics.median(_jobs_per_s(b) or 0.0 for b in bare)
     mine_jps = statistics.median(_jobs_per_s(b) or 0.0 for b in mine)
     per_round = [ratio(_jobs_per_s(m), _jobs_per_s(b)) for m, b in zip(mine, bare, strict=True)]
+    paired = statistics.median(x for x in per_round if x is not None)
     table = Table(
         title=f"{n} jobs; jobs/s end to end (batcher: arun from start to return, intake and "
         "results.parquet included); ratio to the bare loop of the same round",
@@ -164,9 +170,10 @@ def run(ctx: Context) -> Outcome:
         Target(
             what="batcher jobs/s vs bare aiohttp loop",
             target=f">= {TARGET} x",
-            measured=f"{mine_jps:.0f} vs {bare_jps:.0f} jobs/s = {mine_jps / bare_jps:.2f} x "
-            f"(per round: {', '.join(f'{x:.2f}' for x in per_round if x is not None)})",
-            ok=mine_jps >= TARGET * bare_jps,
+            measured=f"median of the {rounds} rounds' ratios {paired:.2f} x (per round: "
+            f"{', '.join(f'{x:.2f}' for x in per_round if x is not None)}); medians "
+            f"{mine_jps:.0f} vs {bare_jps:.0f} jobs/s = {mine_jps / bare_jps:.2f} x",
+            ok=paired >= TARGET,
         )
     )
     outcome.targets.append(
