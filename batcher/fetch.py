@@ -22,19 +22,12 @@ from batcher.checkpoint import Job
 from batcher.client import Outcome, TransportError
 from batcher.errors import OutputUnwritable
 from batcher.gate import Priority
+from batcher.imagedata import INLINE_ON_LOOP, decode_inline, output_items
 from batcher.offload import run_sized
 from batcher.pipeline import Flight, RunContext
 from batcher.poll import Reschedule, _get, metric, retry_later, settle_not_ok
 from batcher.retry import CallStats
-from batcher.sink import (
-    INLINE_ON_LOOP,
-    CorruptImage,
-    IncompleteDownload,
-    SavedImage,
-    decode_inline,
-    download,
-    output_items,
-)
+from batcher.sink import CorruptImage, IncompleteDownload, SavedImage, download
 
 log = logging.getLogger(__name__)
 

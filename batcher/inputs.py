@@ -44,14 +44,9 @@ import anyio.to_thread
 from PIL import Image, UnidentifiedImageError
 
 from batcher.errors import InvalidRow
+from batcher.imagedata import INLINE_ON_LOOP, b64decode_text, decode_data_url, is_base64_image
 from batcher.offload import run_sized
-from batcher.sink import (
-    IMAGE_FORMATS,
-    INLINE_ON_LOOP,
-    b64decode_text,
-    decode_data_url,
-    is_base64_image,
-)
+from batcher.sink import IMAGE_FORMATS
 
 __all__ = ["ImageInputs", "InputError"]
 

@@ -22,18 +22,20 @@ from aiohttp.test_utils import TestServer
 from PIL import Image
 
 import batcher.sink
+from batcher.imagedata import (
+    b64decode_text,
+    decode_data_url,
+    decode_inline,
+    is_base64_image,
+    output_items,
+)
 from batcher.sink import (
     CorruptImage,
     DownloadLimits,
     DownloadTooLarge,
     IncompleteDownload,
     SavedImage,
-    b64decode_text,
-    decode_data_url,
-    decode_inline,
     download,
-    is_base64_image,
-    output_items,
     remove_partials,
     safe_stem,
     write_image,
