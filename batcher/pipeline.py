@@ -27,10 +27,11 @@ from batcher.errors import ApiUnreachable, BatcherError, reason_key
 from batcher.gate import RequestGate
 from batcher.image_writer import ImageWriter
 from batcher.inputs import ImageInputs
+from batcher.latency import LatencyModel
 from batcher.lateness import PollLateness
 from batcher.options import RunOptions
 from batcher.retry import CallStats
-from batcher.schedule import LatencyModel, PollConfig
+from batcher.schedule import PollConfig
 from batcher.schemas import registry
 
 log = logging.getLogger(__name__)

@@ -11,19 +11,15 @@ from typing import Any
 import pytest
 
 from batcher.errors import UsageError
+from batcher.latency import LatencyModel, normal_cdf, normal_pdf, normal_ppf, normal_sf
 from batcher.schedule import (
     PRESSURE_GAIN,
-    LatencyModel,
     PollConfig,
     cost_ratio_for,
     expected_polls,
     first_poll_quantile,
     first_poll_time,
     next_poll_delay,
-    normal_cdf,
-    normal_pdf,
-    normal_ppf,
-    normal_sf,
     optimal_first_poll,
     poll_times,
     simulate_schedule,
