@@ -13,7 +13,6 @@ import logging
 import os
 import random
 import signal
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -38,12 +37,12 @@ from batcher.client import ApiClient, api_urls
 from batcher.errors import (
     ApiUnreachable,
     BatcherError,
-    CheckpointUnwritable,
     Interrupted,
     OutputUnwritable,
     UsageError,
 )
 from batcher.fetch import work as fetch_work
+from batcher.finish import finish
 from batcher.gate import RequestGate
 from batcher.inputs import ImageInputs
 from batcher.intake import load
@@ -53,7 +52,7 @@ from batcher.pipeline import Counters, Flight, RunContext
 from batcher.poll import Poller
 from batcher.preflight import api_key, check_service, lock, manifest_identity
 from batcher.progress import Progress, Summary, summarize
-from batcher.results import RESULTS, summary_table, write_results
+from batcher.results import RESULTS
 from batcher.sink import remove_partials
 from batcher.submit import UNKNOWN_OUTCOME, feed
 from batcher.submit import work as submit_work
@@ -303,7 +302,7 @@ async def _work(
         finally:
             stopping = error is not None or other is not None or ctx.stop_reason is not None
             with anyio.CancelScope(shield=True):
-                end = await _finish(ctx, time.monotonic() - started, stopping=stopping)
+                end = await finish(ctx, time.monotonic() - started, stopping=stopping)
             if other is not None:
                 for note in end.notes:
                     other.add_note(note)
@@ -323,79 +322,6 @@ async def _work(
     summary = end.summary
     code = EXIT_STOPPED if summary is None else _exit_code(summary, ctx.stop_reason)
     return RunResult(code, summary, end.results, ctx.stop_reason, notes)
-
-
-@dataclass(frozen=True)
-class _End:
-    results: Path | None
-    summary: Summary | None
-    notes: tuple[str, ...] = ()
-
-
-async def _finish(ctx: RunContext, elapsed_s: float, *, stopping: bool) -> _End:
-    """Save the checkpoint's last changes, write results.parquet and read the summary.
-
-    When the run is ``stopping`` (an error, Ctrl-C), a failure here must not take the
-    place of the reason it stopped: it becomes a note, said after it; the summary then
-    comes from the checkpoint. Otherwise it is the run's error, as it always was."""
-    cp, options = ctx.checkpoint, ctx.options
-    notes = []
-    try:
-        # Transitions queued by stages cancelled mid-write belong in the table too.
-        await cp.flush()
-    except (sqlite3.Error, CheckpointUnwritable) as exc:
-        if not stopping:
-            raise
-        why = exc.reason if isinstance(exc, CheckpointUnwritable) else exc
-        notes.append(
-            f"{options.out / CHECKPOINT} could not save its last changes ({why}): rows "
-            "caught mid-way by the stop are taken up by the next run as after a crash"
-        )
-    try:
-        results = await anyio.to_thread.run_sync(
-            write_results, cp, options.out, options.manifest.parent
-        )
-    except OSError as exc:  # e.g. a folder at results.parquet, a full disk
-        if not stopping:
-            raise _results_unwritable(options, exc) from None
-        notes.append(
-            f"{options.out / RESULTS} could not be written either ({exc.strerror or exc}): "
-            f"every row is saved in {options.out / CHECKPOINT}, and the next run writes it"
-        )
-        return _End(None, await _checkpoint_summary(ctx, elapsed_s), tuple(notes))
-    try:
-        await cp.set_meta(RESULTS_META, RESULTS_FRESH)
-    except (sqlite3.Error, CheckpointUnwritable) as exc:  # only the next run's shortcut is lost
-        log.warning(
-            "%s could not be marked up to date (%s): the next run writes it again",
-            results,
-            exc,
-        )
-    summary = await anyio.to_thread.run_sync(
-        summarize, results, ctx.counters, ctx.gate.limited, elapsed_s
-    )
-    return _End(results, summary, tuple(notes))
-
-
-async def _checkpoint_summary(ctx: RunContext, elapsed_s: float) -> Summary | None:
-    """The summary read from the checkpoint (results.parquet could not be written); None
-    if even that fails: the run's own error matters more than its figures."""
-    try:
-        table = await anyio.to_thread.run_sync(summary_table, ctx.checkpoint)
-    except (OSError, sqlite3.Error) as exc:
-        log.warning("no summary: the checkpoint could not be read (%s)", exc)
-        return None
-    return await anyio.to_thread.run_sync(
-        summarize, table, ctx.counters, ctx.gate.limited, elapsed_s
-    )
-
-
-def _results_unwritable(options: RunOptions, exc: OSError) -> UsageError:
-    return UsageError(
-        f"cannot write {options.out / RESULTS} ({exc.strerror or exc}): every row is "
-        f"saved in {options.out / CHECKPOINT}; make room for the file (move away what "
-        "is at its name, free space), then run the same command again"
-    )
 
 
 def _exit_code(summary: Summary, stop_reason: str | None) -> int:

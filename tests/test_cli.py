@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-import batcher.run as run_module
+import batcher.finish as finish_module
 from batcher.checkpoint import Checkpoint
 from batcher.cli import build_parser, main
 from batcher.client import DEFAULT_BASE_URL
@@ -387,7 +387,7 @@ def test_a_full_disk_exits_4_with_its_reason_first_when_results_parquet_fails_to
         return _no_space()
 
     monkeypatch.setattr(ImageWriter, "write", write)
-    monkeypatch.setattr(run_module, "write_results", _no_space)
+    monkeypatch.setattr(finish_module, "write_results", _no_space)
     out = tmp_path / "out"
 
     code = main(
@@ -422,7 +422,7 @@ def test_a_refused_key_is_the_first_line_when_results_parquet_fails_too(
         return dataclasses.replace(sim_config(self), api_keys=frozenset({"sk-not-this-one"}))
 
     monkeypatch.setattr(RunOptions, "sim_config", refusing)
-    monkeypatch.setattr(run_module, "write_results", _no_space)
+    monkeypatch.setattr(finish_module, "write_results", _no_space)
     out = tmp_path / "out"
 
     code = main(

@@ -24,6 +24,7 @@ import pytest
 from conftest import in_checkpoint, until
 from PIL import Image
 
+import batcher.finish as finish_module
 import batcher.run as run_module
 from batcher.backoff import RetryConfig
 from batcher.checkpoint import RESULTS_FRESH, Checkpoint
@@ -768,7 +769,7 @@ def _disk_full(monkeypatch: pytest.MonkeyPatch, *, images: bool, results: bool =
     if images:
         monkeypatch.setattr(ImageWriter, "write", write)
     if results:
-        monkeypatch.setattr(run_module, "write_results", _no_space)
+        monkeypatch.setattr(finish_module, "write_results", _no_space)
 
 
 async def _stopped_on_images(manifest: Path, server: SimServer) -> Any:
