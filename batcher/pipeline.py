@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 
+from batcher.admission import QueueWatch, may_submit
 from batcher.backoff import RetryConfig
 from batcher.checkpoint import FAILED, PENDING, Checkpoint, Job
 from batcher.client import ApiClient
@@ -190,6 +191,10 @@ class RunContext:
         #: The first error that stops the run (raised once the stages have ended).
         self.stop_error: BatcherError | None = None
         self.flights: dict[str, Flight] = {}
+        #: Per model, jobs waiting in the service's queue and running (see admission).
+        self.queue = QueueWatch()
+        self._queue_changed = asyncio.Event()
+        self._held: set[str] = set()  # models whose queue has held a submit (logged once)
         #: Warned that the API named status/result URLs on another host (once a run).
         self.warned_foreign_urls = False
         self.started_mono = time.monotonic()
@@ -236,9 +241,58 @@ class RunContext:
         self.requeue_signal.set()  # the feeder may be waiting for in-flight work to end
 
     def _release(self, job_id: str) -> None:
-        self.flights.pop(job_id, None)
+        flight = self.flights.pop(job_id, None)
+        if flight is not None:
+            self.queue.moved(flight.job.model, flight.state, None, self.now())
+        self.queue.unreserve(job_id)
+        self._queue_changed.set()
         self.active -= 1
         self.release_slot()
+
+    async def admit(self, job: Job) -> bool:
+        """Wait until the service's queue has room for one more job of the row's model
+        (see batcher.admission); False if submitting stops meanwhile."""
+        model = job.model
+        while not self.stop_submitting.is_set():
+            service_s = self.latency[model].median
+            waiting = self.queue.waiting(model)
+            if may_submit(
+                waiting=waiting,
+                parallel=self.queue.parallel(model, self.now(), service_s),
+                service_s=service_s,
+                horizon_s=self.poll.deadline_s,
+            ):
+                self.queue.reserve(job.id, model, self.now())
+                return True
+            if model not in self._held:
+                self._held.add(model)
+                log.info(
+                    "%s: %d jobs wait in the service's queue; new submits wait too, so that "
+                    "each job can finish within its result's retention",
+                    model,
+                    waiting,
+                )
+            self._queue_changed.clear()
+            await self._queue_changed.wait()
+        return False
+
+    def tracked(self, flight: Flight) -> None:
+        """A submitted job is in flight (polled from now on): it waits at the service."""
+        job_id = flight.job.id
+        if self.flights.get(job_id) is flight:
+            return  # polled again (a result not ready, a download to retry)
+        self.flights[job_id] = flight
+        self.queue.unreserve(job_id)
+        self.queue.moved(flight.job.model, None, flight.state, self.now())
+
+    def saw(self, flight: Flight, state: str) -> None:
+        """A status poll found the job QUEUED, PROCESSING or COMPLETED (other states the
+        API may name leave it where it was)."""
+        if state == flight.state or state not in ("QUEUED", "PROCESSING", "COMPLETED"):
+            return
+        self.queue.moved(flight.job.model, flight.state, state, self.now())
+        flight.state = state
+        self._queue_changed.set()
 
     def stop(self, reason: str) -> None:
         """Stop submitting new jobs; what is in flight goes on."""
@@ -248,9 +302,11 @@ class RunContext:
         self._halt_submits()
 
     def _halt_submits(self) -> None:
-        """No new submit from now on; the feeder wakes to see it."""
+        """No new submit from now on; the feeder and the workers held by the queue wake
+        to see it."""
         self.stop_submitting.set()
         self.requeue_signal.set()
+        self._queue_changed.set()
 
     def record_stop(self, error: BatcherError) -> None:
         """``error`` stops the run: kept (the first one) to be raised once the stages

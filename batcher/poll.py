@@ -55,7 +55,7 @@ class Poller:
 
     def track(self, flight: Flight) -> float:
         """Start polling a submitted job: the seconds until its first poll."""
-        self._ctx.flights[flight.job.id] = flight
+        self._ctx.tracked(flight)
         return self._schedule(flight)
 
     def _schedule(self, flight: Flight, delay: float | None = None) -> float:
@@ -151,7 +151,7 @@ class Poller:
                 # Not started when this poll went out: all of its latency is still
                 # ahead, so the schedule starts over (a long queue is not a slow job).
                 flight.clock_mono = sent
-            flight.state = state
+            ctx.saw(flight, state)
             self._schedule(flight)
             return
         if reply.outcome is Outcome.OK:  # COMPLETED; failures are often fast, so they don't train
@@ -162,7 +162,7 @@ class Poller:
             ctx.latency[flight.job.model].observe(
                 flight.clock(now), flight.last_gap, reported=reported
             )
-            flight.state = "COMPLETED"
+            ctx.saw(flight, "COMPLETED")
             await handoff.send(self._to_fetch, flight)
             return
         await settle_not_ok(ctx, flight, reply, self._schedule)

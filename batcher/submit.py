@@ -86,7 +86,7 @@ async def work(
             except anyio.EndOfStream:
                 ctx.release_slot()
                 return
-            if ctx.stop_submitting.is_set():
+            if ctx.stop_submitting.is_set() or not await ctx.admit(job):
                 await ctx.unsubmitted(job)
                 continue
             await submit_one(ctx, job, track)

@@ -207,6 +207,8 @@ async def _batcher(cfg: dict[str, Any]) -> dict[str, Any]:
     )
     if "submit_concurrency" in cfg:
         options = replace(options, submit_concurrency=int(cfg["submit_concurrency"]))
+    if "retention_s" in cfg:  # the emulator's, when a scenario changes it
+        options = replace(options, poll=replace(options.poll, retention_s=cfg["retention_s"]))
     if cfg.get("tracemalloc"):
         tracemalloc.start()
     loop = asyncio.get_running_loop()
