@@ -12,6 +12,9 @@ Row states::
                   |              \\-> PENDING   (result expired before it was fetched)
                   \\-> FAILED      (outcome unknown, at-most-once policy)
     INVALID                        (never sent)
+
+A SUBMITTED row with ``output_urls`` is a job seen COMPLETED (billed) whose images are
+not all saved yet: they are downloaded from those URLs, never submitted again.
 """
 
 from __future__ import annotations
@@ -84,6 +87,10 @@ _MIGRATIONS = (
     """,
     # 2: how many 429 answers each row's requests got (for `batcher report`).
     "ALTER TABLE jobs ADD COLUMN rate_limited INTEGER NOT NULL DEFAULT 0;",
+    # 3: a COMPLETED job's output URLs (JSON list), saved when its result is read: they
+    # outlive the result (about 7 days against 1 hour), so images that could not be
+    # downloaded are tried again from them, by this run or the next, without the API.
+    "ALTER TABLE jobs ADD COLUMN output_urls TEXT;",
 )
 
 #: Columns a caller may set through :meth:`Checkpoint.update`.
@@ -91,7 +98,7 @@ COLUMNS = frozenset({
     "state", "error", "request_id", "status_url", "response_url", "attempts", "retries",
     "unknown_submits", "polls", "submitted_at", "started_at", "completed_at", "latency_s",
     "notice_lag_s", "inference_time", "metrics", "outputs", "width", "height", "bytes",
-    "sha256", "warnings", "rate_limited",
+    "sha256", "warnings", "rate_limited", "output_urls",
 })  # fmt: skip
 
 
@@ -127,6 +134,9 @@ class Job:
     unknown_submits: int
     polls: int
     submitted_at: float | None
+    #: JSON list of the output URLs of a job seen COMPLETED whose images are not all
+    #: saved yet (None otherwise): its images are downloaded from them, not the result.
+    output_urls: str | None = None
 
     @property
     def params(self) -> dict[str, Any]:
@@ -137,7 +147,7 @@ class Job:
 
 _JOB_COLUMNS = (
     "id, number, model, params, state, request_id, status_url, response_url, attempts, "
-    "unknown_submits, polls, submitted_at"
+    "unknown_submits, polls, submitted_at, output_urls"
 )
 
 
@@ -155,6 +165,7 @@ def _job(row: Sequence[Any]) -> Job:
         unknown_submits=row[9],
         polls=row[10],
         submitted_at=row[11],
+        output_urls=row[12],
     )
 
 
@@ -516,7 +527,8 @@ class Checkpoint:
             reopened = 0
             if where:
                 reopened = db.execute(
-                    f"UPDATE jobs SET state='PENDING', error=NULL "
+                    # The old job's output URLs go: the new job's images are its own.
+                    f"UPDATE jobs SET state='PENDING', error=NULL, output_urls=NULL "
                     f"WHERE state='FAILED' AND ({where})"
                 ).rowcount
             kept = db.execute(
@@ -535,7 +547,7 @@ class Checkpoint:
         """Set columns of one row, and add ``counts`` to its counters, in one statement
         (a state and the counts that go with it are never saved apart); durable when
         this returns."""
-        for name in ("metrics", "outputs"):
+        for name in ("metrics", "outputs", "output_urls"):
             if name in fields and not isinstance(fields[name], str | None):
                 fields[name] = json.dumps(fields[name], sort_keys=True)
         added = {name: by for name, by in (counts or {}).items() if by}

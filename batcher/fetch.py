@@ -2,7 +2,9 @@
 
 Result fetches have the gate's first priority: the job is paid for and its result
 expires. Output images are public URLs (no key, not rate limited) or inline
-base64; each is verified to decode before it is written atomically.
+base64; each is verified to decode before it is written atomically. The URLs and
+the metrics are saved first: a download that fails is tried again from them
+(batcher.redownload), never from the result.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from batcher.imagedata import INLINE_ON_LOOP, decode_inline, output_items
 from batcher.offload import run_sized
 from batcher.pipeline import Flight, RunContext
 from batcher.poll import Reschedule, _get, metric, retry_later, settle_not_ok
+from batcher.redownload import Redownloads
 from batcher.retry import CallStats
 from batcher.sink import CorruptImage, IncompleteDownload, SavedImage, download
 
@@ -33,7 +36,10 @@ log = logging.getLogger(__name__)
 
 
 async def work(
-    ctx: RunContext, receive: MemoryObjectReceiveStream[Flight], reschedule: Reschedule
+    ctx: RunContext,
+    receive: MemoryObjectReceiveStream[Flight],
+    reschedule: Reschedule,
+    redownloads: Redownloads,
 ) -> None:
     async with receive:
         while True:
@@ -41,10 +47,12 @@ async def work(
                 flight = await handoff.receive(receive)
             except anyio.EndOfStream:
                 return
-            await fetch_one(ctx, flight, reschedule)
+            await fetch_one(ctx, flight, reschedule, redownloads)
 
 
-async def fetch_one(ctx: RunContext, flight: Flight, reschedule: Reschedule) -> None:
+async def fetch_one(
+    ctx: RunContext, flight: Flight, reschedule: Reschedule, redownloads: Redownloads
+) -> None:
     stats = CallStats()
     reply = await _get(ctx, Priority.FETCH, flight.response_url, stats)
     await ctx.count_get("result", flight.job, stats)
@@ -62,45 +70,103 @@ async def fetch_one(ctx: RunContext, flight: Flight, reschedule: Reschedule) -> 
     seen = ctx.now()
     raw_metrics = body.get("metrics")
     metrics: dict[str, Any] = raw_metrics if isinstance(raw_metrics, dict) else {}
-    saved: list[SavedImage] = []
+    latency = seen - flight.submitted_mono
+    total = metric(metrics, "total_time")
+    polls = job.polls + flight.polls
+    completion: dict[str, Any] = {
+        "polls": polls,
+        "completed_at": flight.submitted_wall + latency,
+        "latency_s": latency,
+        "notice_lag_s": None if total is None else max(0.0, latency - total),
+        "inference_time": metric(metrics, "inference_time"),
+        "metrics": metrics,
+    }
     try:
         items = output_items(body.get("output"))
+    except ValueError as exc:  # the output itself is unusable
+        await ctx.fail(job, f"output could not be saved: {exc}", **completion)
+        return
+    if all(_is_url(item) for item in items):
+        # Billed, and the links outlive the result: saved before any download, so that
+        # a download that fails, here or after a crash, is tried again from them alone.
+        await ctx.checkpoint.update(job.id, output_urls=items, **completion)
+    flight.outputs = items
+    await save_outputs(ctx, flight, redownloads, completion)
+
+
+async def save_outputs(
+    ctx: RunContext,
+    flight: Flight,
+    redownloads: Redownloads,
+    completion: dict[str, Any] | None = None,
+) -> None:
+    """Save the images of a job seen COMPLETED (``flight.outputs``), then complete its row
+    with ``completion`` (what its result said; None: saved in the checkpoint already). A
+    download that fails past its own retries goes to ``redownloads``, never the API."""
+    job = flight.job
+    items = flight.outputs or []
+    fields = completion or {}
+    saved: list[SavedImage] = []
+    try:
         for i, item in enumerate(items):
             saved.append(await _save(ctx, job, i, item))
+    except aiohttp.ClientResponseError as exc:
+        if exc.status not in _GONE:
+            await _try_again(ctx, flight, redownloads, exc)
+            return
+        redownloads.done(job.id)
+        await anyio.to_thread.run_sync(_remove, ctx.out, [s.path for s in saved])
+        await ctx.fail(
+            job,
+            f"the job was COMPLETED and billed, but its images are lost: "
+            f"{_reason(exc, ctx.options.downloads.timeout_s)} (the link expired or is "
+            "gone). --retry-failed submits it again, and pays for it again",
+            request_id=flight.request_id,
+            **fields,
+        )
+        return
     except (IncompleteDownload, aiohttp.ClientError, TimeoutError) as exc:
-        # The job is done and paid for; its output URLs outlive the result. A download
-        # that failed past its own retries (a CDN outage, 5xx, resets) is tried again
-        # later from the result, not turned into a FAILED row.
-        reason = f"output could not be downloaded: {_reason(exc, ctx.options.downloads.timeout_s)}"
-        await retry_later(ctx, flight, reason, reschedule)
+        # A CDN outage, resets, a body cut short: the links stay valid for days.
+        await _try_again(ctx, flight, redownloads, exc)
         return
     except (ValueError, CorruptImage) as exc:  # the output itself is unusable
+        redownloads.done(job.id)
         # A FAILED row has no images: the samples written before the bad one go too.
         await anyio.to_thread.run_sync(_remove, ctx.out, [s.path for s in saved])
         await ctx.fail(
             job,
             f"output could not be saved: {_reason(exc, ctx.options.downloads.timeout_s)}",
-            metrics=metrics,
-            polls=job.polls + flight.polls,
             request_id=flight.request_id,
+            **fields,
         )
         return
-    latency = seen - flight.submitted_mono
-    total = metric(metrics, "total_time")
+    redownloads.done(job.id)
     await ctx.complete(
         job,
-        polls=job.polls + flight.polls,
-        completed_at=flight.submitted_wall + latency,
-        latency_s=latency,
-        notice_lag_s=None if total is None else max(0.0, latency - total),
-        inference_time=metric(metrics, "inference_time"),
-        metrics=metrics,
+        **fields,
         outputs=[s.path for s in saved],
         width=saved[0].width if saved else None,
         height=saved[0].height if saved else None,
         bytes=sum(s.bytes for s in saved),
         sha256=",".join(s.sha256 for s in saved),
     )
+
+
+#: An output URL answering these is gone for good (expired or removed).
+_GONE = (404, 410)
+
+
+def _is_url(item: str) -> bool:
+    return item[:8].lower().startswith(("http://", "https://"))
+
+
+async def _try_again(
+    ctx: RunContext, flight: Flight, redownloads: Redownloads, exc: Exception
+) -> None:
+    """The images are to be downloaded again later: a retry in the row's count."""
+    await ctx.count_retries(flight.job, 1)
+    reason = f"output could not be downloaded: {_reason(exc, ctx.options.downloads.timeout_s)}"
+    redownloads.failed(flight, reason)
 
 
 def _remove(out: Path, paths: list[str]) -> None:

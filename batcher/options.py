@@ -11,6 +11,7 @@ from batcher.backoff import RetryConfig
 from batcher.client import DEFAULT_BASE_URL
 from batcher.errors import UsageError
 from batcher.gate import RateConfig
+from batcher.redownload import DownloadRetry
 from batcher.schedule import PollConfig
 from batcher.sink import DownloadLimits
 
@@ -88,6 +89,8 @@ class RunOptions:
     retry: RetryConfig = field(default_factory=RetryConfig)
     poll: PollConfig = field(default_factory=PollConfig)
     downloads: DownloadLimits = field(default_factory=DownloadLimits)
+    #: Downloads of a COMPLETED job's images tried again, and for how long at most.
+    download_retry: DownloadRetry = field(default_factory=DownloadRetry)
     #: A tqdm bar (None: when stderr is a terminal).
     progress: bool | None = None
     #: Seconds between plain progress lines when there is no bar.

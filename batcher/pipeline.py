@@ -73,6 +73,9 @@ class Flight:
     #: Status or result requests in a row that got no usable answer (each after its
     #: own retries): the next poll backs off by this count.
     errors: int = 0
+    #: The outputs of a job seen COMPLETED whose images are not all saved yet: they are
+    #: downloaded again from these, without the result (see batcher.redownload).
+    outputs: list[str] | None = None
 
     @classmethod
     def start(
@@ -294,6 +297,11 @@ class RunContext:
         flight.state = state
         self._queue_changed.set()
 
+    def set_aside(self, job: Job) -> None:
+        """Leave a job in flight to the next run, its row as the checkpoint has it: this
+        run no longer waits for it."""
+        self._release(job.id)
+
     def stop(self, reason: str) -> None:
         """Stop submitting new jobs; what is in flight goes on."""
         if self.stop_reason is None:
@@ -359,7 +367,13 @@ class RunContext:
     async def requeue(self, job: Job, why: str, **fields: Any) -> None:
         """Hand a job back to be submitted again (its old request is gone or failed)."""
         await self.checkpoint.update(
-            job.id, state=PENDING, request_id=None, status_url=None, response_url=None, **fields
+            job.id,
+            state=PENDING,
+            request_id=None,
+            status_url=None,
+            response_url=None,
+            output_urls=None,
+            **fields,
         )
         log.info("row %s: %s; submitting it again", job.id, why)
         self._release(job.id)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import random
@@ -41,6 +42,7 @@ from batcher.errors import (
     OutputUnwritable,
     UsageError,
 )
+from batcher.fetch import save_outputs
 from batcher.fetch import work as fetch_work
 from batcher.finish import finish
 from batcher.gate import RequestGate
@@ -52,6 +54,7 @@ from batcher.pipeline import Counters, Flight, RunContext
 from batcher.poll import Poller
 from batcher.preflight import api_key, check_service, lock, manifest_identity
 from batcher.progress import Progress, Summary, summarize
+from batcher.redownload import Redownloads
 from batcher.results import RESULTS
 from batcher.sink import remove_partials
 from batcher.submit import UNKNOWN_OUTCOME, feed
@@ -194,7 +197,7 @@ async def _results_stale(cp: Checkpoint) -> None:
         await cp.set_meta(RESULTS_META, RESULTS_STALE)
 
 
-async def _resume(ctx: RunContext, poller: Poller) -> None:
+async def _resume(ctx: RunContext, poller: Poller, redownloads: Redownloads) -> None:
     """Jobs a previous run left on the wire or in flight."""
     cp = ctx.checkpoint
     for job in await cp.jobs_in([SUBMITTING], limit=1 << 30):
@@ -214,6 +217,18 @@ async def _resume(ctx: RunContext, poller: Poller) -> None:
         age = now_wall - (job.submitted_at or now_wall)
         ctx.resumed.add(job.id)
         ctx.take_resumed_slot()
+        if job.output_urls and job.request_id:  # COMPLETED, billed: its images are due
+            redownloads.resume(
+                Flight(
+                    job=job,
+                    request_id=job.request_id,
+                    urls=(job.status_url or "", job.response_url or ""),
+                    submitted_wall=job.submitted_at or now_wall,
+                    submitted_mono=now,
+                    outputs=json.loads(job.output_urls),
+                )
+            )
+            continue
         if age >= limit or not job.request_id:
             await ctx.resubmit_or_fail(job, "its result expired while batcher was not running")
             continue
@@ -340,6 +355,7 @@ async def _pipeline(
     to_submit_send, to_submit = anyio.create_memory_object_stream[Any](0)
     to_fetch_send, to_fetch = anyio.create_memory_object_stream[Flight](FETCH_WORKERS)
     poller = Poller(ctx, to_fetch_send)
+    redownloads = Redownloads(ctx)
     progress = Progress(
         ctx,
         total=total,
@@ -356,9 +372,14 @@ async def _pipeline(
                 tg.start_soon(_stage, ctx, ctx.images.run)
                 tg.start_soon(_stage, ctx, poller.run)
                 tg.start_soon(_stage, ctx, progress.run)
+                tg.start_soon(
+                    _stage, ctx, redownloads.run, lambda f: save_outputs(ctx, f, redownloads)
+                )
                 for _ in range(FETCH_WORKERS):
-                    tg.start_soon(_stage, ctx, fetch_work, ctx, to_fetch.clone(), poller.track)
-                await _resume(ctx, poller)
+                    tg.start_soon(
+                        _stage, ctx, fetch_work, ctx, to_fetch.clone(), poller.track, redownloads
+                    )
+                await _resume(ctx, poller, redownloads)
                 tg.start_soon(_stage, ctx, feed, ctx, to_submit_send)
                 for _ in range(ctx.options.submit_concurrency):
                     tg.start_soon(_stage, ctx, submit_work, ctx, to_submit.clone(), poller.track)

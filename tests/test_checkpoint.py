@@ -333,3 +333,32 @@ async def test_a_checkpoint_from_before_the_429_count_gains_the_column(
         await cp.increment("r1", "rate_limited", 2)
 
     assert _read(path, "SELECT id, rate_limited FROM jobs") == [("r1", 2)]
+
+
+async def test_a_checkpoint_from_before_saved_output_urls_gains_the_column(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "c.sqlite"
+    with monkeypatch.context() as patch:  # a file written by schema version 2
+        patch.setattr(checkpoint_module, "_MIGRATIONS", checkpoint_module._MIGRATIONS[:2])
+        async with Checkpoint(path) as cp:
+            await cp.add_rows([_row(1)])
+            await cp.update("r1", state=SUBMITTED, request_id="q1")
+
+    async with Checkpoint(path) as cp:  # resumed by this version
+        (before,) = await cp.jobs_in([SUBMITTED])
+        await cp.update("r1", output_urls=["https://cdn/x.png?sig=s"])
+        (after,) = await cp.jobs_in([SUBMITTED])
+
+    assert before.output_urls is None
+    assert after.output_urls == '["https://cdn/x.png?sig=s"]'
+
+
+async def test_a_failed_row_reopened_forgets_its_old_jobs_output_urls(cp: Checkpoint) -> None:
+    """--retry-failed submits a new job: a resume must never download the old one's."""
+    await cp.add_rows([_row(1)])
+    await cp.update("r1", state="FAILED", error="images lost", output_urls=["https://cdn/x"])
+
+    assert await cp.reopen_failed(known=True, unknown=False) == (1, 0)
+
+    assert _read(cp.path, "SELECT state, output_urls FROM jobs") == [(PENDING, None)]

@@ -1,6 +1,6 @@
 """Every run ends: a job the API keeps refusing to talk about ends FAILED when its result's
 retention is half over (the API still knows it: not sent again), a download that fails is
-tried again from the result, and an API that stops answering altogether stops the run (exit 4,
+tried again from its saved URLs, and an API that stops answering altogether stops the run (exit 4,
 resumable) instead of polling a dead host for ever."""
 
 from __future__ import annotations
@@ -183,28 +183,40 @@ async def test_a_paid_job_whose_download_fails_is_fetched_again_not_failed(
             arun(_options(tmp_path, server.base_url, 0.001, 3)), timeout=60
         )
         accepted = server.stats()["accepted"]
+        results = sum(server.stats()["requests"]["result"].values())
     assert result.exit_code == EXIT_OK, result.text()
     assert accepted == 3  # fetched again, never submitted again
+    assert results == 3  # from the output URLs: the result is not asked for again
 
 
-async def test_a_download_that_never_works_fails_at_retention_without_the_signature(
+async def test_a_download_that_never_works_stops_the_run_without_the_signature(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="batcher.poll")
+    """The job is COMPLETED and billed: not FAILED, not sent again, but left to the next
+    run (exit 4). The signed URL is kept in the checkpoint (the user's own folder), to
+    download from, and its query (a credential) is in no message."""
+    caplog.set_level(logging.DEBUG)
     config = SimConfig(time_scale=0.001, image_size=(16, 16))
     async with SimServer(config, middlewares=[_flaky_outputs(10**9, sign=True)]) as server:
         result = await asyncio.wait_for(
             arun(_options(tmp_path, server.base_url, 0.001, 1)), timeout=60
         )
-    assert result.exit_code == EXIT_FAILED_ROWS, result.text()
+    assert result.exit_code == EXIT_STOPPED, result.text()
     (row,) = pq.read_table(tmp_path / "out" / "results.parquet").to_pylist()
-    assert "within half its result's retention" in row["error"]
-    assert "HTTP 503" in row["error"]
-    assert "SECRET-SIG" not in row["error"]
+    assert row["status"] == "SUBMITTED"
+    assert row["error"] is None
+    assert "1 jobs are COMPLETED and billed but their images could not be downloaded" in (
+        result.stop_reason or ""
+    )
+    assert "HTTP 503" in (result.stop_reason or "")
     assert "SECRET-SIG" not in result.text()
-    said = assert_retried_then_gave_up(caplog, "g0")
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("row g0:")]
+    assert said
     assert all("output could not be downloaded: HTTP 503" in m for m in said), said
     assert "SECRET-SIG" not in caplog.text
+    with sqlite3.connect(tmp_path / "out" / "checkpoint.sqlite") as db:
+        ((urls,),) = db.execute("SELECT output_urls FROM jobs")
+    assert json.loads(urls)[0].endswith("?X-Amz-Signature=SECRET-SIG")
 
 
 async def test_an_api_answering_5xx_to_everything_stops_the_run_with_no_row_failed(

@@ -339,20 +339,23 @@ async def test_output_downloads_never_carry_the_key(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("limits", "says"),
+    ("limits", "says", "code", "status"),
     [
-        (DownloadLimits(max_bytes=100), "byte cap"),
+        (DownloadLimits(max_bytes=100), "byte cap", 3, "FAILED"),
         # Before: "output could not be saved: " and nothing more (str(TimeoutError()) is "").
-        # Retried from the result until its retention is over (3.6 s at this scale).
+        # A COMPLETED job's download is tried again from its links, then left to the next
+        # run (exit 4) once nothing else is left for the patience window (0.9 s here).
         (
             DownloadLimits(timeout_s=0.0005),
             "output could not be downloaded: download timed out after 0.0005 s",
+            4,
+            "SUBMITTED",
         ),
     ],
     ids=["size", "time"],
 )
 async def test_run_applies_the_download_limits(
-    tmp_path: Path, limits: DownloadLimits, says: str
+    tmp_path: Path, limits: DownloadLimits, says: str, code: int, status: str
 ) -> None:
     options = RunOptions(
         manifest=one_row(tmp_path),
@@ -366,10 +369,10 @@ async def test_run_applies_the_download_limits(
     started = time.monotonic()
     result = await arun(options)
     assert time.monotonic() - started < 20
-    assert result.exit_code == 3
+    assert result.exit_code == code
     (row,) = pq.read_table(tmp_path / "out" / "results.parquet").to_pylist()
-    assert row["status"] == "FAILED"
-    assert says in row["error"]
+    assert row["status"] == status
+    assert says in (row["error"] if status == "FAILED" else result.stop_reason or "")
     assert not list((tmp_path / "out").rglob("*.png"))
 
 
