@@ -86,11 +86,13 @@ async def fetch_one(
     except ValueError as exc:  # the output itself is unusable
         await ctx.fail(job, f"output could not be saved: {exc}", **completion)
         return
+    flight.outputs = items
     if all(_is_url(item) for item in items):
         # Billed, and the links outlive the result: saved before any download, so that
         # a download that fails, here or after a crash, is tried again from them alone.
         await ctx.checkpoint.update(job.id, output_urls=items, **completion)
-    flight.outputs = items
+        await save_outputs(ctx, flight, redownloads)
+        return
     await save_outputs(ctx, flight, redownloads, completion)
 
 
