@@ -29,6 +29,7 @@ from batcher.image_writer import ImageWriter
 from batcher.inputs import ImageInputs
 from batcher.latency import LatencyModel
 from batcher.lateness import PollLateness
+from batcher.lost import LostStreak
 from batcher.options import RunOptions
 from batcher.retry import CallStats
 from batcher.schedule import PollConfig
@@ -197,6 +198,8 @@ class RunContext:
         self.last_answer = self.now()
         #: Loop time of the last 2xx answer from the API.
         self.last_ok = self.last_answer
+        #: Submits lost after sending with no 2xx answer since the first (see lost.py).
+        self.lost_streak = LostStreak()
 
     def now(self) -> float:
         return asyncio.get_running_loop().time()

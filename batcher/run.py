@@ -37,6 +37,7 @@ from batcher.client import ApiClient, api_urls
 from batcher.errors import (
     ApiUnreachable,
     BatcherError,
+    ConnectionsLost,
     Interrupted,
     OutputUnwritable,
     UsageError,
@@ -54,7 +55,7 @@ from batcher.preflight import api_key, check_service, lock, manifest_identity
 from batcher.progress import Progress, Summary, summarize
 from batcher.results import RESULTS
 from batcher.sink import remove_partials
-from batcher.submit import UNKNOWN_OUTCOME, feed
+from batcher.submit import UNKNOWN_OUTCOME, feed, lost_connections
 from batcher.submit import work as submit_work
 
 log = logging.getLogger(__name__)
@@ -307,6 +308,9 @@ async def _work(
                 for note in end.notes:
                     other.add_note(note)
     notes = end.notes
+    if isinstance(error, ConnectionsLost):
+        # Said with the final count: submits on the wire when it stopped were lost too.
+        error = lost_connections(ctx)
     if isinstance(error, ApiUnreachable | OutputUnwritable):  # stopped, resumable: exit 4
         if ctx.stop_reason is not None and ctx.stop_reason != str(error):
             notes = (str(error), *notes)  # came while stopping (Ctrl-C, out of credits)
