@@ -107,6 +107,14 @@ async def _payload(ctx: RunContext, job: Job) -> dict[str, Any] | str:
 
 
 async def submit_one(ctx: RunContext, job: Job, track: Callable[[Flight], object]) -> None:
+    try:
+        await _submit(ctx, job, track)
+    finally:
+        # The row's last write is made (or the run is ending around it).
+        ctx.submitting.discard(job.id)
+
+
+async def _submit(ctx: RunContext, job: Job, track: Callable[[Flight], object]) -> None:
     payload = await _payload(ctx, job)
     if isinstance(payload, str):
         await ctx.fail(job, payload)
@@ -227,6 +235,7 @@ async def _post(
         if ctx.stop_submitting.is_set():  # not even marked SUBMITTING
             raise _Stopping
         marked = True
+        ctx.submitting.add(job.id)
         # An earlier job's request id goes: were this submit's outcome unknown, the row
         # must not show (or be taken for) a job it may not have.
         await ctx.checkpoint.update(
@@ -274,8 +283,10 @@ async def _post(
             counts = attempt.tally(ctx, answered=on_wire)
             with anyio.CancelScope(shield=True):
                 if on_wire:
-                    # Cut off with its POST at the server (past the stop's grace): the
-                    # row stays SUBMITTING, maybe billed; its tries so far are counted.
+                    # Cut off with its POST at the server (past the stop's wait for its
+                    # answer, or a bug): the row stays SUBMITTING, maybe billed; its tries
+                    # so far are counted, and the run's stop says how many were left so.
+                    ctx.abandoned += 1
                     await ctx.checkpoint.update(job.id, counts=counts)
                 else:
                     # Cancelled between tries (in a backoff after a refused connection
