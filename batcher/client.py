@@ -109,6 +109,8 @@ class ApiClient:
     ) -> None:
         self._session = session
         self.base_url = base_url.rstrip("/")
+        #: Seconds a request may take in all (a stopping run waits that long for a submit).
+        self.timeout_s = timeout_s
         self.__key = api_key
         self._redact = _Redactor(api_key)
         # A TCP connect timeout of its own: past it aiohttp raises ConnectionTimeoutError,

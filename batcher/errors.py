@@ -13,7 +13,9 @@
     └── ApiError                   the API answered something the run cannot go on with
         ├── AuthError              401 / 403: stop at once
         ├── OutOfCredits           406: stop submitting, finish in-flight work
-        └── UnknownModel           404 on submit: the model slug does not exist
+        ├── UnknownModel           404 on submit: the model slug does not exist
+        └── ApiUnreachable         no answer after every retry: stop, resumable
+            └── ConnectionsLost    submits lost after sending, many in a row: stop
 
 Messages never contain the API key: the key lives only in the HTTP client's
 headers and is never formatted into text.
@@ -117,3 +119,12 @@ class ApiUnreachable(ApiError):
 
 class Interrupted(BatcherError):
     """A stop signal came while the manifest was being read: nothing was sent."""
+
+
+class ConnectionsLost(ApiUnreachable):
+    """Submits lost after sending, ``in_a_row``, with nothing answered 2xx since the
+    first: a connection-reset storm. Stop, resumable; each lost submit is maybe billed."""
+
+    def __init__(self, message: str, *, in_a_row: int) -> None:
+        super().__init__(message)
+        self.in_a_row = in_a_row

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import sys
 import time
@@ -30,6 +31,7 @@ from batcher.image_writer import ImageWriter
 from batcher.inputs import ImageInputs
 from batcher.latency import LatencyModel
 from batcher.lateness import PollLateness
+from batcher.lost import LostStreak
 from batcher.options import RunOptions
 from batcher.retry import CallStats
 from batcher.schedule import PollConfig
@@ -180,6 +182,13 @@ class RunContext:
         self._slot_freed = asyncio.Event()
         #: Submits with a POST out now, unanswered (a crash now leaves them unknown).
         self.on_wire = 0
+        #: Rows marked SUBMITTING and not moved on since (on the wire, about to be sent, or
+        #: between tries): an exit at once leaves them "outcome unknown".
+        self.submitting: set[str] = set()
+        #: Submits cut off on the wire by the stop: their rows stay SUBMITTING, maybe billed.
+        self.abandoned = 0
+        #: Loop time until which a stopping run waits for the submits on the wire.
+        self._wire_deadline = math.inf
         #: Jobs to submit again (expired, retried FAILED), ahead of new rows.
         self.requeued: deque[Job] = deque()
         #: Rows an earlier run left in flight, taken over by this one. They never enter
@@ -205,6 +214,8 @@ class RunContext:
         self.last_answer = self.now()
         #: Loop time of the last 2xx answer from the API.
         self.last_ok = self.last_answer
+        #: Submits lost after sending with no 2xx answer since the first (see lost.py).
+        self.lost_streak = LostStreak()
 
     def now(self) -> float:
         return asyncio.get_running_loop().time()
@@ -322,15 +333,16 @@ class RunContext:
         if self.stop_error is None:
             self.stop_error = error
 
-    async def wind_down(self, grace_s: float) -> None:
+    async def wind_down(self, wait_s: float) -> None:
         """The run is about to stop (an interrupt, or an error): no new submit, and each
-        POST on the wire gets its answer first (at most ``grace_s``), so that its row is
-        recorded SUBMITTED or PENDING and not left "maybe billed" by the stop. The other
-        stages go on meanwhile: the gate grants, and an answer's request_id is saved."""
+        POST on the wire gets its answer first (at most ``wait_s``), so that its row is
+        recorded SUBMITTED or PENDING and not left "maybe billed" by the stop. A shorter
+        wait asked meanwhile (SIGTERM during an error's wait) ends every wait sooner. The
+        other stages go on meanwhile: the gate grants, and an answer's request_id is saved."""
         self._halt_submits()
-        deadline = self.now() + grace_s
+        self._wire_deadline = min(self._wire_deadline, self.now() + wait_s)
         # A counter changed from many places: polling it for a few seconds beats an event.
-        while self.on_wire and self.now() < deadline:  # noqa: ASYNC110
+        while self.on_wire and self.now() < self._wire_deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
 
     async def count_get(self, endpoint: str, job: Job, stats: CallStats) -> None:

@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from batcher.client import ApiClient, api_urls
 from batcher.errors import (
     ApiUnreachable,
     BatcherError,
+    ConnectionsLost,
     Interrupted,
     OutputUnwritable,
     UsageError,
@@ -57,19 +59,50 @@ from batcher.progress import Progress, Summary, summarize
 from batcher.redownload import Redownloads
 from batcher.results import RESULTS
 from batcher.sink import remove_partials
-from batcher.submit import UNKNOWN_OUTCOME, feed
+from batcher.submit import UNKNOWN_OUTCOME, feed, lost_connections
 from batcher.submit import work as submit_work
 
 log = logging.getLogger(__name__)
 
 Ts = TypeVarTuple("Ts")
 EXIT_OK, EXIT_USAGE, EXIT_FAILED_ROWS, EXIT_STOPPED = 0, 2, 3, 4
-#: After Ctrl-C, or an error that stops the run, submits already on the wire get this
-#: long to be answered.
-GRACE_S = 3.0
+#: After SIGTERM, submits already on the wire get at most this long to be answered (after
+#: Ctrl-C, or an error that stops the run: their request timeout). Container managers
+#: SIGKILL 10 s after SIGTERM (Docker's default; Kubernetes gives 30 s): this leaves the
+#: other half for the checkpoint's last writes and results.parquet.
+TERM_WAIT_S = 5.0
 #: Result fetches at once. A fetch mostly waits (result GET, image download, the image
 #: write and the checkpoint commit), so 16 left the event loop idle at 300 jobs/s.
 FETCH_WORKERS = 64
+
+
+class Interrupt(asyncio.Event):
+    """Set by Ctrl-C or SIGTERM (``signal``): what :func:`run` gives :func:`arun`, which
+    takes any event. It knows the run it stops (``context``), for a second signal to say
+    what it abandons."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.signal: signal.Signals | None = None
+        self.context: RunContext | None = None
+
+
+def wire_wait_s(sig: signal.Signals | None, request_timeout_s: float) -> float:
+    """How long a stop by ``sig`` waits for the submits already sent to be answered: up to
+    their request timeout, so that none is left "outcome unknown" (maybe billed) by the
+    stop; after SIGTERM, at most TERM_WAIT_S, as a SIGKILL may follow soon."""
+    if sig == signal.SIGTERM:
+        return min(TERM_WAIT_S, request_timeout_s)
+    return request_timeout_s
+
+
+def abandoned_note(abandoned: int, where: str = "on the wire") -> str:
+    """What a stop says of the submits it cut off (with their POST at the server)."""
+    return (
+        f"{abandoned} submits abandoned {where}: outcome unknown (their jobs may exist "
+        "and be billed); the next run ends their rows FAILED 'submit outcome unknown' "
+        "(--resubmit-unknown sends them again)"
+    )
 
 
 @dataclass(frozen=True)
@@ -307,6 +340,8 @@ async def _work(
             inputs=inputs,
             rng=random.Random(),
         )
+        if isinstance(interrupted, Interrupt):
+            interrupted.context = ctx
         try:
             await _pipeline(ctx, total, done_before, interrupted)
         except BatcherError as exc:
@@ -322,6 +357,11 @@ async def _work(
                 for note in end.notes:
                     other.add_note(note)
     notes = end.notes
+    if ctx.abandoned:
+        notes = (abandoned_note(ctx.abandoned), *notes)
+    if isinstance(error, ConnectionsLost):
+        # Said with the final count: submits on the wire when it stopped were lost too.
+        error = lost_connections(ctx)
     if isinstance(error, ApiUnreachable | OutputUnwritable):  # stopped, resumable: exit 4
         if ctx.stop_reason is not None and ctx.stop_reason != str(error):
             notes = (str(error), *notes)  # came while stopping (Ctrl-C, out of credits)
@@ -410,7 +450,7 @@ async def _stage(
         found = _first_batcher_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
         if isinstance(found, BatcherError):  # an error that stops the run
             ctx.record_stop(found)
-            await ctx.wind_down(GRACE_S)
+            await ctx.wind_down(ctx.api.timeout_s)
         raise
 
 
@@ -422,7 +462,16 @@ async def _until_done(ctx: RunContext, interrupted: asyncio.Event | None) -> Non
                 "interrupted: jobs in flight are saved in the checkpoint. Run the same "
                 "command again to resume"
             )
-            await ctx.wind_down(GRACE_S)
+            sig = interrupted.signal if isinstance(interrupted, Interrupt) else None
+            wait_s = wire_wait_s(sig, ctx.api.timeout_s)
+            if ctx.on_wire:
+                log.warning(
+                    "waiting up to %g s for %d submits already sent; Ctrl-C again to stop "
+                    "now (they would be left as 'outcome unknown', maybe billed)",
+                    wait_s,
+                    ctx.on_wire,
+                )
+            await ctx.wind_down(wait_s)
             return
         if ctx.feed_done and ctx.active == 0:
             return
@@ -447,16 +496,26 @@ def run(options: RunOptions) -> RunResult:
     with everything saved; a second Ctrl-C exits at once (the checkpoint stays valid)."""
 
     async def main() -> RunResult:
-        interrupted = asyncio.Event()
+        interrupted = Interrupt()
         loop = asyncio.get_running_loop()
 
-        def on_signal() -> None:
+        def on_signal(sig: signal.Signals) -> None:
             if interrupted.is_set():
-                os._exit(130)  # the second Ctrl-C: SQLite's WAL keeps the checkpoint valid
+                # The second Ctrl-C: SQLite's WAL keeps the checkpoint valid.
+                run = interrupted.context
+                if run is not None and run.submitting:
+                    # Rows between tries or about to be sent too: the next run cannot
+                    # tell them from the ones at the server.
+                    note = abandoned_note(len(run.submitting), "on the wire or between tries")
+                    print(f"batcher: stopped at once: {note}", file=sys.stderr, flush=True)
+                os._exit(130)
+            interrupted.signal = sig
             interrupted.set()
+            if interrupted.context is not None:
+                interrupted.context.requeue_signal.set()  # the run sees it now, not in 0.2 s
 
         for sig in _STOP_SIGNALS:
-            loop.add_signal_handler(sig, on_signal)
+            loop.add_signal_handler(sig, on_signal, sig)
         try:
             return await arun(options, interrupted=interrupted)
         finally:

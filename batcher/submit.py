@@ -25,9 +25,10 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from batcher import handoff
 from batcher.checkpoint import PENDING, SUBMITTED, SUBMITTING, UNKNOWN_OUTCOME, Job
 from batcher.client import Outcome, Reply, TransportError, api_urls, encode_params
-from batcher.errors import ApiUnreachable, AuthError, UnknownModel
+from batcher.errors import ApiUnreachable, AuthError, ConnectionsLost, UnknownModel
 from batcher.gate import Priority
 from batcher.inputs import InputError
+from batcher.lost import storm_reason
 from batcher.pipeline import Flight, RunContext
 from batcher.retry import CallStats, call
 from batcher.schemas import get_model
@@ -106,6 +107,14 @@ async def _payload(ctx: RunContext, job: Job) -> dict[str, Any] | str:
 
 
 async def submit_one(ctx: RunContext, job: Job, track: Callable[[Flight], object]) -> None:
+    try:
+        await _submit(ctx, job, track)
+    finally:
+        # The row's last write is made (or the run is ending around it).
+        ctx.submitting.discard(job.id)
+
+
+async def _submit(ctx: RunContext, job: Job, track: Callable[[Flight], object]) -> None:
     payload = await _payload(ctx, job)
     if isinstance(payload, str):
         await ctx.fail(job, payload)
@@ -138,6 +147,7 @@ async def submit_one(ctx: RunContext, job: Job, track: Callable[[Flight], object
                 raise down
             ctx.counters.unknown_submits += 1
             job = _with(job, unknown_submits=job.unknown_submits + 1)
+            storm = _lost_in_a_row(ctx)
             if ctx.options.resubmit_unknown:
                 # PENDING until its next try is granted: a stop meanwhile must not leave it
                 # SUBMITTING, which the next run would count as a second unknown submit.
@@ -148,9 +158,14 @@ async def submit_one(ctx: RunContext, job: Job, track: Callable[[Flight], object
                     attempts=job.attempts,
                     unknown_submits=job.unknown_submits,
                 )
-                log.warning("row %s: %s; sending it again (--resubmit-unknown)", job.id, result)
-                continue
+                if storm is None:
+                    log.warning("row %s: %s; sending it again (--resubmit-unknown)", job.id, result)
+                    continue
+                await ctx.unsubmitted(job)  # sent again by the next run, not this one
+                raise storm
             await ctx.fail(job, UNKNOWN_OUTCOME, counts=counts, unknown_submits=job.unknown_submits)
+            if storm is not None:
+                raise storm
             return
         # The answer is recorded first: nothing may come between a request_id and the
         # checkpoint, the row's retry and 429 counts included.
@@ -159,6 +174,28 @@ async def submit_one(ctx: RunContext, job: Job, track: Callable[[Flight], object
         sent_at = sent[-1] if sent else time.time()
         await _settle(ctx, job, result, sent_at, stats, counts, track, began)
         return
+
+
+def _lost_in_a_row(ctx: RunContext) -> ConnectionsLost | None:
+    """After a submit lost after sending: the error that stops the run when it makes a
+    storm (see batcher/lost.py), recorded first (a cancel in the row's write that
+    follows must not drop it); else None."""
+    ctx.lost_streak = ctx.lost_streak.after_loss(ctx.now(), ctx.last_ok)
+    if not ctx.lost_streak.is_storm:
+        return None
+    # The figure is for now; the run says the final one when it ends (run.py).
+    storm = lost_connections(ctx)
+    ctx.record_stop(storm)
+    return storm
+
+
+def lost_connections(ctx: RunContext) -> ConnectionsLost:
+    """The stop of a connection-reset storm, with the run's unknown submits so far."""
+    in_a_row = ctx.lost_streak.count
+    reason = storm_reason(
+        in_a_row, ctx.counters.unknown_submits, resubmit_unknown=ctx.options.resubmit_unknown
+    )
+    return ConnectionsLost(reason, in_a_row=in_a_row)
 
 
 @dataclass(frozen=True)
@@ -198,6 +235,7 @@ async def _post(
         if ctx.stop_submitting.is_set():  # not even marked SUBMITTING
             raise _Stopping
         marked = True
+        ctx.submitting.add(job.id)
         # An earlier job's request id goes: were this submit's outcome unknown, the row
         # must not show (or be taken for) a job it may not have.
         await ctx.checkpoint.update(
@@ -245,8 +283,10 @@ async def _post(
             counts = attempt.tally(ctx, answered=on_wire)
             with anyio.CancelScope(shield=True):
                 if on_wire:
-                    # Cut off with its POST at the server (past the stop's grace): the
-                    # row stays SUBMITTING, maybe billed; its tries so far are counted.
+                    # Cut off with its POST at the server (past the stop's wait for its
+                    # answer, or a bug): the row stays SUBMITTING, maybe billed; its tries
+                    # so far are counted, and the run's stop says how many were left so.
+                    ctx.abandoned += 1
                     await ctx.checkpoint.update(job.id, counts=counts)
                 else:
                     # Cancelled between tries (in a backoff after a refused connection

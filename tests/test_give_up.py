@@ -10,7 +10,9 @@ import dataclasses
 import json
 import logging
 import re
+import signal
 import sqlite3
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +29,11 @@ from batcher.client import ApiClient, Reply, TransportError
 from batcher.errors import AuthError
 from batcher.gate import RateConfig
 from batcher.options import RunOptions
-from batcher.run import EXIT_FAILED_ROWS, EXIT_OK, EXIT_STOPPED, arun
+from batcher.run import EXIT_FAILED_ROWS, EXIT_OK, EXIT_STOPPED, Interrupt, arun
 from batcher.sim import SimConfig, SimServer
 
 KEY = "sk-give-up-0123456789"
+Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
 def _options(tmp_path: Path, base_url: str, scale: float, rows: int) -> RunOptions:
@@ -323,32 +326,43 @@ async def test_a_run_stopped_by_an_error_lets_another_rows_submit_on_the_wire_la
             await asyncio.sleep(0.2)  # answered well after the 401
             if held_answer != 200:
                 return web.json_response({"error": "bad prompt"}, status=held_answer)
-            base = f"{request.url.origin()}/v2/requests/held-1"
-            return web.json_response(
-                {
-                    "request_id": "held-1",
-                    "status": "QUEUED",
-                    "status_url": f"{base}/status",
-                    "response_url": base,
-                }
-            )
+            return _queued(request, "held-1")
         await on_wire.wait()  # g0's POST is at the server: now refuse g1's
         refused.set()
         return web.json_response({"error": "Invalid API key"}, status=401)
 
-    async def status(request: web.Request) -> web.Response:
-        return web.json_response({"request_id": "held-1", "status": "PROCESSING"})
-
-    app = web.Application()
-    app.router.add_post("/v2/instantid", submit)
-    app.router.add_get("/v2/requests/held-1/status", status)
-    async with TestServer(app, host="127.0.0.1") as server:
+    async with TestServer(_api(submit, "held-1"), host="127.0.0.1") as server:
         options = _options(tmp_path, str(server.make_url("")).rstrip("/"), 0.001, 2)
         with pytest.raises(AuthError, match="refused the key"):
             await asyncio.wait_for(arun(options), timeout=60)
 
     rows = _rows(options.out, "id, state, request_id")
     assert {r[0]: tuple(r[1:]) for r in rows} == {"g0": held_row, "g1": ("PENDING", None)}
+
+
+def _queued(request: web.Request, request_id: str) -> web.Response:
+    """A submit's answer: job ``request_id`` is QUEUED."""
+    base = f"{request.url.origin()}/v2/requests/{request_id}"
+    return web.json_response(
+        {
+            "request_id": request_id,
+            "status": "QUEUED",
+            "status_url": f"{base}/status",
+            "response_url": base,
+        }
+    )
+
+
+def _api(submit: Handler, request_id: str) -> web.Application:
+    """An API whose submits are ``submit``'s, and whose job ``request_id`` is PROCESSING."""
+
+    async def status(request: web.Request) -> web.Response:
+        return web.json_response({"request_id": request_id, "status": "PROCESSING"})
+
+    app = web.Application()
+    app.router.add_post("/v2/instantid", submit)
+    app.router.add_get(f"/v2/requests/{request_id}/status", status)
+    return app
 
 
 def _rows(out: Path, columns: str) -> list[tuple[Any, ...]]:
@@ -412,6 +426,45 @@ async def test_a_submit_due_again_after_the_run_stops_is_not_sent(tmp_path: Path
     assert _rows(options.out, "state, attempts, request_id") == [("PENDING", 0, None)]
 
 
+async def test_ctrl_c_waits_for_a_submit_on_the_wire_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ctrl-C while a submit's answer is slow: the run says at once that it waits for it,
+    then waits (up to the request timeout), and its request_id is saved, to be polled on
+    resume. Before, a fixed 3 s grace cut it off (shortened here, so the answer need not
+    take 3 s: the new code has no such grace), and the next run FAILED the row "submit
+    outcome unknown" though its job was known."""
+    monkeypatch.setattr(run_module, "GRACE_S", 0.2, raising=False)
+    interrupted = asyncio.Event()
+
+    async def submit(request: web.Request) -> web.Response:
+        interrupted.set()  # Ctrl-C while the POST is at the server
+        await asyncio.sleep(1.0)
+        return _queued(request, "slow-1")
+
+    async with TestServer(_api(submit, "slow-1"), host="127.0.0.1") as server:
+        options = _options(tmp_path, str(server.make_url("")).rstrip("/"), 0.001, 1)
+        result = await asyncio.wait_for(arun(options, interrupted=interrupted), 60)
+
+    assert result.exit_code == EXIT_STOPPED, result.text()
+    assert _rows(options.out, "state, request_id") == [("SUBMITTED", "slow-1")]
+    said = [r.getMessage() for r in caplog.records if r.name == "batcher.run"]
+    assert (
+        "waiting up to 60 s for 1 submits already sent; Ctrl-C again to stop now (they "
+        "would be left as 'outcome unknown', maybe billed)"
+    ) in said, said
+    assert not result.notes  # nothing abandoned
+
+
+def test_sigterm_waits_less_than_ctrl_c_for_the_submits_on_the_wire() -> None:
+    """A container manager SIGKILLs soon after SIGTERM (Docker: 10 s): the wait for the
+    answers is bounded, leaving time to save; Ctrl-C waits up to the request timeout."""
+    assert run_module.wire_wait_s(signal.SIGINT, 60.0) == 60.0
+    assert run_module.wire_wait_s(None, 60.0) == 60.0  # an error stopping the run
+    assert run_module.wire_wait_s(signal.SIGTERM, 60.0) == run_module.TERM_WAIT_S == 5.0
+    assert run_module.wire_wait_s(signal.SIGTERM, 2.0) == 2.0
+
+
 async def test_the_last_rows_refused_connection_still_says_why_the_run_stopped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -455,10 +508,11 @@ async def test_an_api_whose_connections_never_open_stops_the_run_with_nothing_fa
 async def test_a_submit_cut_off_on_the_wire_keeps_the_counts_of_its_tries(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A row's first POST is answered 503, its second is held at the server past the
-    stop's grace: the row stays SUBMITTING (maybe billed) and its retry is counted.
-    Before, a worker cancelled with its POST on the wire dropped the attempt's counts."""
-    monkeypatch.setattr(run_module, "GRACE_S", 0.2)
+    """A row's first POST is answered 503, its second is held at the server past
+    SIGTERM's wait: the row stays SUBMITTING (maybe billed), its retry is counted, and the
+    stop says so. Before, a worker cancelled with its POST on the wire dropped the
+    attempt's counts."""
+    monkeypatch.setattr(run_module, "TERM_WAIT_S", 0.2)
     posts: list[int] = []
     held = asyncio.Event()
 
@@ -474,13 +528,15 @@ async def test_a_submit_cut_off_on_the_wire_keeps_the_counts_of_its_tries(
     app.router.add_post("/v2/instantid", submit)
     async with TestServer(app, host="127.0.0.1") as server:
         options = _options(tmp_path, str(server.make_url("")).rstrip("/"), 0.001, 1)
-        interrupted = asyncio.Event()
+        interrupted = Interrupt()
         task = asyncio.create_task(arun(options, interrupted=interrupted))
         await asyncio.wait_for(held.wait(), 30)
+        interrupted.signal = signal.SIGTERM
         interrupted.set()
         result = await asyncio.wait_for(task, 30)
 
     assert result.exit_code == EXIT_STOPPED, result.text()
     assert _rows(options.out, "state, attempts, retries") == [("SUBMITTING", 1, 1)]
+    assert result.notes[0].startswith("1 submits abandoned on the wire: outcome unknown")
     assert result.summary is not None
     assert result.summary.api_requests == len(posts) == 2

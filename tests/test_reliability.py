@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import sqlite3
 import subprocess
@@ -279,3 +280,69 @@ def test_second_ctrl_c_exits_at_once_and_the_run_still_resumes(
     assert again.returncode == 0, stderr.decode()[-2000:]
     _check_outputs(out, 200)
     assert sim.stats()["paid_twice"] <= 8  # at most the submits that were on the wire
+
+
+@pytest.fixture
+def slow_sim() -> Iterator[SimProcess]:
+    """Every answer takes 1,000 model s: 10 s wall, longer than SIGTERM's 5 s wait."""
+    with sim_process(
+        "--api-key", KEY, "--time-scale", SCALE, "--slow-rate", "1", "--slow", "1000"
+    ) as proc:
+        yield proc
+
+
+def _abandoned(stderr: str) -> int:
+    found = re.search(r"(\d+) submits abandoned on the wire", stderr)
+    assert found, stderr[-3000:]
+    return int(found.group(1))
+
+
+def test_a_second_ctrl_c_says_how_many_submits_it_abandons(
+    tmp_path: Path, slow_sim: SimProcess
+) -> None:
+    """Ctrl-C with submits at the server: the run says at once that it waits for them
+    (up to their request timeout), and a second Ctrl-C says how many it leaves "outcome
+    unknown": exactly the rows the next run finds SUBMITTING. Before, the first said
+    nothing and the second exited without a word."""
+    out = tmp_path / "out"
+    proc = _start(_manifest(tmp_path, 60), out, slow_sim)
+    _wait_for(out, "SUBMITTING", 1)
+    time.sleep(0.2)  # the POST goes out just after its row is marked
+    proc.send_signal(signal.SIGINT)
+    assert proc.stderr is not None
+    first = b""
+    while b"Ctrl-C again" not in first:  # the run's answer to the first Ctrl-C
+        line = proc.stderr.readline()
+        assert line, first.decode()
+        first += line
+    assert re.search(rb"waiting up to 60 s for \d+ submits already sent", first), first
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=30)
+    stderr = (first + rest).decode()
+
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    submitting = [i for i, (state, _) in _rows(out).items() if state == "SUBMITTING"]
+    assert _abandoned(stderr) == len(submitting) > 0
+
+
+def test_sigterm_waits_a_bounded_time_and_counts_the_submits_it_abandons(
+    tmp_path: Path, slow_sim: SimProcess
+) -> None:
+    """SIGTERM (a container stopping) waits at most 5 s for answers taking 10 s: the
+    stop (exit 4) counts the submits it cut off, the rows the next run finds SUBMITTING.
+    Before, the stop cut them off after 3 s without a word."""
+    out = tmp_path / "out"
+    proc = _start(_manifest(tmp_path, 60), out, slow_sim)
+    _wait_for(out, "SUBMITTING", 1)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    stderr = err.decode()
+
+    assert proc.returncode == 4, stderr[-3000:]
+    assert re.search(r"waiting up to 5 s for \d+ submits already sent", stderr), stderr[-3000:]
+    submitting = [i for i, (state, _) in _rows(out).items() if state == "SUBMITTING"]
+    assert _abandoned(stderr) == len(submitting) > 0
+    table = pq.read_table(out / "results.parquet").to_pylist()
+    assert sorted(r["id"] for r in table if r["status"] == "SUBMITTING") == sorted(submitting)
