@@ -210,6 +210,24 @@ def test_jsonl_nested_too_deeply_is_a_row_problem_not_a_crash(tmp_path: Path) ->
     assert [r.problems for r in rows[1:]] == [(f"line {n} {too_deep}",) for n in (2, 3, 4)]
 
 
+def test_a_jsonl_key_given_twice_is_a_row_problem_naming_it(tmp_path: Path) -> None:
+    """Before: json kept the last value and the row was sent with it, silently."""
+    path = tmp_path / "m.jsonl"
+    path.write_text(
+        f'{{"id": "a", "prompt": "p", "prompt": "q", "face_image": "{FACE}", "seed": 1, '
+        '"seed": 2, "style": {"x": 1, "x": 2}}\n'
+        f'{{"id": "b", "prompt": "p", "face_image": "{FACE}", "style": {{"x": 1}}}}\n'
+    )
+    first, second = rows_of(path)
+    assert first.id == "a"
+    assert first.problems == tuple(
+        f'the key "{key}" is given more than once in the line (only the last would be read): '
+        "give it once"
+        for key in ("prompt", "seed")
+    )
+    assert second.problems == ()
+
+
 def test_validate_says_what_a_cell_is_naming_its_row_and_column(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from batcher.errors import UsageError
-from batcher.manifest.records import Record, open_source, quoted
+from batcher.manifest.records import Record, RepeatedKeys, open_source, quoted
 from batcher.schemas import ModelSpec, did_you_mean, get_model, registry, show
 
 MAX_ID_CHARS = 512
@@ -81,6 +81,13 @@ def to_row(
         if name not in ("id", "model"):
             (blanks if _is_blank(value) else params)[name] = value
     problems += [f"column {_printable(k)}: {_CUT_IN_HALF}" for k, v in params.items() if _cut(v)]
+    if isinstance(record, RepeatedKeys):
+        # json keeps the last of them: which one the writer meant cannot be known.
+        problems += [
+            f"the key {quoted(_printable(k))} is given more than once in the line (only the "
+            "last would be read): give it once"
+            for k in record.repeated
+        ]
     return ManifestRow(
         number=number,
         id=row_id,
