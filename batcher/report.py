@@ -7,7 +7,6 @@ latency histogram) needs matplotlib, an optional extra (``pip install 'batcher[r
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +18,7 @@ import pyarrow.parquet as pq
 
 from batcher.atomic import remove_abandoned, replacing
 from batcher.checkpoint import CHECKPOINT, RESULTS_META, RESULTS_STALE, Checkpoint
-from batcher.errors import UsageError, reason_key
+from batcher.errors import UsageError, group_reasons
 from batcher.results import RESULTS
 
 CHART = "report.png"
@@ -337,8 +336,7 @@ def _queue_times(done: pa.Table) -> Any:
 def _reasons(errors: Any) -> tuple[tuple[str, int], ...]:
     if errors is None:
         return ()
-    grouped = Counter(reason_key(e) for e in errors.to_pylist())
-    return tuple(sorted(grouped.items(), key=lambda kv: (-kv[1], kv[0])))
+    return tuple(group_reasons(errors.to_pylist()))
 
 
 def _epoch_us(column: Any) -> Any:

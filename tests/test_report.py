@@ -20,6 +20,8 @@ from PIL import Image
 
 from batcher.checkpoint import CHECKPOINT, RESULTS_FRESH, RESULTS_META, RESULTS_STALE
 from batcher.errors import UsageError, reason_key
+from batcher.pipeline import Counters
+from batcher.progress import summarize
 from batcher.report import CHART, CHART_HINT, build_report, read_results, report_main
 from batcher.results import RESULTS, SCHEMA
 
@@ -386,3 +388,37 @@ def test_a_run_stopped_before_its_first_table_says_how_to_get_one(tmp_path: Path
 )
 def test_failures_group_by_their_reason_not_their_ids_or_urls(error: str | None, key: str) -> None:
     assert reason_key(error) == key
+
+
+def _gave_up(tries: int, last: str) -> str:
+    return (
+        f"no usable answer about this job within half its result's retention ({tries} tries "
+        f"in a row; last: {last}); it may have been billed. --retry-failed submits it again"
+    )
+
+
+def test_failures_that_differ_only_in_their_count_of_tries_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: "failed x10 ... (15 tries ...)" and "failed x5 ... (17 tries ...)", a line
+    per count, in the report and in the run's summary."""
+    errors = [_gave_up(15, f"HTTP 503 from http://h/{i}") for i in range(10)]
+    errors += [_gave_up(17, "HTTP 503 from http://h/x")] * 5 + [_gave_up(16, "HTTP 502")]
+    errors += ["gave up after 8 attempts: HTTP 500", "gave up after 3 attempts: HTTP 500"]
+    rows = [{"id": str(i), "status": "FAILED", "error": e} for i, e in enumerate(errors)]
+    out = write(tmp_path, rows)
+
+    assert report_main(out, chart=False) == 0
+    text = capsys.readouterr().out
+    said = "no usable answer about this job within half its result's retention (15-17 tries"
+    # The last reason (503, 502) is past the cut: the 16 rows read alike, so one line.
+    assert (
+        f"failed by reason:\n      16  {said} in a row; last: HTTP ...\n"
+        "       2  gave up after 3-8 attempts: HTTP 500\nthroughput" in text
+    )
+
+    summary = summarize(out / RESULTS, Counters(), 0, 1.0).text()
+    assert summary.splitlines()[-2:] == [
+        f"  failed x16: {said} in a row; last: HTTP ...",
+        "  failed x2: gave up after 3-8 attempts: HTTP 500",
+    ]
