@@ -102,7 +102,21 @@ class Report:
 
 def read_results(out_dir: Path) -> tuple[Path, pa.Table]:
     """DIR/results.parquet (or that file itself) as a table; UsageError if unusable."""
-    path = out_dir if out_dir.suffix == ".parquet" and out_dir.is_file() else out_dir / RESULTS
+    # The file itself, or a folder standing at its name: not an --out folder (no checkpoint).
+    given = out_dir.suffix == ".parquet" and not (out_dir / CHECKPOINT).exists()
+    path = out_dir if given and (out_dir.is_file() or out_dir.is_dir()) else out_dir / RESULTS
+    if path.is_dir():
+        again = (
+            ". Run the same `batcher run` command again to write the table"
+            if (path.parent / CHECKPOINT).is_file()
+            else ""
+        )
+        raise UsageError(
+            f"{path}: is a folder, not the results file a run writes (a Parquet dataset "
+            f"written by another tool?): move it away{again}"
+        )
+    if path.exists() and not path.is_file():
+        raise UsageError(f"{path}: is not a regular file (a pipe or a device?)")
     if not path.is_file():
         if (path.parent / CHECKPOINT).is_file():
             raise UsageError(

@@ -422,3 +422,30 @@ def test_failures_that_differ_only_in_their_count_of_tries_are_one_line(
         f"  failed x16: {said} in a row; last: HTTP ...",
         "  failed x2: gave up after 3-8 attempts: HTTP 500",
     ]
+
+
+def test_a_folder_at_the_results_name_is_named_as_a_folder(tmp_path: Path) -> None:
+    """Before: "results.parquet: no such file; pass the --out DIR of a `batcher run`"."""
+    out = tmp_path / "out"
+    (out / RESULTS).mkdir(parents=True)
+    with pytest.raises(UsageError) as info:
+        report_main(out)
+    assert str(info.value) == (
+        f"{out / RESULTS}: is a folder, not the results file a run writes (a Parquet dataset "
+        "written by another tool?): move it away"
+    )
+    sqlite3.connect(out / CHECKPOINT).close()  # a run's folder: its next run writes the file
+    for given in (out, out / RESULTS):
+        with pytest.raises(UsageError) as info:
+            report_main(given)
+        assert str(info.value) == (
+            f"{out / RESULTS}: is a folder, not the results file a run writes (a Parquet "
+            "dataset written by another tool?): move it away. Run the same `batcher run` "
+            "command again to write the table"
+        )
+    fifo = tmp_path / "pipe" / RESULTS
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)
+    with pytest.raises(UsageError) as info:
+        report_main(fifo.parent)
+    assert str(info.value) == f"{fifo}: is not a regular file (a pipe or a device?)"
