@@ -204,25 +204,42 @@ def format_report(report: Report) -> str:
             f"mean {mean:.2f} s, p95 {s.p95:.2f} s"
         )
     if report.requests:
-        submits, polls, results = report.requests
-        total = submits + polls + results
-        per_job = f": {total / results:.2f} per completed job" if results else ""
-        lines.append(
-            f"API requests: {total} ({submits} submits + {polls} polls + {results} results)"
-            f"{per_job}, not counting requests repeated after a 429, 5xx or lost connection"
-        )
+        lines.append(_requests_line(report.requests, report.retries, report.rate_limited))
     extras = [
         f"{label} {n}"
         for label, n in (
-            ("transient retries", report.retries),
+            ("transient retries", None if report.requests else report.retries),
             ("unknown submit outcomes", report.unknown_submits),
-            ("429 answers", report.rate_limited),
+            ("429 answers", None if report.requests else report.rate_limited),
         )
         if n is not None
     ]
     if extras:
         lines.append(", ".join(extras))
     return "\n".join(lines)
+
+
+def _requests_line(
+    first: tuple[int, int, int], retries: int | None, rate_limited: int | None
+) -> str:
+    """Every request the table counts, repeats included: a run stopped by a 5xx outage
+    made no request that got its answer, and "API requests: 0" read as nothing sent."""
+    submits, polls, results = first
+    parts = [f"{submits} submits + {polls} polls + {results} results"]
+    missing = []
+    if retries is not None:
+        parts.append(f"{retries} repeated after a 5xx, a lost connection or a cut download")
+    else:
+        missing.append("a 5xx or lost connection")
+    if rate_limited is not None:
+        parts.append(f"{rate_limited} answered 429")
+    else:
+        missing.append("a 429")
+    total = submits + polls + results + (retries or 0) + (rate_limited or 0)
+    per_job = f": {total / results:.2f} per completed job" if results else ""
+    # An older results.parquet lacks a count: say what the total leaves out.
+    left_out = f", not counting requests repeated after {' or '.join(missing)}" if missing else ""
+    return f"API requests: {total} ({', '.join(parts)}){per_job}{left_out}"
 
 
 def write_chart(report: Report, path: Path) -> Path | None:

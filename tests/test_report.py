@@ -142,14 +142,15 @@ def test_text_report_numbers(run_dir: Path, capsys: pytest.CaptureFixture[str]) 
 
     submits = sum(r.get("attempts") or 0 for r in rows)
     all_polls = sum(r.get("polls") or 0 for r in rows)
-    total = submits + all_polls + 200
-    assert (
-        f"API requests: {total} ({submits} submits + {all_polls} polls + 200 results): "
-        f"{total / 200:.2f} per completed job" in text
-    )
     retries = sum(r.get("retries") or 0 for r in rows)
-    assert f"transient retries {retries}, unknown submit outcomes 1" in text
-    assert "429 answers" not in text  # an older file, no 429 column: left out, not shown as 0
+    total = submits + all_polls + 200 + retries
+    # An older file, no 429 column: the line says what it leaves out, not "0 answered 429".
+    assert (
+        f"API requests: {total} ({submits} submits + {all_polls} polls + 200 results, "
+        f"{retries} repeated after a 5xx, a lost connection or a cut download): "
+        f"{total / 200:.2f} per completed job, not counting requests repeated after a 429\n"
+        "unknown submit outcomes 1\n" in text
+    )
 
 
 def test_report_object_matches_independent_percentiles(run_dir: Path) -> None:
@@ -172,7 +173,7 @@ def test_rate_limited_column_is_reported_when_present(
     path, table = read_results(out)
     assert build_report(path, table).rate_limited == 5
     assert report_main(out, chart=False) == 0
-    assert "429 answers" in capsys.readouterr().out
+    assert "5 answered 429)" in capsys.readouterr().out
 
 
 def test_empty_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -197,7 +198,10 @@ def test_all_failed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "completed 0, failed 5, invalid 0" in text
     assert "       5  FAILED (422): boom" in text
     assert "throughput: no completed rows" in text
-    assert "API requests: 25 (10 submits + 15 polls + 0 results), not counting" in text
+    assert (
+        "API requests: 25 (10 submits + 15 polls + 0 results, 0 repeated after a 5xx, a lost "
+        "connection or a cut download, 0 answered 429)\n" in text
+    )
     assert "per completed job" not in text
     assert "polls per completed job" not in text
     assert not (out / CHART).exists()
@@ -421,6 +425,24 @@ def test_failures_that_differ_only_in_their_count_of_tries_are_one_line(
     assert summary.splitlines()[-2:] == [
         f"  failed x16: {said} in a row; last: HTTP ...",
         "  failed x2: gave up after 3-8 attempts: HTTP 500",
+    ]
+
+
+def test_requests_after_an_outage_count_the_repeated_ones(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run stopped by a 5xx outage: no submit got a job, every request was answered 5xx
+    and repeated. Before: "API requests: 0 (0 submits + 0 polls + 0 results), not counting
+    requests repeated after a 429, 5xx or lost connection", the 125 on another line."""
+    rows = [{"id": str(i), "status": "PENDING", "attempts": 0, "polls": 0,
+             "retries": 7 if i < 5 else 6, "rate_limited": 0} for i in range(20)]  # fmt: skip
+    out = write(tmp_path, rows)
+    assert report_main(out, chart=False) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[3:] == [
+        "API requests: 125 (0 submits + 0 polls + 0 results, 125 repeated after a 5xx, a lost "
+        "connection or a cut download, 0 answered 429)",
+        "unknown submit outcomes 0",
     ]
 
 
