@@ -308,6 +308,7 @@ def _add_sim_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _cmd_sim(args: argparse.Namespace) -> int:
+    from batcher.client import MIN_KEY_CHARS
     from batcher.options import check_time_scale
     from batcher.schemas import get_model
     from batcher.sim import SimConfig, serve
@@ -351,6 +352,14 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     if not key:
         print(
             "batcher sim: no --api-key or SEGMIND_API_KEY: any non-empty key is accepted",
+            file=sys.stderr,
+        )
+    elif len(key) < MIN_KEY_CHARS:
+        # Served anyway: the emulator masks nothing, and the SDK takes any key. Its length
+        # only, never the key.
+        print(
+            f"batcher sim: warning: the key is {len(key)} characters long: `batcher run` "
+            f"refuses keys shorter than {MIN_KEY_CHARS}, so it cannot use this emulator",
             file=sys.stderr,
         )
     import asyncio  # here, not at the top: it is 57 ms of the CLI's 68 ms of imports, a

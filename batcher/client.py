@@ -263,6 +263,10 @@ _UNESCAPED = re.compile(r'[^"\\/\x00-\x1f\x7f-\U0010ffff]+')
 #: Base64 forms shorter than this are not looked for: they would match ordinary text.
 _MIN_FORM = 8
 
+#: The shortest key a run accepts (preflight.api_key): a shorter one would be masked
+#: wherever its letters meet in an answer, in the images' base64 too.
+MIN_KEY_CHARS = _MIN_FORM
+
 
 def _runs(key: str, shortest: int) -> set[str]:
     """Every run of the key's characters ``shortest`` long or more. Half the key (and

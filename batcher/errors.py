@@ -24,6 +24,8 @@ headers and is never formatted into text.
 from __future__ import annotations
 
 import re
+from collections import Counter
+from collections.abc import Iterable
 
 #: Longest failure reason shown in a summary or report before it is cut.
 REASON_CHARS = 100
@@ -33,13 +35,45 @@ _IDS = re.compile(
 )
 
 
+#: A count of tries in a reason ("15 tries in a row", "submitted 2 times").
+_COUNT = re.compile(r"\b\d+(?= (?:tries|times|attempts)\b)")
+
+
 def reason_key(error: str | None) -> str:
     """What row failures are grouped by in summaries and reports: URLs and request ids
     masked (30 rows failed for one reason are one line, not 30), whitespace folded,
     length capped."""
+    return _cut(_masked(error))
+
+
+def _masked(error: str | None) -> str:
     text = " ".join((error or "(no error text)").split())
-    text = _IDS.sub("<id>", _URLS.sub("<url>", text))
+    return _IDS.sub("<id>", _URLS.sub("<url>", text))
+
+
+def _cut(text: str) -> str:
     return text if len(text) <= REASON_CHARS else text[: REASON_CHARS - 3] + "..."
+
+
+def group_reasons(errors: Iterable[str | None]) -> list[tuple[str, int]]:
+    """Row failures as summaries and reports list them, (reason, rows), most rows first:
+    by :func:`reason_key`, and reasons that differ only in a count of tries as one line,
+    the counts shown as a range ("15-17 tries in a row"), not a line per count."""
+    shapes: dict[str, tuple[int, list[tuple[int, int]]]] = {}
+    for error, rows in Counter(errors).items():
+        text = _masked(error).replace("\0", "")
+        # Cut with each count as one character, "\0": which counts it keeps is known.
+        shape = _cut(_COUNT.sub("\0", text))
+        counts = [int(n) for n in _COUNT.findall(text)][: shape.count("\0")]
+        seen, ranges = shapes.get(shape, (0, [(n, n) for n in counts]))
+        ranges = [(min(lo, n), max(hi, n)) for (lo, hi), n in zip(ranges, counts, strict=True)]
+        shapes[shape] = (seen + rows, ranges)
+    grouped = []
+    for shape, (rows, ranges) in shapes.items():
+        first, *rest = shape.split("\0")
+        shown = [str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in ranges]
+        grouped.append((first + "".join(n + t for n, t in zip(shown, rest, strict=True)), rows))
+    return sorted(grouped, key=lambda kv: (-kv[1], kv[0]))
 
 
 class BatcherError(Exception):

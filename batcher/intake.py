@@ -51,7 +51,7 @@ async def check_row(row: ManifestRow, inputs: ImageInputs) -> Checked:
     if row.problems:
         return Checked(row, dict(row.params), row.problems, ())
     model = get_model(row.model)
-    result = validate(model, row.params)
+    result = validate(model, row.params, blanks=row.blanks)
     errors = [str(p) for p in result.errors]
     for name in model.image_params:
         value = result.params.get(name)

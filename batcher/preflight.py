@@ -11,10 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from batcher.checkpoint import Checkpoint
-from batcher.client import origin
+from batcher.client import MIN_KEY_CHARS, origin
 from batcher.errors import UsageError
 from batcher.manifest import fingerprint
 from batcher.options import RunOptions
+
+#: The key sent to the in-process emulator when none is set: it accepts any.
+SIMULATE_KEY = "simulate-key"
 
 #: Meta key: the service the folder's jobs are sent to, SIMULATED or --base-url's origin.
 SERVICE_META, SIMULATED = "service", "simulate"
@@ -50,7 +53,7 @@ def api_key(options: RunOptions) -> str:
         _check_key(key)
         return key
     if options.simulate:
-        return "sim-key"
+        return SIMULATE_KEY
     raise UsageError(
         "SEGMIND_API_KEY is not set: export your Segmind API key (or use "
         "--simulate to run against the built-in emulator)"
@@ -59,7 +62,9 @@ def api_key(options: RunOptions) -> str:
 
 def _check_key(key: str) -> None:
     """A key goes into an HTTP header: a line break or a control character there makes
-    every request fail (aiohttp refuses it) after the row was marked as being sent."""
+    every request fail (aiohttp refuses it) after the row was marked as being sent. And
+    every echo of it in an answer is masked (client._Redactor): a key of a few characters
+    would mask them in the images' base64 too, and fail paid jobs."""
     for char in key:
         control = unicodedata.category(char) == "Cc"
         if control or char.isspace():
@@ -69,6 +74,13 @@ def _check_key(key: str) -> None:
                 f"SEGMIND_API_KEY contains {kind} (U+{ord(char):04X}) within the key: set "
                 "it to the key alone"
             )
+    if len(key) < MIN_KEY_CHARS:
+        # Its length only: the message must not show any of the key.
+        chars = "character" if len(key) == 1 else "characters"
+        raise UsageError(
+            f"SEGMIND_API_KEY is {len(key)} {chars} long: Segmind keys are longer (batcher "
+            f"needs {MIN_KEY_CHARS} at least); set it to your whole key"
+        )
 
 
 def manifest_identity(manifest: Path, model: str | None) -> str:

@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from batcher.errors import reason_key
+from batcher.errors import group_reasons
 from batcher.pipeline import Counters, RunContext
 from batcher.results import SUMMARY_COLUMNS
 
@@ -138,7 +138,7 @@ class Summary:
                 f"submits with an unknown outcome: {self.unknown_submits} "
                 "(see README: 'Unknown submit outcomes')"
             )
-        for reason, n in sorted(self.failed_reasons.items(), key=lambda kv: -kv[1])[:10]:
+        for reason, n in list(self.failed_reasons.items())[:10]:  # most rows first
             lines.append(f"  failed x{n}: {reason}")
         return "\n".join(lines)
 
@@ -157,10 +157,7 @@ def summarize(
         table = pq.read_table(results, columns=list(SUMMARY_COLUMNS))
     counts = {str(k): int(v) for k, v in zip(*_value_counts(table.column("status")), strict=True)}
     failed = table.filter(pc.equal(table.column("status"), "FAILED"))
-    reasons: dict[str, int] = {}
-    for error in failed.column("error").to_pylist():
-        key = reason_key(error)
-        reasons[key] = reasons.get(key, 0) + 1
+    reasons = dict(group_reasons(failed.column("error").to_pylist()))
     latency = table.column("latency_s").drop_null()
     p50 = p95 = None
     if len(latency):

@@ -7,7 +7,6 @@ latency histogram) needs matplotlib, an optional extra (``pip install 'batcher[r
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +18,7 @@ import pyarrow.parquet as pq
 
 from batcher.atomic import remove_abandoned, replacing
 from batcher.checkpoint import CHECKPOINT, RESULTS_META, RESULTS_STALE, Checkpoint
-from batcher.errors import UsageError, reason_key
+from batcher.errors import UsageError, group_reasons
 from batcher.results import RESULTS
 
 CHART = "report.png"
@@ -103,7 +102,21 @@ class Report:
 
 def read_results(out_dir: Path) -> tuple[Path, pa.Table]:
     """DIR/results.parquet (or that file itself) as a table; UsageError if unusable."""
-    path = out_dir if out_dir.suffix == ".parquet" and out_dir.is_file() else out_dir / RESULTS
+    # The file itself, or a folder standing at its name: not an --out folder (no checkpoint).
+    given = out_dir.suffix == ".parquet" and not (out_dir / CHECKPOINT).exists()
+    path = out_dir if given and (out_dir.is_file() or out_dir.is_dir()) else out_dir / RESULTS
+    if path.is_dir():
+        again = (
+            ". Run the same `batcher run` command again to write the table"
+            if (path.parent / CHECKPOINT).is_file()
+            else ""
+        )
+        raise UsageError(
+            f"{path}: is a folder, not the results file a run writes (a Parquet dataset "
+            f"written by another tool?): move it away{again}"
+        )
+    if path.exists() and not path.is_file():
+        raise UsageError(f"{path}: is not a regular file (a pipe or a device?)")
     if not path.is_file():
         if (path.parent / CHECKPOINT).is_file():
             raise UsageError(
@@ -191,25 +204,42 @@ def format_report(report: Report) -> str:
             f"mean {mean:.2f} s, p95 {s.p95:.2f} s"
         )
     if report.requests:
-        submits, polls, results = report.requests
-        total = submits + polls + results
-        per_job = f": {total / results:.2f} per completed job" if results else ""
-        lines.append(
-            f"API requests: {total} ({submits} submits + {polls} polls + {results} results)"
-            f"{per_job}, not counting requests repeated after a 429, 5xx or lost connection"
-        )
+        lines.append(_requests_line(report.requests, report.retries, report.rate_limited))
     extras = [
         f"{label} {n}"
         for label, n in (
-            ("transient retries", report.retries),
+            ("transient retries", None if report.requests else report.retries),
             ("unknown submit outcomes", report.unknown_submits),
-            ("429 answers", report.rate_limited),
+            ("429 answers", None if report.requests else report.rate_limited),
         )
         if n is not None
     ]
     if extras:
         lines.append(", ".join(extras))
     return "\n".join(lines)
+
+
+def _requests_line(
+    first: tuple[int, int, int], retries: int | None, rate_limited: int | None
+) -> str:
+    """Every request the table counts, repeats included: a run stopped by a 5xx outage
+    made no request that got its answer, and "API requests: 0" read as nothing sent."""
+    submits, polls, results = first
+    parts = [f"{submits} submits + {polls} polls + {results} results"]
+    missing = []
+    if retries is not None:
+        parts.append(f"{retries} repeated after a 5xx, a lost connection or a cut download")
+    else:
+        missing.append("a 5xx or lost connection")
+    if rate_limited is not None:
+        parts.append(f"{rate_limited} answered 429")
+    else:
+        missing.append("a 429")
+    total = submits + polls + results + (retries or 0) + (rate_limited or 0)
+    per_job = f": {total / results:.2f} per completed job" if results else ""
+    # An older results.parquet lacks a count: say what the total leaves out.
+    left_out = f", not counting requests repeated after {' or '.join(missing)}" if missing else ""
+    return f"API requests: {total} ({', '.join(parts)}){per_job}{left_out}"
 
 
 def write_chart(report: Report, path: Path) -> Path | None:
@@ -337,8 +367,7 @@ def _queue_times(done: pa.Table) -> Any:
 def _reasons(errors: Any) -> tuple[tuple[str, int], ...]:
     if errors is None:
         return ()
-    grouped = Counter(reason_key(e) for e in errors.to_pylist())
-    return tuple(sorted(grouped.items(), key=lambda kv: (-kv[1], kv[0])))
+    return tuple(group_reasons(errors.to_pylist()))
 
 
 def _epoch_us(column: Any) -> Any:

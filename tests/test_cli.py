@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 import batcher.finish as finish_module
+import batcher.preflight as preflight
 from batcher.checkpoint import Checkpoint
 from batcher.cli import build_parser, main
 from batcher.client import DEFAULT_BASE_URL
@@ -471,6 +472,44 @@ async def test_a_key_with_a_line_break_or_space_within_exits_2_before_anything_i
     assert key[-6:].encode() not in stdout + stderr
     assert not out.exists()
     assert server.stats()["requests"] == {}
+
+
+@pytest.mark.parametrize(
+    ("key", "says"), [("k", "1 character"), ("Sk-Q7zp", "7 characters")], ids=["1", "7"]
+)
+async def test_a_short_key_exits_2_before_anything_is_written_or_sent(
+    tmp_path: Path, sim: Any, key: str, says: str
+) -> None:
+    """Before: the run went on, and every echo of the key in an answer was masked, its
+    letters in an image's base64 too: a paid job ended FAILED "output could not be saved"
+    (SEGMIND_API_KEY=k, `base64: true`)."""
+    server = await sim(time_scale=0.002)
+    out = tmp_path / "out"
+
+    code, stdout, stderr = await _batcher(
+        "run", str(DEMO), "--model", "instantid", "--out", str(out), "--no-progress",
+        "--base-url", server.base_url, "--time-scale", "0.002",
+        env=_env(key), cwd=tmp_path,
+    )  # fmt: skip
+
+    assert code == 2
+    assert stderr.decode().splitlines() == [
+        f"batcher: SEGMIND_API_KEY is {says} long: Segmind keys are longer (batcher needs 8 "
+        "at least); set it to your whole key"
+    ]
+    assert stdout == b""  # and the one line above shows only the key's length
+    assert not out.exists()
+    assert server.stats()["requests"] == {}
+
+
+def test_simulate_without_a_key_sends_one_a_run_accepts(tmp_path: Path) -> None:
+    """The placeholder key of --simulate passes the checks a real key must pass (it was
+    "sim-key", 7 characters, short enough to be masked in base64 images)."""
+    options = RunOptions(manifest=DEMO, out=tmp_path / "out", simulate=True, api_key=None)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("SEGMIND_API_KEY", raising=False)
+        key = preflight.api_key(options)
+    preflight.api_key(dataclasses.replace(options, simulate=False, api_key=key))
 
 
 @pytest.mark.parametrize("after_s", [0.25, 0.5, 0.8])

@@ -24,7 +24,7 @@ async def _run(manifest: Path, out: Path) -> dict[str, dict[str, object]]:
             model="instantid",
             simulate=True,
             progress=False,
-            api_key="k",
+            api_key="sk-invalid-fixed-0123",
         )
     )
     table = pq.read_table(out / "results.parquet").to_pylist()

@@ -27,6 +27,7 @@ from batcher.manifest import (
     records,
     scan,
 )
+from batcher.validate_cmd import validate_manifest
 
 FACE = "https://example.com/face.png"
 
@@ -207,6 +208,58 @@ def test_jsonl_nested_too_deeply_is_a_row_problem_not_a_crash(tmp_path: Path) ->
     assert (rows[0].id, rows[0].problems) == ("a", ())
     too_deep = f"is nested too deeply (more than {limit} levels of [ and {{)"
     assert [r.problems for r in rows[1:]] == [(f"line {n} {too_deep}",) for n in (2, 3, 4)]
+
+
+def test_a_jsonl_key_given_twice_is_a_row_problem_naming_it(tmp_path: Path) -> None:
+    """Before: json kept the last value and the row was sent with it, silently."""
+    path = tmp_path / "m.jsonl"
+    path.write_text(
+        f'{{"id": "a", "prompt": "p", "prompt": "q", "face_image": "{FACE}", "seed": 1, '
+        '"seed": 2, "style": {"x": 1, "x": 2}}\n'
+        f'{{"id": "b", "prompt": "p", "face_image": "{FACE}", "style": {{"x": 1}}}}\n'
+    )
+    first, second = rows_of(path)
+    assert first.id == "a"
+    assert first.problems == tuple(
+        f'the key "{key}" is given more than once in the line (only the last would be read): '
+        "give it once"
+        for key in ("prompt", "seed")
+    )
+    assert second.problems == ()
+
+
+def test_validate_says_what_a_cell_is_naming_its_row_and_column(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The messages of `batcher validate` as they come from each format: a null cell is
+    null (before: prompt='' is required), binary data is named as such, not previewed."""
+    jsonl = write(tmp_path, "m.jsonl", [
+        {"id": "a", "prompt": None, "face_image": FACE},
+        {"id": "b", "prompt": {"x": 1}, "face_image": FACE},
+        {"id": "c", "prompt": "p", "face_image": FACE, "style": 3},
+    ])  # fmt: skip
+    parquet = tmp_path / "m.parquet"
+    pq.write_table(pa.table({
+        "id": ["a", "b"], "prompt": ["p", None], "face_image": [b"\x89PNG\r\n\x1a\n", None],
+    }), parquet)  # fmt: skip
+    csv = tmp_path / "m.csv"
+    csv.write_text(f"id,prompt,face_image\na,,{FACE}\n")
+
+    assert validate_manifest(jsonl, "instantid", 10) == 3
+    assert validate_manifest(parquet, "instantid", 10) == 3
+    assert validate_manifest(csv, "instantid", 10) == 3
+    assert capsys.readouterr().err.splitlines() == [
+        f"{jsonl}: row 1 (id a): prompt is null: a value is required",
+        f"{jsonl}: row 2 (id b): prompt={{'x': 1}} is an object, not a string",
+        f"{jsonl}: row 3 (id c): warning: style=3 is a number where a name is expected (one of "
+        '(No style), Watercolor, Film Noir, Neon, Jungle, Mars, ...); sent anyway as "3", '
+        "the server decides",
+        f"{parquet}: row 1 (id a): face_image is binary data (8 bytes): give base64 text, a "
+        "URL or a file path",
+        f"{parquet}: row 2 (id b): face_image is null: a value is required; prompt is null: "
+        "a value is required",
+        f"{csv}: row 1 (id a): prompt is empty: a value is required",
+    ]
 
 
 # --- ids, numbering and models ---------------------------------------------------------

@@ -20,6 +20,8 @@ from PIL import Image
 
 from batcher.checkpoint import CHECKPOINT, RESULTS_FRESH, RESULTS_META, RESULTS_STALE
 from batcher.errors import UsageError, reason_key
+from batcher.pipeline import Counters
+from batcher.progress import summarize
 from batcher.report import CHART, CHART_HINT, build_report, read_results, report_main
 from batcher.results import RESULTS, SCHEMA
 
@@ -140,14 +142,15 @@ def test_text_report_numbers(run_dir: Path, capsys: pytest.CaptureFixture[str]) 
 
     submits = sum(r.get("attempts") or 0 for r in rows)
     all_polls = sum(r.get("polls") or 0 for r in rows)
-    total = submits + all_polls + 200
-    assert (
-        f"API requests: {total} ({submits} submits + {all_polls} polls + 200 results): "
-        f"{total / 200:.2f} per completed job" in text
-    )
     retries = sum(r.get("retries") or 0 for r in rows)
-    assert f"transient retries {retries}, unknown submit outcomes 1" in text
-    assert "429 answers" not in text  # an older file, no 429 column: left out, not shown as 0
+    total = submits + all_polls + 200 + retries
+    # An older file, no 429 column: the line says what it leaves out, not "0 answered 429".
+    assert (
+        f"API requests: {total} ({submits} submits + {all_polls} polls + 200 results, "
+        f"{retries} repeated after a 5xx, a lost connection or a cut download): "
+        f"{total / 200:.2f} per completed job, not counting requests repeated after a 429\n"
+        "unknown submit outcomes 1\n" in text
+    )
 
 
 def test_report_object_matches_independent_percentiles(run_dir: Path) -> None:
@@ -170,7 +173,7 @@ def test_rate_limited_column_is_reported_when_present(
     path, table = read_results(out)
     assert build_report(path, table).rate_limited == 5
     assert report_main(out, chart=False) == 0
-    assert "429 answers" in capsys.readouterr().out
+    assert "5 answered 429)" in capsys.readouterr().out
 
 
 def test_empty_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -195,7 +198,10 @@ def test_all_failed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "completed 0, failed 5, invalid 0" in text
     assert "       5  FAILED (422): boom" in text
     assert "throughput: no completed rows" in text
-    assert "API requests: 25 (10 submits + 15 polls + 0 results), not counting" in text
+    assert (
+        "API requests: 25 (10 submits + 15 polls + 0 results, 0 repeated after a 5xx, a lost "
+        "connection or a cut download, 0 answered 429)\n" in text
+    )
     assert "per completed job" not in text
     assert "polls per completed job" not in text
     assert not (out / CHART).exists()
@@ -386,3 +392,82 @@ def test_a_run_stopped_before_its_first_table_says_how_to_get_one(tmp_path: Path
 )
 def test_failures_group_by_their_reason_not_their_ids_or_urls(error: str | None, key: str) -> None:
     assert reason_key(error) == key
+
+
+def _gave_up(tries: int, last: str) -> str:
+    return (
+        f"no usable answer about this job within half its result's retention ({tries} tries "
+        f"in a row; last: {last}); it may have been billed. --retry-failed submits it again"
+    )
+
+
+def test_failures_that_differ_only_in_their_count_of_tries_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: "failed x10 ... (15 tries ...)" and "failed x5 ... (17 tries ...)", a line
+    per count, in the report and in the run's summary."""
+    errors = [_gave_up(15, f"HTTP 503 from http://h/{i}") for i in range(10)]
+    errors += [_gave_up(17, "HTTP 503 from http://h/x")] * 5 + [_gave_up(16, "HTTP 502")]
+    errors += ["gave up after 8 attempts: HTTP 500", "gave up after 3 attempts: HTTP 500"]
+    rows = [{"id": str(i), "status": "FAILED", "error": e} for i, e in enumerate(errors)]
+    out = write(tmp_path, rows)
+
+    assert report_main(out, chart=False) == 0
+    text = capsys.readouterr().out
+    said = "no usable answer about this job within half its result's retention (15-17 tries"
+    # The last reason (503, 502) is past the cut: the 16 rows read alike, so one line.
+    assert (
+        f"failed by reason:\n      16  {said} in a row; last: HTTP ...\n"
+        "       2  gave up after 3-8 attempts: HTTP 500\nthroughput" in text
+    )
+
+    summary = summarize(out / RESULTS, Counters(), 0, 1.0).text()
+    assert summary.splitlines()[-2:] == [
+        f"  failed x16: {said} in a row; last: HTTP ...",
+        "  failed x2: gave up after 3-8 attempts: HTTP 500",
+    ]
+
+
+def test_requests_after_an_outage_count_the_repeated_ones(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run stopped by a 5xx outage: no submit got a job, every request was answered 5xx
+    and repeated. Before: "API requests: 0 (0 submits + 0 polls + 0 results), not counting
+    requests repeated after a 429, 5xx or lost connection", the 125 on another line."""
+    rows = [{"id": str(i), "status": "PENDING", "attempts": 0, "polls": 0,
+             "retries": 7 if i < 5 else 6, "rate_limited": 0} for i in range(20)]  # fmt: skip
+    out = write(tmp_path, rows)
+    assert report_main(out, chart=False) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[3:] == [
+        "API requests: 125 (0 submits + 0 polls + 0 results, 125 repeated after a 5xx, a lost "
+        "connection or a cut download, 0 answered 429)",
+        "unknown submit outcomes 0",
+    ]
+
+
+def test_a_folder_at_the_results_name_is_named_as_a_folder(tmp_path: Path) -> None:
+    """Before: "results.parquet: no such file; pass the --out DIR of a `batcher run`"."""
+    out = tmp_path / "out"
+    (out / RESULTS).mkdir(parents=True)
+    with pytest.raises(UsageError) as info:
+        report_main(out)
+    assert str(info.value) == (
+        f"{out / RESULTS}: is a folder, not the results file a run writes (a Parquet dataset "
+        "written by another tool?): move it away"
+    )
+    sqlite3.connect(out / CHECKPOINT).close()  # a run's folder: its next run writes the file
+    for given in (out, out / RESULTS):
+        with pytest.raises(UsageError) as info:
+            report_main(given)
+        assert str(info.value) == (
+            f"{out / RESULTS}: is a folder, not the results file a run writes (a Parquet "
+            "dataset written by another tool?): move it away. Run the same `batcher run` "
+            "command again to write the table"
+        )
+    fifo = tmp_path / "pipe" / RESULTS
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)
+    with pytest.raises(UsageError) as info:
+        report_main(fifo.parent)
+    assert str(info.value) == f"{fifo}: is not a regular file (a pipe or a device?)"

@@ -3,6 +3,7 @@ once, CSV-style coercion, and a third model added as data only."""
 
 from __future__ import annotations
 
+import datetime
 import json
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def test_every_problem_is_reported_at_once_naming_param_value_and_rule() -> None
     assert "samples=0 is below the minimum 1" in messages
     assert 'seeed=1 is not a parameter of instantid (did you mean "seed"?)' in messages
     assert any(m.startswith("enhance_face_region=maybe is not a boolean") for m in messages)
-    assert any(m.startswith("face_image=") and m.endswith("is required") for m in messages)
+    assert "face_image is missing: a value is required" in messages
     assert len(messages) == 5
     assert not result.ok
 
@@ -132,4 +133,78 @@ def test_a_third_model_is_a_data_change(tmp_path: Path, monkeypatch: pytest.Monk
     assert toy.median_latency_s == 3
     assert [str(p) for p in validate(toy, {"prompt": "x", "steps": "60"}).errors] == [
         "steps=60 is above the maximum 50"
+    ]
+
+
+def test_a_value_of_a_type_no_parameter_takes_is_named_once_with_what_is_expected() -> None:
+    """Before: "prompt={'x': 1} is not a string; prompt={'x': 1} is required" (the second
+    part wrong: it was given), and a date shown as datetime.date(1970, 1, 2)."""
+    result = validate(get_model("instantid"), {
+        "face_image": "https://x/f.jpg", "prompt": {"x": 1}, "negative_prompt": ["a", "b"],
+        "seed": datetime.datetime(1970, 1, 1, 0, 0, 1), "guidance_scale": datetime.date(1970, 1, 2),
+        "base64": datetime.timedelta(seconds=1)})  # fmt: skip
+    assert [str(p) for p in result.errors] == [
+        "prompt={'x': 1} is an object, not a string",
+        "negative_prompt=['a', 'b'] is a list, not a string",
+        "seed=1970-01-01 00:00:01 is a timestamp, not an integer",
+        "guidance_scale=1970-01-02 is a date, not a number",
+        "base64=datetime.timedelta(seconds=1) is a duration, not a boolean",
+    ]
+
+
+def test_binary_data_for_an_image_asks_for_text_and_shows_no_bytes() -> None:
+    """Before: face_image=b"\\x89PNG\\r\\n\\x1a\\n..." is not a string; ... is required."""
+    png = b"\x89PNG\r\n\x1a\n" + bytes(100)
+    result = validate(get_model("instantid"), {"prompt": "p", "face_image": png})
+    assert [str(p) for p in result.errors] == [
+        "face_image is binary data (108 bytes): give base64 text, a URL or a file path"
+    ]
+    listed = validate(get_model("infinite-you"), {"id_image": ["https://x/y.jpg"]})
+    assert [str(p) for p in listed.errors] == [
+        "id_image=['https://x/y.jpg'] is a list: give base64 text, a URL or a file path"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("given", "says"),
+    [
+        ({}, "prompt is missing: a value is required"),
+        ({"prompt": None}, "prompt is null: a value is required"),
+        ({"prompt": ""}, "prompt is empty: a value is required"),
+        ({"prompt": float("nan")}, "prompt is NaN: a value is required"),
+        ({"prompt": " \t"}, "prompt=' \\t' is only whitespace: a value is required"),
+        ({"blanks": {"prompt": None}}, "prompt is null: a value is required"),
+        ({"blanks": {"prompt": ""}}, "prompt is empty: a value is required"),
+    ],
+    ids=["absent", "null", "empty", "nan", "whitespace", "blank-null", "blank-empty"],
+)
+def test_a_required_value_not_given_says_what_stood_in_its_place(
+    given: dict[str, object], says: str
+) -> None:
+    """Before: prompt='' is required, whether the cell was null, empty or missing."""
+    blanks = given.pop("blanks", None)
+    assert isinstance(blanks, dict | None)
+    result = validate(
+        get_model("instantid"), {"face_image": "https://x/f.jpg", **given}, blanks=blanks
+    )
+    assert [str(p) for p in result.errors] == [says]
+
+
+def test_a_number_where_a_style_name_goes_warns_saying_so() -> None:
+    """Before: style=3 is not one of the allowed values (...); sent anyway."""
+    number = validate(get_model("instantid"), {**IID, "style": 3})
+    assert number.ok
+    assert number.params["style"] == "3"
+    assert [str(w) for w in number.warnings] == [
+        "style=3 is a number where a name is expected (one of (No style), Watercolor, Film "
+        'Noir, Neon, Jungle, Mars, ...); sent anyway as "3", the server decides'
+    ]
+    text = validate(get_model("instantid"), {**IID, "style": "3"})  # a CSV cell
+    assert [str(w) for w in text.warnings] == [
+        "style=3 is a number where a name is expected (one of (No style), Watercolor, Film "
+        "Noir, Neon, Jungle, Mars, ...); sent anyway, the server decides"
+    ]
+    strict = validate(get_model("infinite-you"), {"id_image": "https://x", "output_format": 1})
+    assert [str(p) for p in strict.errors] == [
+        "output_format=1 is a number where a name is expected (one of png, jpg, webp)"
     ]

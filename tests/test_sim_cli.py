@@ -64,7 +64,7 @@ async def test_cli_flags_reach_the_emulator(
 def _refused(*args: str) -> str:
     """`batcher sim ARGS` exits 2 at once with one `batcher: ...` line: that line."""
     proc = subprocess.run(
-        [sys.executable, "-m", "batcher", "sim", "--api-key", "k", *args],
+        [sys.executable, "-m", "batcher", "sim", "--api-key", "sk-sim-cli-key", *args],
         capture_output=True,
         text=True,
         timeout=30,  # a sim that accepted the flags would serve until killed
@@ -121,3 +121,37 @@ def test_a_port_in_use_is_refused_in_one_line() -> None:
             f"batcher: sim: cannot listen on 127.0.0.1:{port} (Address already in use); "
             "check --host and --port"
         )
+
+
+async def test_a_short_key_is_served_with_a_warning_that_batcher_run_refuses_it(
+    http: aiohttp.ClientSession,
+) -> None:
+    """The emulator masks nothing and the SDK takes any key, so a short one is served; but
+    `batcher run` refuses it (client._Redactor would mask its letters in base64 images), and
+    a user testing batcher against this emulator should learn why before the run says so."""
+    env = {k: v for k, v in os.environ.items() if k != "SEGMIND_API_KEY"}
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "batcher", "sim", "--port", "0", "--api-key", "Qz7"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+        cwd=ROOT,
+    )
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()
+        found = re.fullmatch(r"batcher sim listening on (http://127\.0\.0\.1:\d+)\n", line)
+        assert found, line
+        payload = {"prompt": "x", "face_image": "https://example.com/face.jpg"}
+        headers = {"x-api-key": "Qz7"}
+        async with http.post(f"{found[1]}/v2/instantid", json=payload, headers=headers) as resp:
+            assert resp.status == 200
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGINT)
+        _, stderr = await asyncio.wait_for(proc.communicate(), 10)
+    assert proc.returncode == 0
+    assert stderr.decode().splitlines() == [
+        "batcher sim: warning: the key is 3 characters long: `batcher run` refuses keys "
+        "shorter than 8, so it cannot use this emulator"
+    ]

@@ -7,6 +7,7 @@
 - The manifest must be a regular file: a pipe cannot be read twice.
 - A JSONL line that is not a JSON object (or nests past MAX_JSON_DEPTH) is a record of
   its own problem (it counts in the numbering); blank lines are skipped and not counted.
+  An object that gives a key twice reads as a :class:`RepeatedKeys`, a row problem.
 - A problem of the whole file (unreadable, ragged CSV, duplicated column) raises
   :class:`ManifestError`.
 """
@@ -259,6 +260,28 @@ def _jsonl_records(path: Path, columns: dict[str, None]) -> Iterator[Record]:
                 yield record
 
 
+class RepeatedKeys(dict[str, object]):
+    """A JSON object that gives some keys more than once: json.loads keeps the last value
+    of each, which silently drops what the writer may have meant."""
+
+    repeated: tuple[str, ...] = ()
+
+
+def _object(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    value = dict(pairs)
+    if len(value) == len(pairs):
+        return value
+    seen: set[str] = set()
+    repeated: dict[str, None] = {}  # in the order met, once each
+    for key, _ in pairs:
+        if key in seen:
+            repeated[key] = None
+        seen.add(key)
+    marked = RepeatedKeys(value)
+    marked.repeated = tuple(repeated)
+    return marked
+
+
 class _NotJsonNumber(ValueError):
     """NaN, Infinity or -Infinity: Python's json reads them, JSON has no such numbers."""
 
@@ -267,9 +290,13 @@ def _refuse_constant(name: str) -> object:
     raise _NotJsonNumber(name)
 
 
+#: One decoder for every line: json.loads with options builds a new one per call.
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, object_pairs_hook=_object)
+
+
 def _json_record(line: bytes, line_no: int) -> Record:
     try:
-        value = json.loads(line.decode("utf-8"), parse_constant=_refuse_constant)
+        value = _DECODER.decode(line.decode("utf-8"))
     except UnicodeDecodeError:
         return f"line {line_no} is not valid UTF-8"
     except _NotJsonNumber as exc:

@@ -15,11 +15,11 @@ import json
 import math
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from batcher.errors import UsageError
-from batcher.manifest.records import Record, open_source, quoted
+from batcher.manifest.records import Record, RepeatedKeys, open_source, quoted
 from batcher.schemas import ModelSpec, did_you_mean, get_model, registry, show
 
 MAX_ID_CHARS = 512
@@ -41,6 +41,8 @@ class ManifestRow:
     model: str  # the model cell if given, else the default model ("" when neither)
     params: dict[str, object]  # every other non-empty cell, typed as the file typed it
     problems: tuple[str, ...] = ()  # what made the row unreadable (not schema problems)
+    #: Cells given empty (None, "" or NaN): not sent, but named if the model needs them.
+    blanks: Mapping[str, object] = field(default_factory=dict)
 
     @property
     def digest(self) -> str:
@@ -73,10 +75,26 @@ def to_row(
     problems: list[str] = []
     row_id = _id_of(record.get("id"), number, problems)
     model = _model_of(record.get("model"), default_model, known, problems)
-    params = {k: v for k, v in record.items() if k not in ("id", "model") and not _is_blank(v)}
+    params: dict[str, object] = {}
+    blanks: dict[str, object] = {}
+    for name, value in record.items():
+        if name not in ("id", "model"):
+            (blanks if _is_blank(value) else params)[name] = value
     problems += [f"column {_printable(k)}: {_CUT_IN_HALF}" for k, v in params.items() if _cut(v)]
+    if isinstance(record, RepeatedKeys):
+        # json keeps the last of them: which one the writer meant cannot be known.
+        problems += [
+            f"the key {quoted(_printable(k))} is given more than once in the line (only the "
+            "last would be read): give it once"
+            for k in record.repeated
+        ]
     return ManifestRow(
-        number=number, id=row_id, model=model, params=params, problems=tuple(problems)
+        number=number,
+        id=row_id,
+        model=model,
+        params=params,
+        problems=tuple(problems),
+        blanks=blanks,
     )
 
 

@@ -6,6 +6,8 @@ an empty cell or ``None`` counts as "not given", so the server's default applies
 
 from __future__ import annotations
 
+import datetime
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -22,7 +24,10 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 def show(value: object, limit: int = 60) -> str:
     """A short, readable rendering of a value for an error message."""
-    text = value if isinstance(value, str) else repr(value)
+    if isinstance(value, datetime.date | datetime.time):
+        text = value.isoformat(" ") if isinstance(value, datetime.datetime) else value.isoformat()
+    else:
+        text = value if isinstance(value, str) else repr(value)
     if isinstance(value, str) and (
         not value or value != value.strip() or "," in value or _CONTROL.search(value)
     ):
@@ -37,8 +42,12 @@ class Problem:
     param: str
     value: object
     rule: str
+    #: False where the value says nothing (binary data, a null) or was never given.
+    shown: bool = True
 
     def __str__(self) -> str:
+        if not self.shown:
+            return f"{self.param} {self.rule}"
         return f"{self.param}={show(self.value)} {self.rule}"
 
 
@@ -60,6 +69,41 @@ class Validated:
 
 class _Bad(ValueError):
     """A value could not be coerced; the text is the rule it broke."""
+
+    def __init__(self, rule: str, *, shown: bool = True) -> None:
+        super().__init__(rule)
+        self.shown = shown
+
+
+_EXPECTED = {"integer": "an integer", "number": "a number", "boolean": "a boolean"}
+
+
+def _kind(value: object) -> str | None:
+    """What a value that no parameter takes is (typed manifests hold any type), or None."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return f"binary data ({len(value):,} bytes)"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, datetime.datetime):
+        return "a timestamp"
+    if isinstance(value, datetime.date):
+        return "a date"
+    if isinstance(value, datetime.time):
+        return "a time of day"
+    if isinstance(value, datetime.timedelta):
+        return "a duration"
+    return None
+
+
+def _unexpected(kind: str, spec: ParamSpec) -> _Bad:
+    """One rule saying what was given and what is expected. Binary data is not shown: a
+    preview of its bytes tells nothing."""
+    shown = not kind.startswith("binary")
+    if spec.is_image:
+        return _Bad(f"is {kind}: give base64 text, a URL or a file path", shown=shown)
+    return _Bad(f"is {kind}, not {_EXPECTED.get(spec.type, 'a string')}", shown=shown)
 
 
 def _is_missing(value: object) -> bool:
@@ -146,6 +190,9 @@ def _to_str(value: object, spec: ParamSpec) -> str:
 
 def coerce(value: object, spec: ParamSpec) -> object:
     """The value converted to the parameter's type, or :class:`ValueError` with the rule."""
+    kind = _kind(value)
+    if kind is not None:
+        raise _unexpected(kind, spec)
     if spec.type == "integer":
         return _to_int(value)
     if spec.type == "number":
@@ -163,8 +210,38 @@ def _range_problem(value: float, spec: ParamSpec) -> str | None:
     return None
 
 
-def validate(model: ModelSpec, raw: Mapping[str, object]) -> Validated:
-    """Check and coerce one job's parameters; never raises for a bad value."""
+def _not_given(name: str, value: object) -> Problem:
+    """A required parameter with no value: say what stood in its place."""
+    if isinstance(value, str) and value:
+        return Problem(name, value, "is only whitespace: a value is required")
+    if value is _ABSENT:
+        what = "missing"
+    elif value is None:
+        what = "null"
+    elif isinstance(value, float):
+        what = "NaN"
+    else:
+        what = "empty"
+    return Problem(name, value, f"is {what}: a value is required", shown=False)
+
+
+_ABSENT = object()
+
+
+def _enum_rule(value: object, coerced: object, enum: tuple[str, ...]) -> str:
+    allowed = ", ".join(enum[:6]) + (", ..." if len(enum) > 6 else "")
+    numeric = isinstance(value, int | float) and not isinstance(value, bool)
+    if numeric or (isinstance(value, str) and _NUMBER.fullmatch(value.strip())):
+        # A number where a name goes (style=3): "did you mean" would only guess.
+        return f"is a number where a name is expected (one of {allowed})"
+    return f"is not one of the allowed values ({allowed}){did_you_mean(str(coerced), enum)}"
+
+
+def validate(
+    model: ModelSpec, raw: Mapping[str, object], *, blanks: Mapping[str, object] | None = None
+) -> Validated:
+    """Check and coerce one job's parameters; never raises for a bad value. ``blanks``:
+    cells given empty that ``raw`` leaves out (a manifest row's), named if required."""
     params: dict[str, Any] = {}
     errors: list[Problem] = []
     warnings: list[Problem] = []
@@ -181,7 +258,8 @@ def validate(model: ModelSpec, raw: Mapping[str, object]) -> Validated:
         try:
             coerced = coerce(value, spec)
         except ValueError as exc:
-            errors.append(Problem(name, value, str(exc)))
+            shown = not isinstance(exc, _Bad) or exc.shown
+            errors.append(Problem(name, value, str(exc), shown=shown))
             continue
         if isinstance(coerced, int | float) and not isinstance(coerced, bool):
             problem = _range_problem(coerced, spec)
@@ -189,15 +267,16 @@ def validate(model: ModelSpec, raw: Mapping[str, object]) -> Validated:
                 errors.append(Problem(name, value, problem))
                 continue
         if spec.enum is not None and coerced not in spec.enum:
-            allowed = ", ".join(spec.enum[:6]) + (", ..." if len(spec.enum) > 6 else "")
-            hint = did_you_mean(str(coerced), spec.enum)
-            rule = f"is not one of the allowed values ({allowed}){hint}"
+            rule = _enum_rule(value, coerced, spec.enum)
             if spec.enum_strict:
                 errors.append(Problem(name, value, rule))
                 continue
-            warnings.append(Problem(name, value, rule + "; sent anyway, the server decides"))
+            sent = f" as {json.dumps(coerced)}" if coerced != value else ""
+            warnings.append(Problem(name, value, f"{rule}; sent anyway{sent}, the server decides"))
         params[name] = coerced
+    reported = {p.param for p in errors}
     for name in model.required_params:
-        if name not in params:
-            errors.append(Problem(name, raw.get(name, ""), "is required"))
+        if name not in params and name not in reported:
+            given = raw.get(name, (blanks or {}).get(name, _ABSENT))
+            errors.append(_not_given(name, given))
     return Validated(params, tuple(errors), tuple(warnings))
