@@ -8,8 +8,6 @@ latency seen so far for its model and thinned when the rate limit binds.
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
 from collections.abc import Callable
 
@@ -19,6 +17,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from batcher import handoff
 from batcher.backoff import backoff_delay
 from batcher.client import Outcome, Reply, TransportError
+from batcher.due import DueHeap
 from batcher.errors import AuthError
 from batcher.gate import Priority
 from batcher.lateness import WINDOW
@@ -42,16 +41,14 @@ class Poller:
     ) -> None:
         self._ctx = ctx
         self._to_fetch = to_fetch
-        self._heap: list[tuple[float, int, Flight]] = []
-        self._seq = itertools.count()
-        self._wake = anyio.Event()
+        self._due: DueHeap[Flight] = DueHeap(ctx.now)
         # fast_acquire: a free slot is taken without a turn of the loop (one per poll).
         self._limit = anyio.Semaphore(concurrency, fast_acquire=True)
         #: Loop time when poll slots last freed up after all were taken.
         self._unblocked = float("-inf")
 
     def __len__(self) -> int:
-        return len(self._heap)
+        return len(self._due)
 
     def track(self, flight: Flight) -> float:
         """Start polling a submitted job: the seconds until its first poll."""
@@ -73,25 +70,13 @@ class Poller:
             )
             if flight.errors:  # its last requests got no usable answer: back off
                 delay = max(delay, backoff_delay(flight.errors, ctx.retry, ctx.rng))
-        heapq.heappush(self._heap, (now + delay, next(self._seq), flight))
-        self._wake.set()
+        self._due.push(now + delay, flight)
         return delay
 
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
             while True:
-                if not self._heap:
-                    self._wake = anyio.Event()
-                    await self._wake.wait()
-                    continue
-                due = self._heap[0][0]
-                wait = due - self._ctx.now()
-                if wait > 0:
-                    self._wake = anyio.Event()
-                    with anyio.move_on_after(wait):
-                        await self._wake.wait()
-                    continue
-                _, _, flight = heapq.heappop(self._heap)
+                due, flight = await self._due.next_due()
                 self._record_start(flight, due)
                 all_taken = self._limit.value == 0  # every poll slot waits on the rate limit
                 await self._limit.acquire()

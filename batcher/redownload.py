@@ -10,8 +10,6 @@ run downloads them from the checkpoint without any API request.
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
 import math
 import random
@@ -21,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from batcher.due import DueHeap
 from batcher.errors import UsageError
 
 if TYPE_CHECKING:  # options.py holds a DownloadRetry, and pipeline.py the options
@@ -85,9 +84,7 @@ class Redownloads:
     def __init__(self, ctx: RunContext, *, concurrency: int = 16) -> None:
         self._ctx = ctx
         self._cfg = ctx.options.download_retry
-        self._heap: list[tuple[float, int, Flight]] = []
-        self._seq = itertools.count()
-        self._wake = anyio.Event()
+        self._due: DueHeap[Flight] = DueHeap(ctx.now)
         self._limit = anyio.Semaphore(concurrency)
         self._failing: dict[str, _Failing] = {}
         #: Loop time since when every row in flight has been one of these (None: not so).
@@ -131,8 +128,7 @@ class Redownloads:
         self._failing.pop(job_id, None)
 
     def _push(self, flight: Flight, delay: float) -> None:
-        heapq.heappush(self._heap, (self._ctx.now() + delay, next(self._seq), flight))
-        self._wake.set()
+        self._due.push(self._ctx.now() + delay, flight)
 
     def _check_patience(self, last_error: str) -> None:
         """Stop the run once rows waiting for their images are all it has had in flight
@@ -153,23 +149,13 @@ class Redownloads:
             return
         self._stopped = True
         ctx.stop(stop_reason(waiting, last_error))
-        while self._heap:  # the rows being tried now are set aside when they fail
-            ctx.set_aside(heapq.heappop(self._heap)[2].job)
+        for flight in self._due.drain():  # those being tried now: set aside if they fail
+            ctx.set_aside(flight.job)
 
     async def run(self, attempt: Callable[[Flight], Awaitable[None]]) -> None:
         async with anyio.create_task_group() as tg:
             while True:
-                if not self._heap:
-                    self._wake = anyio.Event()
-                    await self._wake.wait()
-                    continue
-                wait = self._heap[0][0] - self._ctx.now()
-                if wait > 0:
-                    self._wake = anyio.Event()
-                    with anyio.move_on_after(wait):
-                        await self._wake.wait()
-                    continue
-                flight = heapq.heappop(self._heap)[2]
+                _, flight = await self._due.next_due()
                 await self._limit.acquire()
                 tg.start_soon(self._guarded, attempt, flight)
 
