@@ -39,12 +39,15 @@ async def call(
     safe_to_resend: bool,
     stats: CallStats | None = None,
     before_send: Callable[[], Awaitable[None]] | None = None,
+    between_tries: Callable[[], Awaitable[None]] | None = None,
 ) -> Reply | TransportError:
     """The final reply, or the :class:`TransportError` that ended the attempts.
 
     A lost connection is retried only when ``safe_to_resend`` (a GET, or a POST that
     was never sent); otherwise it is returned at once for the caller's policy.
-    ``before_send`` runs after the gate grants each attempt, just before it is sent.
+    ``before_send`` runs after the gate grants each attempt, just before it is sent;
+    ``between_tries`` when a try failed with nothing at the server (a 5xx, a connection
+    never opened) and another follows, before its backoff.
     """
     stats = stats if stats is not None else CallStats()
     attempt = 0
@@ -61,7 +64,7 @@ async def call(
             if attempt >= retry.max_attempts:
                 return exc
             stats.retries += 1
-            await asyncio.sleep(backoff_delay(attempt, retry, rng))
+            await _back_off(attempt, retry, rng, between_tries)
             continue
         outcome = reply.outcome
         if outcome is Outcome.RATE_LIMITED:
@@ -75,7 +78,18 @@ async def call(
             if attempt >= retry.max_attempts:
                 return reply
             stats.retries += 1
-            await asyncio.sleep(backoff_delay(attempt, retry, rng))
+            await _back_off(attempt, retry, rng, between_tries)
             continue
         gate.succeeded()
         return reply
+
+
+async def _back_off(
+    attempt: int,
+    retry: RetryConfig,
+    rng: random.Random,
+    between_tries: Callable[[], Awaitable[None]] | None,
+) -> None:
+    if between_tries is not None:
+        await between_tries()
+    await asyncio.sleep(backoff_delay(attempt, retry, rng))

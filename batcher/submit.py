@@ -227,14 +227,15 @@ async def _post(
     Each try's send time (epoch seconds) is appended to ``sent``. Raises _Stopping when
     its turn comes after the run stopped submitting (the caller hands the row back)."""
     marked = False  # the row is SUBMITTING in the checkpoint
+    tried = False  # it was marked at least once: its tries have counts to save
     on_wire = False  # a request of this row may be at the server, unanswered
 
     async def mark_sending() -> None:
         # After the gate's grant: a row still waiting for a token is not on the wire.
-        nonlocal marked
+        nonlocal marked, tried
         if ctx.stop_submitting.is_set():  # not even marked SUBMITTING
             raise _Stopping
-        marked = True
+        marked = tried = True
         ctx.submitting.add(job.id)
         # An earlier job's request id goes: were this submit's outcome unknown, the row
         # must not show (or be taken for) a job it may not have.
@@ -246,6 +247,16 @@ async def _post(
             status_url=None,
             response_url=None,
         )
+
+    async def unmark() -> None:
+        # A try answered 5xx, or whose connection never opened: nothing of this row is
+        # at the server during the backoff, so its row says PENDING meanwhile. A process
+        # killed now (a second Ctrl-C) must not leave it SUBMITTING, "maybe billed".
+        nonlocal marked
+        if marked and not on_wire:
+            await ctx.checkpoint.update(job.id, state=PENDING, attempts=job.attempts - 1)
+            marked = False
+            ctx.submitting.discard(job.id)
 
     async def send() -> Reply:
         nonlocal on_wire
@@ -275,11 +286,12 @@ async def _post(
             safe_to_resend=False,
             stats=attempt.stats,
             before_send=mark_sending,
+            between_tries=unmark,
         )
     except _Stopping:
         raise
     except BaseException:
-        if marked:
+        if tried:
             counts = attempt.tally(ctx, answered=on_wire)
             with anyio.CancelScope(shield=True):
                 if on_wire:

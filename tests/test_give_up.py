@@ -540,3 +540,31 @@ async def test_a_submit_cut_off_on_the_wire_keeps_the_counts_of_its_tries(
     assert result.notes[0].startswith("1 submits abandoned on the wire: outcome unknown")
     assert result.summary is not None
     assert result.summary.api_requests == len(posts) == 2
+
+
+async def test_a_row_waiting_to_retry_a_5xx_submit_is_pending_not_maybe_billed(
+    tmp_path: Path, sim: Any
+) -> None:
+    """Between a 5xx and the next try nothing of the row is at the server: its row says
+    PENDING meanwhile, so a process killed then (a second Ctrl-C, a crash) leaves it to
+    be sent again, not FAILED "submit outcome unknown" (maybe billed) by the next run.
+    Before, it stayed SUBMITTING through the backoff."""
+    server = await sim(time_scale=1.0, error_rate=1.0)  # every submit answered 5xx
+    options = dataclasses.replace(
+        _options(tmp_path, server.base_url, 1.0, rows=2),
+        retry=RetryConfig(base_s=60.0, cap_s=60.0),  # the first backoff: 30-60 s
+    )
+    out = options.out
+    interrupted = Interrupt()
+    run = asyncio.create_task(arun(options, interrupted=interrupted))
+    try:
+        # Both rows were answered 5xx: each is in its backoff now (its write on the way).
+        await until(lambda: sum(server.stats()["requests"].get("submit", {}).values()) >= 2)
+        await until(lambda: in_checkpoint(out, "SUBMITTING") == 0, timeout_s=2.0)
+        assert in_checkpoint(out, "PENDING") == 2
+    finally:
+        interrupted.set()  # Ctrl-C: the backoffs end, the run stops
+        result = await asyncio.wait_for(run, 30)
+    assert result.exit_code == EXIT_STOPPED, result.text()
+    assert in_checkpoint(out, "PENDING") == 2
+    assert server.stats()["accepted"] == 0
