@@ -93,6 +93,12 @@ _MIGRATIONS = (
     "ALTER TABLE jobs ADD COLUMN output_urls TEXT;",
 )
 
+#: The columns that name a row's job at the API, cleared when the row is sent again: an
+#: unknown or requeued submit must not show (or be taken for) a job it may not have.
+NO_JOB: dict[str, Any] = {
+    "request_id": None, "status_url": None, "response_url": None, "output_urls": None,
+}  # fmt: skip
+
 #: Columns a caller may set through :meth:`Checkpoint.update`.
 COLUMNS = frozenset({
     "state", "error", "request_id", "status_url", "response_url", "attempts", "retries",

@@ -24,7 +24,7 @@ from batcher.checkpoint import Job
 from batcher.client import Outcome, TransportError
 from batcher.errors import OutputUnwritable
 from batcher.gate import Priority
-from batcher.imagedata import INLINE_ON_LOOP, decode_inline, output_items
+from batcher.imagedata import INLINE_ON_LOOP, decode_inline, is_url, output_items
 from batcher.offload import run_sized
 from batcher.pipeline import Flight, RunContext
 from batcher.poll import Reschedule, _get, metric, retry_later, settle_not_ok
@@ -87,7 +87,7 @@ async def fetch_one(
         await ctx.fail(job, f"output could not be saved: {exc}", **completion)
         return
     flight.outputs = items
-    if all(_is_url(item) for item in items):
+    if all(is_url(item) for item in items):
         # Billed, and the links outlive the result: saved before any download, so that
         # a download that fails, here or after a crash, is tried again from them alone.
         await ctx.checkpoint.update(job.id, output_urls=items, **completion)
@@ -156,10 +156,6 @@ async def save_outputs(
 
 #: An output URL answering these is gone for good (expired or removed).
 _GONE = (404, 410)
-
-
-def _is_url(item: str) -> bool:
-    return item[:8].lower().startswith(("http://", "https://"))
 
 
 async def _try_again(

@@ -14,6 +14,7 @@ __all__ = [
     "decode_data_url",
     "decode_inline",
     "is_base64_image",
+    "is_url",
     "output_items",
 ]
 
@@ -103,6 +104,11 @@ def _has_image_signature(head: bytes) -> bool:
     )
 
 
+def is_url(text: str) -> bool:
+    """Whether ``text`` is an http(s) URL (to download or fetch), not inline data."""
+    return _URL.match(text) is not None
+
+
 def decode_inline(item: str) -> bytes | None:
     """Decode inline image data; ``None`` for an http(s) URL to download instead.
 
@@ -111,7 +117,7 @@ def decode_inline(item: str) -> bytes | None:
     ValueError. CPU-bound for large strings: call it from a worker thread.
     """
     text = item.strip()
-    if _URL.match(text):
+    if is_url(text):
         return None
     if text[:5].lower() == "data:":
         return decode_data_url(text)

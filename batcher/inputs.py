@@ -44,13 +44,18 @@ import anyio.to_thread
 from PIL import Image, UnidentifiedImageError
 
 from batcher.errors import InvalidRow
-from batcher.imagedata import INLINE_ON_LOOP, b64decode_text, decode_data_url, is_base64_image
+from batcher.imagedata import (
+    INLINE_ON_LOOP,
+    b64decode_text,
+    decode_data_url,
+    is_base64_image,
+    is_url,
+)
 from batcher.offload import run_sized
 from batcher.sink import IMAGE_FORMATS
 
 __all__ = ["ImageInputs", "InputError"]
 
-_URL = re.compile(r"https?://", re.IGNORECASE)
 _OTHER_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 #: Longest path Linux resolves (PATH_MAX): a longer value cannot name a file.
 _PATH_MAX = 4096
@@ -91,7 +96,7 @@ class _Pending:
 
 
 def _kind(value: str) -> Kind:
-    if _URL.match(value):
+    if is_url(value):
         return "url"
     if value[:5].lower() == "data:" or is_base64_image(value):
         return "inline"

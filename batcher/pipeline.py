@@ -23,7 +23,7 @@ import aiohttp
 
 from batcher.admission import QueueWatch, may_submit
 from batcher.backoff import RetryConfig
-from batcher.checkpoint import FAILED, PENDING, Checkpoint, Job
+from batcher.checkpoint import FAILED, NO_JOB, PENDING, Checkpoint, Job
 from batcher.client import ApiClient
 from batcher.errors import ApiUnreachable, BatcherError, reason_key
 from batcher.gate import RequestGate
@@ -378,15 +378,7 @@ class RunContext:
 
     async def requeue(self, job: Job, why: str, **fields: Any) -> None:
         """Hand a job back to be submitted again (its old request is gone or failed)."""
-        await self.checkpoint.update(
-            job.id,
-            state=PENDING,
-            request_id=None,
-            status_url=None,
-            response_url=None,
-            output_urls=None,
-            **fields,
-        )
+        await self.checkpoint.update(job.id, state=PENDING, **NO_JOB, **fields)
         log.info("row %s: %s; submitting it again", job.id, why)
         self._release(job.id)
         # The row's polls so far go with it: the next attempt adds its own to them.

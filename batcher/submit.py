@@ -23,7 +23,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from batcher import handoff
-from batcher.checkpoint import PENDING, SUBMITTED, SUBMITTING, UNKNOWN_OUTCOME, Job
+from batcher.checkpoint import NO_JOB, PENDING, SUBMITTED, SUBMITTING, UNKNOWN_OUTCOME, Job
 from batcher.client import Outcome, Reply, TransportError, api_urls, encode_params
 from batcher.errors import ApiUnreachable, AuthError, ConnectionsLost, UnknownModel
 from batcher.gate import Priority
@@ -239,14 +239,7 @@ async def _post(
         ctx.submitting.add(job.id)
         # An earlier job's request id goes: were this submit's outcome unknown, the row
         # must not show (or be taken for) a job it may not have.
-        await ctx.checkpoint.update(
-            job.id,
-            state=SUBMITTING,
-            attempts=job.attempts,
-            request_id=None,
-            status_url=None,
-            response_url=None,
-        )
+        await ctx.checkpoint.update(job.id, state=SUBMITTING, attempts=job.attempts, **NO_JOB)
 
     async def unmark() -> None:
         # A try answered 5xx, or whose connection never opened: nothing of this row is

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+from asyncio.subprocess import Process
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,14 +19,14 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-async def sim_process(api_key: str) -> AsyncIterator[str]:
+async def _start_sim(*args: str, stderr: int | None = None) -> tuple[Process, str]:
+    """``batcher sim --port 0 ARGS`` without SEGMIND_API_KEY in its environment: the
+    process and the base URL it printed."""
     env = {k: v for k, v in os.environ.items() if k != "SEGMIND_API_KEY"}
     proc = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "batcher", "sim", "--port", "0", "--api-key", api_key),
-        *("--time-scale", "0.001", "--latency", "instantid=0", "--fail-rate", "1"),
-        *("--rate-limit", "3", "--rate-period", "60000", "--rate-limit-headers", "both"),
+        *(sys.executable, "-m", "batcher", "sim", "--port", "0", *args),
         stdout=asyncio.subprocess.PIPE,
+        stderr=stderr,
         env=env,
         cwd=ROOT,
     )
@@ -34,7 +35,22 @@ async def sim_process(api_key: str) -> AsyncIterator[str]:
         line = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()
         found = re.fullmatch(r"batcher sim listening on (http://127\.0\.0\.1:\d+)\n", line)
         assert found, line
-        yield found[1]
+    except BaseException:
+        proc.kill()
+        await proc.wait()
+        raise
+    return proc, found[1]
+
+
+@pytest.fixture
+async def sim_process(api_key: str) -> AsyncIterator[str]:
+    proc, url = await _start_sim(
+        *("--api-key", api_key),
+        *("--time-scale", "0.001", "--latency", "instantid=0", "--fail-rate", "1"),
+        *("--rate-limit", "3", "--rate-period", "60000", "--rate-limit-headers", "both"),
+    )
+    try:
+        yield url
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGINT)
@@ -129,22 +145,11 @@ async def test_a_short_key_is_served_with_a_warning_that_batcher_run_refuses_it(
     """The emulator masks nothing and the SDK takes any key, so a short one is served; but
     `batcher run` refuses it (client._Redactor would mask its letters in base64 images), and
     a user testing batcher against this emulator should learn why before the run says so."""
-    env = {k: v for k, v in os.environ.items() if k != "SEGMIND_API_KEY"}
-    proc = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "batcher", "sim", "--port", "0", "--api-key", "Qz7"),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-        cwd=ROOT,
-    )
+    proc, url = await _start_sim("--api-key", "Qz7", stderr=asyncio.subprocess.PIPE)
     try:
-        assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()
-        found = re.fullmatch(r"batcher sim listening on (http://127\.0\.0\.1:\d+)\n", line)
-        assert found, line
         payload = {"prompt": "x", "face_image": "https://example.com/face.jpg"}
         headers = {"x-api-key": "Qz7"}
-        async with http.post(f"{found[1]}/v2/instantid", json=payload, headers=headers) as resp:
+        async with http.post(f"{url}/v2/instantid", json=payload, headers=headers) as resp:
             assert resp.status == 200
     finally:
         if proc.returncode is None:
