@@ -34,6 +34,67 @@ import aiohttp
 from benchmarks.common import KEY, payload
 
 
+class ThreadCpu:
+    """CPU seconds of each thread of this process, by thread name, from ``thread_time``
+    read by the thread itself as it ends (exact, however short-lived; no sampling): where
+    a client's CPU goes between its event loop and its worker threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.by_name: Counter[str] = Counter()
+        self._main0 = 0.0
+        self._main1: float | None = None
+        # Not Thread.run: subclasses (anyio's workers) override it. Every thread runs
+        # _bootstrap_inner (CPython's, private but unchanged since 3.0).
+        original = threading.Thread._bootstrap_inner  # type: ignore[attr-defined]
+
+        def bootstrap(thread: threading.Thread) -> None:
+            try:
+                original(thread)
+            finally:
+                spent = time.thread_time()
+                with self._lock:
+                    self.by_name[_thread_kind(thread.name)] += spent
+
+        threading.Thread._bootstrap_inner = bootstrap  # type: ignore[attr-defined]
+
+    def begin(self) -> None:
+        """The client's work starts (on the main thread): what ran before is not its."""
+        with self._lock:
+            self.by_name.clear()
+        self._main0 = time.thread_time()
+        self._main1 = None
+
+    def end(self) -> None:
+        """The client's work is over: the main thread's time stops here."""
+        self._main1 = time.thread_time()
+
+    def report(self, wait_s: float = 2.0) -> dict[str, float]:
+        """Seconds by kind since :meth:`begin`: the calling (main) thread's, and every other's,
+        after waiting up to ``wait_s`` for those told to stop (anyio's idle workers end
+        on their own once the loop has gone). Those still running then are left out,
+        and counted in ``still_running``."""
+        deadline = time.monotonic() + wait_s
+        for thread in threading.enumerate():
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+        running = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
+        with self._lock:
+            out = {kind: round(s, 3) for kind, s in self.by_name.items()}
+        main1 = time.thread_time() if self._main1 is None else self._main1
+        out["main"] = round(main1 - self._main0, 3)
+        if running:
+            out["still_running"] = float(len(running))
+        return out
+
+
+def _thread_kind(name: str) -> str:
+    """checkpoint_0 -> checkpoint; AnyIO worker thread -> anyio workers; asyncio_3 -> ..."""
+    if name.startswith("AnyIO worker"):
+        return "anyio workers"
+    return name.rsplit("_", 1)[0] if name.rsplit("_", 1)[-1].isdigit() else "other"
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -230,9 +291,11 @@ async def _batcher(cfg: dict[str, Any]) -> dict[str, Any]:
     probe_task = asyncio.create_task(probe.run()) if probe else None
     start = loop.time()
     cpu0 = time.process_time()
+    THREADS.begin()
     result = await arun(options, interrupted=interrupted)
     elapsed = loop.time() - start
     cpu = time.process_time() - cpu0
+    THREADS.end()
     if probe_task is not None:
         probe_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -376,9 +439,11 @@ async def _loop_client(cfg: dict[str, Any], *, interval: float | None) -> dict[s
                 errors[type(exc).__name__] += 1
 
     cpu0 = time.process_time()
+    THREADS.begin()
     async with aiohttp.ClientSession(connector=connector, headers=headers) as http:
         await asyncio.gather(*(worker(http) for _ in range(min(concurrency, n))))
     elapsed = loop.time() - start
+    THREADS.end()
     return {
         "mode": "fixed" if interval is not None else "bare",
         "completed": done,
@@ -441,10 +506,12 @@ def _sdk(cfg: dict[str, Any]) -> dict[str, Any]:
 
     start = time.monotonic()
     cpu0 = time.process_time()
+    THREADS.begin()
     with ThreadPoolExecutor(max_workers=threads) as pool:
         for future in [pool.submit(worker) for _ in range(threads)]:
             future.result()
     elapsed = time.monotonic() - start
+    THREADS.end()
     ok = outcomes.get("ok", 0)
     return {
         "mode": "sdk",
@@ -456,6 +523,10 @@ def _sdk(cfg: dict[str, Any]) -> dict[str, Any]:
         "first_error": first_error[0] if first_error else None,
         "peak_rss_mb": _peak_rss_mb(),
     }
+
+
+#: Installed before any client starts a thread.
+THREADS = ThreadCpu()
 
 
 def main(argv: list[str]) -> int:
@@ -474,6 +545,9 @@ def main(argv: list[str]) -> int:
         print(f"unknown mode {mode!r}", file=sys.stderr)
         return 2
     report["pid"] = os.getpid()
+    # After asyncio.run: its default executor's threads (DNS lookups) have been joined.
+    # The SDK's pool threads ended with its ``with`` block.
+    report["thread_cpu_s"] = THREADS.report()
     print(json.dumps(report), flush=True)
     return 0
 
