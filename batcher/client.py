@@ -108,6 +108,12 @@ class ApiClient:
         connect_timeout_s: float | None = None,
     ) -> None:
         self._session = session
+        # Every request goes through the rate gate and is counted. aiohttp otherwise sends
+        # a GET again, unseen, when the server closed the reused connection under it: a
+        # request the gate never granted and no count shows (3.10+; its own test client
+        # turns it off the same way, there being no public switch).
+        if "_retry_connection" in aiohttp.ClientSession.ATTRS:
+            session._retry_connection = False
         self.base_url = base_url.rstrip("/")
         #: Seconds a request may take in all (a stopping run waits that long for a submit).
         self.timeout_s = timeout_s

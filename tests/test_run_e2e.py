@@ -345,6 +345,31 @@ async def test_all_faults_at_once_end_every_row_in_its_right_state(
     # A download cut on every one of its tries sends the job back to fetch its result again.
     refetches = sum("output could not be downloaded" in r.getMessage() for r in caplog.records)
     _check_accounting(rows, stats, refetches=refetches)
+    # Every API request the emulator saw, errors, drops and 429s included, is one the
+    # run counted (see the next test for dropped connections).
+    assert result.summary.api_requests == _requests(stats)
+
+
+async def test_a_get_whose_connection_drops_is_sent_again_through_the_gate_and_counted(
+    tmp_path: Path, sim: Any
+) -> None:
+    """aiohttp sends a GET again by itself, unseen, when the server closes the reused
+    connection under it: a request the rate gate never granted and no count shows. The
+    run turns that off and retries through the gate, so it counts what the server saw."""
+    rows = [
+        {"id": f"r{n}", "model": "instantid", "prompt": f"p {n}", "face_image": "https://x/a.jpg"}
+        for n in range(20)
+    ]
+    manifest = _write_manifest(tmp_path / "jobs.csv", rows)
+    server = await sim(time_scale=SCALE, drop_rate=0.25, image_size=(64, 64), seed=5)
+
+    result = await arun(_options(manifest, tmp_path / "out", server))
+
+    stats = server.stats()
+    get_drops = sum(stats["requests"][e].get("dropped", 0) for e in ("status", "result"))
+    assert get_drops > 0  # ~40 GETs at 25%: none dropped is a 1e-5 chance
+    assert result.summary is not None
+    assert result.summary.api_requests == _requests(stats)
 
 
 def _check_accounting(
