@@ -26,13 +26,9 @@ import anyio
 
 from batcher.checkpoint import (
     CHECKPOINT,
-    FAILED,
-    PENDING,
     RESULTS_FRESH,
     RESULTS_META,
     RESULTS_STALE,
-    SUBMITTED,
-    SUBMITTING,
     Checkpoint,
 )
 from batcher.client import ApiClient, api_urls
@@ -50,6 +46,7 @@ from batcher.finish import finish
 from batcher.gate import RequestGate
 from batcher.inputs import ImageInputs
 from batcher.intake import load
+from batcher.jobs import FAILED, PENDING, SUBMITTED, SUBMITTING, UNKNOWN_OUTCOME
 from batcher.manifest import scan
 from batcher.options import RunOptions
 from batcher.pipeline import Counters, Flight, RunContext
@@ -59,7 +56,7 @@ from batcher.progress import Progress, Summary, summarize
 from batcher.redownload import Redownloads
 from batcher.results import RESULTS
 from batcher.sink import remove_partials
-from batcher.submit import UNKNOWN_OUTCOME, feed, lost_connections
+from batcher.submit import feed, lost_connections
 from batcher.submit import work as submit_work
 
 log = logging.getLogger(__name__)
