@@ -2,25 +2,23 @@
 
 Every state change of a job is written here before the next step happens to it
 (a request_id is durable before the job is polled). Writes from all stages are
-group-committed on one worker thread, so the event loop never blocks on disk and
-a thousand transitions cost one fsync, not a thousand. The rows' states and records
-are in :mod:`batcher.jobs`.
+group-committed on one worker thread (:mod:`batcher.group_commit`), so the event loop
+never blocks on disk and a thousand transitions cost one fsync, not a thousand. The
+rows' states and records are in :mod:`batcher.jobs`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import os
 import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from batcher.errors import CheckpointUnwritable, UsageError
+from batcher.group_commit import GroupCommitDb
 from batcher.jobs import (
     COLUMNS,
     FAILED,
@@ -100,47 +98,15 @@ def _update_sql(names: tuple[str, ...], added: tuple[str, ...] = ()) -> str:
     return f"UPDATE jobs SET {', '.join(assignments)} WHERE id=?"
 
 
-class Checkpoint:
+class Checkpoint(GroupCommitDb):
     """Async access to the checkpoint file; all SQLite work runs on one worker thread."""
 
     def __init__(self, path: Path) -> None:
+        super().__init__("checkpoint")
         self.path = path
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
-        self._db: sqlite3.Connection | None = None
-        self._pending: list[tuple[str, Sequence[Any], asyncio.Future[None]]] = []
-        self._wake = asyncio.Event()
-        self._flusher: asyncio.Task[None] | None = None
         self._listing = False
 
-    # -- lifecycle ---------------------------------------------------------------------------
-
-    async def __aenter__(self) -> Checkpoint:
-        try:
-            await self._call(self._open)
-        except BaseException:
-            self._executor.shutdown(wait=False)
-            raise
-        self._flusher = asyncio.create_task(self._flush_forever(), name="checkpoint-flush")
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
-            await asyncio.gather(self._flusher, return_exceptions=True)
-            self._flusher = None
-        await self._flush_once()  # whatever was queued when the flusher stopped
-        if self._db is not None:
-            await self._call(self._db.close)
-            self._db = None
-        self._executor.shutdown(wait=True)
+    # -- opening ----------------------------------------------------------------------------
 
     def _open(self) -> None:
         """Open (or create) the file; UsageError, naming it, if it cannot be the checkpoint."""
@@ -174,24 +140,6 @@ class Checkpoint:
             "(or use another --out) to start afresh"
         )
 
-    async def _call(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-
-    @property
-    def _conn(self) -> sqlite3.Connection:
-        if self._db is None:
-            raise RuntimeError("checkpoint is not open")
-        return self._db
-
-    # -- group-committed writes --------------------------------------------------------------
-
-    async def _write(self, sql: str, params: Sequence[Any]) -> None:
-        """Queue one statement; returns once it is committed with whatever else was queued."""
-        future = asyncio.get_running_loop().create_future()
-        self._pending.append((sql, params, future))
-        self._wake.set()
-        await future
-
     def _unwritable(self, exc: sqlite3.OperationalError) -> CheckpointUnwritable:
         """A write the file refused (full disk, I/O error, read-only): the folder's
         problem, not a row's. Whatever was committed before stays; the batch did not."""
@@ -201,44 +149,6 @@ class Checkpoint:
             "Free space or fix the folder, then run the same command again to resume",
             reason=str(exc),
         )
-
-    async def flush(self) -> None:
-        """Return once every write queued so far is committed, including writes whose
-        callers were cancelled while they waited (the statement was queued all the same)."""
-        await self._write("SELECT 1", ())  # batches commit in order: after it, all before it
-
-    async def _flush_forever(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            await self._flush_once()
-
-    async def _flush_once(self) -> None:
-        batch, self._pending = self._pending, []
-        if not batch:
-            return
-        try:
-            await self._call(self._apply, [(sql, params) for sql, params, _ in batch])
-        except Exception as exc:  # surface to every writer that waited on this batch
-            error = self._unwritable(exc) if isinstance(exc, sqlite3.OperationalError) else exc
-            for *_, future in batch:
-                if not future.done():
-                    future.set_exception(error)
-            return
-        for *_, future in batch:
-            if not future.done():
-                future.set_result(None)
-
-    def _apply(self, statements: Iterable[tuple[str, Sequence[Any]]]) -> None:
-        db = self._conn
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            for sql, params in statements:
-                db.execute(sql, params)
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
 
     # -- meta --------------------------------------------------------------------------------
 
