@@ -11,10 +11,8 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import random
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -46,6 +44,13 @@ from batcher.finish import finish
 from batcher.gate import RequestGate
 from batcher.inputs import ImageInputs
 from batcher.intake import load
+from batcher.interrupt import (
+    STOP_SIGNALS,
+    Interrupt,
+    abandoned_note,
+    exit_at_once,
+    wire_wait_s,
+)
 from batcher.jobs import FAILED, PENDING, SUBMITTED, SUBMITTING, UNKNOWN_OUTCOME
 from batcher.manifest import scan
 from batcher.options import RunOptions
@@ -63,43 +68,9 @@ log = logging.getLogger(__name__)
 
 Ts = TypeVarTuple("Ts")
 EXIT_OK, EXIT_USAGE, EXIT_FAILED_ROWS, EXIT_STOPPED = 0, 2, 3, 4
-#: After SIGTERM, submits already on the wire get at most this long to be answered (after
-#: Ctrl-C, or an error that stops the run: their request timeout). Container managers
-#: SIGKILL 10 s after SIGTERM (Docker's default; Kubernetes gives 30 s): this leaves the
-#: other half for the checkpoint's last writes and results.parquet.
-TERM_WAIT_S = 5.0
 #: Result fetches at once. A fetch mostly waits (result GET, image download, the image
 #: write and the checkpoint commit), so 16 left the event loop idle at 300 jobs/s.
 FETCH_WORKERS = 64
-
-
-class Interrupt(asyncio.Event):
-    """Set by Ctrl-C or SIGTERM (``signal``): what :func:`run` gives :func:`arun`, which
-    takes any event. It knows the run it stops (``context``), for a second signal to say
-    what it abandons."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.signal: signal.Signals | None = None
-        self.context: RunContext | None = None
-
-
-def wire_wait_s(sig: signal.Signals | None, request_timeout_s: float) -> float:
-    """How long a stop by ``sig`` waits for the submits already sent to be answered: up to
-    their request timeout, so that none is left "outcome unknown" (maybe billed) by the
-    stop; after SIGTERM, at most TERM_WAIT_S, as a SIGKILL may follow soon."""
-    if sig == signal.SIGTERM:
-        return min(TERM_WAIT_S, request_timeout_s)
-    return request_timeout_s
-
-
-def abandoned_note(abandoned: int, where: str = "on the wire") -> str:
-    """What a stop says of the submits it cut off (with their POST at the server)."""
-    return (
-        f"{abandoned} submits abandoned {where}: outcome unknown (their jobs may exist "
-        "and be billed); the next run ends their rows FAILED 'submit outcome unknown' "
-        "(--resubmit-unknown sends them again)"
-    )
 
 
 @dataclass(frozen=True)
@@ -495,45 +466,20 @@ def run(options: RunOptions) -> RunResult:
     async def main() -> RunResult:
         interrupted = Interrupt()
         loop = asyncio.get_running_loop()
-
-        def on_signal(sig: signal.Signals) -> None:
-            if interrupted.is_set():
-                # The second Ctrl-C: SQLite's WAL keeps the checkpoint valid.
-                run = interrupted.context
-                if run is not None and run.submitting:
-                    # Rows between tries or about to be sent too: the next run cannot
-                    # tell them from the ones at the server.
-                    note = abandoned_note(len(run.submitting), "on the wire or between tries")
-                    print(f"batcher: stopped at once: {note}", file=sys.stderr, flush=True)
-                os._exit(130)
-            interrupted.signal = sig
-            interrupted.set()
-            if interrupted.context is not None:
-                interrupted.context.requeue_signal.set()  # the run sees it now, not in 0.2 s
-
-        for sig in _STOP_SIGNALS:
-            loop.add_signal_handler(sig, on_signal, sig)
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, interrupted.on_signal, sig)
         try:
             return await arun(options, interrupted=interrupted)
         finally:
-            for sig in _STOP_SIGNALS:
+            for sig in STOP_SIGNALS:
                 loop.remove_signal_handler(sig)
                 # Everything is saved by now: a signal while the loop shuts down exits
                 # at once instead of raising KeyboardInterrupt out of asyncio.run.
                 signal.signal(sig, exit_at_once)
 
-    previous = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     try:
         return asyncio.run(main())
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-def exit_at_once(signum: int, frame: object) -> None:
-    """A signal handler for a moment with nothing to save: exit 130 (the checkpoint,
-    SQLite in WAL mode, is valid at any instant)."""
-    os._exit(130)

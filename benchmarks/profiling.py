@@ -40,6 +40,7 @@ _OUTER_STAGES = (
     ("(batcher/submit.py", "submit stage other"),
     ("(batcher/pipeline.py", "pipeline bookkeeping"),
     ("(batcher/run.py", "run setup/teardown"),
+    ("(batcher/interrupt.py", "run setup/teardown"),
     ("(benchmarks/clients.py", "benchmark client code"),
 )
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^():]+)(?::\d+)?\)$")
@@ -141,6 +142,7 @@ _BATCHER_FILES = (
     "submit.py",
     "pipeline.py",
     "run.py",
+    "interrupt.py",
     "retry.py",
     "backoff.py",
     "inputs.py",

@@ -1079,14 +1079,14 @@ async def test_an_out_folder_that_cannot_be_written_says_so(
     server = await sim(time_scale=SCALE, image_size=(32, 32))
     options = _options(manifest, server)
     options.out.mkdir()
-    real_open = run_module.os.open
+    real_open = os.open
 
     def read_only(path: Any, *args: Any, **kwargs: Any) -> int:
         if str(path).endswith(".lock"):
             raise OSError(30, "Read-only file system")
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(run_module.os, "open", read_only)
+    monkeypatch.setattr(os, "open", read_only)
     with pytest.raises(UsageError) as raised:
         await arun(options)
     assert str(raised.value) == (
