@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import random
 import signal
@@ -29,7 +28,7 @@ from batcher.checkpoint import (
     RESULTS_STALE,
     Checkpoint,
 )
-from batcher.client import ApiClient, api_urls
+from batcher.client import ApiClient
 from batcher.errors import (
     ApiUnreachable,
     BatcherError,
@@ -51,7 +50,6 @@ from batcher.interrupt import (
     exit_at_once,
     wire_wait_s,
 )
-from batcher.jobs import FAILED, PENDING, SUBMITTED, SUBMITTING, UNKNOWN_OUTCOME
 from batcher.manifest import scan
 from batcher.options import RunOptions
 from batcher.pipeline import Counters, Flight, RunContext
@@ -60,6 +58,7 @@ from batcher.preflight import api_key, check_service, lock, manifest_identity
 from batcher.progress import Progress, Summary, summarize
 from batcher.redownload import Redownloads
 from batcher.results import RESULTS
+from batcher.resume import resume
 from batcher.sink import remove_partials
 from batcher.submit import feed, lost_connections
 from batcher.submit import work as submit_work
@@ -198,68 +197,6 @@ async def _results_stale(cp: Checkpoint) -> None:
         await cp.set_meta(RESULTS_META, RESULTS_STALE)
 
 
-async def _resume(ctx: RunContext, poller: Poller, redownloads: Redownloads) -> None:
-    """Jobs a previous run left on the wire or in flight."""
-    cp = ctx.checkpoint
-    for job in await cp.jobs_in([SUBMITTING], limit=1 << 30):
-        # The process died between the gate's grant and the answer: maybe billed. One
-        # write: a kill between two would count the unknown submit twice.
-        ctx.counters.unknown_submits += 1
-        if ctx.options.resubmit_unknown:
-            await cp.update(job.id, counts={"unknown_submits": 1}, state=PENDING)
-        else:
-            await cp.update(
-                job.id, counts={"unknown_submits": 1}, state=FAILED, error=UNKNOWN_OUTCOME
-            )
-    now_wall, now = time.time(), ctx.now()
-    limit = ctx.poll.retention_s * ctx.poll.time_scale
-    moved = 0
-    for job in await cp.jobs_in([SUBMITTED], limit=1 << 30):
-        age = now_wall - (job.submitted_at or now_wall)
-        ctx.resumed.add(job.id)
-        ctx.take_resumed_slot()
-        if job.output_urls and job.request_id:  # COMPLETED, billed: its images are due
-            redownloads.resume(
-                Flight(
-                    job=job,
-                    request_id=job.request_id,
-                    urls=(job.status_url or "", job.response_url or ""),
-                    submitted_wall=job.submitted_at or now_wall,
-                    submitted_mono=now,
-                    outputs=json.loads(job.output_urls),
-                )
-            )
-            continue
-        if age >= limit or not job.request_id:
-            await ctx.resubmit_or_fail(job, "its result expired while batcher was not running")
-            continue
-        # URLs kept from a run against another base URL (or an emulator now gone) are
-        # not followed: the request is asked of this run's API, with its key.
-        status_url, response_url, replaced = api_urls(
-            ctx.api.base_url, job.request_id, job.status_url, job.response_url
-        )
-        if replaced:
-            moved += 1
-        poller.track(
-            Flight.start(
-                job=job,
-                request_id=job.request_id,
-                status_url=status_url,
-                response_url=response_url,
-                submitted_wall=job.submitted_at or now_wall,
-                now_wall=now_wall,
-                now_mono=now,
-            )
-        )
-    if moved:
-        log.info(
-            "%d jobs in flight were submitted to another API address (an earlier --base-url "
-            "or emulator): asking %s about them",
-            moved,
-            ctx.api.base_url,
-        )
-
-
 async def _work(
     options: RunOptions,
     cp: Checkpoint,
@@ -387,7 +324,7 @@ async def _pipeline(
                     tg.start_soon(
                         _stage, ctx, fetch_work, ctx, to_fetch.clone(), poller.track, redownloads
                     )
-                await _resume(ctx, poller, redownloads)
+                await resume(ctx, poller, redownloads)
                 tg.start_soon(_stage, ctx, feed, ctx, to_submit_send)
                 for _ in range(ctx.options.submit_concurrency):
                     tg.start_soon(_stage, ctx, submit_work, ctx, to_submit.clone(), poller.track)

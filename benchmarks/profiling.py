@@ -41,6 +41,7 @@ _OUTER_STAGES = (
     ("(batcher/pipeline.py", "pipeline bookkeeping"),
     ("(batcher/run.py", "run setup/teardown"),
     ("(batcher/interrupt.py", "run setup/teardown"),
+    ("(batcher/resume.py", "run setup/teardown"),
     ("(benchmarks/clients.py", "benchmark client code"),
 )
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^():]+)(?::\d+)?\)$")
@@ -143,6 +144,7 @@ _BATCHER_FILES = (
     "pipeline.py",
     "run.py",
     "interrupt.py",
+    "resume.py",
     "retry.py",
     "backoff.py",
     "inputs.py",
