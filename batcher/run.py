@@ -21,13 +21,7 @@ from typing import Any, TypeVarTuple, Unpack
 import aiohttp
 import anyio
 
-from batcher.checkpoint import (
-    CHECKPOINT,
-    RESULTS_FRESH,
-    RESULTS_META,
-    RESULTS_STALE,
-    Checkpoint,
-)
+from batcher.checkpoint import CHECKPOINT, RESULTS_FRESH, RESULTS_META, Checkpoint
 from batcher.client import ApiClient
 from batcher.errors import (
     ApiUnreachable,
@@ -42,20 +36,13 @@ from batcher.fetch import work as fetch_work
 from batcher.finish import finish
 from batcher.gate import RequestGate
 from batcher.inputs import ImageInputs
-from batcher.intake import load
-from batcher.interrupt import (
-    STOP_SIGNALS,
-    Interrupt,
-    abandoned_note,
-    exit_at_once,
-    wire_wait_s,
-)
-from batcher.manifest import scan
+from batcher.interrupt import STOP_SIGNALS, Interrupt, abandoned_note, exit_at_once, wire_wait_s
 from batcher.options import RunOptions
 from batcher.pipeline import Counters, Flight, RunContext
 from batcher.poll import Poller
-from batcher.preflight import api_key, check_service, lock, manifest_identity
+from batcher.preflight import api_key, check_service, lock
 from batcher.progress import Progress, Summary, summarize
+from batcher.reconcile import mark_results_stale, reconcile, scan_manifest
 from batcher.redownload import Redownloads
 from batcher.results import RESULTS
 from batcher.resume import resume
@@ -111,13 +98,13 @@ async def arun(options: RunOptions, *, interrupted: asyncio.Event | None = None)
     out = options.out
     # A bad key, option or manifest is refused before anything is written: not even the
     # output folder is left behind. Scanning only reads the manifest; a run resumed on
-    # the manifest it was made from needs no second scan (see _intake).
+    # the manifest it was made from needs no second scan (see reconcile).
     key = api_key(options)
     stop = interrupted.is_set if interrupted is not None else None
     scanned = False
     try:
         if not (out / CHECKPOINT).exists():
-            await _scan(options, stop)
+            await scan_manifest(options, stop)
             scanned = True
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -127,74 +114,12 @@ async def arun(options: RunOptions, *, interrupted: asyncio.Event | None = None)
             async with Checkpoint(out / CHECKPOINT) as cp:
                 await check_service(cp, options)
                 inputs = ImageInputs(options.manifest.parent)
-                await _intake(cp, options, inputs, scanned=scanned, stop=stop)
+                await reconcile(cp, options, inputs, scanned=scanned, stop=stop)
                 return await _work(options, cp, inputs, key, interrupted)
     except Interrupted as exc:  # Ctrl-C while the manifest was read: seconds, not minutes
         reason = f"interrupted: {exc}. Run the same command again to start"
         log.warning("%s", reason)
         return RunResult(EXIT_STOPPED, None, None, reason)
-
-
-async def _scan(options: RunOptions, stop: Callable[[], bool] | None = None) -> None:
-    """Raise ManifestError for a manifest that cannot be run at all (nothing is sent)."""
-    await anyio.to_thread.run_sync(
-        lambda: scan(options.manifest, default_model=options.model, should_stop=stop)
-    )
-
-
-async def _intake(
-    cp: Checkpoint,
-    options: RunOptions,
-    inputs: ImageInputs,
-    *,
-    scanned: bool,
-    stop: Callable[[], bool] | None = None,
-) -> None:
-    """Bring the checkpoint up to the manifest: rows read again only if it changed (or
-    some are INVALID, and might be fixed now); FAILED rows reopened if asked."""
-    identity = await anyio.to_thread.run_sync(manifest_identity, options.manifest, options.model)
-    counts = await cp.counts()
-    if await cp.get_meta("manifest") != identity or counts.get("INVALID", 0):
-        if not scanned:
-            await _scan(options, stop)
-        # A manifest refused here (rows changed) leaves the checkpoint as it was; one
-        # interrupted keeps the rows read so far, and its identity is not recorded.
-        await load(cp, str(options.manifest), options.model, inputs, stop)
-        await _results_stale(cp)
-        await cp.set_meta("manifest", identity)
-    if options.retry_failed or options.resubmit_unknown:
-        await _results_stale(cp)
-        reopened, kept = await cp.reopen_failed(
-            known=options.retry_failed, unknown=options.resubmit_unknown
-        )
-        asked = " ".join(
-            flag
-            for flag, on in (
-                ("--retry-failed", options.retry_failed),
-                ("--resubmit-unknown", options.resubmit_unknown),
-            )
-            if on
-        )
-        log.info("%s: %d FAILED rows will be submitted again", asked, reopened)
-        if kept:
-            # At-most-once holds unless asked for by name: --retry-failed is for rows that
-            # failed for a reason, and would pay these a second time.
-            log.warning(
-                "%d FAILED rows whose submit outcome is unknown (their jobs may exist and "
-                "be billed) are not sent again; add --resubmit-unknown to send them too",
-                kept,
-            )
-
-
-# results.parquet is "fresh" when it was written after the checkpoint's last change: a
-# run that changes a row marks it stale first, and a run that ends writes it and marks
-# it fresh. A killed run leaves it stale; a run with nothing to do and a fresh table
-# (re-running a finished job) reads nothing and rewrites nothing.
-
-
-async def _results_stale(cp: Checkpoint) -> None:
-    if await cp.get_meta(RESULTS_META) != RESULTS_STALE:
-        await cp.set_meta(RESULTS_META, RESULTS_STALE)
 
 
 async def _work(
@@ -220,7 +145,7 @@ async def _work(
             summarize, table, Counters(), 0, time.monotonic() - started
         )
         return RunResult(_exit_code(as_is, None), as_is, table, None)
-    await _results_stale(cp)
+    await mark_results_stale(cp)
     try:
         await anyio.to_thread.run_sync(remove_partials, options.out)
     except NotADirectoryError as exc:  # images is a symlink: writes would land outside --out

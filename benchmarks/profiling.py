@@ -42,6 +42,7 @@ _OUTER_STAGES = (
     ("(batcher/run.py", "run setup/teardown"),
     ("(batcher/interrupt.py", "run setup/teardown"),
     ("(batcher/resume.py", "run setup/teardown"),
+    ("(batcher/reconcile.py", "run setup/teardown"),
     ("(benchmarks/clients.py", "benchmark client code"),
 )
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^():]+)(?::\d+)?\)$")
@@ -145,6 +146,7 @@ _BATCHER_FILES = (
     "run.py",
     "interrupt.py",
     "resume.py",
+    "reconcile.py",
     "retry.py",
     "backoff.py",
     "inputs.py",
