@@ -2,50 +2,40 @@
 
 Every state change of a job is written here before the next step happens to it
 (a request_id is durable before the job is polled). Writes from all stages are
-group-committed on one worker thread, so the event loop never blocks on disk and
-a thousand transitions cost one fsync, not a thousand.
-
-Row states::
-
-    PENDING -> SUBMITTING -> SUBMITTED -> COMPLETED
-                  |              |     \\-> FAILED
-                  |              \\-> PENDING   (result expired before it was fetched)
-                  \\-> FAILED      (outcome unknown, at-most-once policy)
-    INVALID                        (never sent)
-
-A SUBMITTED row with ``output_urls`` is a job seen COMPLETED (billed) whose images are
-not all saved yet: they are downloaded from those URLs, never submitted again.
+group-committed on one worker thread (:mod:`batcher.group_commit`), so the event loop
+never blocks on disk and a thousand transitions cost one fsync, not a thousand. The
+rows' states and records are in :mod:`batcher.jobs`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import os
 import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 from batcher.errors import CheckpointUnwritable, UsageError
-
-T = TypeVar("T")
+from batcher.group_commit import GroupCommitDb
+from batcher.jobs import (
+    COLUMNS,
+    FAILED,
+    INVALID,
+    JOB_COLUMNS,
+    PENDING,
+    REMOVED,
+    Job,
+    NewRow,
+    job_from_row,
+)
 
 #: The checkpoint's file name in the output folder.
 CHECKPOINT = "checkpoint.sqlite"
 #: Meta key saying whether results.parquet is up to date with the rows ("fresh") or a
 #: run changed rows and has not written it yet ("stale").
 RESULTS_META, RESULTS_FRESH, RESULTS_STALE = "results", "fresh", "stale"
-
-PENDING, SUBMITTING, SUBMITTED = "PENDING", "SUBMITTING", "SUBMITTED"
-COMPLETED, FAILED, INVALID = "COMPLETED", "FAILED", "INVALID"
-TERMINAL = (COMPLETED, FAILED, INVALID)
-#: The error of a row taken out of the manifest after it had been submitted.
-REMOVED = "no longer in the manifest: not sent again (it was submitted before, and may be billed)"
 
 #: SQLite's companion files of the database (WAL mode; a rollback journal when converting).
 _SIDE_FILES = ("-wal", "-shm", "-journal")
@@ -93,95 +83,7 @@ _MIGRATIONS = (
     "ALTER TABLE jobs ADD COLUMN output_urls TEXT;",
 )
 
-#: The columns that name a row's job at the API, cleared when the row is sent again: an
-#: unknown or requeued submit must not show (or be taken for) a job it may not have.
-NO_JOB: dict[str, Any] = {
-    "request_id": None, "status_url": None, "response_url": None, "output_urls": None,
-}  # fmt: skip
-
-#: Columns a caller may set through :meth:`Checkpoint.update`.
-COLUMNS = frozenset({
-    "state", "error", "request_id", "status_url", "response_url", "attempts", "retries",
-    "unknown_submits", "polls", "submitted_at", "started_at", "completed_at", "latency_s",
-    "notice_lag_s", "inference_time", "metrics", "outputs", "width", "height", "bytes",
-    "sha256", "warnings", "rate_limited", "output_urls",
-})  # fmt: skip
-
-
-@dataclass(frozen=True, kw_only=True)
-class NewRow:
-    """A manifest row as it enters the checkpoint."""
-
-    id: str
-    number: int
-    model: str
-    digest: str
-    params: Mapping[str, Any]
-    state: str = PENDING
-    error: str | None = None
-    warnings: str | None = None
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Job:
-    """A row read back from the checkpoint, with what the pipeline needs to act on it."""
-
-    id: str
-    number: int
-    model: str
-    #: The parameters as stored (JSON): decoded only when the job is sent, since a
-    #: hundred thousand jobs in flight would otherwise each hold a parsed dict.
-    params_json: str
-    state: str
-    request_id: str | None
-    status_url: str | None
-    response_url: str | None
-    attempts: int
-    unknown_submits: int
-    polls: int
-    submitted_at: float | None
-    #: JSON list of the output URLs of a job seen COMPLETED whose images are not all
-    #: saved yet (None otherwise): its images are downloaded from them, not the result.
-    output_urls: str | None = None
-
-    @property
-    def params(self) -> dict[str, Any]:
-        """The parameters to send, decoded from the checkpoint's JSON."""
-        params: dict[str, Any] = json.loads(self.params_json)
-        return params
-
-
-_JOB_COLUMNS = (
-    "id, number, model, params, state, request_id, status_url, response_url, attempts, "
-    "unknown_submits, polls, submitted_at, output_urls"
-)
-
-
-def _job(row: Sequence[Any]) -> Job:
-    return Job(
-        id=row[0],
-        number=row[1],
-        model=row[2],
-        params_json=row[3],
-        state=row[4],
-        request_id=row[5],
-        status_url=row[6],
-        response_url=row[7],
-        attempts=row[8],
-        unknown_submits=row[9],
-        polls=row[10],
-        submitted_at=row[11],
-        output_urls=row[12],
-    )
-
-
-#: A FAILED row's error when its submit's outcome is unknown: the job may exist and be
-#: billed. Rows are told by its first words, the same since the first version.
-UNKNOWN_OUTCOME = (
-    "submit outcome unknown: the connection was lost after the request was sent, so the job "
-    "may exist and be billed; not sent again (at-most-once). Run again with "
-    "--resubmit-unknown to submit it again"
-)
+#: The FAILED rows whose error is batcher.jobs.UNKNOWN_OUTCOME, told by its first words.
 _UNKNOWN_OUTCOME = "error LIKE 'submit outcome unknown:%'"
 
 
@@ -196,47 +98,15 @@ def _update_sql(names: tuple[str, ...], added: tuple[str, ...] = ()) -> str:
     return f"UPDATE jobs SET {', '.join(assignments)} WHERE id=?"
 
 
-class Checkpoint:
+class Checkpoint(GroupCommitDb):
     """Async access to the checkpoint file; all SQLite work runs on one worker thread."""
 
     def __init__(self, path: Path) -> None:
+        super().__init__("checkpoint")
         self.path = path
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
-        self._db: sqlite3.Connection | None = None
-        self._pending: list[tuple[str, Sequence[Any], asyncio.Future[None]]] = []
-        self._wake = asyncio.Event()
-        self._flusher: asyncio.Task[None] | None = None
         self._listing = False
 
-    # -- lifecycle ---------------------------------------------------------------------------
-
-    async def __aenter__(self) -> Checkpoint:
-        try:
-            await self._call(self._open)
-        except BaseException:
-            self._executor.shutdown(wait=False)
-            raise
-        self._flusher = asyncio.create_task(self._flush_forever(), name="checkpoint-flush")
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
-            await asyncio.gather(self._flusher, return_exceptions=True)
-            self._flusher = None
-        await self._flush_once()  # whatever was queued when the flusher stopped
-        if self._db is not None:
-            await self._call(self._db.close)
-            self._db = None
-        self._executor.shutdown(wait=True)
+    # -- opening ----------------------------------------------------------------------------
 
     def _open(self) -> None:
         """Open (or create) the file; UsageError, naming it, if it cannot be the checkpoint."""
@@ -270,24 +140,6 @@ class Checkpoint:
             "(or use another --out) to start afresh"
         )
 
-    async def _call(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-
-    @property
-    def _conn(self) -> sqlite3.Connection:
-        if self._db is None:
-            raise RuntimeError("checkpoint is not open")
-        return self._db
-
-    # -- group-committed writes --------------------------------------------------------------
-
-    async def _write(self, sql: str, params: Sequence[Any]) -> None:
-        """Queue one statement; returns once it is committed with whatever else was queued."""
-        future = asyncio.get_running_loop().create_future()
-        self._pending.append((sql, params, future))
-        self._wake.set()
-        await future
-
     def _unwritable(self, exc: sqlite3.OperationalError) -> CheckpointUnwritable:
         """A write the file refused (full disk, I/O error, read-only): the folder's
         problem, not a row's. Whatever was committed before stays; the batch did not."""
@@ -297,44 +149,6 @@ class Checkpoint:
             "Free space or fix the folder, then run the same command again to resume",
             reason=str(exc),
         )
-
-    async def flush(self) -> None:
-        """Return once every write queued so far is committed, including writes whose
-        callers were cancelled while they waited (the statement was queued all the same)."""
-        await self._write("SELECT 1", ())  # batches commit in order: after it, all before it
-
-    async def _flush_forever(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            await self._flush_once()
-
-    async def _flush_once(self) -> None:
-        batch, self._pending = self._pending, []
-        if not batch:
-            return
-        try:
-            await self._call(self._apply, [(sql, params) for sql, params, _ in batch])
-        except Exception as exc:  # surface to every writer that waited on this batch
-            error = self._unwritable(exc) if isinstance(exc, sqlite3.OperationalError) else exc
-            for *_, future in batch:
-                if not future.done():
-                    future.set_exception(error)
-            return
-        for *_, future in batch:
-            if not future.done():
-                future.set_result(None)
-
-    def _apply(self, statements: Iterable[tuple[str, Sequence[Any]]]) -> None:
-        db = self._conn
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            for sql, params in statements:
-                db.execute(sql, params)
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
 
     # -- meta --------------------------------------------------------------------------------
 
@@ -485,14 +299,15 @@ class Checkpoint:
         """
         marks = ",".join("?" * len(states))
         sql = (
-            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN ({marks}) "
+            f"SELECT {JOB_COLUMNS} FROM jobs WHERE state IN ({marks}) "
             "AND number >= ? AND (number > ? OR id > ?) ORDER BY number, id LIMIT ?"
         )
         number, row_id = after
 
         def get() -> list[Job]:
             return [
-                _job(r) for r in self._conn.execute(sql, (*states, number, number, row_id, limit))
+                job_from_row(r)
+                for r in self._conn.execute(sql, (*states, number, number, row_id, limit))
             ]
 
         result: list[Job] = await self._call(get)

@@ -146,8 +146,9 @@ def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def _cmd_run(args: argparse.Namespace) -> int:
     from batcher.backoff import RetryConfig
     from batcher.client import DEFAULT_BASE_URL
+    from batcher.interrupt import exit_at_once
     from batcher.options import SIMULATE_AND_BASE_URL, RunOptions
-    from batcher.run import exit_at_once, run
+    from batcher.run import run
 
     _setup_logging(args.quiet)
     # Outside the run (reading options, printing the summary) Ctrl-C has nothing to

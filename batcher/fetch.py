@@ -20,11 +20,11 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from batcher import handoff
 from batcher.backoff import backoff_delay
-from batcher.checkpoint import Job
 from batcher.client import Outcome, TransportError
 from batcher.errors import OutputUnwritable
 from batcher.gate import Priority
 from batcher.imagedata import INLINE_ON_LOOP, decode_inline, is_url, output_items
+from batcher.jobs import Job
 from batcher.offload import run_sized
 from batcher.pipeline import Flight, RunContext
 from batcher.poll import Reschedule, _get, metric, retry_later, settle_not_ok

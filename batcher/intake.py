@@ -17,9 +17,10 @@ from typing import Any
 
 import anyio
 
-from batcher.checkpoint import INVALID, PENDING, Checkpoint, NewRow
+from batcher.checkpoint import Checkpoint
 from batcher.errors import Interrupted, ManifestError
 from batcher.inputs import ImageInputs, InputError
+from batcher.jobs import INVALID, PENDING, NewRow
 from batcher.manifest import ManifestRow, read_rows
 from batcher.schemas import get_model, show, validate
 

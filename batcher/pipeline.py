@@ -23,12 +23,13 @@ import aiohttp
 
 from batcher.admission import QueueWatch, may_submit
 from batcher.backoff import RetryConfig
-from batcher.checkpoint import FAILED, NO_JOB, PENDING, Checkpoint, Job
+from batcher.checkpoint import Checkpoint
 from batcher.client import ApiClient
 from batcher.errors import ApiUnreachable, BatcherError, reason_key
 from batcher.gate import RequestGate
 from batcher.image_writer import ImageWriter
 from batcher.inputs import ImageInputs
+from batcher.jobs import FAILED, NO_JOB, PENDING, Job
 from batcher.latency import LatencyModel
 from batcher.lateness import PollLateness
 from batcher.lost import LostStreak

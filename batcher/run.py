@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import os
 import random
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -24,18 +21,8 @@ from typing import Any, TypeVarTuple, Unpack
 import aiohttp
 import anyio
 
-from batcher.checkpoint import (
-    CHECKPOINT,
-    FAILED,
-    PENDING,
-    RESULTS_FRESH,
-    RESULTS_META,
-    RESULTS_STALE,
-    SUBMITTED,
-    SUBMITTING,
-    Checkpoint,
-)
-from batcher.client import ApiClient, api_urls
+from batcher.checkpoint import CHECKPOINT, RESULTS_FRESH, RESULTS_META, Checkpoint
+from batcher.client import ApiClient
 from batcher.errors import (
     ApiUnreachable,
     BatcherError,
@@ -49,60 +36,27 @@ from batcher.fetch import work as fetch_work
 from batcher.finish import finish
 from batcher.gate import RequestGate
 from batcher.inputs import ImageInputs
-from batcher.intake import load
-from batcher.manifest import scan
+from batcher.interrupt import STOP_SIGNALS, Interrupt, abandoned_note, exit_at_once, wire_wait_s
 from batcher.options import RunOptions
 from batcher.pipeline import Counters, Flight, RunContext
 from batcher.poll import Poller
-from batcher.preflight import api_key, check_service, lock, manifest_identity
+from batcher.preflight import api_key, check_service, lock
 from batcher.progress import Progress, Summary, summarize
+from batcher.reconcile import mark_results_stale, reconcile, scan_manifest
 from batcher.redownload import Redownloads
 from batcher.results import RESULTS
+from batcher.resume import resume
 from batcher.sink import remove_partials
-from batcher.submit import UNKNOWN_OUTCOME, feed, lost_connections
+from batcher.submit import feed, lost_connections
 from batcher.submit import work as submit_work
 
 log = logging.getLogger(__name__)
 
 Ts = TypeVarTuple("Ts")
 EXIT_OK, EXIT_USAGE, EXIT_FAILED_ROWS, EXIT_STOPPED = 0, 2, 3, 4
-#: After SIGTERM, submits already on the wire get at most this long to be answered (after
-#: Ctrl-C, or an error that stops the run: their request timeout). Container managers
-#: SIGKILL 10 s after SIGTERM (Docker's default; Kubernetes gives 30 s): this leaves the
-#: other half for the checkpoint's last writes and results.parquet.
-TERM_WAIT_S = 5.0
 #: Result fetches at once. A fetch mostly waits (result GET, image download, the image
 #: write and the checkpoint commit), so 16 left the event loop idle at 300 jobs/s.
 FETCH_WORKERS = 64
-
-
-class Interrupt(asyncio.Event):
-    """Set by Ctrl-C or SIGTERM (``signal``): what :func:`run` gives :func:`arun`, which
-    takes any event. It knows the run it stops (``context``), for a second signal to say
-    what it abandons."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.signal: signal.Signals | None = None
-        self.context: RunContext | None = None
-
-
-def wire_wait_s(sig: signal.Signals | None, request_timeout_s: float) -> float:
-    """How long a stop by ``sig`` waits for the submits already sent to be answered: up to
-    their request timeout, so that none is left "outcome unknown" (maybe billed) by the
-    stop; after SIGTERM, at most TERM_WAIT_S, as a SIGKILL may follow soon."""
-    if sig == signal.SIGTERM:
-        return min(TERM_WAIT_S, request_timeout_s)
-    return request_timeout_s
-
-
-def abandoned_note(abandoned: int, where: str = "on the wire") -> str:
-    """What a stop says of the submits it cut off (with their POST at the server)."""
-    return (
-        f"{abandoned} submits abandoned {where}: outcome unknown (their jobs may exist "
-        "and be billed); the next run ends their rows FAILED 'submit outcome unknown' "
-        "(--resubmit-unknown sends them again)"
-    )
 
 
 @dataclass(frozen=True)
@@ -144,13 +98,13 @@ async def arun(options: RunOptions, *, interrupted: asyncio.Event | None = None)
     out = options.out
     # A bad key, option or manifest is refused before anything is written: not even the
     # output folder is left behind. Scanning only reads the manifest; a run resumed on
-    # the manifest it was made from needs no second scan (see _intake).
+    # the manifest it was made from needs no second scan (see reconcile).
     key = api_key(options)
     stop = interrupted.is_set if interrupted is not None else None
     scanned = False
     try:
         if not (out / CHECKPOINT).exists():
-            await _scan(options, stop)
+            await scan_manifest(options, stop)
             scanned = True
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -160,136 +114,12 @@ async def arun(options: RunOptions, *, interrupted: asyncio.Event | None = None)
             async with Checkpoint(out / CHECKPOINT) as cp:
                 await check_service(cp, options)
                 inputs = ImageInputs(options.manifest.parent)
-                await _intake(cp, options, inputs, scanned=scanned, stop=stop)
+                await reconcile(cp, options, inputs, scanned=scanned, stop=stop)
                 return await _work(options, cp, inputs, key, interrupted)
     except Interrupted as exc:  # Ctrl-C while the manifest was read: seconds, not minutes
         reason = f"interrupted: {exc}. Run the same command again to start"
         log.warning("%s", reason)
         return RunResult(EXIT_STOPPED, None, None, reason)
-
-
-async def _scan(options: RunOptions, stop: Callable[[], bool] | None = None) -> None:
-    """Raise ManifestError for a manifest that cannot be run at all (nothing is sent)."""
-    await anyio.to_thread.run_sync(
-        lambda: scan(options.manifest, default_model=options.model, should_stop=stop)
-    )
-
-
-async def _intake(
-    cp: Checkpoint,
-    options: RunOptions,
-    inputs: ImageInputs,
-    *,
-    scanned: bool,
-    stop: Callable[[], bool] | None = None,
-) -> None:
-    """Bring the checkpoint up to the manifest: rows read again only if it changed (or
-    some are INVALID, and might be fixed now); FAILED rows reopened if asked."""
-    identity = await anyio.to_thread.run_sync(manifest_identity, options.manifest, options.model)
-    counts = await cp.counts()
-    if await cp.get_meta("manifest") != identity or counts.get("INVALID", 0):
-        if not scanned:
-            await _scan(options, stop)
-        # A manifest refused here (rows changed) leaves the checkpoint as it was; one
-        # interrupted keeps the rows read so far, and its identity is not recorded.
-        await load(cp, str(options.manifest), options.model, inputs, stop)
-        await _results_stale(cp)
-        await cp.set_meta("manifest", identity)
-    if options.retry_failed or options.resubmit_unknown:
-        await _results_stale(cp)
-        reopened, kept = await cp.reopen_failed(
-            known=options.retry_failed, unknown=options.resubmit_unknown
-        )
-        asked = " ".join(
-            flag
-            for flag, on in (
-                ("--retry-failed", options.retry_failed),
-                ("--resubmit-unknown", options.resubmit_unknown),
-            )
-            if on
-        )
-        log.info("%s: %d FAILED rows will be submitted again", asked, reopened)
-        if kept:
-            # At-most-once holds unless asked for by name: --retry-failed is for rows that
-            # failed for a reason, and would pay these a second time.
-            log.warning(
-                "%d FAILED rows whose submit outcome is unknown (their jobs may exist and "
-                "be billed) are not sent again; add --resubmit-unknown to send them too",
-                kept,
-            )
-
-
-# results.parquet is "fresh" when it was written after the checkpoint's last change: a
-# run that changes a row marks it stale first, and a run that ends writes it and marks
-# it fresh. A killed run leaves it stale; a run with nothing to do and a fresh table
-# (re-running a finished job) reads nothing and rewrites nothing.
-
-
-async def _results_stale(cp: Checkpoint) -> None:
-    if await cp.get_meta(RESULTS_META) != RESULTS_STALE:
-        await cp.set_meta(RESULTS_META, RESULTS_STALE)
-
-
-async def _resume(ctx: RunContext, poller: Poller, redownloads: Redownloads) -> None:
-    """Jobs a previous run left on the wire or in flight."""
-    cp = ctx.checkpoint
-    for job in await cp.jobs_in([SUBMITTING], limit=1 << 30):
-        # The process died between the gate's grant and the answer: maybe billed. One
-        # write: a kill between two would count the unknown submit twice.
-        ctx.counters.unknown_submits += 1
-        if ctx.options.resubmit_unknown:
-            await cp.update(job.id, counts={"unknown_submits": 1}, state=PENDING)
-        else:
-            await cp.update(
-                job.id, counts={"unknown_submits": 1}, state=FAILED, error=UNKNOWN_OUTCOME
-            )
-    now_wall, now = time.time(), ctx.now()
-    limit = ctx.poll.retention_s * ctx.poll.time_scale
-    moved = 0
-    for job in await cp.jobs_in([SUBMITTED], limit=1 << 30):
-        age = now_wall - (job.submitted_at or now_wall)
-        ctx.resumed.add(job.id)
-        ctx.take_resumed_slot()
-        if job.output_urls and job.request_id:  # COMPLETED, billed: its images are due
-            redownloads.resume(
-                Flight(
-                    job=job,
-                    request_id=job.request_id,
-                    urls=(job.status_url or "", job.response_url or ""),
-                    submitted_wall=job.submitted_at or now_wall,
-                    submitted_mono=now,
-                    outputs=json.loads(job.output_urls),
-                )
-            )
-            continue
-        if age >= limit or not job.request_id:
-            await ctx.resubmit_or_fail(job, "its result expired while batcher was not running")
-            continue
-        # URLs kept from a run against another base URL (or an emulator now gone) are
-        # not followed: the request is asked of this run's API, with its key.
-        status_url, response_url, replaced = api_urls(
-            ctx.api.base_url, job.request_id, job.status_url, job.response_url
-        )
-        if replaced:
-            moved += 1
-        poller.track(
-            Flight.start(
-                job=job,
-                request_id=job.request_id,
-                status_url=status_url,
-                response_url=response_url,
-                submitted_wall=job.submitted_at or now_wall,
-                now_wall=now_wall,
-                now_mono=now,
-            )
-        )
-    if moved:
-        log.info(
-            "%d jobs in flight were submitted to another API address (an earlier --base-url "
-            "or emulator): asking %s about them",
-            moved,
-            ctx.api.base_url,
-        )
 
 
 async def _work(
@@ -315,7 +145,7 @@ async def _work(
             summarize, table, Counters(), 0, time.monotonic() - started
         )
         return RunResult(_exit_code(as_is, None), as_is, table, None)
-    await _results_stale(cp)
+    await mark_results_stale(cp)
     try:
         await anyio.to_thread.run_sync(remove_partials, options.out)
     except NotADirectoryError as exc:  # images is a symlink: writes would land outside --out
@@ -419,7 +249,7 @@ async def _pipeline(
                     tg.start_soon(
                         _stage, ctx, fetch_work, ctx, to_fetch.clone(), poller.track, redownloads
                     )
-                await _resume(ctx, poller, redownloads)
+                await resume(ctx, poller, redownloads)
                 tg.start_soon(_stage, ctx, feed, ctx, to_submit_send)
                 for _ in range(ctx.options.submit_concurrency):
                     tg.start_soon(_stage, ctx, submit_work, ctx, to_submit.clone(), poller.track)
@@ -498,45 +328,20 @@ def run(options: RunOptions) -> RunResult:
     async def main() -> RunResult:
         interrupted = Interrupt()
         loop = asyncio.get_running_loop()
-
-        def on_signal(sig: signal.Signals) -> None:
-            if interrupted.is_set():
-                # The second Ctrl-C: SQLite's WAL keeps the checkpoint valid.
-                run = interrupted.context
-                if run is not None and run.submitting:
-                    # Rows between tries or about to be sent too: the next run cannot
-                    # tell them from the ones at the server.
-                    note = abandoned_note(len(run.submitting), "on the wire or between tries")
-                    print(f"batcher: stopped at once: {note}", file=sys.stderr, flush=True)
-                os._exit(130)
-            interrupted.signal = sig
-            interrupted.set()
-            if interrupted.context is not None:
-                interrupted.context.requeue_signal.set()  # the run sees it now, not in 0.2 s
-
-        for sig in _STOP_SIGNALS:
-            loop.add_signal_handler(sig, on_signal, sig)
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, interrupted.on_signal, sig)
         try:
             return await arun(options, interrupted=interrupted)
         finally:
-            for sig in _STOP_SIGNALS:
+            for sig in STOP_SIGNALS:
                 loop.remove_signal_handler(sig)
                 # Everything is saved by now: a signal while the loop shuts down exits
                 # at once instead of raising KeyboardInterrupt out of asyncio.run.
                 signal.signal(sig, exit_at_once)
 
-    previous = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     try:
         return asyncio.run(main())
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-def exit_at_once(signum: int, frame: object) -> None:
-    """A signal handler for a moment with nothing to save: exit 130 (the checkpoint,
-    SQLite in WAL mode, is valid at any instant)."""
-    os._exit(130)

@@ -23,11 +23,11 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from batcher import handoff
-from batcher.checkpoint import NO_JOB, PENDING, SUBMITTED, SUBMITTING, UNKNOWN_OUTCOME, Job
 from batcher.client import Outcome, Reply, TransportError, api_urls, encode_params
 from batcher.errors import ApiUnreachable, AuthError, ConnectionsLost, UnknownModel
 from batcher.gate import Priority
 from batcher.inputs import InputError
+from batcher.jobs import NO_JOB, PENDING, SUBMITTED, SUBMITTING, UNKNOWN_OUTCOME, Job
 from batcher.lost import storm_reason
 from batcher.pipeline import Flight, RunContext
 from batcher.retry import CallStats, call

@@ -4,8 +4,8 @@ Producing a finished million-row run for real takes hours on this machine (batch
 completes a few hundred jobs a second against the zero-latency emulator). So:
 
 1. the intake is batcher's own (``intake.load`` + the manifest fingerprint in the
-   checkpoint's meta, as ``run._intake`` does): every row is in the checkpoint exactly as
-   a real run would have put it;
+   checkpoint's meta, as ``reconcile.reconcile`` does): every row is in the checkpoint
+   exactly as a real run would have put it;
 2. every row is then marked COMPLETED with the result columns of a real completed row
    (taken from a real run, request id and timestamps made unique per row), and the run's
    end is batcher's own too: results.parquet written, marked fresh;

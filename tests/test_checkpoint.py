@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 import batcher.checkpoint as checkpoint_module
-from batcher.checkpoint import (
+from batcher.checkpoint import Checkpoint
+from batcher.jobs import (
     COMPLETED,
     FAILED,
     INVALID,
@@ -23,7 +24,6 @@ from batcher.checkpoint import (
     SUBMITTED,
     SUBMITTING,
     UNKNOWN_OUTCOME,
-    Checkpoint,
     NewRow,
 )
 

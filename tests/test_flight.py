@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from batcher.checkpoint import Job
+from batcher.jobs import Job
 from batcher.pipeline import Flight
 
 

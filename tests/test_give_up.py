@@ -23,13 +23,15 @@ from aiohttp.test_utils import TestServer
 from conftest import in_checkpoint, until
 
 import batcher.client as client_module
+import batcher.interrupt as interrupt_module
 import batcher.run as run_module
 from batcher.backoff import RetryConfig
 from batcher.client import ApiClient, Reply, TransportError
 from batcher.errors import AuthError
 from batcher.gate import RateConfig
+from batcher.interrupt import Interrupt
 from batcher.options import RunOptions
-from batcher.run import EXIT_FAILED_ROWS, EXIT_OK, EXIT_STOPPED, Interrupt, arun
+from batcher.run import EXIT_FAILED_ROWS, EXIT_OK, EXIT_STOPPED, arun
 from batcher.sim import SimConfig, SimServer
 
 KEY = "sk-give-up-0123456789"
@@ -459,10 +461,10 @@ async def test_ctrl_c_waits_for_a_submit_on_the_wire_and_says_so(
 def test_sigterm_waits_less_than_ctrl_c_for_the_submits_on_the_wire() -> None:
     """A container manager SIGKILLs soon after SIGTERM (Docker: 10 s): the wait for the
     answers is bounded, leaving time to save; Ctrl-C waits up to the request timeout."""
-    assert run_module.wire_wait_s(signal.SIGINT, 60.0) == 60.0
-    assert run_module.wire_wait_s(None, 60.0) == 60.0  # an error stopping the run
-    assert run_module.wire_wait_s(signal.SIGTERM, 60.0) == run_module.TERM_WAIT_S == 5.0
-    assert run_module.wire_wait_s(signal.SIGTERM, 2.0) == 2.0
+    assert interrupt_module.wire_wait_s(signal.SIGINT, 60.0) == 60.0
+    assert interrupt_module.wire_wait_s(None, 60.0) == 60.0  # an error stopping the run
+    assert interrupt_module.wire_wait_s(signal.SIGTERM, 60.0) == interrupt_module.TERM_WAIT_S == 5.0
+    assert interrupt_module.wire_wait_s(signal.SIGTERM, 2.0) == 2.0
 
 
 async def test_the_last_rows_refused_connection_still_says_why_the_run_stopped(
@@ -512,7 +514,7 @@ async def test_a_submit_cut_off_on_the_wire_keeps_the_counts_of_its_tries(
     SIGTERM's wait: the row stays SUBMITTING (maybe billed), its retry is counted, and the
     stop says so. Before, a worker cancelled with its POST on the wire dropped the
     attempt's counts."""
-    monkeypatch.setattr(run_module, "TERM_WAIT_S", 0.2)
+    monkeypatch.setattr(interrupt_module, "TERM_WAIT_S", 0.2)
     posts: list[int] = []
     held = asyncio.Event()
 

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import url_manifest
 
-from batcher.checkpoint import UNKNOWN_OUTCOME
 from batcher.gate import RateConfig
+from batcher.jobs import UNKNOWN_OUTCOME
 from batcher.lost import LOST_IN_A_ROW, LostStreak, storm_reason
 from batcher.options import RunOptions
 from batcher.run import EXIT_STOPPED, arun

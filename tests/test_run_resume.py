@@ -25,6 +25,7 @@ from conftest import in_checkpoint, until
 from PIL import Image
 
 import batcher.finish as finish_module
+import batcher.reconcile as reconcile_module
 import batcher.run as run_module
 from batcher.backoff import RetryConfig
 from batcher.checkpoint import RESULTS_FRESH, Checkpoint
@@ -646,7 +647,7 @@ async def test_a_finished_run_run_again_reads_and_rewrites_nothing(
         raise AssertionError("the unchanged manifest was scanned again")
 
     with monkeypatch.context() as patch:
-        patch.setattr(run_module, "scan", no_scan)
+        patch.setattr(reconcile_module, "scan", no_scan)
         again = await arun(options)
 
     assert again.exit_code == EXIT_OK
@@ -688,13 +689,13 @@ async def test_the_same_manifest_with_another_model_is_read_again(
     options = _options(manifest, server)
     assert (await arun(options)).exit_code == EXIT_OK
     scans: list[Any] = []
-    real_scan = run_module.scan
+    real_scan = reconcile_module.scan
 
     def counting_scan(*args: Any, **kwargs: Any) -> Any:
         scans.append(kwargs.get("default_model"))
         return real_scan(*args, **kwargs)
 
-    monkeypatch.setattr(run_module, "scan", counting_scan)
+    monkeypatch.setattr(reconcile_module, "scan", counting_scan)
     await arun(dataclasses.replace(options, model="infinite-you"))
 
     assert scans == ["infinite-you"]  # not taken for the run it was made from
@@ -1079,14 +1080,14 @@ async def test_an_out_folder_that_cannot_be_written_says_so(
     server = await sim(time_scale=SCALE, image_size=(32, 32))
     options = _options(manifest, server)
     options.out.mkdir()
-    real_open = run_module.os.open
+    real_open = os.open
 
     def read_only(path: Any, *args: Any, **kwargs: Any) -> int:
         if str(path).endswith(".lock"):
             raise OSError(30, "Read-only file system")
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(run_module.os, "open", read_only)
+    monkeypatch.setattr(os, "open", read_only)
     with pytest.raises(UsageError) as raised:
         await arun(options)
     assert str(raised.value) == (

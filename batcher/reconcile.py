@@ -1,0 +1,79 @@
+"""Before a run: the checkpoint brought up to the manifest and flags, rows read only if needed."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import anyio
+
+from batcher.checkpoint import RESULTS_META, RESULTS_STALE, Checkpoint
+from batcher.inputs import ImageInputs
+from batcher.intake import load
+from batcher.manifest import scan
+from batcher.options import RunOptions
+from batcher.preflight import manifest_identity
+
+log = logging.getLogger(__name__)
+
+
+async def scan_manifest(options: RunOptions, stop: Callable[[], bool] | None = None) -> None:
+    """Raise ManifestError for a manifest that cannot be run at all (nothing is sent)."""
+    await anyio.to_thread.run_sync(
+        lambda: scan(options.manifest, default_model=options.model, should_stop=stop)
+    )
+
+
+async def reconcile(
+    cp: Checkpoint,
+    options: RunOptions,
+    inputs: ImageInputs,
+    *,
+    scanned: bool,
+    stop: Callable[[], bool] | None = None,
+) -> None:
+    """Bring the checkpoint up to the manifest: rows read again only if it changed (or
+    some are INVALID, and might be fixed now); FAILED rows reopened if asked."""
+    identity = await anyio.to_thread.run_sync(manifest_identity, options.manifest, options.model)
+    counts = await cp.counts()
+    if await cp.get_meta("manifest") != identity or counts.get("INVALID", 0):
+        if not scanned:
+            await scan_manifest(options, stop)
+        # A manifest refused here (rows changed) leaves the checkpoint as it was; one
+        # interrupted keeps the rows read so far, and its identity is not recorded.
+        await load(cp, str(options.manifest), options.model, inputs, stop)
+        await mark_results_stale(cp)
+        await cp.set_meta("manifest", identity)
+    if options.retry_failed or options.resubmit_unknown:
+        await mark_results_stale(cp)
+        reopened, kept = await cp.reopen_failed(
+            known=options.retry_failed, unknown=options.resubmit_unknown
+        )
+        asked = " ".join(
+            flag
+            for flag, on in (
+                ("--retry-failed", options.retry_failed),
+                ("--resubmit-unknown", options.resubmit_unknown),
+            )
+            if on
+        )
+        log.info("%s: %d FAILED rows will be submitted again", asked, reopened)
+        if kept:
+            # At-most-once holds unless asked for by name: --retry-failed is for rows that
+            # failed for a reason, and would pay these a second time.
+            log.warning(
+                "%d FAILED rows whose submit outcome is unknown (their jobs may exist and "
+                "be billed) are not sent again; add --resubmit-unknown to send them too",
+                kept,
+            )
+
+
+# results.parquet is "fresh" when it was written after the checkpoint's last change: a
+# run that changes a row marks it stale first, and a run that ends writes it and marks
+# it fresh. A killed run leaves it stale; a run with nothing to do and a fresh table
+# (re-running a finished job) reads nothing and rewrites nothing.
+
+
+async def mark_results_stale(cp: Checkpoint) -> None:
+    if await cp.get_meta(RESULTS_META) != RESULTS_STALE:
+        await cp.set_meta(RESULTS_META, RESULTS_STALE)
