@@ -81,6 +81,10 @@ _MIGRATIONS = (
     # outlive the result (about 7 days against 1 hour), so images that could not be
     # downloaded are tried again from them, by this run or the next, without the API.
     "ALTER TABLE jobs ADD COLUMN output_urls TEXT;",
+    # 4: image downloads repeated (cut bodies, lost connections), apart from `retries`,
+    # which counts API requests repeated: downloads are neither API requests nor rate
+    # limited. Before it, `retries` counted both.
+    "ALTER TABLE jobs ADD COLUMN download_retries INTEGER NOT NULL DEFAULT 0;",
 )
 
 #: The FAILED rows whose error is batcher.jobs.UNKNOWN_OUTCOME, told by its first words.

@@ -162,7 +162,7 @@ async def _try_again(
     ctx: RunContext, flight: Flight, redownloads: Redownloads, exc: Exception
 ) -> None:
     """The images are to be downloaded again later: a retry in the row's count."""
-    await ctx.count_retries(flight.job, 1)
+    await ctx.count_download_retries(flight.job, 1)
     reason = f"output could not be downloaded: {_reason(exc, ctx.options.downloads.timeout_s)}"
     redownloads.failed(flight, reason)
 
@@ -209,5 +209,5 @@ async def _download(ctx: RunContext, job: Job, url: str) -> bytes:
             attempt += 1
             if attempt >= ctx.retry.max_attempts:
                 raise
-            await ctx.count_retries(job, 1)
+            await ctx.count_download_retries(job, 1)
             await asyncio.sleep(backoff_delay(attempt, ctx.retry, ctx.rng))

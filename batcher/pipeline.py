@@ -353,11 +353,16 @@ class RunContext:
         await self.count_429s(job, stats.rate_limited)
 
     async def count_retries(self, job: Job, retries: int) -> None:
-        """Add ``retries`` transient retries (5xx, lost connections, cut downloads) of any
-        of the row's requests to its count, which runs over all its attempts."""
+        """Add ``retries`` API requests of the row sent again (after a 5xx or a lost
+        connection) to its count, which runs over all its attempts."""
         if retries:
             self.counters.retries += retries
             await self.checkpoint.increment(job.id, "retries", retries)
+
+    async def count_download_retries(self, job: Job, retries: int) -> None:
+        """Add ``retries`` image downloads of the row tried again (a cut body, a lost
+        connection, a timeout): not API requests, counted apart from them."""
+        await self.checkpoint.increment(job.id, "download_retries", retries)
 
     async def count_429s(self, job: Job, answers: int) -> None:
         """Add ``answers`` 429s to the row's count (nothing to write when there were none)."""

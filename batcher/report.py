@@ -34,11 +34,15 @@ _TOP_REASONS = 10
 # The per-row count of 429 answers; a results.parquet written before it existed has no
 # such column, and the line is left out rather than shown as 0.
 _RATE_LIMITED = "rate_limited"
+# Image downloads repeated, counted apart from `retries` since checkpoint migration 4;
+# before it, `retries` counted them too.
+_DOWNLOAD_RETRIES = "download_retries"
 _QUEUE_TIME = r'"queue_time"\s*:\s*(?P<v>-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)'
 # The columns the report reads; images, params and hashes are left on disk.
 _COLUMNS = (
     "status", "error", "attempts", "retries", "unknown_submits", "submitted_at", "completed_at",
     "latency_s", "notice_lag_s", "inference_time", "metrics", "polls", _RATE_LIMITED,
+    _DOWNLOAD_RETRIES,
 )  # fmt: skip
 _LATENCIES = (
     ("queue_time", "queue time (server)"),
@@ -96,8 +100,19 @@ class Report:
     retries: int | None
     unknown_submits: int | None
     rate_limited: int | None
+    #: None: a results.parquet from before downloads were counted apart (``retries``
+    #: holds them too, and the API request total may be over by as many).
+    download_retries: int | None
     # End-to-end latencies of completed rows for the chart's histogram, a pyarrow array.
     latency_values: Any = field(default=None, repr=False)
+
+    @property
+    def api_requests(self) -> int | None:
+        """Submits, polls and results with their repeats and 429s; None when the table
+        cannot tell (no attempts or polls column)."""
+        if self.requests is None:
+            return None
+        return sum(self.requests) + (self.retries or 0) + (self.rate_limited or 0)
 
 
 def read_results(out_dir: Path) -> tuple[Path, pa.Table]:
@@ -167,6 +182,7 @@ def build_report(path: Path, table: pa.Table) -> Report:
         retries=_optional_sum(table, "retries"),
         unknown_submits=_optional_sum(table, "unknown_submits"),
         rate_limited=_optional_sum(table, _RATE_LIMITED),
+        download_retries=_optional_sum(table, _DOWNLOAD_RETRIES),
         latency_values=None if e2e is None else pc.drop_null(e2e),
     )
 
@@ -204,7 +220,12 @@ def format_report(report: Report) -> str:
             f"mean {mean:.2f} s, p95 {s.p95:.2f} s"
         )
     if report.requests:
-        lines.append(_requests_line(report.requests, report.retries, report.rate_limited))
+        lines.append(_requests_line(report, report.requests))
+    if report.download_retries:
+        lines.append(
+            f"image downloads repeated after a cut body, a lost connection or a timeout: "
+            f"{report.download_retries} (not API requests)"
+        )
     extras = [
         f"{label} {n}"
         for label, n in (
@@ -219,27 +240,35 @@ def format_report(report: Report) -> str:
     return "\n".join(lines)
 
 
-def _requests_line(
-    first: tuple[int, int, int], retries: int | None, rate_limited: int | None
-) -> str:
-    """Every request the table counts, repeats included: a run stopped by a 5xx outage
-    made no request that got its answer, and "API requests: 0" read as nothing sent."""
+def _requests_line(report: Report, first: tuple[int, int, int]) -> str:
+    """Every API request the table counts, repeats included: a run stopped by a 5xx
+    outage made no request that got its answer, and "API requests: 0" read as nothing
+    sent. Image downloads are not API requests (nor rate limited): not in it."""
     submits, polls, results = first
     parts = [f"{submits} submits + {polls} polls + {results} results"]
     missing = []
-    if retries is not None:
-        parts.append(f"{retries} repeated after a 5xx, a lost connection or a cut download")
+    if report.retries is not None:
+        parts.append(f"{report.retries} repeated after a 5xx or a lost connection")
     else:
         missing.append("a 5xx or lost connection")
-    if rate_limited is not None:
-        parts.append(f"{rate_limited} answered 429")
+    if report.rate_limited is not None:
+        parts.append(f"{report.rate_limited} answered 429")
     else:
         missing.append("a 429")
-    total = submits + polls + results + (retries or 0) + (rate_limited or 0)
+    total = report.api_requests or 0
     per_job = f": {total / results:.2f} per completed job" if results else ""
-    # An older results.parquet lacks a count: say what the total leaves out.
-    left_out = f", not counting requests repeated after {' or '.join(missing)}" if missing else ""
-    return f"API requests: {total} ({', '.join(parts)}){per_job}{left_out}"
+    # An older results.parquet lacks a count: say what the total leaves out, or holds.
+    caveats = []
+    if missing:
+        caveats.append(f"not counting requests repeated after {' or '.join(missing)}")
+    if report.retries and report.download_retries is None:
+        caveats.append(
+            "the repeats may include image downloads (a results.parquet from an earlier "
+            "batcher counted them together)"
+        )
+    return f"API requests: {total} ({', '.join(parts)}){per_job}" + "".join(
+        f", {c}" for c in caveats
+    )
 
 
 def write_chart(report: Report, path: Path) -> Path | None:

@@ -31,6 +31,7 @@ SCHEMA = pa.schema([
     ("request_id", pa.string()),
     ("attempts", pa.int64()),
     ("retries", pa.int64()),
+    ("download_retries", pa.int64()),
     ("unknown_submits", pa.int64()),
     ("rate_limited", pa.int64()),
     ("submitted_at", _TS),
@@ -51,9 +52,9 @@ SCHEMA = pa.schema([
 
 _SOURCE = (
     "id", "number", "model", "state", "error", "request_id", "attempts", "retries",
-    "unknown_submits", "rate_limited", "submitted_at", "completed_at", "latency_s", "notice_lag_s",
-    "inference_time", "metrics", "polls", "outputs", "width", "height", "bytes", "sha256",
-    "params", "warnings",
+    "download_retries", "unknown_submits", "rate_limited", "submitted_at", "completed_at",
+    "latency_s", "notice_lag_s", "inference_time", "metrics", "polls", "outputs", "width",
+    "height", "bytes", "sha256", "params", "warnings",
 )  # fmt: skip
 
 

@@ -26,7 +26,8 @@ from batcher.report import CHART, CHART_HINT, build_report, read_results, report
 from batcher.results import RESULTS, SCHEMA
 
 #: results.parquet as batcher wrote it before the per-row 429 count (rate_limited).
-OLD_SCHEMA = pa.schema([f for f in SCHEMA if f.name != "rate_limited"])
+# A results.parquet from before the 429 and download counts.
+OLD_SCHEMA = pa.schema([f for f in SCHEMA if f.name not in ("rate_limited", "download_retries")])
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 UUID = "{:08x}-1234-4abc-8def-0123456789ab"
@@ -144,11 +145,14 @@ def test_text_report_numbers(run_dir: Path, capsys: pytest.CaptureFixture[str]) 
     all_polls = sum(r.get("polls") or 0 for r in rows)
     retries = sum(r.get("retries") or 0 for r in rows)
     total = submits + all_polls + 200 + retries
-    # An older file, no 429 column: the line says what it leaves out, not "0 answered 429".
+    # An older file, no 429 or download_retries column: the line says what it leaves
+    # out, not "0 answered 429", and what its repeats may hold.
     assert (
         f"API requests: {total} ({submits} submits + {all_polls} polls + 200 results, "
-        f"{retries} repeated after a 5xx, a lost connection or a cut download): "
-        f"{total / 200:.2f} per completed job, not counting requests repeated after a 429\n"
+        f"{retries} repeated after a 5xx or a lost connection): "
+        f"{total / 200:.2f} per completed job, not counting requests repeated after a 429, "
+        "the repeats may include image downloads (a results.parquet from an earlier batcher "
+        "counted them together)\n"
         "unknown submit outcomes 1\n" in text
     )
 
@@ -199,8 +203,8 @@ def test_all_failed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "       5  FAILED (422): boom" in text
     assert "throughput: no completed rows" in text
     assert (
-        "API requests: 25 (10 submits + 15 polls + 0 results, 0 repeated after a 5xx, a lost "
-        "connection or a cut download, 0 answered 429)\n" in text
+        "API requests: 25 (10 submits + 15 polls + 0 results, 0 repeated after a 5xx or a "
+        "lost connection, 0 answered 429)\n" in text
     )
     assert "per completed job" not in text
     assert "polls per completed job" not in text
@@ -428,6 +432,29 @@ def test_failures_that_differ_only_in_their_count_of_tries_are_one_line(
     ]
 
 
+def test_repeated_image_downloads_are_counted_apart_from_api_requests(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Image downloads go to the image host, not the API, and no rate limit counts them:
+    their repeats are a line of their own, never in the API request total."""
+    rows = [{"id": str(i), "row": i, "status": "COMPLETED", "attempts": 1, "polls": 2,
+             "retries": 1 if i == 0 else 0, "download_retries": 3, "rate_limited": 0,
+             "submitted_at": T0, "completed_at": T0 + timedelta(seconds=10 + i),
+             "latency_s": 10.0} for i in range(4)]  # fmt: skip
+    out = write(tmp_path, rows)
+    report = build_report(*read_results(out))
+    assert report.api_requests == 4 + 8 + 4 + 1  # submits, polls, results, one 5xx repeat
+    assert report.download_retries == 12
+    assert report_main(out, chart=False) == 0
+    text = capsys.readouterr().out
+    assert (
+        "API requests: 17 (4 submits + 8 polls + 4 results, 1 repeated after a 5xx or a lost "
+        "connection, 0 answered 429): 4.25 per completed job\n"
+        "image downloads repeated after a cut body, a lost connection or a timeout: 12 (not "
+        "API requests)\n" in text
+    )
+
+
 def test_requests_after_an_outage_count_the_repeated_ones(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -440,8 +467,8 @@ def test_requests_after_an_outage_count_the_repeated_ones(
     assert report_main(out, chart=False) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[3:] == [
-        "API requests: 125 (0 submits + 0 polls + 0 results, 125 repeated after a 5xx, a lost "
-        "connection or a cut download, 0 answered 429)",
+        "API requests: 125 (0 submits + 0 polls + 0 results, 125 repeated after a 5xx or a "
+        "lost connection, 0 answered 429)",
         "unknown submit outcomes 0",
     ]
 

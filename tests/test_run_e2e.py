@@ -31,6 +31,7 @@ from batcher.client import ApiClient, Reply, TransportError
 from batcher.errors import ManifestError
 from batcher.gate import RateConfig
 from batcher.options import RunOptions
+from batcher.report import build_report, read_results
 from batcher.run import CHECKPOINT, EXIT_FAILED_ROWS, EXIT_OK, arun
 from batcher.sim import FAIL_MARKERS, FAILURES, SimServer
 from batcher.submit import UNKNOWN_OUTCOME
@@ -348,6 +349,40 @@ async def test_all_faults_at_once_end_every_row_in_its_right_state(
     # Every API request the emulator saw, errors, drops and 429s included, is one the
     # run counted (see the next test for dropped connections).
     assert result.summary.api_requests == _requests(stats)
+
+
+async def test_report_counts_exactly_the_api_requests_the_server_saw_and_downloads_apart(
+    tmp_path: Path, sim: Any
+) -> None:
+    """`batcher report` is how users benchmark the API: its request total is what the
+    server saw (5xx, drops and 429s included), and cut downloads are counted apart."""
+    rows = [
+        {"id": f"r{n}", "model": "instantid", "prompt": f"p {n}", "face_image": "https://x/a.jpg"}
+        for n in range(20)
+    ]
+    manifest = _write_manifest(tmp_path / "jobs.csv", rows)
+    server = await sim(
+        time_scale=SCALE,
+        error_rate=0.1,
+        drop_rate=0.05,
+        drop_after_accept=0.0,  # a dropped submit never made a job: each row completes
+        truncate_rate=0.3,
+        rate_limit=30,
+        rate_period_s=60.0,
+        image_size=(64, 64),
+        seed=9,
+    )
+
+    result = await arun(_options(manifest, tmp_path / "out", server, resubmit_unknown=True))
+
+    assert result.exit_code == 0, result.text()
+    stats = server.stats()
+    cut = stats["requests"]["output"].get("truncated", 0)
+    assert cut > 0  # 20 downloads cut at 30%: none cut is a 1e-3 chance
+    report = build_report(*read_results(tmp_path / "out"))
+    assert report.api_requests == _requests(stats)
+    dropped_downloads = stats["requests"]["output"].get("dropped", 0)
+    assert report.download_retries == cut + dropped_downloads
 
 
 async def test_a_get_whose_connection_drops_is_sent_again_through_the_gate_and_counted(
