@@ -1,14 +1,14 @@
 """`batcher report DIR`: what a run's results.parquet says about the API's speed and cost.
 
-The text report needs pyarrow only; the chart (DIR/report.png: throughput over time and a
-latency histogram) needs matplotlib, an optional extra (``pip install 'batcher[report]'``).
+Here the figures, read from the table (pyarrow only); report_text.py prints them and
+report_chart.py draws DIR/report.png (throughput over time, a latency histogram) with
+matplotlib, an optional extra (``pip install 'batcher[report]'``).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +16,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batcher.atomic import remove_abandoned, replacing
 from batcher.checkpoint import CHECKPOINT, RESULTS_META, RESULTS_STALE, Checkpoint
 from batcher.errors import UsageError, group_reasons
+from batcher.report_chart import CHART, CHART_HINT, write_chart
+from batcher.report_text import format_report
 from batcher.results import RESULTS
 
-CHART = "report.png"
-CHART_HINT = "no chart: matplotlib is not installed (pip install 'batcher[report]')"
 QUANTILES = (0.5, 0.9, 0.95, 0.99)
 # Bucket widths, seconds: the smallest giving at most _MAX_BUCKETS buckets is used, so a
 # time-scaled emulator run (seconds) and a day-long real run both read well.
@@ -30,7 +29,6 @@ _BUCKET_S = (
     1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400,
 )  # fmt: skip
 _MAX_BUCKETS = 24
-_TOP_REASONS = 10
 # The per-row count of 429 answers; a results.parquet written before it existed has no
 # such column, and the line is left out rather than shown as 0.
 _RATE_LIMITED = "rate_limited"
@@ -187,146 +185,6 @@ def build_report(path: Path, table: pa.Table) -> Report:
     )
 
 
-def format_report(report: Report) -> str:
-    """The report as text, one figure per line, for a terminal or a file."""
-    c = report.counts
-    unfinished = sum(n for s, n in c.items() if s not in ("COMPLETED", "FAILED", "INVALID"))
-    lines = [
-        f"{report.path}: {report.rows} rows",
-        f"completed {c.get('COMPLETED', 0)}, failed {c.get('FAILED', 0)}, "
-        f"invalid {c.get('INVALID', 0)}" + (f", not finished {unfinished}" if unfinished else ""),
-    ]
-    if report.failed_reasons:
-        lines.append("failed by reason:")
-        shown = report.failed_reasons[:_TOP_REASONS]
-        lines += [f"  {n:>6}  {reason}" for reason, n in shown]
-        rest = report.failed_reasons[_TOP_REASONS:]
-        if rest:
-            lines.append(f"  {sum(n for _, n in rest):>6}  ({len(rest)} other reasons)")
-    lines += _throughput_lines(report.throughput)
-    if report.latency:
-        lines.append(f"latency of completed jobs, s {'n':>8} {'p50':>9} {'p90':>9} "
-                     f"{'p95':>9} {'p99':>9} {'max':>9}")  # fmt: skip
-        for label, s in report.latency.items():
-            figures = " ".join(f"{v:>9.2f}" for v in (s.p50, s.p90, s.p95, s.p99, s.max))
-            lines.append(f"  {label:<26} {s.n:>8} {figures}")
-    if report.polls:
-        mean, s = report.polls
-        lines.append(f"polls per completed job: mean {mean:.2f}, p95 {s.p95:.2f}, max {s.max:g}")
-    if report.notice_lag:
-        mean, s = report.notice_lag
-        lines.append(
-            f"notice_lag_s (completion seen minus server total_time): "
-            f"mean {mean:.2f} s, p95 {s.p95:.2f} s"
-        )
-    if report.requests:
-        lines.append(_requests_line(report, report.requests))
-    if report.download_retries:
-        lines.append(
-            f"image downloads repeated after a cut body, a lost connection or a timeout: "
-            f"{report.download_retries} (not API requests)"
-        )
-    extras = [
-        f"{label} {n}"
-        for label, n in (
-            ("transient retries", None if report.requests else report.retries),
-            ("unknown submit outcomes", report.unknown_submits),
-            ("429 answers", None if report.requests else report.rate_limited),
-        )
-        if n is not None
-    ]
-    if extras:
-        lines.append(", ".join(extras))
-    return "\n".join(lines)
-
-
-def _requests_line(report: Report, first: tuple[int, int, int]) -> str:
-    """Every API request the table counts, repeats included: a run stopped by a 5xx
-    outage made no request that got its answer, and "API requests: 0" read as nothing
-    sent. Image downloads are not API requests (nor rate limited): not in it."""
-    submits, polls, results = first
-    parts = [f"{submits} submits + {polls} polls + {results} results"]
-    missing = []
-    if report.retries is not None:
-        parts.append(f"{report.retries} repeated after a 5xx or a lost connection")
-    else:
-        missing.append("a 5xx or lost connection")
-    if report.rate_limited is not None:
-        parts.append(f"{report.rate_limited} answered 429")
-    else:
-        missing.append("a 429")
-    total = report.api_requests or 0
-    per_job = f": {total / results:.2f} per completed job" if results else ""
-    # An older results.parquet lacks a count: say what the total leaves out, or holds.
-    caveats = []
-    if missing:
-        caveats.append(f"not counting requests repeated after {' or '.join(missing)}")
-    if report.retries and report.download_retries is None:
-        caveats.append(
-            "the repeats may include image downloads (a results.parquet from an earlier "
-            "batcher counted them together)"
-        )
-    return f"API requests: {total} ({', '.join(parts)}){per_job}" + "".join(
-        f", {c}" for c in caveats
-    )
-
-
-def write_chart(report: Report, path: Path) -> Path | None:
-    """Throughput over time and a latency histogram as a PNG; None without matplotlib.
-
-    Drawn on an explicit Agg canvas, never through pyplot: no display and no global state.
-    The temporary files of ``path`` that killed reports left are deleted first. No lock
-    keeps two reports of a folder apart, so only those no live writer holds and older
-    than a minute go (see :func:`batcher.atomic.remove_abandoned`); a run's files are
-    never touched.
-    """
-    try:
-        # matplotlib is an optional extra: CI's type check may run without it.
-        from matplotlib.backends.backend_agg import (  # type: ignore[import-not-found, unused-ignore]
-            FigureCanvasAgg,
-        )
-        from matplotlib.figure import Figure  # type: ignore[import-not-found, unused-ignore]
-    except ImportError:
-        return None
-    fig = Figure(figsize=(10, 7), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    top, bottom = fig.subplots(2, 1)
-    t = report.throughput
-    if t is not None:
-        unit, name = (1, "seconds") if t.bucket_s < 120 else (60, "minutes")
-        if t.bucket_s >= 7200:
-            unit, name = 3600, "hours"
-        x = [i * t.bucket_s / unit for i in range(len(t.counts))]
-        top.bar(x, [t.per_minute(n) for n in t.counts], width=t.bucket_s / unit,
-                align="edge", color="tab:blue")  # fmt: skip
-        start = datetime.fromtimestamp(t.start_s, UTC).strftime("%Y-%m-%d %H:%M:%S")
-        top.set_xlabel(f"{name} since {start} UTC ({_width(t.bucket_s)} buckets)")
-    top.set_ylabel("completions / min")
-    top.set_title("Throughput")
-    values = report.latency_values
-    if values is not None and len(values):
-        # numpy comes with matplotlib; hist() of a Python list is slow for a million rows.
-        bottom.hist(values.to_numpy(), bins=min(50, max(10, len(values) // 20)),
-                    color="tab:gray")  # fmt: skip
-        e2e = report.latency.get("end-to-end latency_s")
-        if e2e is not None:
-            for q, value, color in (("p50", e2e.p50, "tab:green"), ("p95", e2e.p95, "tab:orange"),
-                                    ("p99", e2e.p99, "tab:red")):  # fmt: skip
-                bottom.axvline(value, color=color, linestyle="--", label=f"{q} {value:.2f} s")
-            bottom.legend()
-        bottom.yaxis.get_major_locator().set_params(integer=True)
-    bottom.set_xlabel("submit to completion seen, s")
-    bottom.set_ylabel("completed jobs")
-    bottom.set_title("End-to-end latency")
-    try:
-        remove_abandoned(path.parent, path.name)
-        with replacing(path) as f:
-            fig.savefig(f, format="png")
-    except OSError as exc:  # the folder's problem (a folder at the name, permissions...)
-        raise UsageError(f"{path}: cannot write the chart ({exc.strerror or exc})") from None
-    return path
-
-
 def report_main(out_dir: Path, *, chart: bool = True) -> int:
     """Print the report of ``out_dir/results.parquet``; write report.png next to it."""
     path, table = read_results(out_dir)
@@ -426,28 +284,3 @@ def _throughput(table: pa.Table, done: pa.Table) -> Throughput | None:
         start_us / 1e6, bucket_s, tuple(counts),
         None if submits is None else submits / 1e6, last_us / 1e6,
     )  # fmt: skip
-
-
-def _throughput_lines(t: Throughput | None) -> list[str]:
-    if t is None:
-        return ["throughput: no completed rows"]
-    total = sum(t.counts)
-    overall = t.overall_per_minute
-    since = "" if overall is None else f", {overall:.1f}/min from the first submit"
-    end = datetime.fromtimestamp(t.last_s, UTC).strftime("%Y-%m-%d %H:%M:%S")
-    lines = [f"throughput: {total} completions, the last at {end} UTC{since}",
-             f"  completions per minute in {_width(t.bucket_s)} buckets (UTC):"]  # fmt: skip
-    peak = max(t.counts)
-    many_days = t.last_s - t.start_s >= 86400
-    for i, n in enumerate(t.counts):
-        when = datetime.fromtimestamp(t.start_s + i * t.bucket_s, UTC)
-        label = when.strftime("%m-%d %H:%M" if many_days else "%H:%M:%S")
-        bar = "#" * round(30 * n / peak)
-        lines.append(f"  {label}  {n:>6}  {t.per_minute(n):>8.1f}/min  {bar}")
-    return lines
-
-
-def _width(seconds: int) -> str:
-    if seconds % 3600 == 0:
-        return f"{seconds // 3600} h"
-    return f"{seconds // 60} min" if seconds % 60 == 0 else f"{seconds} s"
