@@ -420,9 +420,10 @@ class Checkpoint:
                     fresh,
                 )
                 db.executemany("UPDATE jobs SET number=? WHERE id=?", moved)
-                if self._listing:
+                if self._listing:  # fresh: an id this folder did not know before
                     db.executemany(
-                        "INSERT OR IGNORE INTO temp.listed(id) VALUES (?)", ((i,) for i in ids)
+                        "INSERT OR IGNORE INTO temp.listed(id, fresh) VALUES (?, ?)",
+                        ((i, i not in known) for i in ids),
                     )
             except BaseException:
                 db.execute("ROLLBACK")
@@ -437,11 +438,67 @@ class Checkpoint:
         """Note every id :meth:`add_rows` gets from now on: the manifest being loaded."""
 
         def start() -> None:
-            self._conn.execute("CREATE TEMP TABLE IF NOT EXISTS listed (id TEXT PRIMARY KEY)")
+            self._conn.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS listed (id TEXT PRIMARY KEY, fresh INTEGER)"
+            )
             self._conn.execute("DELETE FROM temp.listed")
 
         await self._call(start)
         self._listing = True
+
+    async def renamed(self, limit: int) -> tuple[int, list[tuple[str, int, str, str]]]:
+        """Rows new to the folder in the manifest being loaded that are, parameters and
+        model alike, a row sent before whose id the manifest no longer holds: its id
+        changed (an id column taken out or rewritten), and sending it would pay for that
+        job again. Their count, and up to ``limit`` of them as (id, number, old id, old
+        state)."""
+        gone = (
+            "SELECT id, state, model, params FROM jobs WHERE (attempts > 0 OR "
+            "unknown_submits > 0) AND id NOT IN (SELECT id FROM temp.listed)"
+        )
+        pairs = (
+            "FROM temp.listed l JOIN jobs j ON j.id = l.id JOIN temp.gone g "
+            "ON g.model = j.model AND g.params = j.params WHERE l.fresh AND j.state = 'PENDING'"
+        )
+
+        def find() -> tuple[int, list[tuple[str, int, str, str]]]:
+            db = self._conn
+            db.execute("DROP TABLE IF EXISTS temp.gone")
+            db.execute(f"CREATE TEMP TABLE gone AS {gone}")
+            try:
+                if db.execute("SELECT 1 FROM temp.gone LIMIT 1").fetchone() is None:
+                    return 0, []  # nothing sent was taken out: the usual case
+                db.execute("CREATE INDEX temp.gone_key ON gone(model, params)")
+                (count,) = db.execute(f"SELECT COUNT(DISTINCT j.id) {pairs}").fetchone()
+                shown = db.execute(
+                    f"SELECT j.id, j.number, MIN(g.id), g.state {pairs} "  # g.state: MIN's row
+                    "GROUP BY j.id ORDER BY j.number, j.id LIMIT ?",
+                    (limit,),
+                ).fetchall()
+                return int(count), [tuple(r) for r in shown]
+            finally:
+                db.execute("DROP TABLE temp.gone")
+
+        result: tuple[int, list[tuple[str, int, str, str]]] = await self._call(find)
+        return result
+
+    async def discard_listing(self) -> None:
+        """The manifest being loaded is refused: the rows it added are taken out again
+        (never sent; a later run must find them new, and refuse them again)."""
+
+        def discard() -> None:
+            db = self._conn
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute("DELETE FROM jobs WHERE id IN (SELECT id FROM temp.listed WHERE fresh)")
+                db.execute("DROP TABLE temp.listed")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+        self._listing = False
+        await self._call(discard)
 
     async def drop_unlisted(self) -> tuple[int, int]:
         """Rows the loaded manifest no longer holds: never sent (PENDING or INVALID with no

@@ -29,6 +29,8 @@ BATCH = 2000
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 #: INVALID rows named on the terminal by a run; the rest are counted (all are in results).
 SHOWN_INVALID = 10
+#: Rows named by the refusal of rows sent before under another id (the rest are counted).
+SHOWN_RENAMED = 5
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,7 @@ async def load(
         ]
         changed += await checkpoint.add_rows(new)
     if changed:
+        await checkpoint.discard_listing()
         listed = ", ".join(f"row {n} (id {show(i)})" for i, n in changed[:5])
         more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
         have = "has" if len(changed) == 1 else "have"
@@ -119,6 +122,10 @@ async def load(
             f"now {have} different parameters. Nothing was sent and nothing was overwritten. "
             "Restore the manifest, or use a new --out folder for the changed rows"
         )
+    count, renamed = await checkpoint.renamed(SHOWN_RENAMED)
+    if count:
+        await checkpoint.discard_listing()
+        raise ManifestError(_renamed_message(manifest, count, renamed))
     deleted, failed = await checkpoint.drop_unlisted()
     if deleted or failed:
         log.warning(
@@ -135,6 +142,21 @@ async def load(
             "%d more INVALID rows; every reason is in results.parquet", invalid_count - len(invalid)
         )
     return total
+
+
+def _renamed_message(manifest: str, count: int, shown: list[tuple[str, int, str, str]]) -> str:
+    listed = "; ".join(
+        f"row {n} (id {show(i)}) has the parameters of id {show(old)} ({state})"
+        for i, n, old, state in shown
+    )
+    more = f"; and {count - len(shown)} more" if count > len(shown) else ""
+    return (
+        f"{manifest}: rows new to this output folder are rows sent before under an id the "
+        f"manifest no longer has: {listed}{more}. Their ids changed (an id column taken out "
+        "or rewritten?): sent, they would be paid for again. Nothing was sent. Give them "
+        "their ids back (or change a parameter, a seed, to want another image), or use a "
+        "new --out folder"
+    )
 
 
 def _jsonable(params: dict[str, Any]) -> dict[str, Any]:
