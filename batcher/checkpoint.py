@@ -91,6 +91,8 @@ _MIGRATIONS = (
     # outlive the result (about 7 days against 1 hour), so images that could not be
     # downloaded are tried again from them, by this run or the next, without the API.
     "ALTER TABLE jobs ADD COLUMN output_urls TEXT;",
+    # 4: the row is no longer in the manifest (kept: it was sent): never sent again.
+    "ALTER TABLE jobs ADD COLUMN removed INTEGER NOT NULL DEFAULT 0;",
 )
 
 #: The columns that name a row's job at the API, cleared when the row is sent again: an
@@ -143,6 +145,8 @@ class Job:
     #: JSON list of the output URLs of a job seen COMPLETED whose images are not all
     #: saved yet (None otherwise): its images are downloaded from them, not the result.
     output_urls: str | None = None
+    #: No longer in the manifest: a retry (a FAILED job, an expired result) fails it.
+    removed: bool = False
 
     @property
     def params(self) -> dict[str, Any]:
@@ -153,7 +157,7 @@ class Job:
 
 _JOB_COLUMNS = (
     "id, number, model, params, state, request_id, status_url, response_url, attempts, "
-    "unknown_submits, polls, submitted_at, output_urls"
+    "unknown_submits, polls, submitted_at, output_urls, removed"
 )
 
 
@@ -172,6 +176,7 @@ def _job(row: Sequence[Any]) -> Job:
         polls=row[10],
         submitted_at=row[11],
         output_urls=row[12],
+        removed=bool(row[13]),
     )
 
 
@@ -503,7 +508,9 @@ class Checkpoint:
     async def drop_unlisted(self) -> tuple[int, int]:
         """Rows the loaded manifest no longer holds: never sent (PENDING or INVALID with no
         submit) are deleted; PENDING ones submitted before (a result gone, to be sent
-        again) are FAILED instead, since they were paid. Returns (deleted, failed)."""
+        again) are FAILED instead, since they were paid. The others kept are marked
+        removed, so that no retry sends them again; rows listed again lose the mark, and
+        those it had FAILED are PENDING again. Returns (deleted, failed)."""
         unlisted = "id NOT IN (SELECT id FROM temp.listed)"
 
         def drop() -> tuple[int, int]:
@@ -518,6 +525,13 @@ class Checkpoint:
                     f"UPDATE jobs SET state=?, error=? WHERE state=? AND {unlisted}",
                     (FAILED, REMOVED, PENDING),
                 ).rowcount
+                db.execute(f"UPDATE jobs SET removed=1 WHERE NOT removed AND {unlisted}")
+                db.execute(  # put back: it goes on from where its removal stopped it
+                    "UPDATE jobs SET state=?, error=NULL WHERE removed AND state=? AND "
+                    f"substr(error, -{len(REMOVED)}) = ? AND NOT ({unlisted})",
+                    (PENDING, FAILED, REMOVED),
+                )
+                db.execute(f"UPDATE jobs SET removed=0 WHERE removed AND NOT ({unlisted})")
                 db.execute("DROP TABLE temp.listed")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -592,10 +606,11 @@ class Checkpoint:
                 reopened = db.execute(
                     # The old job's output URLs go: the new job's images are its own.
                     f"UPDATE jobs SET state='PENDING', error=NULL, output_urls=NULL "
-                    f"WHERE state='FAILED' AND ({where})"
+                    f"WHERE state='FAILED' AND NOT removed AND ({where})"
                 ).rowcount
             kept = db.execute(
-                f"SELECT COUNT(*) FROM jobs WHERE state='FAILED' AND {_UNKNOWN_OUTCOME}"
+                f"SELECT COUNT(*) FROM jobs WHERE state='FAILED' AND NOT removed "
+                f"AND {_UNKNOWN_OUTCOME}"
             ).fetchone()[0]
             return reopened, kept
 

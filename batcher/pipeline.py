@@ -23,7 +23,7 @@ import aiohttp
 
 from batcher.admission import QueueWatch, may_submit
 from batcher.backoff import RetryConfig
-from batcher.checkpoint import FAILED, NO_JOB, PENDING, Checkpoint, Job
+from batcher.checkpoint import FAILED, NO_JOB, PENDING, REMOVED, Checkpoint, Job
 from batcher.client import ApiClient
 from batcher.errors import ApiUnreachable, BatcherError, reason_key
 from batcher.gate import RequestGate
@@ -377,7 +377,11 @@ class RunContext:
         self._release(job.id)
 
     async def requeue(self, job: Job, why: str, **fields: Any) -> None:
-        """Hand a job back to be submitted again (its old request is gone or failed)."""
+        """Hand a job back to be submitted again (its old request is gone or failed); a
+        row no longer in the manifest is FAILED instead: nobody wants it paid again."""
+        if job.removed:
+            await self.fail(job, f"{why}; {REMOVED}", **fields)
+            return
         await self.checkpoint.update(job.id, state=PENDING, **NO_JOB, **fields)
         log.info("row %s: %s; submitting it again", job.id, why)
         self._release(job.id)

@@ -14,6 +14,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from batcher.options import RunOptions
+from batcher.run import RunResult, arun
 from batcher.sim import SimConfig, SimServer
 
 StartSim = Callable[..., Awaitable[SimServer]]
@@ -156,6 +158,15 @@ async def until(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
         # Neither the emulator's counters nor the checkpoint file can be awaited: poll them.
         while not check():  # noqa: ASYNC110
             await asyncio.sleep(0.002)
+
+
+async def interrupted_run(options: RunOptions, when: Callable[[], bool]) -> RunResult:
+    """Run until ``when()`` holds, then set the run's interrupt event; how it ended."""
+    interrupted = asyncio.Event()
+    task = asyncio.create_task(arun(options, interrupted=interrupted))
+    await until(lambda: when() or task.done())
+    interrupted.set()
+    return await task
 
 
 @pytest.fixture

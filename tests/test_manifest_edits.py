@@ -8,11 +8,13 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import in_checkpoint, interrupted_run
 from PIL import Image
 
+from batcher.backoff import RetryConfig
 from batcher.errors import ManifestError
 from batcher.options import RunOptions
-from batcher.run import EXIT_OK, arun
+from batcher.run import EXIT_FAILED_ROWS, EXIT_OK, EXIT_STOPPED, arun
 from batcher.sim import SimServer
 
 SCALE = 0.002
@@ -31,7 +33,6 @@ def _options(manifest: Path, sim: SimServer, **changes: Any) -> RunOptions:
     return RunOptions(
         manifest=manifest,
         out=manifest.parent / "out",
-        model="instantid",
         base_url=sim.base_url,
         time_scale=sim.config.time_scale,
         api_key=KEY,
@@ -55,7 +56,7 @@ async def test_rows_whose_id_changed_are_refused_not_paid_for_again(
         tmp_path,
         "id,prompt,face_image,seed\na,one,face.png,1\nb,two,face.png,2\nc,three,face.png,3\n",
     )
-    options = _options(manifest, server)
+    options = _options(manifest, server, model="instantid")
     assert (await arun(options)).exit_code == EXIT_OK
     done = _results(options.out)
     requests = server.stats()["requests"]
@@ -88,3 +89,51 @@ async def test_rows_whose_id_changed_are_refused_not_paid_for_again(
     assert sorted(_results(options.out)) == ["a", "b", "c", "d"]
     assert server.stats()["accepted"] == 4
     assert server.stats()["paid_twice"] == 0
+
+
+async def test_rows_taken_out_are_not_sent_again_by_a_retry(tmp_path: Path, sim: Any) -> None:
+    """Before, a row taken out of the manifest was sent again by a retry: a FAILED one by
+    --retry-failed, one in flight when its job FAILED (or its result expired). Each was
+    paid for again, for a row the user no longer wanted."""
+    server = await sim(
+        time_scale=SCALE, latency_median_s={"infinite-you": 400.0}, image_size=(64, 64)
+    )
+    rows = {
+        "gone_failed": "gone_failed,instantid,portrait sim:no-face,face.png,",
+        "kept_failed": "kept_failed,instantid,portrait sim:no-face,face.png,",
+        "gone_slow": "gone_slow,infinite-you,gentleman sim:blocked,,face.png",
+        "ok": "ok,instantid,portrait,face.png,",
+    }
+    header = "id,model,prompt,face_image,id_image\n"
+    manifest = _manifest(tmp_path, header + "".join(f"{r}\n" for r in rows.values()))
+    out = tmp_path / "out"
+    first = await interrupted_run(
+        _options(manifest, server, retry=RetryConfig(max_failed_retries=0)),
+        lambda: in_checkpoint(out, "FAILED") == 2 and in_checkpoint(out, "SUBMITTED") == 1,
+    )
+    assert first.exit_code == EXIT_STOPPED
+    assert _results(out)["gone_slow"]["status"] == "SUBMITTED"
+    assert server.stats()["accepted"] == 4
+    # InstantID rows only now: the id_image column goes with the InfiniteYou row.
+    kept = [rows["kept_failed"], rows["ok"]]
+    manifest.write_text(header.replace(",id_image", "") + "".join(f"{r[:-1]}\n" for r in kept))
+
+    second = await arun(_options(manifest, server, retry_failed=True))
+
+    assert second.exit_code == EXIT_FAILED_ROWS, second.text()
+    final = _results(out)
+    assert final["kept_failed"]["attempts"] == 2  # sent again, as asked
+    assert final["gone_failed"]["attempts"] == 1
+    assert final["gone_failed"]["error"] == "No face detected in the input image"
+    assert final["gone_slow"]["attempts"] == 1
+    assert final["gone_slow"]["status"] == "FAILED"
+    assert "no longer in the manifest" in final["gone_slow"]["error"]
+    assert server.stats()["accepted"] == 5  # kept_failed again, nothing taken out
+
+    # Put back, a row taken out is the manifest's again: --retry-failed may send it.
+    manifest.write_text(header + "".join(f"{r}\n" for r in rows.values()))
+    third = await arun(_options(manifest, server, retry_failed=True))
+    assert third.exit_code == EXIT_FAILED_ROWS, third.text()
+    final = _results(out)
+    assert final["gone_failed"]["attempts"] == 2
+    assert final["gone_slow"]["attempts"] == 2

@@ -14,14 +14,13 @@ import os
 import re
 import sqlite3
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pyarrow.parquet as pq
 import pytest
-from conftest import in_checkpoint, until
+from conftest import in_checkpoint, interrupted_run, until
 from PIL import Image
 
 import batcher.finish as finish_module
@@ -89,13 +88,7 @@ def _count(sim: SimServer, endpoint: str, outcome: str) -> int:
     return count
 
 
-async def _interrupted_run(options: RunOptions, when: Callable[[], bool]) -> Any:
-    """Run until ``when()`` holds, then set the run's interrupt event; the RunResult."""
-    interrupted = asyncio.Event()
-    task = asyncio.create_task(arun(options, interrupted=interrupted))
-    await until(lambda: when() or task.done())
-    interrupted.set()
-    return await task
+_interrupted_run = interrupted_run
 
 
 async def _stopped_at(options: RunOptions, state: str, at_least: int) -> Any:
