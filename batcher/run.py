@@ -191,7 +191,10 @@ async def _intake(
         if not scanned:
             await _scan(options, stop)
         # A manifest refused here (rows changed) leaves the checkpoint as it was; one
-        # interrupted keeps the rows read so far, and its identity is not recorded.
+        # interrupted keeps the rows read so far, and no identity is recorded meanwhile:
+        # the next run reads its manifest again, and drops those rows if they are not in
+        # it (the old file put back as it was would otherwise not be read).
+        await cp.set_meta("manifest", "")
         await load(cp, str(options.manifest), options.model, inputs, stop)
         await _results_stale(cp)
         await cp.set_meta("manifest", identity)

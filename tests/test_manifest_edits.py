@@ -3,6 +3,9 @@ refused, and that nothing already paid for is paid again."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +14,7 @@ import pytest
 from conftest import in_checkpoint, interrupted_run
 from PIL import Image
 
+from batcher import intake
 from batcher.backoff import RetryConfig
 from batcher.errors import ManifestError
 from batcher.options import RunOptions
@@ -137,3 +141,45 @@ async def test_rows_taken_out_are_not_sent_again_by_a_retry(tmp_path: Path, sim:
     final = _results(out)
     assert final["gone_failed"]["attempts"] == 2
     assert final["gone_slow"]["attempts"] == 2
+
+
+class _SetOnCall(asyncio.Event):
+    """An interrupt that reads as set from its ``n``-th look on: a Ctrl-C in the middle of
+    reading the manifest, between two batches of rows."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.looks, self.n = 0, n
+
+    def is_set(self) -> bool:
+        self.looks += 1
+        return self.looks >= self.n
+
+
+async def test_rows_of_a_manifest_read_in_part_are_not_sent_once_the_old_one_is_back(
+    tmp_path: Path, sim: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, a Ctrl-C while an edited manifest was read kept the rows read so far and
+    the folder's record of the manifest before: the old file put back as it was (`mv
+    jobs.csv.bak jobs.csv` keeps its time) was not read again, and the edit's rows, in no
+    manifest now, were sent."""
+    server = await sim(time_scale=SCALE, image_size=(64, 64))
+    manifest = _manifest(tmp_path, "id,prompt,face_image\na,one,face.png\nb,two,face.png\n")
+    options = _options(manifest, server, model="instantid")
+    assert (await arun(options)).exit_code == EXIT_OK
+    old, old_stat = manifest.read_bytes(), manifest.stat()
+    manifest.write_text(
+        "id,prompt,face_image\na,one,face.png\nb,two,face.png\n"
+        + "".join(f"n{i},new {i},face.png\n" for i in range(4))
+    )
+    monkeypatch.setattr(intake, "check_rows", functools.partial(intake.check_rows, batch=2))
+
+    stopped = await arun(options, interrupted=_SetOnCall(3))  # after 2 batches of 2 rows
+
+    assert stopped.exit_code == EXIT_STOPPED
+    manifest.write_bytes(old)
+    os.utime(manifest, ns=(old_stat.st_atime_ns, old_stat.st_mtime_ns))
+
+    assert (await arun(options)).exit_code == EXIT_OK
+    assert sorted(_results(options.out)) == ["a", "b"]
+    assert server.stats()["accepted"] == 2
