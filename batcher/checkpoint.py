@@ -161,6 +161,12 @@ _JOB_COLUMNS = (
 )
 
 
+def _fields(row: NewRow) -> tuple[Any, ...]:
+    """A new row's columns as INSERT INTO jobs takes them (id first)."""
+    params = json.dumps(row.params, sort_keys=True)
+    return (row.id, row.number, row.model, row.digest, params, row.state, row.error, row.warnings)
+
+
 def _job(row: Sequence[Any]) -> Job:
     return Job(
         id=row[0],
@@ -373,11 +379,18 @@ class Checkpoint:
 
     # -- loading the manifest ----------------------------------------------------------------
 
-    async def add_rows(self, rows: Sequence[NewRow]) -> list[tuple[str, int]]:
-        """Insert rows not yet known; return (id, number) of known ids whose digest changed.
+    async def add_rows(
+        self, rows: Sequence[NewRow], *, reopen_known: bool = False, reopen_unknown: bool = False
+    ) -> list[tuple[str, int]]:
+        """Insert rows not yet known; return (id, number) of known ids that changed: other
+        parameters or model than the row recorded under that id.
 
-        An INVALID row was never sent, so its new version (fixed, or its missing image
-        file now there) simply replaces it.
+        A row is the same job when what it sends is (its validated parameters: the same
+        rows in CSV, JSON Lines or Parquet are the same jobs). A row never sent takes its
+        new version: an INVALID one (fixed, or its missing image file now there), a
+        PENDING one never submitted; so does a FAILED one that is to be sent again, as
+        :meth:`reopen_failed` chooses (``reopen_known``, ``reopen_unknown``): its counts
+        stay, its job goes.
         """
 
         def add() -> list[tuple[str, int]]:
@@ -386,45 +399,50 @@ class Checkpoint:
             try:
                 changed: list[tuple[str, int]] = []
                 ids = [r.id for r in rows]
-                known: dict[str, str] = {}
-                numbers: dict[str, int] = {}
+                known: dict[str, tuple[str, str, int, bool]] = {}
                 for start in range(0, len(ids), 500):
                     chunk = ids[start : start + 500]
                     marks = ",".join("?" * len(chunk))
-                    for rid, digest, state, number in db.execute(
-                        f"SELECT id, digest, state, number FROM jobs WHERE id IN ({marks})", chunk
+                    for rid, digest, state, number, unsent, unknown in db.execute(
+                        "SELECT id, digest, state, number, attempts = 0 AND unknown_submits = 0,"
+                        f" {_UNKNOWN_OUTCOME} FROM jobs WHERE id IN ({marks})",
+                        chunk,
                     ):
-                        known[rid] = digest if state != INVALID else ""
-                        numbers[rid] = number
+                        editable = (state == PENDING and bool(unsent)) or (
+                            state == FAILED and (reopen_unknown if unknown else reopen_known)
+                        )
+                        known[rid] = (digest, state, number, editable)
                 fresh = []
                 moved = []
+                edited = []
                 for r in rows:
-                    if known.get(r.id) == "":  # INVALID, never sent: the new version replaces it
-                        db.execute("DELETE FROM jobs WHERE id=?", (r.id,))
-                    elif r.id in known:
-                        if known[r.id] != r.digest:
-                            changed.append((r.id, r.number))
-                        elif numbers[r.id] != r.number:  # rows inserted or moved above it
-                            moved.append((r.number, r.id))
+                    if r.id not in known:
+                        fresh.append(_fields(r))
                         continue
-                    fresh.append(
-                        (
-                            r.id,
-                            r.number,
-                            r.model,
-                            r.digest,
-                            json.dumps(r.params, sort_keys=True),
-                            r.state,
-                            r.error,
-                            r.warnings,
-                        )
-                    )
+                    digest, state, number, editable = known[r.id]
+                    if state == INVALID:  # never sent: the new version replaces it
+                        db.execute("DELETE FROM jobs WHERE id=?", (r.id,))
+                        fresh.append(_fields(r))
+                    elif digest == r.digest or self._sends_alike(r):
+                        if (digest, number) != (r.digest, r.number):  # moved, or rewritten
+                            moved.append((r.number, r.digest, r.id))
+                    elif editable:
+                        edited.append((*_fields(r)[1:], r.id))
+                    else:
+                        changed.append((r.id, r.number))
                 db.executemany(
                     "INSERT INTO jobs(id, number, model, digest, params, state, error, warnings)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     fresh,
                 )
-                db.executemany("UPDATE jobs SET number=? WHERE id=?", moved)
+                db.executemany("UPDATE jobs SET number=?, digest=? WHERE id=?", moved)
+                if edited:
+                    db.executemany(
+                        "UPDATE jobs SET number=?, model=?, digest=?, params=?, state=?, "
+                        "error=?, warnings=?, request_id=NULL, status_url=NULL, "
+                        "response_url=NULL, output_urls=NULL WHERE id=?",
+                        edited,
+                    )
                 if self._listing:  # fresh: an id this folder did not know before
                     db.executemany(
                         "INSERT OR IGNORE INTO temp.listed(id, fresh) VALUES (?, ?)",
@@ -438,6 +456,15 @@ class Checkpoint:
 
         result: list[tuple[str, int]] = await self._call(add)
         return result
+
+    def _sends_alike(self, row: NewRow) -> bool:
+        """Whether the valid row ``row`` sends what its id's row sends (read only when
+        the digests differ: parameters may hold megabytes of inline images)."""
+        if row.state == INVALID:
+            return False
+        found = self._conn.execute("SELECT model, params FROM jobs WHERE id=?", (row.id,))
+        model, params = found.fetchone()
+        return bool(model == row.model and params == json.dumps(row.params, sort_keys=True))
 
     async def start_listing(self) -> None:
         """Note every id :meth:`add_rows` gets from now on: the manifest being loaded."""

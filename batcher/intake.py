@@ -80,10 +80,14 @@ async def load(
     default_model: str | None,
     inputs: ImageInputs,
     should_stop: Callable[[], bool] | None = None,
+    *,
+    reopen_known: bool = False,
+    reopen_unknown: bool = False,
 ) -> int:
     """Record every row; returns how many were read. Raises ManifestError if rows changed,
     Interrupted when ``should_stop`` says so between batches (the rows recorded so far
-    stay; the next run reads the manifest again)."""
+    stay; the next run reads the manifest again). A FAILED row edited takes its new
+    version when it is to be sent again (see Checkpoint.add_rows)."""
     rows = read_rows(manifest, default_model=default_model)
     await checkpoint.start_listing()
     changed: list[tuple[str, int]] = []
@@ -111,7 +115,9 @@ async def load(
             )
             for c in checked
         ]
-        changed += await checkpoint.add_rows(new)
+        changed += await checkpoint.add_rows(
+            new, reopen_known=reopen_known, reopen_unknown=reopen_unknown
+        )
     if changed:
         await checkpoint.discard_listing()
         listed = ", ".join(f"row {n} (id {show(i)})" for i, n in changed[:5])
@@ -120,7 +126,9 @@ async def load(
         raise ManifestError(
             f"{manifest}: the manifest changed since this output folder was used: {listed}{more} "
             f"now {have} different parameters. Nothing was sent and nothing was overwritten. "
-            "Restore the manifest, or use a new --out folder for the changed rows"
+            "Restore the manifest, or use a new --out folder for the changed rows (a FAILED "
+            "row is sent again with its edit by --retry-failed, or --resubmit-unknown if its "
+            "submit outcome was unknown)"
         )
     count, renamed = await checkpoint.renamed(SHOWN_RENAMED)
     if count:

@@ -195,7 +195,15 @@ async def _intake(
         # the next run reads its manifest again, and drops those rows if they are not in
         # it (the old file put back as it was would otherwise not be read).
         await cp.set_meta("manifest", "")
-        await load(cp, str(options.manifest), options.model, inputs, stop)
+        await load(
+            cp,
+            str(options.manifest),
+            options.model,
+            inputs,
+            stop,
+            reopen_known=options.retry_failed,
+            reopen_unknown=options.resubmit_unknown,
+        )
         await _results_stale(cp)
         await cp.set_meta("manifest", identity)
     if options.retry_failed or options.resubmit_unknown:

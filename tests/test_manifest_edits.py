@@ -4,11 +4,14 @@ refused, and that nothing already paid for is paid again."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
+import json
 import os
 from pathlib import Path
 from typing import Any
 
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 from conftest import in_checkpoint, interrupted_run
@@ -183,3 +186,75 @@ async def test_rows_of_a_manifest_read_in_part_are_not_sent_once_the_old_one_is_
     assert (await arun(options)).exit_code == EXIT_OK
     assert sorted(_results(options.out)) == ["a", "b"]
     assert server.stats()["accepted"] == 2
+
+
+async def test_the_same_rows_in_another_format_are_the_same_jobs(tmp_path: Path, sim: Any) -> None:
+    """CSV cells are text, JSON Lines and Parquet cells typed: before, the same rows
+    written as JSON Lines or Parquet were refused as "changed" (their cells, not what is
+    sent, were compared), and the folder could not be resumed with them."""
+    server = await sim(time_scale=SCALE, image_size=(64, 64))
+    csv_manifest = _manifest(
+        tmp_path,
+        "id,prompt,face_image,seed,identity_strength,enhance_face_region\n"
+        "a,one,face.png,1,0.8,true\nb,two,face.png,2,0.80,false\n",
+    )
+    options = _options(csv_manifest, server, model="instantid")
+    assert (await arun(options)).exit_code == EXIT_OK
+    done = _results(options.out)
+    table = pacsv.read_csv(csv_manifest, convert_options=pacsv.ConvertOptions())
+    as_parquet = tmp_path / "jobs.parquet"
+    pq.write_table(table, as_parquet)
+    as_jsonl = tmp_path / "jobs.jsonl"
+    as_jsonl.write_text("".join(json.dumps(r) + "\n" for r in table.to_pylist()))
+
+    for manifest in (as_jsonl, as_parquet, csv_manifest):
+        result = await arun(dataclasses.replace(options, manifest=manifest))
+        assert result.exit_code == EXIT_OK, result.text()
+
+    assert server.stats()["accepted"] == 2
+    assert _results(options.out) == done
+
+
+async def test_a_row_not_sent_yet_takes_its_edit(tmp_path: Path, sim: Any) -> None:
+    """Before, a row still PENDING (never sent) that was edited between two runs was
+    refused as "changed" like a row paid for, and the run could not go on."""
+    server = await sim(time_scale=SCALE, latency_median_s={"instantid": 400.0})
+    manifest = _manifest(
+        tmp_path, "id,prompt,face_image\n" + "".join(f"r{i},p {i},face.png\n" for i in range(4))
+    )
+    options = _options(manifest, server, model="instantid", max_in_flight=1)
+    out = options.out
+    first = await interrupted_run(options, lambda: in_checkpoint(out, "SUBMITTED") == 1)
+    assert first.exit_code == EXIT_STOPPED
+    assert _results(out)["r3"]["status"] == "PENDING"
+    manifest.write_text(manifest.read_text().replace("p 3", "p three"))
+
+    second = await arun(options)
+
+    assert second.exit_code == EXIT_OK, second.text()
+    assert json.loads(_results(out)["r3"]["params"])["prompt"] == "p three"
+    assert server.stats()["accepted"] == 4
+
+
+async def test_a_failed_row_edited_is_sent_with_its_edit_by_retry_failed(
+    tmp_path: Path, sim: Any
+) -> None:
+    """Before, a FAILED row fixed in the manifest ("No face detected": another face) was
+    refused as "changed", with or without --retry-failed."""
+    server = await sim(time_scale=SCALE, image_size=(64, 64))
+    manifest = _manifest(
+        tmp_path, "id,prompt,face_image\nbad,p sim:no-face,face.png\ngood,p,face.png\n"
+    )
+    options = _options(manifest, server, model="instantid", retry=RetryConfig(max_failed_retries=0))
+    assert (await arun(options)).exit_code == EXIT_FAILED_ROWS
+    manifest.write_text(manifest.read_text().replace("p sim:no-face", "p fixed"))
+
+    with pytest.raises(ManifestError, match=r"row 1 \(id bad\).*FAILED row.*--retry-failed"):
+        await arun(options)
+    result = await arun(dataclasses.replace(options, retry_failed=True))
+
+    assert result.exit_code == EXIT_OK, result.text()
+    bad = _results(options.out)["bad"]
+    assert (bad["status"], bad["attempts"]) == ("COMPLETED", 2)
+    assert json.loads(bad["params"])["prompt"] == "p fixed"
+    assert server.stats()["accepted"] == 3
