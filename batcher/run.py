@@ -46,16 +46,16 @@ from batcher.errors import (
 )
 from batcher.fetch import save_outputs
 from batcher.fetch import work as fetch_work
-from batcher.finish import finish
+from batcher.finish import finish, summary_as_is
 from batcher.gate import RequestGate
 from batcher.inputs import ImageInputs
 from batcher.intake import load
 from batcher.manifest import scan
 from batcher.options import RunOptions
-from batcher.pipeline import Counters, Flight, RunContext
+from batcher.pipeline import Flight, RunContext
 from batcher.poll import Poller
 from batcher.preflight import api_key, check_service, lock, manifest_identity
-from batcher.progress import Progress, Summary, summarize
+from batcher.progress import Progress, Summary
 from batcher.redownload import Redownloads
 from batcher.results import RESULTS
 from batcher.sink import remove_partials
@@ -315,17 +315,15 @@ async def _work(
     total = sum(counts.values())
     done_before = sum(counts.get(s, 0) for s in ("COMPLETED", "FAILED", "INVALID"))
     table = options.out / RESULTS
-    if (
-        done_before == total
-        and await cp.get_meta(RESULTS_META) == RESULTS_FRESH
-        and await anyio.to_thread.run_sync(table.is_file)
-    ):
-        # A finished job run again: every row is final and the table already says so.
-        log.info("nothing to do: every row is COMPLETED, FAILED or INVALID")
+    if done_before == total and await cp.get_meta(RESULTS_META) == RESULTS_FRESH:
+        # A finished job run again: every row is final and the table already says so
+        # (unless it was replaced since: then it is written again).
         as_is = await anyio.to_thread.run_sync(
-            summarize, table, Counters(), 0, time.monotonic() - started
+            summary_as_is, table, total, time.monotonic() - started
         )
-        return RunResult(_exit_code(as_is, None), as_is, table, None)
+        if as_is is not None:
+            log.info("nothing to do: every row is COMPLETED, FAILED or INVALID")
+            return RunResult(_exit_code(as_is, None), as_is, table, None)
     await _results_stale(cp)
     try:
         await anyio.to_thread.run_sync(remove_partials, options.out)

@@ -1,0 +1,92 @@
+"""What a finished run does with an output folder someone changed since: results.parquet
+replaced, emptied, or turned into a link."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import url_manifest
+
+from batcher.options import RunOptions
+from batcher.run import EXIT_OK, arun
+from batcher.sim import SimServer
+
+KEY = "sk-folder-0123456789abcdef"
+SCALE = 0.002
+
+
+def _options(tmp_path: Path, server: SimServer, rows: int) -> RunOptions:
+    return RunOptions(
+        manifest=url_manifest(tmp_path, rows),
+        out=tmp_path / "out",
+        model="instantid",
+        base_url=server.base_url,
+        time_scale=SCALE,
+        api_key=KEY,
+        progress=False,
+    )
+
+
+def _other_parquet(path: Path) -> None:
+    pq.write_table(pa.table({"a": [1]}), path)
+
+
+def _same_columns_other_rows(path: Path) -> None:
+    table = pq.read_table(path)
+    pq.write_table(table.slice(0, 1), path)
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        lambda p: p.write_text("id,status\n"),  # saved over by a spreadsheet
+        lambda p: p.write_bytes(b""),
+        _other_parquet,
+        _same_columns_other_rows,
+    ],
+    ids=["csv", "empty", "other-parquet", "other-rows"],
+)
+async def test_a_finished_run_rewrites_a_results_table_that_is_not_its_own(
+    tmp_path: Path, sim: Any, spoil: Any
+) -> None:
+    """Before, the run that finds every row final read the table as it was to print the
+    summary: a traceback (exit 1) when it was not a results.parquet any more, and a
+    summary of the wrong rows when it held others."""
+    server = await sim(time_scale=SCALE, image_size=(16, 16))
+    options = _options(tmp_path, server, 3)
+    assert (await arun(options)).exit_code == EXIT_OK
+    table = options.out / "results.parquet"
+    done = pq.read_table(table)
+    requests = server.stats()["requests"]
+    spoil(table)
+
+    result = await arun(options)
+
+    assert result.exit_code == EXIT_OK, result.text()
+    assert result.summary is not None
+    assert result.summary.counts == {"COMPLETED": 3}
+    assert pq.read_table(table).equals(done)
+    assert server.stats()["requests"] == requests
+
+
+async def test_a_link_at_results_parquet_is_replaced_not_read(tmp_path: Path, sim: Any) -> None:
+    server = await sim(time_scale=SCALE, image_size=(16, 16))
+    options = _options(tmp_path, server, 2)
+    assert (await arun(options)).exit_code == EXIT_OK
+    table = options.out / "results.parquet"
+    elsewhere = tmp_path / "elsewhere.parquet"
+    table.rename(elsewhere)
+    _other_parquet(elsewhere)
+    before = elsewhere.read_bytes()
+    table.symlink_to(elsewhere)
+
+    result = await arun(options)
+
+    assert result.exit_code == EXIT_OK, result.text()
+    assert not table.is_symlink()
+    assert pq.read_table(table).num_rows == 2
+    assert elsewhere.read_bytes() == before
