@@ -308,6 +308,8 @@ class ImageInputs:
 
 
 def _resolve_path(joined: str) -> str:
+    if "\x00" in joined:  # no file name holds one; os.path raises a bare ValueError
+        raise _Problem("the path contains a NUL character: no file can have that name")
     try:
         return str(Path(joined).resolve())
     except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
