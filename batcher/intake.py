@@ -128,7 +128,7 @@ async def load(
             f"now {have} different parameters. Nothing was sent and nothing was overwritten. "
             "Restore the manifest, or use a new --out folder for the changed rows (a FAILED "
             "row is sent again with its edit by --retry-failed, or --resubmit-unknown if its "
-            "submit outcome was unknown)"
+            "submit outcome was unknown)" + _BY_NUMBER * all(i == str(n) for i, n in changed)
         )
     count, renamed = await checkpoint.renamed(SHOWN_RENAMED)
     if count:
@@ -150,6 +150,15 @@ async def load(
             "%d more INVALID rows; every reason is in results.parquet", invalid_count - len(invalid)
         )
     return total
+
+
+#: Said when every row refused as changed is known by its row number: a row added or
+#: taken out above them shifts them (no id column, or its cells left empty).
+_BY_NUMBER = (
+    ". These rows have no id, so they are known by their row number: a row added or taken "
+    "out above them moves every row below onto another's number. Put rows back where they "
+    "were and add new ones at the end (or give every row an id)"
+)
 
 
 def _renamed_message(manifest: str, count: int, shown: list[tuple[str, int, str, str]]) -> str:

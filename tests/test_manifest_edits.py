@@ -258,3 +258,19 @@ async def test_a_failed_row_edited_is_sent_with_its_edit_by_retry_failed(
     assert (bad["status"], bad["attempts"]) == ("COMPLETED", 2)
     assert json.loads(bad["params"])["prompt"] == "p fixed"
     assert server.stats()["accepted"] == 3
+
+
+async def test_rows_without_ids_shifted_by_an_insert_are_told_why(tmp_path: Path, sim: Any) -> None:
+    """Rows with no id are known by their row number: before, a row added at the top
+    refused every row below as "changed", with nothing to say that the ids had moved."""
+    server = await sim(time_scale=SCALE, image_size=(64, 64))
+    manifest = _manifest(tmp_path, "prompt,face_image\none,face.png\ntwo,face.png\n")
+    options = _options(manifest, server, model="instantid")
+    assert (await arun(options)).exit_code == EXIT_OK
+    manifest.write_text("prompt,face_image\nzero,face.png\none,face.png\ntwo,face.png\n")
+
+    with pytest.raises(ManifestError, match="known by their row number: a row added") as refused:
+        await arun(options)
+
+    assert "row 1 (id 1), row 2 (id 2) now have different parameters" in str(refused.value)
+    assert server.stats()["accepted"] == 2
