@@ -161,6 +161,18 @@ _JOB_COLUMNS = (
 )
 
 
+def _rollback(db: sqlite3.Connection) -> None:
+    """Undo the transaction a statement failed in, if it is still open: SQLite ends it
+    itself on some errors (a full disk), and a ROLLBACK then would hide the error."""
+    if db.in_transaction:
+        db.execute("ROLLBACK")
+
+
+#: SQLite's (primary) result codes of a file it cannot write: read-only, I/O error, full
+#: disk, cannot open (a journal or WAL file).
+_UNWRITABLE_CODES = frozenset({8, 10, 13, 14})
+
+
 def _fields(row: NewRow) -> tuple[Any, ...]:
     """A new row's columns as INSERT INTO jobs takes them (id first)."""
     params = json.dumps(row.params, sort_keys=True)
@@ -282,7 +294,12 @@ class Checkpoint:
         )
 
     async def _call(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        except sqlite3.OperationalError as exc:  # the disk, not a bug: the run stops, resumable
+            if getattr(exc, "sqlite_errorcode", 0) & 0xFF in _UNWRITABLE_CODES:
+                raise self._unwritable(exc) from None
+            raise
 
     @property
     def _conn(self) -> sqlite3.Connection:
@@ -343,7 +360,7 @@ class Checkpoint:
             for sql, params in statements:
                 db.execute(sql, params)
         except BaseException:
-            db.execute("ROLLBACK")
+            _rollback(db)
             raise
         db.execute("COMMIT")
 
@@ -449,7 +466,7 @@ class Checkpoint:
                         ((i, i not in known) for i in ids),
                     )
             except BaseException:
-                db.execute("ROLLBACK")
+                _rollback(db)
                 raise
             db.execute("COMMIT")
             return changed
@@ -525,7 +542,7 @@ class Checkpoint:
                 db.execute("DELETE FROM jobs WHERE id IN (SELECT id FROM temp.listed WHERE fresh)")
                 db.execute("DROP TABLE temp.listed")
             except BaseException:
-                db.execute("ROLLBACK")
+                _rollback(db)
                 raise
             db.execute("COMMIT")
 
@@ -561,7 +578,7 @@ class Checkpoint:
                 db.execute(f"UPDATE jobs SET removed=0 WHERE removed AND NOT ({unlisted})")
                 db.execute("DROP TABLE temp.listed")
             except BaseException:
-                db.execute("ROLLBACK")
+                _rollback(db)
                 raise
             db.execute("COMMIT")
             return deleted, failed

@@ -11,6 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import url_manifest
 
+from batcher.checkpoint import Checkpoint
+from batcher.cli import main
 from batcher.options import RunOptions
 from batcher.run import EXIT_OK, arun
 from batcher.sim import SimServer
@@ -90,3 +92,33 @@ async def test_a_link_at_results_parquet_is_replaced_not_read(tmp_path: Path, si
     assert not table.is_symlink()
     assert pq.read_table(table).num_rows == 2
     assert elsewhere.read_bytes() == before
+
+
+def test_a_full_disk_while_the_manifest_is_read_stops_resumably_without_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before, the checkpoint refused by the disk while the manifest's rows were recorded
+    (before any submit) raised sqlite3's own error: a traceback, exit 1."""
+    manifest = tmp_path / "m.csv"
+    prompt = "a long prompt " * 40
+    manifest.write_text(
+        "id,prompt,face_image\n"
+        + "".join(f"r{n},{prompt},https://example.com/f.jpg\n" for n in range(2000))
+    )
+    opened = Checkpoint._open
+
+    def small_disk(self: Checkpoint) -> None:
+        opened(self)
+        assert self._db is not None
+        self._db.execute("PRAGMA max_page_count = 64")  # 256 KiB: full before 2000 rows
+
+    monkeypatch.setattr(Checkpoint, "_open", small_disk)
+    out = tmp_path / "out"
+
+    code = main(["run", str(manifest), "--out", str(out), "--model", "instantid", "--simulate"])
+
+    err = capsys.readouterr().err
+    assert code == 4, err
+    assert "Traceback" not in err
+    assert err.startswith(f"batcher: cannot write the checkpoint {out / 'checkpoint.sqlite'}")
+    assert "database or disk is full" in err
