@@ -31,7 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from batcher.errors import CheckpointUnwritable, UsageError
+from batcher.errors import BatcherError, CheckpointUnwritable, UsageError
 
 T = TypeVar("T")
 
@@ -168,9 +168,10 @@ def _rollback(db: sqlite3.Connection) -> None:
         db.execute("ROLLBACK")
 
 
-#: SQLite's (primary) result codes of a file it cannot write: read-only, I/O error, full
-#: disk, cannot open (a journal or WAL file).
-_UNWRITABLE_CODES = frozenset({8, 10, 13, 14})
+#: SQLite's (primary) result codes of a disk that refuses the file: read-only, I/O error,
+#: full; and of a file it cannot open (a journal or WAL file, once the database is open).
+_DISK_CODES = frozenset({8, 10, 13})
+_UNWRITABLE_CODES = _DISK_CODES | {14}
 
 
 def _fields(row: NewRow) -> tuple[Any, ...]:
@@ -286,7 +287,15 @@ class Checkpoint:
             raise self._unusable(exc) from None
         self._db = db
 
-    def _unusable(self, exc: sqlite3.Error) -> UsageError:
+    def _unusable(self, exc: sqlite3.Error) -> BatcherError:
+        if getattr(exc, "sqlite_errorcode", 0) & 0xFF in _DISK_CODES:
+            # The disk, not the file: moved away, its rows would all be sent again.
+            return CheckpointUnwritable(
+                f"cannot open the checkpoint {self.path} ({exc}): the disk or the folder "
+                "refuses it (full, read-only, failing). Keep the file, it holds the run's "
+                "work: free space or fix the folder, then run the same command again",
+                reason=str(exc),
+            )
         # Left as it is: it may hold a run's work (restore it) or be unrelated (move it).
         return UsageError(
             f"{self.path}: cannot open it as batcher's checkpoint ({exc}); move it away "

@@ -3,6 +3,7 @@ replaced, emptied, or turned into a link."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from conftest import url_manifest
 
 from batcher.checkpoint import Checkpoint
 from batcher.cli import main
+from batcher.errors import CheckpointUnwritable
 from batcher.options import RunOptions
 from batcher.run import EXIT_OK, arun
 from batcher.sim import SimServer
@@ -122,3 +124,34 @@ def test_a_full_disk_while_the_manifest_is_read_stops_resumably_without_a_traceb
     assert "Traceback" not in err
     assert err.startswith(f"batcher: cannot write the checkpoint {out / 'checkpoint.sqlite'}")
     assert "database or disk is full" in err
+
+
+@pytest.mark.parametrize(
+    ("code", "words"), [(13, "database or disk is full"), (4874, "disk I/O error")]
+)
+async def test_a_checkpoint_a_full_disk_cannot_open_is_not_to_be_moved_away(
+    tmp_path: Path, sim: Any, monkeypatch: pytest.MonkeyPatch, code: int, words: str
+) -> None:
+    """Before, a finished folder on a full disk (SQLite could not make its WAL files) was
+    refused as "cannot open it as batcher's checkpoint ...; move it away (or use another
+    --out) to start afresh", exit 2: done so, every row was sent and paid for again."""
+    server = await sim(time_scale=SCALE, image_size=(16, 16))
+    options = _options(tmp_path, server, 2)
+    assert (await arun(options)).exit_code == EXIT_OK
+
+    def full(*args: Any, **kwargs: Any) -> Any:
+        error = sqlite3.OperationalError(words)
+        error.sqlite_errorcode = code
+        raise error
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sqlite3, "connect", full)
+        with pytest.raises(CheckpointUnwritable) as info:
+            await arun(options)
+
+    message = str(info.value)
+    assert f"cannot open the checkpoint {options.out / 'checkpoint.sqlite'} ({words})" in message
+    assert "move it away" not in message
+    assert "run the same command again" in message
+    assert (await arun(options)).exit_code == EXIT_OK
+    assert server.stats()["accepted"] == 2
