@@ -17,8 +17,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from batcher.errors import CheckpointUnwritable, UsageError
-from batcher.group_commit import GroupCommitDb
+from batcher.errors import BatcherError, CheckpointUnwritable, UsageError
+from batcher.group_commit import DISK_CODES, GroupCommitDb, rollback
 from batcher.jobs import (
     COLUMNS,
     FAILED,
@@ -85,10 +85,18 @@ _MIGRATIONS = (
     # which counts API requests repeated: downloads are neither API requests nor rate
     # limited. Before it, `retries` counted both.
     "ALTER TABLE jobs ADD COLUMN download_retries INTEGER NOT NULL DEFAULT 0;",
+    # 5: the row is no longer in the manifest (kept: it was sent): never sent again.
+    "ALTER TABLE jobs ADD COLUMN removed INTEGER NOT NULL DEFAULT 0;",
 )
 
 #: The FAILED rows whose error is batcher.jobs.UNKNOWN_OUTCOME, told by its first words.
 _UNKNOWN_OUTCOME = "error LIKE 'submit outcome unknown:%'"
+
+
+def _fields(row: NewRow) -> tuple[Any, ...]:
+    """A new row's columns as INSERT INTO jobs takes them (id first)."""
+    params = json.dumps(row.params, sort_keys=True)
+    return (row.id, row.number, row.model, row.digest, params, row.state, row.error, row.warnings)
 
 
 @functools.cache
@@ -137,7 +145,15 @@ class Checkpoint(GroupCommitDb):
             raise self._unusable(exc) from None
         self._db = db
 
-    def _unusable(self, exc: sqlite3.Error) -> UsageError:
+    def _unusable(self, exc: sqlite3.Error) -> BatcherError:
+        if getattr(exc, "sqlite_errorcode", 0) & 0xFF in DISK_CODES:
+            # The disk, not the file: moved away, its rows would all be sent again.
+            return CheckpointUnwritable(
+                f"cannot open the checkpoint {self.path} ({exc}): the disk or the folder "
+                "refuses it (full, read-only, failing). Keep the file, it holds the run's "
+                "work: free space or fix the folder, then run the same command again",
+                reason=str(exc),
+            )
         # Left as it is: it may hold a run's work (restore it) or be unrelated (move it).
         return UsageError(
             f"{self.path}: cannot open it as batcher's checkpoint ({exc}); move it away "
@@ -186,11 +202,18 @@ class Checkpoint(GroupCommitDb):
 
     # -- loading the manifest ----------------------------------------------------------------
 
-    async def add_rows(self, rows: Sequence[NewRow]) -> list[tuple[str, int]]:
-        """Insert rows not yet known; return (id, number) of known ids whose digest changed.
+    async def add_rows(
+        self, rows: Sequence[NewRow], *, reopen_known: bool = False, reopen_unknown: bool = False
+    ) -> list[tuple[str, int]]:
+        """Insert rows not yet known; return (id, number) of known ids that changed: other
+        parameters or model than the row recorded under that id.
 
-        An INVALID row was never sent, so its new version (fixed, or its missing image
-        file now there) simply replaces it.
+        A row is the same job when what it sends is (its validated parameters: the same
+        rows in CSV, JSON Lines or Parquet are the same jobs). A row never sent takes its
+        new version: an INVALID one (fixed, or its missing image file now there), a
+        PENDING one never submitted; so does a FAILED one that is to be sent again, as
+        :meth:`reopen_failed` chooses (``reopen_known``, ``reopen_unknown``): its counts
+        stay, its job goes.
         """
 
         def add() -> list[tuple[str, int]]:
@@ -199,51 +222,57 @@ class Checkpoint(GroupCommitDb):
             try:
                 changed: list[tuple[str, int]] = []
                 ids = [r.id for r in rows]
-                known: dict[str, str] = {}
-                numbers: dict[str, int] = {}
+                known: dict[str, tuple[str, str, int, bool]] = {}
                 for start in range(0, len(ids), 500):
                     chunk = ids[start : start + 500]
                     marks = ",".join("?" * len(chunk))
-                    for rid, digest, state, number in db.execute(
-                        f"SELECT id, digest, state, number FROM jobs WHERE id IN ({marks})", chunk
+                    for rid, digest, state, number, unsent, unknown in db.execute(
+                        "SELECT id, digest, state, number, attempts = 0 AND unknown_submits = 0,"
+                        f" {_UNKNOWN_OUTCOME} FROM jobs WHERE id IN ({marks})",
+                        chunk,
                     ):
-                        known[rid] = digest if state != INVALID else ""
-                        numbers[rid] = number
+                        editable = (state == PENDING and bool(unsent)) or (
+                            state == FAILED and (reopen_unknown if unknown else reopen_known)
+                        )
+                        known[rid] = (digest, state, number, editable)
                 fresh = []
                 moved = []
+                edited = []
                 for r in rows:
-                    if known.get(r.id) == "":  # INVALID, never sent: the new version replaces it
-                        db.execute("DELETE FROM jobs WHERE id=?", (r.id,))
-                    elif r.id in known:
-                        if known[r.id] != r.digest:
-                            changed.append((r.id, r.number))
-                        elif numbers[r.id] != r.number:  # rows inserted or moved above it
-                            moved.append((r.number, r.id))
+                    if r.id not in known:
+                        fresh.append(_fields(r))
                         continue
-                    fresh.append(
-                        (
-                            r.id,
-                            r.number,
-                            r.model,
-                            r.digest,
-                            json.dumps(r.params, sort_keys=True),
-                            r.state,
-                            r.error,
-                            r.warnings,
-                        )
-                    )
+                    digest, state, number, editable = known[r.id]
+                    if state == INVALID:  # never sent: the new version replaces it
+                        db.execute("DELETE FROM jobs WHERE id=?", (r.id,))
+                        fresh.append(_fields(r))
+                    elif digest == r.digest or self._sends_alike(r):
+                        if (digest, number) != (r.digest, r.number):  # moved, or rewritten
+                            moved.append((r.number, r.digest, r.id))
+                    elif editable:
+                        edited.append((*_fields(r)[1:], r.id))
+                    else:
+                        changed.append((r.id, r.number))
                 db.executemany(
                     "INSERT INTO jobs(id, number, model, digest, params, state, error, warnings)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     fresh,
                 )
-                db.executemany("UPDATE jobs SET number=? WHERE id=?", moved)
-                if self._listing:
+                db.executemany("UPDATE jobs SET number=?, digest=? WHERE id=?", moved)
+                if edited:
                     db.executemany(
-                        "INSERT OR IGNORE INTO temp.listed(id) VALUES (?)", ((i,) for i in ids)
+                        "UPDATE jobs SET number=?, model=?, digest=?, params=?, state=?, "
+                        "error=?, warnings=?, request_id=NULL, status_url=NULL, "
+                        "response_url=NULL, output_urls=NULL WHERE id=?",
+                        edited,
+                    )
+                if self._listing:  # fresh: an id this folder did not know before
+                    db.executemany(
+                        "INSERT OR IGNORE INTO temp.listed(id, fresh) VALUES (?, ?)",
+                        ((i, i not in known) for i in ids),
                     )
             except BaseException:
-                db.execute("ROLLBACK")
+                rollback(db)
                 raise
             db.execute("COMMIT")
             return changed
@@ -251,20 +280,87 @@ class Checkpoint(GroupCommitDb):
         result: list[tuple[str, int]] = await self._call(add)
         return result
 
+    def _sends_alike(self, row: NewRow) -> bool:
+        """Whether the valid row ``row`` sends what its id's row sends (read only when
+        the digests differ: parameters may hold megabytes of inline images)."""
+        if row.state == INVALID:
+            return False
+        found = self._conn.execute("SELECT model, params FROM jobs WHERE id=?", (row.id,))
+        model, params = found.fetchone()
+        return bool(model == row.model and params == json.dumps(row.params, sort_keys=True))
+
     async def start_listing(self) -> None:
         """Note every id :meth:`add_rows` gets from now on: the manifest being loaded."""
 
         def start() -> None:
-            self._conn.execute("CREATE TEMP TABLE IF NOT EXISTS listed (id TEXT PRIMARY KEY)")
+            self._conn.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS listed (id TEXT PRIMARY KEY, fresh INTEGER)"
+            )
             self._conn.execute("DELETE FROM temp.listed")
 
         await self._call(start)
         self._listing = True
 
+    async def renamed(self, limit: int) -> tuple[int, list[tuple[str, int, str, str]]]:
+        """Rows new to the folder in the manifest being loaded that are, parameters and
+        model alike, a row sent before whose id the manifest no longer holds: its id
+        changed (an id column taken out or rewritten), and sending it would pay for that
+        job again. Their count, and up to ``limit`` of them as (id, number, old id, old
+        state)."""
+        gone = (
+            "SELECT id, state, model, params FROM jobs WHERE (attempts > 0 OR "
+            "unknown_submits > 0) AND id NOT IN (SELECT id FROM temp.listed)"
+        )
+        pairs = (
+            "FROM temp.listed l JOIN jobs j ON j.id = l.id JOIN temp.gone g "
+            "ON g.model = j.model AND g.params = j.params WHERE l.fresh AND j.state = 'PENDING'"
+        )
+
+        def find() -> tuple[int, list[tuple[str, int, str, str]]]:
+            db = self._conn
+            db.execute("DROP TABLE IF EXISTS temp.gone")
+            db.execute(f"CREATE TEMP TABLE gone AS {gone}")
+            try:
+                if db.execute("SELECT 1 FROM temp.gone LIMIT 1").fetchone() is None:
+                    return 0, []  # nothing sent was taken out: the usual case
+                db.execute("CREATE INDEX temp.gone_key ON gone(model, params)")
+                (count,) = db.execute(f"SELECT COUNT(DISTINCT j.id) {pairs}").fetchone()
+                shown = db.execute(
+                    f"SELECT j.id, j.number, MIN(g.id), g.state {pairs} "  # g.state: MIN's row
+                    "GROUP BY j.id ORDER BY j.number, j.id LIMIT ?",
+                    (limit,),
+                ).fetchall()
+                return int(count), [tuple(r) for r in shown]
+            finally:
+                db.execute("DROP TABLE temp.gone")
+
+        result: tuple[int, list[tuple[str, int, str, str]]] = await self._call(find)
+        return result
+
+    async def discard_listing(self) -> None:
+        """The manifest being loaded is refused: the rows it added are taken out again
+        (never sent; a later run must find them new, and refuse them again)."""
+
+        def discard() -> None:
+            db = self._conn
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute("DELETE FROM jobs WHERE id IN (SELECT id FROM temp.listed WHERE fresh)")
+                db.execute("DROP TABLE temp.listed")
+            except BaseException:
+                rollback(db)
+                raise
+            db.execute("COMMIT")
+
+        self._listing = False
+        await self._call(discard)
+
     async def drop_unlisted(self) -> tuple[int, int]:
         """Rows the loaded manifest no longer holds: never sent (PENDING or INVALID with no
         submit) are deleted; PENDING ones submitted before (a result gone, to be sent
-        again) are FAILED instead, since they were paid. Returns (deleted, failed)."""
+        again) are FAILED instead, since they were paid. The others kept are marked
+        removed, so that no retry sends them again; rows listed again lose the mark, and
+        those it had FAILED are PENDING again. Returns (deleted, failed)."""
         unlisted = "id NOT IN (SELECT id FROM temp.listed)"
 
         def drop() -> tuple[int, int]:
@@ -279,9 +375,16 @@ class Checkpoint(GroupCommitDb):
                     f"UPDATE jobs SET state=?, error=? WHERE state=? AND {unlisted}",
                     (FAILED, REMOVED, PENDING),
                 ).rowcount
+                db.execute(f"UPDATE jobs SET removed=1 WHERE NOT removed AND {unlisted}")
+                db.execute(  # put back: it goes on from where its removal stopped it
+                    "UPDATE jobs SET state=?, error=NULL WHERE removed AND state=? AND "
+                    f"substr(error, -{len(REMOVED)}) = ? AND NOT ({unlisted})",
+                    (PENDING, FAILED, REMOVED),
+                )
+                db.execute(f"UPDATE jobs SET removed=0 WHERE removed AND NOT ({unlisted})")
                 db.execute("DROP TABLE temp.listed")
             except BaseException:
-                db.execute("ROLLBACK")
+                rollback(db)
                 raise
             db.execute("COMMIT")
             return deleted, failed
@@ -354,10 +457,11 @@ class Checkpoint(GroupCommitDb):
                 reopened = db.execute(
                     # The old job's output URLs go: the new job's images are its own.
                     f"UPDATE jobs SET state='PENDING', error=NULL, output_urls=NULL "
-                    f"WHERE state='FAILED' AND ({where})"
+                    f"WHERE state='FAILED' AND NOT removed AND ({where})"
                 ).rowcount
             kept = db.execute(
-                f"SELECT COUNT(*) FROM jobs WHERE state='FAILED' AND {_UNKNOWN_OUTCOME}"
+                f"SELECT COUNT(*) FROM jobs WHERE state='FAILED' AND NOT removed "
+                f"AND {_UNKNOWN_OUTCOME}"
             ).fetchone()[0]
             return reopened, kept
 

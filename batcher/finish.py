@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from batcher.checkpoint import CHECKPOINT, RESULTS_FRESH, RESULTS_META
 from batcher.errors import CheckpointUnwritable, UsageError
 from batcher.options import RunOptions
-from batcher.pipeline import RunContext
+from batcher.pipeline import Counters, RunContext
 from batcher.progress import Summary, summarize
 from batcher.results import RESULTS, summary_table, write_results
 
@@ -70,6 +73,21 @@ async def finish(ctx: RunContext, elapsed_s: float, *, stopping: bool) -> End:
         summarize, results, ctx.counters, ctx.gate.limited, elapsed_s
     )
     return End(results, summary, tuple(notes))
+
+
+def summary_as_is(table: Path, rows: int, elapsed_s: float) -> Summary | None:
+    """The summary of a finished run read from its results.parquet as it is, or None when
+    the file is not one to read (a link, something else saved over it, a table of other
+    rows): the caller writes it anew. Blocking."""
+    try:
+        if not stat.S_ISREG(table.lstat().st_mode):  # a link is replaced, never read
+            return None
+        if pq.ParquetFile(table).metadata.num_rows != rows:
+            return None
+        return summarize(table, Counters(), 0, elapsed_s)
+    except (OSError, pa.ArrowException) as exc:
+        log.info("%s cannot be read as it is (%s): writing it again", table, exc)
+        return None
 
 
 async def _checkpoint_summary(ctx: RunContext, elapsed_s: float) -> Summary | None:

@@ -10,6 +10,18 @@ from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, Self
 
+#: SQLite's (primary) result codes of a disk that refuses the file: read-only, I/O error,
+#: full; and of a file it cannot open (a journal or WAL file, once the database is open).
+DISK_CODES = frozenset({8, 10, 13})
+_UNWRITABLE_CODES = DISK_CODES | {14}
+
+
+def rollback(db: sqlite3.Connection) -> None:
+    """Undo the transaction a statement failed in, if it is still open: SQLite ends it
+    itself on some errors (a full disk), and a ROLLBACK then would hide the error."""
+    if db.in_transaction:
+        db.execute("ROLLBACK")
+
 
 class GroupCommitDb(abc.ABC):
     """An SQLite connection used from one worker thread only. Writes queued by any task
@@ -64,7 +76,12 @@ class GroupCommitDb(abc.ABC):
         self._executor.shutdown(wait=True)
 
     async def _call(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        except sqlite3.OperationalError as exc:  # the disk, not a bug: the run stops, resumable
+            if getattr(exc, "sqlite_errorcode", 0) & 0xFF in _UNWRITABLE_CODES:
+                raise self._unwritable(exc) from None
+            raise
 
     @property
     def _conn(self) -> sqlite3.Connection:
@@ -115,6 +132,6 @@ class GroupCommitDb(abc.ABC):
             for sql, params in statements:
                 db.execute(sql, params)
         except BaseException:
-            db.execute("ROLLBACK")
+            rollback(db)
             raise
         db.execute("COMMIT")

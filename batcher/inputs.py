@@ -177,15 +177,18 @@ class ImageInputs:
         if kind == "other-url":
             scheme = value.partition(":")[0]
             raise InputError(f"{param}={value}: unsupported URL scheme {scheme!r} (http(s) only)")
+        given = f"{param}={value}"
+        if value != value.strip():  # a space after a CSV comma, invisible in the message
+            given = f"{param}={value!r} (spaces are part of the name)"
         try:
             path = await self._resolved(os.path.join(self._base, value))
         except _Problem as exc:
-            raise InputError(f"{param}={value}: {exc}") from None
+            raise InputError(f"{given}: {exc}") from None
 
         while (pending := self._pending.get(path)) is not None:
             await pending.done.wait()
             if pending.problem is not None:
-                raise InputError(f"{param}={value}: {pending.problem}")
+                raise InputError(f"{given}: {pending.problem}")
             if pending.encoded is not None:
                 return pending.encoded
             # The reader died without a verdict (an unexpected error): look again, and
@@ -202,7 +205,7 @@ class ImageInputs:
             self._store(path, encoded)
         except _Problem as exc:
             pending.problem = str(exc)
-            raise InputError(f"{param}={value}: {exc}") from None
+            raise InputError(f"{given}: {exc}") from None
         finally:
             del self._pending[path]
             pending.done.set()
@@ -308,6 +311,8 @@ class ImageInputs:
 
 
 def _resolve_path(joined: str) -> str:
+    if "\x00" in joined:  # no file name holds one; os.path raises a bare ValueError
+        raise _Problem("the path contains a NUL character: no file can have that name")
     try:
         return str(Path(joined).resolve())
     except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)

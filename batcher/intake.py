@@ -30,6 +30,8 @@ BATCH = 2000
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 #: INVALID rows named on the terminal by a run; the rest are counted (all are in results).
 SHOWN_INVALID = 10
+#: Rows named by the refusal of rows sent before under another id (the rest are counted).
+SHOWN_RENAMED = 5
 
 
 @dataclass(frozen=True)
@@ -79,10 +81,14 @@ async def load(
     default_model: str | None,
     inputs: ImageInputs,
     should_stop: Callable[[], bool] | None = None,
+    *,
+    reopen_known: bool = False,
+    reopen_unknown: bool = False,
 ) -> int:
     """Record every row; returns how many were read. Raises ManifestError if rows changed,
     Interrupted when ``should_stop`` says so between batches (the rows recorded so far
-    stay; the next run reads the manifest again)."""
+    stay; the next run reads the manifest again). A FAILED row edited takes its new
+    version when it is to be sent again (see Checkpoint.add_rows)."""
     rows = read_rows(manifest, default_model=default_model)
     await checkpoint.start_listing()
     changed: list[tuple[str, int]] = []
@@ -110,16 +116,25 @@ async def load(
             )
             for c in checked
         ]
-        changed += await checkpoint.add_rows(new)
+        changed += await checkpoint.add_rows(
+            new, reopen_known=reopen_known, reopen_unknown=reopen_unknown
+        )
     if changed:
+        await checkpoint.discard_listing()
         listed = ", ".join(f"row {n} (id {show(i)})" for i, n in changed[:5])
         more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
         have = "has" if len(changed) == 1 else "have"
         raise ManifestError(
             f"{manifest}: the manifest changed since this output folder was used: {listed}{more} "
             f"now {have} different parameters. Nothing was sent and nothing was overwritten. "
-            "Restore the manifest, or use a new --out folder for the changed rows"
+            "Restore the manifest, or use a new --out folder for the changed rows (a FAILED "
+            "row is sent again with its edit by --retry-failed, or --resubmit-unknown if its "
+            "submit outcome was unknown)" + _BY_NUMBER * all(i == str(n) for i, n in changed)
         )
+    count, renamed = await checkpoint.renamed(SHOWN_RENAMED)
+    if count:
+        await checkpoint.discard_listing()
+        raise ManifestError(_renamed_message(manifest, count, renamed))
     deleted, failed = await checkpoint.drop_unlisted()
     if deleted or failed:
         log.warning(
@@ -136,6 +151,30 @@ async def load(
             "%d more INVALID rows; every reason is in results.parquet", invalid_count - len(invalid)
         )
     return total
+
+
+#: Said when every row refused as changed is known by its row number: a row added or
+#: taken out above them shifts them (no id column, or its cells left empty).
+_BY_NUMBER = (
+    ". These rows have no id, so they are known by their row number: a row added or taken "
+    "out above them moves every row below onto another's number. Put rows back where they "
+    "were and add new ones at the end (or give every row an id)"
+)
+
+
+def _renamed_message(manifest: str, count: int, shown: list[tuple[str, int, str, str]]) -> str:
+    listed = "; ".join(
+        f"row {n} (id {show(i)}) has the parameters of id {show(old)} ({state})"
+        for i, n, old, state in shown
+    )
+    more = f"; and {count - len(shown)} more" if count > len(shown) else ""
+    return (
+        f"{manifest}: rows new to this output folder are rows sent before under an id the "
+        f"manifest no longer has: {listed}{more}. Their ids changed (an id column taken out "
+        "or rewritten?): sent, they would be paid for again. Nothing was sent. Give them "
+        "their ids back (or change a parameter, a seed, to want another image), or use a "
+        "new --out folder"
+    )
 
 
 def _jsonable(params: dict[str, Any]) -> dict[str, Any]:

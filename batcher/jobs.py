@@ -73,6 +73,8 @@ class Job:
     #: JSON list of the output URLs of a job seen COMPLETED whose images are not all
     #: saved yet (None otherwise): its images are downloaded from them, not the result.
     output_urls: str | None = None
+    #: No longer in the manifest: a retry (a FAILED job, an expired result) fails it.
+    removed: bool = False
 
     @property
     def params(self) -> dict[str, Any]:
@@ -93,7 +95,7 @@ COLUMNS = frozenset({
 #: The columns a :class:`Job` is read from, in the order :func:`job_from_row` takes them.
 JOB_COLUMNS = (
     "id, number, model, params, state, request_id, status_url, response_url, attempts, "
-    "unknown_submits, polls, submitted_at, output_urls"
+    "unknown_submits, polls, submitted_at, output_urls, removed"
 )
 
 
@@ -113,4 +115,5 @@ def job_from_row(row: Sequence[Any]) -> Job:
         polls=row[10],
         submitted_at=row[11],
         output_urls=row[12],
+        removed=bool(row[13]),
     )

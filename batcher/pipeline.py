@@ -29,7 +29,7 @@ from batcher.errors import ApiUnreachable, BatcherError, reason_key
 from batcher.gate import RequestGate
 from batcher.image_writer import ImageWriter
 from batcher.inputs import ImageInputs
-from batcher.jobs import FAILED, NO_JOB, PENDING, Job
+from batcher.jobs import FAILED, NO_JOB, PENDING, REMOVED, Job
 from batcher.latency import LatencyModel
 from batcher.lateness import PollLateness
 from batcher.lost import LostStreak
@@ -383,7 +383,11 @@ class RunContext:
         self._release(job.id)
 
     async def requeue(self, job: Job, why: str, **fields: Any) -> None:
-        """Hand a job back to be submitted again (its old request is gone or failed)."""
+        """Hand a job back to be submitted again (its old request is gone or failed); a
+        row no longer in the manifest is FAILED instead: nobody wants it paid again."""
+        if job.removed:
+            await self.fail(job, f"{why}; {REMOVED}", **fields)
+            return
         await self.checkpoint.update(job.id, state=PENDING, **NO_JOB, **fields)
         log.info("row %s: %s; submitting it again", job.id, why)
         self._release(job.id)

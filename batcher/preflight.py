@@ -13,6 +13,7 @@ from pathlib import Path
 from batcher.checkpoint import Checkpoint
 from batcher.client import MIN_KEY_CHARS, origin
 from batcher.errors import UsageError
+from batcher.jobs import SUBMITTED, SUBMITTING
 from batcher.manifest import fingerprint
 from batcher.options import RunOptions
 
@@ -21,6 +22,8 @@ SIMULATE_KEY = "simulate-key"
 
 #: Meta key: the service the folder's jobs are sent to, SIMULATED or --base-url's origin.
 SERVICE_META, SIMULATED = "service", "simulate"
+#: Meta key: the --time-scale of the folder's jobs in flight (see _check_time_scale).
+TIME_SCALE_META = "time_scale"
 
 
 @contextlib.contextmanager
@@ -100,10 +103,34 @@ def service_identity(options: RunOptions) -> str:
     return identity
 
 
+async def _check_time_scale(cp: Checkpoint, options: RunOptions) -> None:
+    """Refuse to resume jobs in flight at another --time-scale than they were sent at: a
+    result is kept an hour of the service's time, counted at the run's scale, so a
+    smaller one takes live jobs for expired (and pays for them again), a larger one
+    polls them at the wrong pace. With nothing in flight, the new scale is recorded."""
+    if options.simulate:  # the emulator's jobs end with the run that made them: nothing paid
+        return
+    current = f"{options.scale:g}"
+    recorded = await cp.get_meta(TIME_SCALE_META)
+    if recorded == current:
+        return
+    counts = await cp.counts()
+    in_flight = counts.get(SUBMITTED, 0) + counts.get(SUBMITTING, 0)
+    if recorded is not None and in_flight:
+        raise UsageError(
+            f"{options.out} has {in_flight} jobs in flight sent with --time-scale {recorded}, "
+            f"and this run's is {current}: their results' retention would be counted at the "
+            f"wrong pace (a smaller scale takes live jobs for expired and pays for them "
+            f"again). Run again with --time-scale {recorded} to finish them"
+        )
+    await cp.set_meta(TIME_SCALE_META, current)
+
+
 async def check_service(cp: Checkpoint, options: RunOptions) -> None:
     """Refuse, before anything is sent or polled, a folder whose jobs belong to another
     service: its request ids mean nothing there, and its images would be mixed with that
     service's in one results.parquet."""
+    await _check_time_scale(cp, options)
     current = service_identity(options)
     recorded = await cp.get_meta(SERVICE_META)
     if recorded == current:

@@ -40,8 +40,19 @@ async def reconcile(
         if not scanned:
             await scan_manifest(options, stop)
         # A manifest refused here (rows changed) leaves the checkpoint as it was; one
-        # interrupted keeps the rows read so far, and its identity is not recorded.
-        await load(cp, str(options.manifest), options.model, inputs, stop)
+        # interrupted keeps the rows read so far, and no identity is recorded meanwhile:
+        # the next run reads its manifest again, and drops those rows if they are not in
+        # it (the old file put back as it was would otherwise not be read).
+        await cp.set_meta("manifest", "")
+        await load(
+            cp,
+            str(options.manifest),
+            options.model,
+            inputs,
+            stop,
+            reopen_known=options.retry_failed,
+            reopen_unknown=options.resubmit_unknown,
+        )
         await mark_results_stale(cp)
         await cp.set_meta("manifest", identity)
     if options.retry_failed or options.resubmit_unknown:

@@ -22,7 +22,7 @@ async def resume(ctx: RunContext, poller: Poller, redownloads: Redownloads) -> N
         # The process died between the gate's grant and the answer: maybe billed. One
         # write: a kill between two would count the unknown submit twice.
         ctx.counters.unknown_submits += 1
-        if ctx.options.resubmit_unknown:
+        if ctx.options.resubmit_unknown and not job.removed:
             await cp.update(job.id, counts={"unknown_submits": 1}, state=PENDING)
         else:
             await cp.update(

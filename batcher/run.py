@@ -33,15 +33,15 @@ from batcher.errors import (
 )
 from batcher.fetch import save_outputs
 from batcher.fetch import work as fetch_work
-from batcher.finish import finish
+from batcher.finish import finish, summary_as_is
 from batcher.gate import RequestGate
 from batcher.inputs import ImageInputs
 from batcher.interrupt import STOP_SIGNALS, Interrupt, abandoned_note, exit_at_once, wire_wait_s
 from batcher.options import RunOptions
-from batcher.pipeline import Counters, Flight, RunContext
+from batcher.pipeline import Flight, RunContext
 from batcher.poll import Poller
 from batcher.preflight import api_key, check_service, lock
-from batcher.progress import Progress, Summary, summarize
+from batcher.progress import Progress, Summary
 from batcher.reconcile import mark_results_stale, reconcile, scan_manifest
 from batcher.redownload import Redownloads
 from batcher.results import RESULTS
@@ -134,17 +134,15 @@ async def _work(
     total = sum(counts.values())
     done_before = sum(counts.get(s, 0) for s in ("COMPLETED", "FAILED", "INVALID"))
     table = options.out / RESULTS
-    if (
-        done_before == total
-        and await cp.get_meta(RESULTS_META) == RESULTS_FRESH
-        and await anyio.to_thread.run_sync(table.is_file)
-    ):
-        # A finished job run again: every row is final and the table already says so.
-        log.info("nothing to do: every row is COMPLETED, FAILED or INVALID")
+    if done_before == total and await cp.get_meta(RESULTS_META) == RESULTS_FRESH:
+        # A finished job run again: every row is final and the table already says so
+        # (unless it was replaced since: then it is written again).
         as_is = await anyio.to_thread.run_sync(
-            summarize, table, Counters(), 0, time.monotonic() - started
+            summary_as_is, table, total, time.monotonic() - started
         )
-        return RunResult(_exit_code(as_is, None), as_is, table, None)
+        if as_is is not None:
+            log.info("nothing to do: every row is COMPLETED, FAILED or INVALID")
+            return RunResult(_exit_code(as_is, None), as_is, table, None)
     await mark_results_stale(cp)
     try:
         await anyio.to_thread.run_sync(remove_partials, options.out)

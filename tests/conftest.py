@@ -12,8 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pyarrow.parquet as pq
 import pytest
 
+from batcher.options import RunOptions
+from batcher.run import RunResult, arun
 from batcher.sim import SimConfig, SimServer
 
 StartSim = Callable[..., Awaitable[SimServer]]
@@ -158,6 +161,15 @@ async def until(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
             await asyncio.sleep(0.002)
 
 
+async def interrupted_run(options: RunOptions, when: Callable[[], bool]) -> RunResult:
+    """Run until ``when()`` holds, then set the run's interrupt event; how it ended."""
+    interrupted = asyncio.Event()
+    task = asyncio.create_task(arun(options, interrupted=interrupted))
+    await until(lambda: when() or task.done())
+    interrupted.set()
+    return await task
+
+
 @pytest.fixture
 def api_key() -> str:
     return "sk-sim-test-0123456789"
@@ -231,3 +243,21 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 @pytest.fixture
 def api(http: aiohttp.ClientSession, api_key: str) -> Api:
     return Api(http, api_key)
+
+
+def sim_run_options(manifest: Path, sim: SimServer, key: str, **changes: Any) -> RunOptions:
+    """A run of ``manifest`` into ``out/`` beside it, against the emulator ``sim``."""
+    return RunOptions(
+        manifest=manifest,
+        out=manifest.parent / "out",
+        base_url=sim.base_url,
+        time_scale=sim.config.time_scale,
+        api_key=key,
+        progress=False,
+        **changes,
+    )
+
+
+def results_by_id(out: Path) -> dict[str, dict[str, Any]]:
+    """results.parquet's rows by id."""
+    return {r["id"]: r for r in pq.read_table(out / "results.parquet").to_pylist()}

@@ -278,7 +278,7 @@ async def test_a_run_resumed_after_its_emulator_is_gone_finishes(tmp_path: Path)
     assert stopped.summary.counts.get("SUBMITTED") == 6
     db = sqlite3.connect(out / "checkpoint.sqlite")
     try:
-        db.execute("DELETE FROM meta WHERE key='service'")
+        db.execute("DELETE FROM meta WHERE key IN ('service', 'time_scale')")
         db.commit()
     finally:
         db.close()

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import select
+import sqlite3
 import subprocess
 import sys
 import urllib.request
@@ -618,12 +619,22 @@ def cli(*args: str | Path, key: str | None = None) -> subprocess.CompletedProces
 
 
 def tree_hashes(root: Path) -> dict[str, str]:
-    """sha256 of every file under root, by relative path."""
-    return {
+    """sha256 of every file under root, by relative path; the checkpoint's by its rows
+    (a refused manifest leaves them as they were, not the file's note of the manifest
+    last read in full: it has none until one is)."""
+    hashes = {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
-        if p.is_file()
+        if p.is_file() and not p.name.startswith("checkpoint.sqlite")
     }
+    if (root / "checkpoint.sqlite").is_file():
+        db = sqlite3.connect(f"{(root / 'checkpoint.sqlite').as_uri()}?mode=ro", uri=True)
+        try:
+            rows = db.execute("SELECT * FROM jobs ORDER BY id").fetchall()
+        finally:
+            db.close()
+        hashes["checkpoint.sqlite"] = hashlib.sha256(repr(rows).encode()).hexdigest()
+    return hashes
 
 
 def play(case: Case, folder: Path, sim_url: str) -> Outcome:

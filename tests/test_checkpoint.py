@@ -255,7 +255,9 @@ async def test_add_rows_reports_a_changed_digest_and_overwrites_nothing(cp: Chec
 
 async def test_add_rows_finds_conflicts_across_many_ids(cp: Checkpoint) -> None:
     await cp.add_rows([_row(n) for n in range(1200)])  # more than one IN (...) chunk
-    edited = [_row(n, digest="x") if n in (3, 700, 1199) else _row(n) for n in range(1200)]
+    for n in (3, 700, 1199):  # sent: an edit is a change (a row never sent takes it)
+        await cp.update(f"r{n}", state=COMPLETED, attempts=1)
+    edited = [_row(n, digest="x", seed=1) if n in (3, 700, 1199) else _row(n) for n in range(1200)]
 
     assert sorted(await cp.add_rows(edited)) == [("r1199", 1199), ("r3", 3), ("r700", 700)]
 

@@ -42,11 +42,10 @@ def _options(manifest: Path, base_url: str | None = None, **changes: Any) -> Run
         base_url=base_url or DEFAULT_BASE_URL,
         simulate=simulate,
         sim=SimConfig(image_size=(16, 16), latency_median_s=latency) if simulate else None,
-        time_scale=SCALE,
         rate=RateConfig(requests=100_000, period_s=1.0),
         api_key=KEY,
         progress=False,
-        **changes,
+        **{"time_scale": SCALE, **changes},
     )
 
 
@@ -202,3 +201,31 @@ def _closed_port() -> int:
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+async def test_jobs_in_flight_are_not_resumed_at_another_time_scale(
+    tmp_path: Path, sim: Any
+) -> None:
+    """A result is kept an hour of the service's time: --time-scale is what a resumed run
+    counts it in. Before, a resume with a smaller --time-scale (0.001 against jobs sent at
+    1, say) took every job in flight older than 3.6 s for expired and paid for it again;
+    a larger one polled them at the wrong pace."""
+    manifest = url_manifest(tmp_path, 6)
+    server = await sim(time_scale=SCALE, latency_median_s=LONG)
+    options = _options(manifest, server.base_url)
+    await _in_flight(options, 6)
+    rows, sent = _rows(options.out), _requests(server)
+
+    with pytest.raises(UsageError) as info:
+        await arun(_options(manifest, server.base_url, time_scale=SCALE / 2))
+
+    message = str(info.value)
+    assert f"6 jobs in flight sent with --time-scale {SCALE:g}" in message
+    assert f"Run again with --time-scale {SCALE:g}" in message
+    assert _requests(server) == sent
+    assert _rows(options.out) == rows
+
+    # With the folder's scale, they finish; with nothing in flight, any scale will do.
+    assert (await arun(options)).exit_code == EXIT_OK
+    assert (await arun(_options(manifest, server.base_url, time_scale=SCALE / 2))).exit_code == 0
+    assert sum(server.stats()["requests"]["submit"].values()) == 6

@@ -567,3 +567,22 @@ def test_reference_is_pure(tmp_path: Path) -> None:
     inputs = ImageInputs(tmp_path)
     inputs.reference("face_image", "missing/on/disk.png")  # no disk access, no error
     assert inputs.reads == 0
+
+
+@pytest.mark.parametrize("value", ["faces/a\x00.png", "\x00"])
+async def test_a_nul_in_a_path_is_a_row_problem_not_a_crash(tmp_path: Path, value: str) -> None:
+    """Before, os.path's ValueError ("embedded null byte") escaped: `batcher validate` and
+    `batcher run` ended in a traceback on a JSON Lines "\\u0000" or a CSV NUL byte."""
+    inputs = ImageInputs(tmp_path)
+    with pytest.raises(InputError, match="contains a NUL character"):
+        await inputs.resolve("face_image", value)
+
+
+async def test_spaces_around_a_path_are_shown(tmp_path: Path) -> None:
+    """Before, `face_image= faces/x.png : file not found` hid the spaces a hand-written
+    CSV puts after its commas: the path seemed right."""
+    (tmp_path / "x.png").write_bytes(image_bytes())
+    inputs = ImageInputs(tmp_path)
+    with pytest.raises(InputError) as caught:
+        await inputs.resolve("face_image", " x.png")
+    assert str(caught.value).startswith("face_image=' x.png' (spaces are part of the name): ")

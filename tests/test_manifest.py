@@ -656,6 +656,16 @@ def test_unknown_column_suggests_the_closest_parameter(tmp_path: Path) -> None:
     )
 
 
+def test_an_id_column_spelt_in_capitals_is_named(tmp_path: Path) -> None:
+    """Before, "ID" (or "Prompt") was an unknown column with no suggestion: the id column
+    was never among them, and "ID" is not close to "id" letter for letter."""
+    path = write(tmp_path, "manifest.csv", [{"ID": "a", "Prompt": "p", "face_image": FACE}])
+    assert (
+        'unknown columns "ID" (did you mean "id"?), "Prompt" (did you mean "prompt"?); '
+        "columns must be parameter names of instantid, or id, model"
+    ) in scan_error(path)
+
+
 def test_unknown_columns_are_judged_against_every_used_model(tmp_path: Path) -> None:
     rows = [
         {"model": "instantid", "prompt": "p", "face_image": FACE, "num_steps": 5},

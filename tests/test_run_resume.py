@@ -14,14 +14,13 @@ import os
 import re
 import sqlite3
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pyarrow.parquet as pq
 import pytest
-from conftest import in_checkpoint, until
+from conftest import in_checkpoint, interrupted_run, results_by_id, sim_run_options, until
 from PIL import Image
 
 import batcher.finish as finish_module
@@ -70,19 +69,10 @@ def _csv(tmp_path: Path, text: str) -> Path:
 
 
 def _options(manifest: Path, sim: SimServer, **changes: Any) -> RunOptions:
-    return RunOptions(
-        manifest=manifest,
-        out=manifest.parent / "out",
-        base_url=sim.base_url,
-        time_scale=sim.config.time_scale,
-        api_key=KEY,
-        progress=False,
-        **changes,
-    )
+    return sim_run_options(manifest, sim, KEY, **changes)
 
 
-def _results(out: Path) -> dict[str, dict[str, Any]]:
-    return {r["id"]: r for r in pq.read_table(out / "results.parquet").to_pylist()}
+_results = results_by_id
 
 
 def _count(sim: SimServer, endpoint: str, outcome: str) -> int:
@@ -90,13 +80,7 @@ def _count(sim: SimServer, endpoint: str, outcome: str) -> int:
     return count
 
 
-async def _interrupted_run(options: RunOptions, when: Callable[[], bool]) -> Any:
-    """Run until ``when()`` holds, then set the run's interrupt event; the RunResult."""
-    interrupted = asyncio.Event()
-    task = asyncio.create_task(arun(options, interrupted=interrupted))
-    await until(lambda: when() or task.done())
-    interrupted.set()
-    return await task
+_interrupted_run = interrupted_run
 
 
 async def _stopped_at(options: RunOptions, state: str, at_least: int) -> Any:

@@ -85,14 +85,14 @@ HOSTILE_IDS = [
 @pytest.mark.parametrize("row_id", HOSTILE_IDS)
 def test_safe_stem_is_a_plain_name(row_id: str) -> None:
     stem = safe_stem(row_id)
-    digest = hashlib.sha256(row_id.encode("utf-8", "surrogatepass")).hexdigest()[:8]
-    assert re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*_[0-9a-f]{8}", stem), stem
+    digest = hashlib.sha256(row_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    assert re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*_[0-9a-f]{16}", stem), stem
     assert stem.endswith("_" + digest)
     assert stem not in ("", ".", "..")
     assert os.sep not in stem
     assert "/" not in stem
     assert "\x00" not in stem
-    assert len(stem) <= 80 + 9
+    assert len(stem) <= 80 + 17
 
 
 @pytest.mark.parametrize("row_id", HOSTILE_IDS)
@@ -113,12 +113,30 @@ def test_safe_stem_never_collides() -> None:
     assert safe_stem("a/b") != safe_stem("a_b")
 
 
+def test_ids_that_clean_alike_and_share_32_hash_bits_write_two_files(tmp_path: Path) -> None:
+    """Before, the name kept 8 hex digits (32 bits) of the id's hash: ids that clean to
+    one text (any two of three CJK characters, or long ids that share their first 80
+    characters) met on one file about once in 10^5 such rows squared over 2^33, and the
+    second image replaced the first, paid for, both rows COMPLETED."""
+    first, second = "名先七", "名冋乔"  # found by a birthday search: sha256 starts bfc05c0d
+    assert (
+        hashlib.sha256(first.encode()).hexdigest()[:8]
+        == (hashlib.sha256(second.encode()).hexdigest()[:8])
+    )
+    other = image_bytes(size=(3, 5))
+    a = write_image(tmp_path, first, 0, PNG)
+    b = write_image(tmp_path, second, 0, other)
+    assert a.path != b.path
+    assert (tmp_path / a.path).read_bytes() == PNG
+    assert (tmp_path / b.path).read_bytes() == other
+
+
 def test_safe_stem_keeps_readable_ids_and_is_stable() -> None:
     assert safe_stem("row-7.v2").startswith("row-7.v2_")
     assert safe_stem("row-7") == safe_stem("row-7")
     assert safe_stem("..").startswith("row_")  # nothing readable left: a neutral prefix
     assert safe_stem(".hidden").startswith("hidden_")
-    assert len(safe_stem("y" * 1000)) == 80 + 9
+    assert len(safe_stem("y" * 1000)) == 80 + 17
 
 
 # --- output_items ------------------------------------------------------------

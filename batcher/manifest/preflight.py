@@ -231,7 +231,8 @@ def _column_problems(
     allowed = {name for m in models for name in m.params}
     unknown = [c for c in columns if c not in allowed and c not in ("id", "model")]
     if unknown:
-        named = ", ".join(f"{quoted(c)}{did_you_mean(c, allowed)}" for c in unknown[:SHOWN])
+        choices = allowed | {"id", "model"}
+        named = ", ".join(f"{quoted(c)}{did_you_mean(c, choices)}" for c in unknown[:SHOWN])
         more = f" and {len(unknown) - SHOWN} more" if len(unknown) > SHOWN else ""
         problems.append(
             f"unknown column{_s(unknown)} {named}{more}; columns must be parameter names "
