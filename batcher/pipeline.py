@@ -15,7 +15,7 @@ import sys
 import time
 from collections import Counter, deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,6 @@ class Flight:
     urls: str | tuple[str, str]  # see _compact_urls
     submitted_wall: float  # epoch seconds
     submitted_mono: float  # loop time
-    polls: int = 0
     last_poll_mono: float | None = None
     last_gap: float = 0.0
     processing_since: float | None = None
@@ -347,27 +346,21 @@ class RunContext:
             await asyncio.sleep(0.01)
 
     async def count_get(self, endpoint: str, job: Job, stats: CallStats) -> None:
-        """A status or result GET of the row is over: its requests, retries and 429s."""
+        """A status or result GET of the row is over: its requests, retries (after a 5xx
+        or a lost connection) and 429s go into the row's counts at once, a poll with
+        them. Saved only when the job ended, the polls of every job in flight were lost
+        to a kill or a stop, and `batcher report`'s request total with them."""
         self.counters.api_requests[endpoint] += 1 + stats.retries + stats.rate_limited
-        await self.count_retries(job, stats.retries)
-        await self.count_429s(job, stats.rate_limited)
-
-    async def count_retries(self, job: Job, retries: int) -> None:
-        """Add ``retries`` API requests of the row sent again (after a 5xx or a lost
-        connection) to its count, which runs over all its attempts."""
-        if retries:
-            self.counters.retries += retries
-            await self.checkpoint.increment(job.id, "retries", retries)
+        self.counters.retries += stats.retries
+        counts = {"retries": stats.retries, "rate_limited": stats.rate_limited}
+        if endpoint == "status":
+            counts["polls"] = 1
+        await self.checkpoint.update(job.id, counts=counts)
 
     async def count_download_retries(self, job: Job, retries: int) -> None:
         """Add ``retries`` image downloads of the row tried again (a cut body, a lost
         connection, a timeout): not API requests, counted apart from them."""
         await self.checkpoint.increment(job.id, "download_retries", retries)
-
-    async def count_429s(self, job: Job, answers: int) -> None:
-        """Add ``answers`` 429s to the row's count (nothing to write when there were none)."""
-        if answers:
-            await self.checkpoint.increment(job.id, "rate_limited", answers)
 
     async def complete(self, job: Job, **fields: Any) -> None:
         await self.checkpoint.update(job.id, state="COMPLETED", error=None, **fields)
@@ -382,16 +375,15 @@ class RunContext:
         self.counters.failed_reasons[reason_key(error)] += 1
         self._release(job.id)
 
-    async def requeue(self, job: Job, why: str, **fields: Any) -> None:
+    async def requeue(self, job: Job, why: str) -> None:
         """Hand a job back to be submitted again (its old request is gone or failed)."""
-        await self.checkpoint.update(job.id, state=PENDING, **NO_JOB, **fields)
+        await self.checkpoint.update(job.id, state=PENDING, **NO_JOB)
         log.info("row %s: %s; submitting it again", job.id, why)
         self._release(job.id)
-        # The row's polls so far go with it: the next attempt adds its own to them.
-        self.requeued.append(replace(job, polls=fields.get("polls", job.polls)))
+        self.requeued.append(job)
         self.requeue_signal.set()
 
-    async def resubmit_or_fail(self, job: Job, why: str, **fields: Any) -> None:
+    async def resubmit_or_fail(self, job: Job, why: str) -> None:
         """A paid job whose result is gone (expired, or unknown to the API): submit it
         again while the row has submits left (``max_failed_retries`` more than the
         first), else FAILED. A queue longer than the retention would otherwise pay for
@@ -399,13 +391,12 @@ class RunContext:
         if job.attempts <= self.retry.max_failed_retries:
             self.counters.resubmitted_expired += 1
             log.warning("row %s: %s; submitting it again (it was paid for)", job.id, why)
-            await self.requeue(job, why, **fields)
+            await self.requeue(job, why)
             return
         await self.fail(
             job,
             f"{why}; submitted {job.attempts} times (each may be billed), not sent again: "
             "--retry-failed sends it again",
-            **fields,
         )
 
     async def unsubmitted(self, job: Job, *, counts: Mapping[str, int] | None = None) -> None:
