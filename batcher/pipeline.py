@@ -136,6 +136,8 @@ class Counters:
     invalid: int = 0
     skipped: int = 0
     resubmitted_expired: int = 0
+    #: Jobs that ended FAILED and were submitted again (--max-failed-retries), by reason.
+    resubmitted_failed: Counter[str] = field(default_factory=Counter)
     unknown_submits: int = 0
     retries: int = 0
     failed_reasons: Counter[str] = field(default_factory=Counter)
@@ -375,13 +377,29 @@ class RunContext:
         self.counters.failed_reasons[reason_key(error)] += 1
         self._release(job.id)
 
-    async def requeue(self, job: Job, why: str) -> None:
+    async def requeue(self, job: Job) -> None:
         """Hand a job back to be submitted again (its old request is gone or failed)."""
         await self.checkpoint.update(job.id, state=PENDING, **NO_JOB)
-        log.info("row %s: %s; submitting it again", job.id, why)
         self._release(job.id)
         self.requeued.append(job)
         self.requeue_signal.set()
+
+    async def resubmit_failed(self, job: Job, error: str) -> None:
+        """A job that ended FAILED, submitted again (``--max-failed-retries``). The first
+        of each reason is logged, the others counted (progress lines, summary): a line
+        per job was nearly all of a long run's log, at a few percent of FAILED jobs."""
+        seen = self.counters.resubmitted_failed
+        reason = reason_key(error)
+        first = not seen[reason]
+        seen[reason] += 1
+        log.log(
+            logging.INFO if first else logging.DEBUG,
+            "row %s: job FAILED (%s); submitting it again%s",
+            job.id,
+            error,
+            "; more jobs FAILED for this reason are counted in the progress lines" if first else "",
+        )
+        await self.requeue(job)
 
     async def resubmit_or_fail(self, job: Job, why: str) -> None:
         """A paid job whose result is gone (expired, or unknown to the API): submit it
@@ -391,7 +409,7 @@ class RunContext:
         if job.attempts <= self.retry.max_failed_retries:
             self.counters.resubmitted_expired += 1
             log.warning("row %s: %s; submitting it again (it was paid for)", job.id, why)
-            await self.requeue(job, why)
+            await self.requeue(job)
             return
         await self.fail(
             job,

@@ -186,7 +186,7 @@ async def settle_not_ok(
     if outcome is Outcome.FAILED:
         error = str(reply.body.get("error") or reply.error_text())
         if job.attempts <= ctx.retry.max_failed_retries:
-            await ctx.requeue(job, f"job FAILED ({error})")
+            await ctx.resubmit_failed(job, error)
             return
         await ctx.fail(job, error, metrics=reply.body.get("metrics"))
         return

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
@@ -53,6 +53,8 @@ class Progress:
             "queued": states.count("QUEUED"),
             "processing": states.count("PROCESSING"),
             "failed": ctx.counters.failed,
+            "resubmitted": sum(ctx.counters.resubmitted_failed.values())
+            + ctx.counters.resubmitted_expired,
             "429s": ctx.gate.limited,
         }
 
@@ -104,6 +106,8 @@ class Summary:
     poll_late: tuple[float, float] | None = None
     #: Polls ran late by a large share of their gaps at some point (see lateness.py).
     polls_fell_behind: bool = False
+    #: Jobs FAILED and submitted again this run, by reason (most first).
+    resubmitted_failed: dict[str, int] = field(default_factory=dict)
 
     def text(self) -> str:
         c = self.counts
@@ -140,6 +144,13 @@ class Summary:
             )
         for reason, n in list(self.failed_reasons.items())[:10]:  # most rows first
             lines.append(f"  failed x{n}: {reason}")
+        if self.resubmitted_failed:
+            lines.append(
+                f"jobs FAILED and submitted again: {sum(self.resubmitted_failed.values())} "
+                "(--max-failed-retries)"
+            )
+            for reason, n in list(self.resubmitted_failed.items())[:10]:
+                lines.append(f"  again x{n}: {reason}")
         return "\n".join(lines)
 
 
@@ -178,6 +189,7 @@ def summarize(
         unknown_submits=int(unknown),
         poll_late=c.poll_lateness.percentiles(),
         polls_fell_behind=c.poll_lateness.fell_behind,
+        resubmitted_failed=dict(c.resubmitted_failed.most_common()),
     )
 
 
