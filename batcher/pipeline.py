@@ -350,8 +350,8 @@ class RunContext:
     async def count_get(self, endpoint: str, job: Job, stats: CallStats) -> None:
         """A status or result GET of the row is over: its requests, retries (after a 5xx
         or a lost connection) and 429s go into the row's counts at once, a poll with
-        them. Saved only when the job ended, the polls of every job in flight were lost
-        to a kill or a stop, and `batcher report`'s request total with them."""
+        them, not when the job ends: a kill or a stop keeps the polls of the jobs in
+        flight (and `batcher report`'s request total with them)."""
         self.counters.api_requests[endpoint] += 1 + stats.retries + stats.rate_limited
         self.counters.retries += stats.retries
         counts = {"retries": stats.retries, "rate_limited": stats.rate_limited}

@@ -38,7 +38,7 @@ class Progress:
         *,
         before: Mapping[str, int],
         enabled: bool | None,
-        log_every_s: float = 30.0,
+        log_every_s: float,
     ) -> None:
         self._ctx = ctx
         self._total = sum(before.values())

@@ -71,7 +71,10 @@ def test_a_progress_line_says_the_pace_and_the_time_left_and_counts_every_runs_f
     counters = Counters(completed=0, failed=0)
     ctx: Any = SimpleNamespace(counters=counters, flights={}, gate=SimpleNamespace(limited=3))
     progress = Progress(
-        ctx, before={"COMPLETED": 960, "FAILED": 40, "PENDING": 9000}, enabled=False
+        ctx,
+        before={"COMPLETED": 960, "FAILED": 40, "PENDING": 9000},
+        enabled=False,
+        log_every_s=30.0,
     )
     progress.line(now=0.0)
     counters.completed, counters.failed = 2398, 2
