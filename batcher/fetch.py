@@ -72,9 +72,7 @@ async def fetch_one(
     metrics: dict[str, Any] = raw_metrics if isinstance(raw_metrics, dict) else {}
     latency = seen - flight.submitted_mono
     total = metric(metrics, "total_time")
-    polls = job.polls + flight.polls
     completion: dict[str, Any] = {
-        "polls": polls,
         "completed_at": flight.submitted_wall + latency,
         "latency_s": latency,
         "notice_lag_s": None if total is None else max(0.0, latency - total),

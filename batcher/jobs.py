@@ -68,7 +68,6 @@ class Job:
     response_url: str | None
     attempts: int
     unknown_submits: int
-    polls: int
     submitted_at: float | None
     #: JSON list of the output URLs of a job seen COMPLETED whose images are not all
     #: saved yet (None otherwise): its images are downloaded from them, not the result.
@@ -95,7 +94,7 @@ COLUMNS = frozenset({
 #: The columns a :class:`Job` is read from, in the order :func:`job_from_row` takes them.
 JOB_COLUMNS = (
     "id, number, model, params, state, request_id, status_url, response_url, attempts, "
-    "unknown_submits, polls, submitted_at, output_urls, removed"
+    "unknown_submits, submitted_at, output_urls, removed"
 )
 
 
@@ -112,8 +111,7 @@ def job_from_row(row: Sequence[Any]) -> Job:
         response_url=row[7],
         attempts=row[8],
         unknown_submits=row[9],
-        polls=row[10],
-        submitted_at=row[11],
-        output_urls=row[12],
-        removed=bool(row[13]),
+        submitted_at=row[10],
+        output_urls=row[11],
+        removed=bool(row[12]),
     )

@@ -15,7 +15,7 @@ import sys
 import time
 from collections import Counter, deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,6 @@ class Flight:
     urls: str | tuple[str, str]  # see _compact_urls
     submitted_wall: float  # epoch seconds
     submitted_mono: float  # loop time
-    polls: int = 0
     last_poll_mono: float | None = None
     last_gap: float = 0.0
     processing_since: float | None = None
@@ -137,6 +136,8 @@ class Counters:
     invalid: int = 0
     skipped: int = 0
     resubmitted_expired: int = 0
+    #: Jobs that ended FAILED and were submitted again (--max-failed-retries), by reason.
+    resubmitted_failed: Counter[str] = field(default_factory=Counter)
     unknown_submits: int = 0
     retries: int = 0
     failed_reasons: Counter[str] = field(default_factory=Counter)
@@ -347,27 +348,21 @@ class RunContext:
             await asyncio.sleep(0.01)
 
     async def count_get(self, endpoint: str, job: Job, stats: CallStats) -> None:
-        """A status or result GET of the row is over: its requests, retries and 429s."""
+        """A status or result GET of the row is over: its requests, retries (after a 5xx
+        or a lost connection) and 429s go into the row's counts at once, a poll with
+        them, not when the job ends: a kill or a stop keeps the polls of the jobs in
+        flight (and `batcher report`'s request total with them)."""
         self.counters.api_requests[endpoint] += 1 + stats.retries + stats.rate_limited
-        await self.count_retries(job, stats.retries)
-        await self.count_429s(job, stats.rate_limited)
-
-    async def count_retries(self, job: Job, retries: int) -> None:
-        """Add ``retries`` API requests of the row sent again (after a 5xx or a lost
-        connection) to its count, which runs over all its attempts."""
-        if retries:
-            self.counters.retries += retries
-            await self.checkpoint.increment(job.id, "retries", retries)
+        self.counters.retries += stats.retries
+        counts = {"retries": stats.retries, "rate_limited": stats.rate_limited}
+        if endpoint == "status":
+            counts["polls"] = 1
+        await self.checkpoint.update(job.id, counts=counts)
 
     async def count_download_retries(self, job: Job, retries: int) -> None:
         """Add ``retries`` image downloads of the row tried again (a cut body, a lost
         connection, a timeout): not API requests, counted apart from them."""
         await self.checkpoint.increment(job.id, "download_retries", retries)
-
-    async def count_429s(self, job: Job, answers: int) -> None:
-        """Add ``answers`` 429s to the row's count (nothing to write when there were none)."""
-        if answers:
-            await self.checkpoint.increment(job.id, "rate_limited", answers)
 
     async def complete(self, job: Job, **fields: Any) -> None:
         await self.checkpoint.update(job.id, state="COMPLETED", error=None, **fields)
@@ -382,34 +377,50 @@ class RunContext:
         self.counters.failed_reasons[reason_key(error)] += 1
         self._release(job.id)
 
-    async def requeue(self, job: Job, why: str, **fields: Any) -> None:
-        """Hand a job back to be submitted again (its old request is gone or failed); a
-        row no longer in the manifest is FAILED instead: nobody wants it paid again."""
-        if job.removed:
-            await self.fail(job, f"{why}; {REMOVED}", **fields)
-            return
-        await self.checkpoint.update(job.id, state=PENDING, **NO_JOB, **fields)
-        log.info("row %s: %s; submitting it again", job.id, why)
+    async def requeue(self, job: Job) -> None:
+        """Hand a job back to be submitted again (its old request is gone or failed)."""
+        await self.checkpoint.update(job.id, state=PENDING, **NO_JOB)
         self._release(job.id)
-        # The row's polls so far go with it: the next attempt adds its own to them.
-        self.requeued.append(replace(job, polls=fields.get("polls", job.polls)))
+        self.requeued.append(job)
         self.requeue_signal.set()
 
-    async def resubmit_or_fail(self, job: Job, why: str, **fields: Any) -> None:
+    async def resubmit_failed(self, job: Job, error: str) -> None:
+        """A job that ended FAILED, submitted again (``--max-failed-retries``). The first
+        of each reason is logged, the others counted (progress lines, summary): a line
+        per job was nearly all of a long run's log, at a few percent of FAILED jobs."""
+        if job.removed:  # no longer in the manifest: nobody wants it paid again
+            await self.fail(job, f"job FAILED ({error}); {REMOVED}")
+            return
+        seen = self.counters.resubmitted_failed
+        reason = reason_key(error)
+        first = not seen[reason]
+        seen[reason] += 1
+        log.log(
+            logging.INFO if first else logging.DEBUG,
+            "row %s: job FAILED (%s); submitting it again%s",
+            job.id,
+            error,
+            "; more jobs FAILED for this reason are counted in the progress lines" if first else "",
+        )
+        await self.requeue(job)
+
+    async def resubmit_or_fail(self, job: Job, why: str) -> None:
         """A paid job whose result is gone (expired, or unknown to the API): submit it
         again while the row has submits left (``max_failed_retries`` more than the
         first), else FAILED. A queue longer than the retention would otherwise pay for
         every row again and again."""
+        if job.removed:  # no longer in the manifest: nobody wants it paid again
+            await self.fail(job, f"{why}; {REMOVED}")
+            return
         if job.attempts <= self.retry.max_failed_retries:
             self.counters.resubmitted_expired += 1
             log.warning("row %s: %s; submitting it again (it was paid for)", job.id, why)
-            await self.requeue(job, why, **fields)
+            await self.requeue(job)
             return
         await self.fail(
             job,
             f"{why}; submitted {job.attempts} times (each may be billed), not sent again: "
             "--retry-failed sends it again",
-            **fields,
         )
 
     async def unsubmitted(self, job: Job, *, counts: Mapping[str, int] | None = None) -> None:

@@ -117,7 +117,6 @@ class Poller:
         sent = ctx.now()
         reply = await _get(ctx, Priority.POLL, flight.status_url, stats)
         now = ctx.now()
-        flight.polls += 1
         if flight.last_poll_mono is not None:
             flight.last_gap = now - flight.last_poll_mono
         else:
@@ -184,18 +183,15 @@ async def settle_not_ok(
     """A status or result GET that is not a plain success: FAILED, expired, or an error."""
     job = flight.job
     outcome = reply.outcome
-    polls = job.polls + flight.polls
     if outcome is Outcome.FAILED:
         error = str(reply.body.get("error") or reply.error_text())
         if job.attempts <= ctx.retry.max_failed_retries:
-            await ctx.requeue(job, f"job FAILED ({error})", polls=polls)
+            await ctx.resubmit_failed(job, error)
             return
-        await ctx.fail(job, error, metrics=reply.body.get("metrics"), polls=polls)
+        await ctx.fail(job, error, metrics=reply.body.get("metrics"))
         return
     if outcome is Outcome.NOT_FOUND:
-        await ctx.resubmit_or_fail(
-            job, f"request {flight.request_id} is gone (expired or unknown)", polls=polls
-        )
+        await ctx.resubmit_or_fail(job, f"request {flight.request_id} is gone (expired or unknown)")
         return
     if outcome is Outcome.AUTH:
         raise AuthError(
@@ -229,4 +225,4 @@ async def retry_later(ctx: RunContext, flight: Flight, reason: str, reschedule: 
         "--retry-failed submits it again"
     )
     log.warning("row %s: giving up: FAILED because %s", job.id, error)
-    await ctx.fail(job, error, polls=job.polls + flight.polls)
+    await ctx.fail(job, error)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
@@ -21,24 +23,32 @@ from batcher.results import SUMMARY_COLUMNS
 log = logging.getLogger(__name__)
 
 
+#: The span of the pace a progress line gives: recent enough to show a slowdown (429s, an
+#: outage), long enough not to swing with each batch.
+PACE_WINDOW_S = 300.0
+
+
 class Progress:
-    """Updates a bar (or logs a line every ``log_every_s``) from the run's live counters."""
+    """Updates a bar (or logs a line every ``log_every_s``) from the run's live counters;
+    ``before`` is the rows' states as the run started."""
 
     def __init__(
         self,
         ctx: RunContext,
         *,
-        total: int,
-        done_before: int,
+        before: Mapping[str, int],
         enabled: bool | None,
         log_every_s: float,
     ) -> None:
         self._ctx = ctx
-        self._total = total
-        self._done_before = done_before
+        self._total = sum(before.values())
+        self._done_before = sum(before.get(s, 0) for s in _TERMINAL)
+        self._failed_before = before.get("FAILED", 0)
         self._bar_on = sys.stderr.isatty() if enabled is None else enabled
         self._log_every = log_every_s
         self._bar: tqdm[None] | None = None
+        #: (monotonic time, rows done) at the progress lines of the last PACE_WINDOW_S.
+        self._pace: deque[tuple[float, int]] = deque()
 
     def _done(self) -> int:
         c = self._ctx.counters
@@ -52,7 +62,9 @@ class Progress:
             "in_flight": len(ctx.flights),
             "queued": states.count("QUEUED"),
             "processing": states.count("PROCESSING"),
-            "failed": ctx.counters.failed,
+            "failed": self._failed_before + ctx.counters.failed,
+            "resubmitted": sum(ctx.counters.resubmitted_failed.values())
+            + ctx.counters.resubmitted_expired,
             "429s": ctx.gate.limited,
         }
 
@@ -66,6 +78,7 @@ class Progress:
                 file=sys.stderr,
             )
         last_log = time.monotonic()
+        self._pace.append((last_log, self._done()))  # the first line's pace: since the start
         try:
             while True:
                 await anyio.sleep(0.5)
@@ -74,10 +87,31 @@ class Progress:
                     self._bar.set_postfix(self._figures(), refresh=False)
                 elif time.monotonic() - last_log >= self._log_every:
                     last_log = time.monotonic()
-                    figures = " ".join(f"{k}={v}" for k, v in self._figures().items())
-                    log.info("progress: %d/%d done, %s", self._done(), self._total, figures)
+                    log.info("%s", self.line(last_log))
         finally:
             self.close()
+
+    def line(self, now: float) -> str:
+        """The progress line for a log file: rows done, the pace over the last
+        PACE_WINDOW_S and the time left at it, then the live figures. ``now`` is
+        monotonic; the first line (no pace yet) says so."""
+        done = self._done()
+        pace = self._pace
+        pace.append((now, done))
+        while len(pace) > 1 and now - pace[1][0] >= PACE_WINDOW_S:
+            pace.popleft()
+        since, done_then = pace[0]
+        per_min = (done - done_then) * 60.0 / (now - since) if now > since else None
+        left = self._total - done
+        if per_min is None:
+            pace_text = "pace not known yet"
+        elif per_min <= 0:
+            pace_text = "0/min, time left unknown" if left else "0/min"
+        else:
+            shown = f"{per_min:.0f}" if per_min >= 100 else f"{per_min:.3g}"
+            pace_text = f"{shown}/min, {time_left(60.0 * left / per_min)} left"
+        figures = " ".join(f"{k}={v}" for k, v in self._figures().items())
+        return f"progress: {done}/{self._total} done, {pace_text}; {figures}"
 
     def close(self) -> None:
         if self._bar is not None:
@@ -104,6 +138,8 @@ class Summary:
     poll_late: tuple[float, float] | None = None
     #: Polls ran late by a large share of their gaps at some point (see lateness.py).
     polls_fell_behind: bool = False
+    #: Jobs FAILED and submitted again this run, by reason (most first).
+    resubmitted_failed: dict[str, int] = field(default_factory=dict)
 
     def text(self) -> str:
         c = self.counts
@@ -140,10 +176,28 @@ class Summary:
             )
         for reason, n in list(self.failed_reasons.items())[:10]:  # most rows first
             lines.append(f"  failed x{n}: {reason}")
+        if self.resubmitted_failed:
+            lines.append(
+                f"jobs FAILED and submitted again: {sum(self.resubmitted_failed.values())} "
+                "(--max-failed-retries)"
+            )
+            for reason, n in list(self.resubmitted_failed.items())[:10]:
+                lines.append(f"  again x{n}: {reason}")
         return "\n".join(lines)
 
 
 _TERMINAL = ("COMPLETED", "FAILED", "INVALID")
+
+
+def time_left(seconds: float) -> str:
+    """A duration as a person reads it in a log: minutes, hours or days."""
+    if seconds < 60:
+        return "under a minute"
+    if seconds < 90 * 60:
+        return f"about {seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"about {seconds / 3600:.1f} h"
+    return f"about {seconds / 86400:.0f} days"
 
 
 def summarize(
@@ -178,6 +232,7 @@ def summarize(
         unknown_submits=int(unknown),
         poll_late=c.poll_lateness.percentiles(),
         polls_fell_behind=c.poll_lateness.fell_behind,
+        resubmitted_failed=dict(c.resubmitted_failed.most_common()),
     )
 
 

@@ -171,7 +171,7 @@ async def _work(
         if isinstance(interrupted, Interrupt):
             interrupted.context = ctx
         try:
-            await _pipeline(ctx, total, done_before, interrupted)
+            await _pipeline(ctx, counts, interrupted)
         except BatcherError as exc:
             error = exc
         except BaseException as exc:  # a bug, a cancel: raised as it is, whatever follows
@@ -218,7 +218,7 @@ def _exit_code(summary: Summary, stop_reason: str | None) -> int:
 
 
 async def _pipeline(
-    ctx: RunContext, total: int, done_before: int, interrupted: asyncio.Event | None
+    ctx: RunContext, before: dict[str, int], interrupted: asyncio.Event | None
 ) -> None:
     to_submit_send, to_submit = anyio.create_memory_object_stream[Any](0)
     to_fetch_send, to_fetch = anyio.create_memory_object_stream[Flight](FETCH_WORKERS)
@@ -226,8 +226,7 @@ async def _pipeline(
     redownloads = Redownloads(ctx)
     progress = Progress(
         ctx,
-        total=total,
-        done_before=done_before,
+        before=before,
         enabled=ctx.options.progress,
         log_every_s=ctx.options.log_every_s,
     )

@@ -126,7 +126,7 @@ async def test_transitions_read_back_in_manifest_order(cp: Checkpoint) -> None:
         1,
         100.0,
     )
-    assert (await cp.jobs_in([PENDING], limit=1))[0].polls == 4
+    assert _read(cp.path, "SELECT polls FROM jobs WHERE id='r3'") == [(4,)]
     assert await cp.counts() == {PENDING: 3, SUBMITTED: 1, COMPLETED: 1, INVALID: 1}
     metrics, outputs = _read(cp.path, "SELECT metrics, outputs FROM jobs WHERE id='r2'")[0]
     assert (json.loads(metrics), json.loads(outputs)) == ({"inference_time": 1.5}, ["a.png"])

@@ -10,7 +10,7 @@ def _job(row_id: str) -> Job:
     return Job(
         id=row_id, number=1, model="instantid", params_json="{}", state="SUBMITTING",
         request_id=None, status_url=None, response_url=None, attempts=1, unknown_submits=0,
-        polls=0, submitted_at=None,
+        submitted_at=None,
     )  # fmt: skip
 
 
