@@ -27,6 +27,7 @@ _INNER_STAGES = (
     ("(batcher/checkpoint.py", "checkpoint (checkpoint.py)"),
     ("(batcher/group_commit.py", "checkpoint (checkpoint.py)"),
     ("(batcher/jobs.py", "checkpoint (checkpoint.py)"),
+    ("(batcher/listing.py", "manifest intake (intake.py)"),
     ("(batcher/schedule.py", "poll schedule maths (schedule.py)"),
     ("run_sync (anyio/to_thread.py", "hand-off to worker thread (anyio.to_thread)"),
     ("(batcher/results.py", "results.parquet writing (results.py)"),
