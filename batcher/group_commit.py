@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, Self
@@ -16,11 +17,19 @@ DISK_CODES = frozenset({8, 10, 13})
 _UNWRITABLE_CODES = DISK_CODES | {14}
 
 
-def rollback(db: sqlite3.Connection) -> None:
-    """Undo the transaction a statement failed in, if it is still open: SQLite ends it
-    itself on some errors (a full disk), and a ROLLBACK then would hide the error."""
-    if db.in_transaction:
-        db.execute("ROLLBACK")
+@contextlib.contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back when the block raises, if still
+    open: SQLite ends it itself on some errors (a full disk), and a ROLLBACK then would
+    hide the error."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 class GroupCommitDb(abc.ABC):
@@ -126,12 +135,6 @@ class GroupCommitDb(abc.ABC):
                 future.set_result(None)
 
     def _apply(self, statements: Iterable[tuple[str, Sequence[Any]]]) -> None:
-        db = self._conn
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self._conn) as db:
             for sql, params in statements:
                 db.execute(sql, params)
-        except BaseException:
-            rollback(db)
-            raise
-        db.execute("COMMIT")

@@ -8,7 +8,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from batcher.group_commit import GroupCommitDb, rollback
+from batcher.group_commit import GroupCommitDb, transaction
 from batcher.jobs import FAILED, INVALID, PENDING, REMOVED, NewRow
 
 __all__ = ["UNKNOWN_OUTCOME_SQL", "ManifestListing"]
@@ -46,9 +46,7 @@ class ManifestListing(GroupCommitDb):
         """
 
         def add() -> list[tuple[str, int]]:
-            db = self._conn
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(self._conn) as db:
                 changed: list[tuple[str, int]] = []
                 ids = [r.id for r in rows]
                 known: dict[str, tuple[str, str, int, bool]] = {}
@@ -100,10 +98,6 @@ class ManifestListing(GroupCommitDb):
                         "INSERT OR IGNORE INTO temp.listed(id, fresh) VALUES (?, ?)",
                         ((i, i not in known) for i in ids),
                     )
-            except BaseException:
-                rollback(db)
-                raise
-            db.execute("COMMIT")
             return changed
 
         result: list[tuple[str, int]] = await self._call(add)
@@ -171,15 +165,9 @@ class ManifestListing(GroupCommitDb):
         (never sent; a later run must find them new, and refuse them again)."""
 
         def discard() -> None:
-            db = self._conn
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(self._conn) as db:
                 db.execute("DELETE FROM jobs WHERE id IN (SELECT id FROM temp.listed WHERE fresh)")
                 db.execute("DROP TABLE temp.listed")
-            except BaseException:
-                rollback(db)
-                raise
-            db.execute("COMMIT")
 
         self._listing = False
         await self._call(discard)
@@ -193,9 +181,7 @@ class ManifestListing(GroupCommitDb):
         unlisted = "id NOT IN (SELECT id FROM temp.listed)"
 
         def drop() -> tuple[int, int]:
-            db = self._conn
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(self._conn) as db:
                 deleted = db.execute(
                     f"DELETE FROM jobs WHERE state IN (?, ?) AND attempts = 0 AND {unlisted}",
                     (PENDING, INVALID),
@@ -212,10 +198,6 @@ class ManifestListing(GroupCommitDb):
                 )
                 db.execute(f"UPDATE jobs SET removed=0 WHERE removed AND NOT ({unlisted})")
                 db.execute("DROP TABLE temp.listed")
-            except BaseException:
-                rollback(db)
-                raise
-            db.execute("COMMIT")
             return deleted, failed
 
         self._listing = False

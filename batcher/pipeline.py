@@ -139,7 +139,6 @@ class Counters:
     #: Jobs that ended FAILED and were submitted again (--max-failed-retries), by reason.
     resubmitted_failed: Counter[str] = field(default_factory=Counter)
     unknown_submits: int = 0
-    retries: int = 0
     failed_reasons: Counter[str] = field(default_factory=Counter)
     api_requests: Counter[str] = field(default_factory=Counter)
     poll_lateness: PollLateness = field(default_factory=PollLateness)
@@ -353,7 +352,6 @@ class RunContext:
         them, not when the job ends: a kill or a stop keeps the polls of the jobs in
         flight (and `batcher report`'s request total with them)."""
         self.counters.api_requests[endpoint] += 1 + stats.retries + stats.rate_limited
-        self.counters.retries += stats.retries
         counts = {"retries": stats.retries, "rate_limited": stats.rate_limited}
         if endpoint == "status":
             counts["polls"] = 1

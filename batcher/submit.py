@@ -212,7 +212,6 @@ class _Attempt:
         retries = self.stats.retries - self.retries_before
         rate_limited = self.stats.rate_limited - self.rate_limited_before
         ctx.counters.api_requests["submit"] += int(answered) + retries + rate_limited
-        ctx.counters.retries += retries
         return {"retries": retries, "rate_limited": rate_limited}
 
 
