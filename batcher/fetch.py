@@ -4,7 +4,7 @@ Result fetches have the gate's first priority: the job is paid for and its resul
 expires. Output images are public URLs (no key, not rate limited) or inline
 base64; each is verified to decode before it is written atomically. The URLs and
 the metrics are saved first: a download that fails is tried again from them
-(batcher.redownload), never from the result.
+(batcher.redownload); the result is read again only for links that refuse, once.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from batcher.jobs import Job
 from batcher.offload import run_sized
 from batcher.pipeline import Flight, RunContext
 from batcher.poll import Reschedule, _get, metric, retry_later, settle_not_ok
-from batcher.redownload import Redownloads
+from batcher.redownload import REFUSED, OnRefusal, Redownloads, on_refusal
 from batcher.retry import CallStats
 from batcher.sink import CorruptImage, IncompleteDownload, SavedImage, download
 
@@ -111,19 +111,10 @@ async def save_outputs(
         for i, item in enumerate(items):
             saved.append(await _save(ctx, job, i, item))
     except aiohttp.ClientResponseError as exc:
-        if exc.status not in _GONE:
+        if exc.status in REFUSED:
+            await _refused(ctx, flight, redownloads, exc, saved, fields)
+        else:  # 5xx, 429 and the like: an outage, the links stay valid for days
             await _try_again(ctx, flight, redownloads, exc)
-            return
-        redownloads.done(job.id)
-        await anyio.to_thread.run_sync(_remove, ctx.out, [s.path for s in saved])
-        await ctx.fail(
-            job,
-            f"the job was COMPLETED and billed, but its images are lost: "
-            f"{_reason(exc, ctx.options.downloads.timeout_s)} (the link expired or is "
-            "gone). --retry-failed submits it again, and pays for it again",
-            request_id=flight.request_id,
-            **fields,
-        )
         return
     except (IncompleteDownload, aiohttp.ClientError, TimeoutError) as exc:
         # A CDN outage, resets, a body cut short: the links stay valid for days.
@@ -152,8 +143,72 @@ async def save_outputs(
     )
 
 
-#: An output URL answering these is gone for good (expired or removed).
-_GONE = (404, 410)
+async def _refused(
+    ctx: RunContext,
+    flight: Flight,
+    redownloads: Redownloads,
+    exc: aiohttp.ClientResponseError,
+    saved: list[SavedImage],
+    fields: dict[str, Any],
+) -> None:
+    """A link of the row answered 403/404/410: try it again, read the result for fresh
+    links, or take the images for lost (see batcher.redownload.on_refusal)."""
+    job = flight.job
+    refusals, refused_for = redownloads.refused(job.id)
+    scale = ctx.options.scale
+    action = on_refusal(
+        refusals=refusals,
+        result_kept=flight.elapsed(ctx.now()) < ctx.poll.retention_s * ctx.poll.time_scale,
+        asked=flight.asked_links,
+        refused_for_s=refused_for,
+        grace_s=ctx.options.download_retry.refused_grace_s * scale,
+    )
+    if action is OnRefusal.ASK_RESULT:
+        flight.asked_links = True
+        links = await _fresh_links(ctx, flight)
+        if links is not None and links != flight.outputs:
+            log.info(
+                "row %s: its output links were refused (HTTP %d); its result names new "
+                "ones: downloading from them",
+                job.id,
+                exc.status,
+            )
+            flight.outputs = links
+            await ctx.checkpoint.update(job.id, output_urls=links)
+            await ctx.count_download_retries(job, 1)
+            await save_outputs(ctx, flight, redownloads, fields or None)
+            return
+        action = OnRefusal.RETRY  # the same links, or none: wait for them as before
+    if action is OnRefusal.RETRY:
+        await _try_again(ctx, flight, redownloads, exc)
+        return
+    redownloads.done(job.id)
+    await anyio.to_thread.run_sync(_remove, ctx.out, [s.path for s in saved])
+    await ctx.fail(
+        job,
+        f"the job was COMPLETED and billed, but its images are lost: "
+        f"{_reason(exc, ctx.options.downloads.timeout_s)}, for {refused_for / scale:.0f} s "
+        f"and {refusals} tries (the link expired or is gone). --retry-failed submits it "
+        "again, and pays for it again",
+        request_id=flight.request_id,
+        **fields,
+    )
+
+
+async def _fresh_links(ctx: RunContext, flight: Flight) -> list[str] | None:
+    """The output links the job's result names now, if it is still kept and COMPLETED
+    with links: one API request, counted. Never a resubmit, whatever the answer: the
+    job is paid for, and its old links are kept."""
+    stats = CallStats()
+    reply = await _get(ctx, Priority.FETCH, flight.response_url, stats)
+    await ctx.count_get("result", flight.job, stats)
+    if isinstance(reply, TransportError) or reply.outcome is not Outcome.OK:
+        return None
+    try:
+        items = output_items(reply.body.get("output"))
+    except ValueError:
+        return None
+    return items if items and all(is_url(item) for item in items) else None
 
 
 async def _try_again(

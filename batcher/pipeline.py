@@ -78,6 +78,8 @@ class Flight:
     #: The outputs of a job seen COMPLETED whose images are not all saved yet: they are
     #: downloaded again from these, without the result (see batcher.redownload).
     outputs: list[str] | None = None
+    #: The result was read again in this run for fresh links, after the links refused.
+    asked_links: bool = False
 
     @classmethod
     def start(

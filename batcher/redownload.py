@@ -2,10 +2,17 @@
 
 The job is billed, and its output URLs (public, kept about 7 days) outlive its result
 (1 hour): a failed download is never a reason to fail the row, to GET the result again
-(an API request, under the rate limit), or to submit the job again (pay twice). Each row
-is tried again after an exponential backoff with jitter. When such rows are all the run
-has left, and have been for ``patience_s``, the run stops, resumable (exit 4): the next
-run downloads them from the checkpoint without any API request.
+(an API request, under the rate limit; but see refused links below), or to submit the
+job again (pay twice). Each row is tried again after an exponential backoff with jitter.
+When such rows are all the run has left, and have been for ``patience_s``, the run
+stops, resumable (exit 4): the next run downloads them from the checkpoint without any
+API request.
+
+A link that refuses (403, 404, 410: not yet on the CDN, an expired signature, gone) is
+tried again like any other failure; at its second refusal, while the result is still
+kept, the result is read once more for fresh links (one API request); and once its
+links have been refused for ``refused_grace_s`` the row is FAILED: waiting longer (or
+across runs, for days) would not bring back a file that is gone.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import math
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from enum import Enum
 from typing import TYPE_CHECKING
 
 import anyio
@@ -40,9 +48,12 @@ class DownloadRetry:
     #: How long such rows may keep failing once nothing else is left to do in the run,
     #: before it stops (exit 4) for the next run to try again.
     patience_s: float = 900.0
+    #: How long a row's links may answer 403/404/410 (a file not yet on the CDN, a
+    #: signature expired) before its images are taken for lost and the row FAILED.
+    refused_grace_s: float = 600.0
 
     def __post_init__(self) -> None:
-        for name in ("base_s", "cap_s", "patience_s"):
+        for name in ("base_s", "cap_s", "patience_s", "refused_grace_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise UsageError(f"DownloadRetry.{name} must be a positive number, got {value!r}")
@@ -58,6 +69,35 @@ def retry_delay(failures: int, cfg: DownloadRetry, scale: float, rng: random.Ran
     the rows of one outage do not come back together."""
     ceiling = min(cfg.cap_s, cfg.base_s * 2.0 ** min(failures - 1, 62)) * scale
     return rng.uniform(ceiling / 2, ceiling)
+
+
+#: What an output link answers when it will not serve the file (as opposed to an outage):
+#: no key or an expired signature (401, 403), no such file (404), removed (410).
+REFUSED = frozenset({401, 403, 404, 410})
+
+
+class OnRefusal(Enum):
+    """What to do after an output link refused (see :func:`on_refusal`)."""
+
+    ASK_RESULT = "read the result again for fresh links"
+    RETRY = "try the same links again later"
+    GIVE_UP = "the images are lost: FAILED"
+
+
+def on_refusal(
+    *, refusals: int, result_kept: bool, asked: bool, refused_for_s: float, grace_s: float
+) -> OnRefusal:
+    """After the ``refusals``-th refusal (>= 1) of a row's links, the first one
+    ``refused_for_s`` ago: read the result again for fresh links once, at the second
+    refusal (the first is most often a file not yet on the CDN, and a result read is an
+    API request under the rate limit), while it is kept (``result_kept``) and not done
+    yet (``asked``); retry the links while within ``grace_s`` of the first refusal; then
+    give up."""
+    if refusals >= 2 and result_kept and not asked:
+        return OnRefusal.ASK_RESULT
+    if refused_for_s < grace_s:
+        return OnRefusal.RETRY
+    return OnRefusal.GIVE_UP
 
 
 def stop_reason(count: int, last_error: str) -> str:
@@ -87,6 +127,8 @@ class Redownloads:
         self._due: DueHeap[Flight] = DueHeap(ctx.now)
         self._limit = anyio.Semaphore(concurrency)
         self._failing: dict[str, _Failing] = {}
+        #: Per row, (refusals of its links so far, loop time of the first) in this run.
+        self._refused: dict[str, tuple[int, float]] = {}
         #: Loop time since when every row in flight has been one of these (None: not so).
         self._alone_since: float | None = None
         self._stopped = False
@@ -123,9 +165,18 @@ class Redownloads:
         self._push(flight, delay)
         self._check_patience(reason)
 
+    def refused(self, job_id: str) -> tuple[int, float]:
+        """The row's links refused once more: how many refusals so far in this run, and
+        seconds since the first."""
+        now = self._ctx.now()
+        count, since = self._refused.get(job_id, (0, now))
+        self._refused[job_id] = (count + 1, since)
+        return count + 1, now - since
+
     def done(self, job_id: str) -> None:
         """The row is COMPLETED or FAILED: no longer waiting for its images."""
         self._failing.pop(job_id, None)
+        self._refused.pop(job_id, None)
 
     def _push(self, flight: Flight, delay: float) -> None:
         self._due.push(self._ctx.now() + delay, flight)

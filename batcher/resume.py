@@ -35,39 +35,29 @@ async def resume(ctx: RunContext, poller: Poller, redownloads: Redownloads) -> N
         age = now_wall - (job.submitted_at or now_wall)
         ctx.resumed.add(job.id)
         ctx.take_resumed_slot()
-        if job.output_urls and job.request_id:  # COMPLETED, billed: its images are due
-            redownloads.resume(
-                Flight(
-                    job=job,
-                    request_id=job.request_id,
-                    urls=(job.status_url or "", job.response_url or ""),
-                    submitted_wall=job.submitted_at or now_wall,
-                    submitted_mono=now,
-                    outputs=json.loads(job.output_urls),
-                )
-            )
-            continue
-        if age >= limit or not job.request_id:
+        if not job.output_urls and (age >= limit or not job.request_id):
             await ctx.resubmit_or_fail(job, "its result expired while batcher was not running")
             continue
         # URLs kept from a run against another base URL (or an emulator now gone) are
         # not followed: the request is asked of this run's API, with its key.
         status_url, response_url, replaced = api_urls(
-            ctx.api.base_url, job.request_id, job.status_url, job.response_url
+            ctx.api.base_url, job.request_id or "", job.status_url, job.response_url
         )
-        if replaced:
-            moved += 1
-        poller.track(
-            Flight.start(
-                job=job,
-                request_id=job.request_id,
-                status_url=status_url,
-                response_url=response_url,
-                submitted_wall=job.submitted_at or now_wall,
-                now_wall=now_wall,
-                now_mono=now,
-            )
+        moved += replaced
+        flight = Flight.start(
+            job=job,
+            request_id=job.request_id or "",
+            status_url=status_url,
+            response_url=response_url,
+            submitted_wall=job.submitted_at or now_wall,
+            now_wall=now_wall,
+            now_mono=now,
         )
+        if job.output_urls:  # COMPLETED, billed: its images are due, from its saved links
+            flight.outputs = json.loads(job.output_urls)
+            redownloads.resume(flight)
+        else:
+            poller.track(flight)
     if moved:
         log.info(
             "%d jobs in flight were submitted to another API address (an earlier --base-url "

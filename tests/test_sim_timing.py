@@ -299,3 +299,52 @@ async def test_same_seed_gives_same_latency_draws(
     assert runs[0] == runs[1]
     assert len(set(runs[0])) == 10
     assert runs[2] != runs[0]
+
+
+async def _completed_output(
+    sim: StartSim, api: Api, clock: Clock, payload: dict[str, Any], **knobs: Any
+) -> tuple[Any, str, str]:
+    """A zero-latency job on an emulator at time scale 0.01: (server, result URL, output)."""
+    server = await sim(
+        time_scale=0.01,
+        latency_median_s={"instantid": 0.0},
+        image_size=(8, 8),
+        clock=clock,
+        **knobs,
+    )
+    code, sub = await api.submit(server.base_url, "instantid", payload)
+    assert code == 200
+    code, result = await api.get(sub["response_url"])
+    assert (code, result["status"]) == (200, "COMPLETED")
+    return server, sub["response_url"], result["output"]
+
+
+async def test_output_links_answer_404_until_the_cdn_has_the_file(
+    sim: StartSim, api: Api, clock: Clock, instantid_payload: dict[str, Any]
+) -> None:
+    _, _, output = await _completed_output(sim, api, clock, instantid_payload, output_delay_s=30.0)
+    assert (await api.download(output))[0] == 404
+    clock.now += 0.29
+    assert (await api.download(output))[0] == 404
+    clock.now += 0.02
+    assert (await api.download(output))[0] == 200
+
+
+async def test_signed_output_links_expire_and_each_result_read_signs_afresh(
+    sim: StartSim, api: Api, clock: Clock, instantid_payload: dict[str, Any]
+) -> None:
+    server, result_url, old = await _completed_output(
+        sim, api, clock, instantid_payload, output_link_ttl_s=60.0
+    )
+    assert "?Expires=" in old
+    assert "&Signature=" in old
+    assert (await api.download(old))[0] == 200
+    forged = old[:-4] + ("0000" if not old.endswith("0000") else "1111")
+    assert (await api.download(forged))[0] == 403
+    assert (await api.download(old.partition("?")[0]))[0] == 403  # unsigned
+    clock.now += 0.61
+    assert (await api.download(old))[0] == 403  # expired
+    fresh = (await api.get(result_url))[1]["output"]
+    assert fresh != old
+    assert (await api.download(fresh))[0] == 200
+    assert server.stats()["requests"]["output"] == {"200": 2, "403": 3}

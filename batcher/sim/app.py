@@ -27,6 +27,7 @@ from batcher.sim.config import SimConfig
 from batcher.sim.images import ImageCache, image_request
 from batcher.sim.jobs import Job, JobTable
 from batcher.sim.limits import Credits, SlidingWindow
+from batcher.sim.outputs import Outputs
 from batcher.sim.stats import SimStats
 
 _GATEWAY_ERRORS = ((500, "Internal server error"), (502, "Bad gateway"), (504, "Gateway timeout"))
@@ -69,8 +70,9 @@ class Emulator:
         )
         self._rng = random.Random(self.config.seed + 1)
         self._images = ImageCache()
-        self._outputs: dict[str, Job] = {}
-        self._output_expiry: list[tuple[float, str]] = []
+        self.outputs = Outputs(
+            lambda: self.config, images=self._images, stats=self.stats, clock=clock, rng=self._rng
+        )
         #: Heap of (done_at, request_id, cost): jobs that will end FAILED, charged until then.
         self._refunds: list[tuple[float, str, float]] = []
         self._keys = (
@@ -83,7 +85,7 @@ class Emulator:
         app.router.add_get("/v2/requests/{rid}/status", self._status)
         app.router.add_get("/v2/requests/{rid}", self._result)
         app.router.add_post("/v1/{model}", self._sync)
-        app.router.add_get("/outputs/{rid}/{name}", self._output)
+        app.router.add_get("/outputs/{rid}/{name}", self.outputs.serve)
         app.router.add_get("/__sim/stats", self._stats)
         app.router.add_post("/__sim/credits", self._add_credits)
         return app
@@ -188,11 +190,7 @@ class Emulator:
         self.stats.accept(key_id, digest, billed=job.error is None)
         if job.error is not None:
             heapq.heappush(self._refunds, (job.done_at, job.request_id, job.cost))
-        self._outputs[job.request_id] = job
-        heapq.heappush(
-            self._output_expiry,
-            (job.submitted_at + self.config.scaled(self.config.output_retention_s), job.request_id),
-        )
+        self.outputs.add(job)
         return job
 
     def _settle(self) -> None:
@@ -277,36 +275,13 @@ class Emulator:
         self._see(job, state, now)
         body: dict[str, Any] = {"request_id": job.request_id, "status": state, "metrics": {}}
         if state == "COMPLETED":
-            body["output"] = await self._output_value(request, job)
+            body["output"] = await self.outputs.value(request, job)
             body["metrics"] = job.metrics()
         elif state == "FAILED":
             body["metrics"] = job.metrics()
         return self._terminal_aware(body, job, "result")
 
-    async def _output_value(self, request: web.Request, job: Job) -> str | list[str]:
-        out = job.model.output
-        samples = int(job.params.get(out.samples_param or "", 1))
-        inline = bool(job.params.get(out.base64_param or "", False))
-        items: list[str] = []
-        for index in range(samples):
-            req = image_request(job.model, job.params, job.seed, index, self.config.image_size)
-            if inline:
-                data = await asyncio.to_thread(self._images.get_or_render, req)
-                b64 = base64.b64encode(data).decode()
-                items.append(
-                    f"data:{req.mime};base64,{b64}"
-                    if self.config.base64_style == "data-url"
-                    else b64
-                )
-            else:
-                items.append(
-                    f"{request.scheme}://{request.host}/outputs/{job.request_id}/{index}.{req.fmt}"
-                )
-        if len(items) == 1 and not self.config.single_output_as_list:
-            return items[0]
-        return items
-
-    # -- v1 sync, outputs, debug ------------------------------------------------------------
+    # -- v1 sync, debug ------------------------------------------------------------
 
     async def _sync(self, request: web.Request) -> web.Response:
         gate = await self._gate(request, "sync")
@@ -325,36 +300,6 @@ class Emulator:
         req = image_request(job.model, job.params, job.seed, 0, self.config.image_size)
         data = await asyncio.to_thread(self._images.get_or_render, req)
         self.stats.count("sync", 200)
-        return web.Response(body=data, content_type=req.mime)
-
-    async def _output(self, request: web.Request) -> web.StreamResponse:
-        now = self._clock()
-        while self._output_expiry and self._output_expiry[0][0] <= now:
-            self._outputs.pop(heapq.heappop(self._output_expiry)[1], None)
-        job = self._outputs.get(request.match_info["rid"])
-        stem = request.match_info["name"].split(".", 1)[0]
-        out = job.model.output if job else None
-        samples = int(job.params.get(out.samples_param or "", 1)) if job and out else 0
-        if (
-            job is None
-            or job.state(now) != "COMPLETED"
-            or not stem.isdigit()
-            or int(stem) >= samples
-        ):
-            self.stats.count("output", 404)
-            return _error(404, "Not found")
-        req = image_request(job.model, job.params, job.seed, int(stem), self.config.image_size)
-        data = await asyncio.to_thread(self._images.get_or_render, req)
-        if self.config.truncate_rate and self._rng.random() < self.config.truncate_rate:
-            self.stats.count("output", "truncated")
-            resp = web.StreamResponse(headers={"Content-Type": req.mime})
-            resp.content_length = len(data)
-            await resp.prepare(request)
-            await resp.write(data[: len(data) // 2])
-            if request.transport is not None:
-                request.transport.abort()
-            return resp
-        self.stats.count("output", 200)
         return web.Response(body=data, content_type=req.mime)
 
     def snapshot(self) -> dict[str, Any]:

@@ -65,6 +65,13 @@ class SimConfig:
     retention_s: float = 3600.0
     #: Output image URLs stay downloadable this long.
     output_retention_s: float = 7 * 24 * 3600.0
+    #: Output URLs answer 404 until this long after their job completed (a CDN that
+    #: has not got the file yet).
+    output_delay_s: float = 0.0
+    #: Output URLs are signed, and answer 403 this long after the result that named them
+    #: was read (an expired signed link); each result read signs them afresh. None: plain
+    #: links that last ``output_retention_s``.
+    output_link_ttl_s: float | None = None
     #: Serve a one-sample output as a one-element list instead of a bare string.
     single_output_as_list: bool = False
     #: With ``base64: true``: bare base64, or a ``data:image/...;base64,`` URL.
@@ -94,12 +101,14 @@ class SimConfig:
             raise ValueError(f"capacity must be >= 1, got {self.capacity}")
         if self.rate_limit is not None and self.rate_limit < 1:
             raise ValueError(f"rate_limit must be >= 1, got {self.rate_limit}")
-        for name in ("cold_start_s", "cold_idle_s", "slow_s"):
+        for name in ("cold_start_s", "cold_idle_s", "slow_s", "output_delay_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         for name in ("rate_period_s", "retention_s", "output_retention_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0")
+        if self.output_link_ttl_s is not None and not self.output_link_ttl_s > 0:
+            raise ValueError(f"output_link_ttl_s must be > 0, got {self.output_link_ttl_s}")
         if self.credits_usd is not None and self.credits_usd < 0:
             raise ValueError("credits_usd must be >= 0")
         if self.image_size is not None and min(self.image_size) < 1:
