@@ -31,6 +31,7 @@ from batcher.errors import (
     OutputUnwritable,
     UsageError,
 )
+from batcher.feed import feed
 from batcher.fetch import save_outputs
 from batcher.fetch import work as fetch_work
 from batcher.finish import finish, summary_as_is
@@ -47,7 +48,7 @@ from batcher.redownload import Redownloads
 from batcher.results import RESULTS
 from batcher.resume import resume
 from batcher.sink import remove_partials
-from batcher.submit import feed, lost_connections
+from batcher.submit import lost_connections
 from batcher.submit import work as submit_work
 
 log = logging.getLogger(__name__)

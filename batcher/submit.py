@@ -1,7 +1,7 @@
 """Submit stage: PENDING rows from the checkpoint -> POST /v2/{model} -> the poller.
 
-A feeder reads PENDING rows in manifest order (requeued jobs first) into a bounded
-stream; workers take a slot, then a job, and submit it. The row is marked
+A feeder (feed.py) reads PENDING rows in manifest order (requeued jobs first) into a
+bounded stream; workers take a slot, then a job, and submit it. The row is marked
 SUBMITTING before the POST and SUBMITTED with its request_id before it is polled,
 so a crash between the two is visible on resume.
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from batcher import handoff
 from batcher.client import Outcome, Reply, TransportError, api_urls, encode_params
@@ -34,45 +34,6 @@ from batcher.retry import CallStats, call
 from batcher.schemas import get_model
 
 log = logging.getLogger(__name__)
-
-
-async def feed(ctx: RunContext, send: MemoryObjectSendStream[Job]) -> None:
-    """Send jobs to the workers until there is nothing left or submitting stops."""
-    try:
-        await _feed(ctx, send)
-    finally:
-        ctx.feed_done = True
-        ctx.requeue_signal.set()
-
-
-async def _feed(ctx: RunContext, send: MemoryObjectSendStream[Job]) -> None:
-    cursor = (-1, "")
-    page: list[Job] = []
-    exhausted = False
-    async with send:
-        while not ctx.stop_submitting.is_set():
-            if ctx.requeued:
-                job = ctx.requeued.popleft()
-            elif page:
-                job = page.pop(0)
-                if job.id in ctx.resumed:
-                    continue  # requeued by this run: it is in (or went through) `requeued`
-            elif not exhausted:
-                page = await ctx.checkpoint.jobs_in([PENDING], after=cursor, limit=512)
-                exhausted = not page
-                cursor = (page[-1].number, page[-1].id) if page else cursor
-                continue
-            elif ctx.active == 0:
-                return  # nothing pending, nothing in flight: nothing can be requeued
-            else:
-                ctx.requeue_signal.clear()
-                await ctx.requeue_signal.wait()
-                continue
-            # Counted at the hand-off, not when the worker runs: until then the job would be
-            # in no count, and `active == 0` above could end the feed under a job that is
-            # about to be submitted (and maybe requeued, with no feeder left to take it).
-            ctx.active += 1
-            await handoff.send(send, job)
 
 
 async def work(
@@ -401,4 +362,4 @@ def _with(job: Job, **changes: Any) -> Job:
     return replace(job, **changes)
 
 
-__all__ = ["UNKNOWN_OUTCOME", "ApiUnreachable", "feed", "submit_one", "work"]
+__all__ = ["UNKNOWN_OUTCOME", "ApiUnreachable", "submit_one", "work"]

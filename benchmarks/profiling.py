@@ -38,6 +38,7 @@ _INNER_STAGES = (
 _OUTER_STAGES = (
     ("(batcher/fetch.py", "fetch stage other"),
     ("(batcher/poll.py", "poll stage other"),
+    ("(batcher/feed.py", "submit stage other"),
     ("(batcher/submit.py", "submit stage other"),
     ("(batcher/pipeline.py", "pipeline bookkeeping"),
     ("(batcher/run.py", "run setup/teardown"),
@@ -142,6 +143,7 @@ _BATCHER_FILES = (
     "progress.py",
     "fetch.py",
     "poll.py",
+    "feed.py",
     "submit.py",
     "pipeline.py",
     "run.py",
