@@ -70,6 +70,20 @@ def add_sim_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p.add_argument("--slow", type=float, default=5.0, help="seconds a slow answer waits")
     p.add_argument("--truncate-rate", type=_fraction, default=0.0, help="fraction of cut downloads")
     p.add_argument(
+        "--output-delay",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="output links answer 404 this long after their job completed (a slow CDN)",
+    )
+    p.add_argument(
+        "--output-link-ttl",
+        type=float,
+        metavar="SECONDS",
+        help="signed output links, 403 this long after the result read that named them "
+        "(default: plain links)",
+    )
+    p.add_argument(
         "--fail-rate",
         type=_fraction,
         default=0.0,
@@ -124,6 +138,8 @@ def _cmd_sim(args: argparse.Namespace) -> int:
             slow_rate=args.slow_rate,
             slow_s=args.slow,
             truncate_rate=args.truncate_rate,
+            output_delay_s=args.output_delay,
+            output_link_ttl_s=args.output_link_ttl,
             fail_rate=args.fail_rate,
             credits_usd=args.credits,
             retention_s=args.retention,

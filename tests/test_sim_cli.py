@@ -77,6 +77,30 @@ async def test_cli_flags_reach_the_emulator(
         assert {"Retry-After", "x-rate-limit-reset-at-utc"} <= set(resp.headers)
 
 
+async def test_output_link_flags_reach_the_emulator(
+    http: aiohttp.ClientSession, api_key: str
+) -> None:
+    proc, base = await _start_sim(
+        *("--api-key", api_key, "--time-scale", "0.001", "--latency", "instantid=0"),
+        *("--image-size", "8x8", "--output-delay", "100000", "--output-link-ttl", "60"),
+    )
+    try:
+        key = {"x-api-key": api_key}
+        payload = {"prompt": "x", "face_image": "https://example.com/face.jpg"}
+        async with http.post(f"{base}/v2/instantid", json=payload, headers=key) as resp:
+            sub = await resp.json()
+        async with http.get(sub["response_url"], headers=key) as resp:
+            output = (await resp.json())["output"]
+        assert "?Expires=" in output  # --output-link-ttl: signed links
+        async with http.get(output) as resp:
+            assert resp.status == 404  # --output-delay: 100 s at 0.001, not on the CDN yet
+        async with http.get(output.partition("?")[0]) as resp:
+            assert resp.status == 403  # unsigned
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+
+
 def _refused(*args: str) -> str:
     """`batcher sim ARGS` exits 2 at once with one `batcher: ...` line: that line."""
     proc = subprocess.run(
@@ -115,8 +139,17 @@ def test_a_time_scale_out_of_range_is_refused(scale: str) -> None:
             "sim: cannot listen on 1.2.3.4:0 (Cannot assign requested address); "
             "check --host and --port",
         ),
+        (("--output-link-ttl", "0"), "sim: output_link_ttl_s must be > 0, got 0.0"),
+        (("--output-delay", "-1"), "sim: output_delay_s must be >= 0"),
     ],
-    ids=["port-too-big", "port-negative", "unknown-latency-model", "host-not-this-machine"],
+    ids=[
+        "port-too-big",
+        "port-negative",
+        "unknown-latency-model",
+        "host-not-this-machine",
+        "link-ttl-zero",
+        "output-delay-negative",
+    ],
 )
 def test_a_bad_flag_is_refused_in_one_line(args: tuple[str, ...], says: str) -> None:
     assert _refused(*args) == f"batcher: {says}"
