@@ -22,11 +22,12 @@ from batcher import handoff
 from batcher.backoff import backoff_delay
 from batcher.client import Outcome, TransportError
 from batcher.errors import OutputUnwritable
+from batcher.flight import Flight
 from batcher.gate import Priority
 from batcher.imagedata import INLINE_ON_LOOP, decode_inline, is_url, output_items
 from batcher.jobs import Job
 from batcher.offload import run_sized
-from batcher.pipeline import Flight, RunContext
+from batcher.pipeline import RunContext
 from batcher.poll import Reschedule, _get, metric, retry_later, settle_not_ok
 from batcher.redownload import REFUSED, OnRefusal, Redownloads, on_refusal
 from batcher.retry import CallStats

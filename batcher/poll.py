@@ -19,9 +19,10 @@ from batcher.backoff import backoff_delay
 from batcher.client import Outcome, Reply, TransportError
 from batcher.due import DueHeap
 from batcher.errors import AuthError
+from batcher.flight import Flight
 from batcher.gate import Priority
 from batcher.lateness import WINDOW
-from batcher.pipeline import Flight, RunContext
+from batcher.pipeline import RunContext
 from batcher.retry import CallStats, call
 from batcher.schedule import next_poll_delay
 

@@ -31,7 +31,8 @@ from batcher.due import DueHeap
 from batcher.errors import UsageError
 
 if TYPE_CHECKING:  # options.py holds a DownloadRetry, and pipeline.py the options
-    from batcher.pipeline import Flight, RunContext
+    from batcher.flight import Flight
+    from batcher.pipeline import RunContext
 
 log = logging.getLogger(__name__)
 

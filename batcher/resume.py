@@ -7,8 +7,9 @@ import logging
 import time
 
 from batcher.client import api_urls
+from batcher.flight import Flight
 from batcher.jobs import FAILED, PENDING, SUBMITTED, SUBMITTING, UNKNOWN_OUTCOME
-from batcher.pipeline import Flight, RunContext
+from batcher.pipeline import RunContext
 from batcher.poll import Poller
 from batcher.redownload import Redownloads
 

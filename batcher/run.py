@@ -35,11 +35,12 @@ from batcher.feed import feed
 from batcher.fetch import save_outputs
 from batcher.fetch import work as fetch_work
 from batcher.finish import finish, summary_as_is
+from batcher.flight import Flight
 from batcher.gate import RequestGate
 from batcher.inputs import ImageInputs
 from batcher.interrupt import STOP_SIGNALS, Interrupt, abandoned_note, exit_at_once, wire_wait_s
 from batcher.options import RunOptions
-from batcher.pipeline import Flight, RunContext
+from batcher.pipeline import RunContext
 from batcher.poll import Poller
 from batcher.preflight import api_key, check_service, lock
 from batcher.progress import Progress, Summary

@@ -25,11 +25,12 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from batcher import handoff
 from batcher.client import Outcome, Reply, TransportError, api_urls, encode_params
 from batcher.errors import ApiUnreachable, AuthError, ConnectionsLost, UnknownModel
+from batcher.flight import Flight
 from batcher.gate import Priority
 from batcher.inputs import InputError
 from batcher.jobs import NO_JOB, PENDING, SUBMITTED, SUBMITTING, UNKNOWN_OUTCOME, Job
 from batcher.lost import storm_reason
-from batcher.pipeline import Flight, RunContext
+from batcher.pipeline import RunContext
 from batcher.retry import CallStats, call
 from batcher.schemas import get_model
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from batcher.flight import Flight
 from batcher.jobs import Job
-from batcher.pipeline import Flight
 
 
 def _job(row_id: str) -> Job:
