@@ -103,7 +103,8 @@ async def save_outputs(
 ) -> None:
     """Save the images of a job seen COMPLETED (``flight.outputs``), then complete its row
     with ``completion`` (what its result said; None: saved in the checkpoint already). A
-    download that fails past its own retries goes to ``redownloads``, never the API."""
+    download that fails past its own retries goes to ``redownloads``; only links that
+    refuse may have the result read again, once (see :func:`_refused`)."""
     job = flight.job
     items = flight.outputs or []
     fields = completion or {}
