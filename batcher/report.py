@@ -35,12 +35,16 @@ _RATE_LIMITED = "rate_limited"
 # Image downloads repeated, counted apart from `retries` since checkpoint migration 4;
 # before it, `retries` counted them too.
 _DOWNLOAD_RETRIES = "download_retries"
+# Result reads, counted per row since checkpoint migration 6; before it, the report
+# took one per completed row (a read for fresh links, or by a row that then FAILED, went
+# uncounted).
+_RESULT_READS = "result_reads"
 _QUEUE_TIME = r'"queue_time"\s*:\s*(?P<v>-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)'
 # The columns the report reads; images, params and hashes are left on disk.
 _COLUMNS = (
     "status", "error", "attempts", "retries", "unknown_submits", "submitted_at", "completed_at",
     "latency_s", "notice_lag_s", "inference_time", "metrics", "polls", _RATE_LIMITED,
-    _DOWNLOAD_RETRIES,
+    _DOWNLOAD_RETRIES, _RESULT_READS,
 )  # fmt: skip
 _LATENCIES = (
     ("queue_time", "queue time (server)"),
@@ -94,6 +98,7 @@ class Report:
     latency: dict[str, Spread]
     polls: tuple[float, Spread] | None
     notice_lag: tuple[float, Spread] | None
+    #: (submits, status polls, result reads) over every row.
     requests: tuple[int, int, int] | None
     retries: int | None
     unknown_submits: int | None
@@ -163,9 +168,10 @@ def build_report(path: Path, table: pa.Table) -> Report:
     polls = _col(done, "polls")
     attempts = _col(table, "attempts")
     all_polls = _col(table, "polls")
+    reads = _optional_sum(table, _RESULT_READS)
     requests = None
     if attempts is not None and all_polls is not None:
-        requests = (_sum(attempts), _sum(all_polls), done.num_rows)
+        requests = (_sum(attempts), _sum(all_polls), done.num_rows if reads is None else reads)
     e2e = _col(done, "latency_s")
     return Report(
         path=path,

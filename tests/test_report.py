@@ -16,6 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import StartSim, sim_run_options, url_manifest
 from PIL import Image
 
 from batcher.checkpoint import CHECKPOINT, RESULTS_FRESH, RESULTS_META, RESULTS_STALE
@@ -23,11 +24,15 @@ from batcher.errors import UsageError, reason_key
 from batcher.pipeline import Counters
 from batcher.progress import summarize
 from batcher.report import CHART, CHART_HINT, build_report, read_results, report_main
+from batcher.report_text import format_report
 from batcher.results import RESULTS, SCHEMA
+from batcher.run import arun
+from batcher.sim import SimServer
 
-#: results.parquet as batcher wrote it before the per-row 429 count (rate_limited).
-# A results.parquet from before the 429 and download counts.
-OLD_SCHEMA = pa.schema([f for f in SCHEMA if f.name not in ("rate_limited", "download_retries")])
+#: A results.parquet from before the 429, download and result read counts.
+OLD_SCHEMA = pa.schema(
+    [f for f in SCHEMA if f.name not in ("rate_limited", "download_retries", "result_reads")]
+)
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 UUID = "{:08x}-1234-4abc-8def-0123456789ab"
@@ -439,7 +444,7 @@ def test_repeated_image_downloads_are_counted_apart_from_api_requests(
     their repeats are a line of their own, never in the API request total."""
     rows = [{"id": str(i), "row": i, "status": "COMPLETED", "attempts": 1, "polls": 2,
              "retries": 1 if i == 0 else 0, "download_retries": 3, "rate_limited": 0,
-             "submitted_at": T0, "completed_at": T0 + timedelta(seconds=10 + i),
+             "result_reads": 1, "submitted_at": T0, "completed_at": T0 + timedelta(seconds=10 + i),
              "latency_s": 10.0} for i in range(4)]  # fmt: skip
     out = write(tmp_path, rows)
     report = build_report(*read_results(out))
@@ -498,3 +503,30 @@ def test_a_folder_at_the_results_name_is_named_as_a_folder(tmp_path: Path) -> No
     with pytest.raises(UsageError) as info:
         report_main(fifo.parent)
     assert str(info.value) == f"{fifo}: is not a regular file (a pipe or a device?)"
+
+
+def _api_requests_seen(server: SimServer) -> int:
+    """API requests the emulator answered or dropped (image downloads are not API requests)."""
+    requests = server.stats()["requests"]
+    return sum(n for endpoint, by in requests.items() if endpoint != "output" for n in by.values())
+
+
+async def test_every_result_read_is_counted_not_one_per_completed_row(
+    tmp_path: Path, sim: StartSim, api_key: str
+) -> None:
+    """Before: the report took one result read per COMPLETED row. Links that refuse (a
+    CDN without the file yet) make the run read the result again for fresh links: 10
+    rows, 20 result reads at the emulator, "API requests: 31" for its 41."""
+    server = await sim(time_scale=0.002, output_delay_s=100.0, image_size=(16, 16), seed=3)
+    options = sim_run_options(url_manifest(tmp_path, 10), server, api_key, model="instantid")
+
+    result = await arun(options)
+
+    assert result.exit_code == 0, result.text()
+    reads = sum(server.stats()["requests"]["result"].values())
+    assert reads > 10  # some results were read again
+    report = build_report(*read_results(options.out))
+    assert report.requests is not None
+    assert report.requests[2] == reads
+    assert report.api_requests == _api_requests_seen(server)
+    assert f": {report.api_requests / 10:.2f} per completed job" in format_report(report)
