@@ -3,6 +3,7 @@ without matplotlib."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -16,7 +17,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import StartSim, sim_run_options, url_manifest
+from aiohttp import web
+from conftest import StartSim, results_by_id, sim_run_options, url_manifest
 from PIL import Image
 
 from batcher.checkpoint import CHECKPOINT, RESULTS_FRESH, RESULTS_META, RESULTS_STALE
@@ -27,7 +29,7 @@ from batcher.report import CHART, CHART_HINT, build_report, read_results, report
 from batcher.report_text import format_report
 from batcher.results import RESULTS, SCHEMA
 from batcher.run import arun
-from batcher.sim import SimServer
+from batcher.sim import SimConfig, SimServer
 
 #: A results.parquet from before the 429, download and result read counts.
 OLD_SCHEMA = pa.schema(
@@ -530,3 +532,36 @@ async def test_every_result_read_is_counted_not_one_per_completed_row(
     assert report.requests[2] == reads
     assert report.api_requests == _api_requests_seen(server)
     assert f": {report.api_requests / 10:.2f} per completed job" in format_report(report)
+
+
+async def test_notice_lag_ends_at_the_poll_that_saw_the_job_done_not_at_its_result(
+    tmp_path: Path, api_key: str
+) -> None:
+    """Before: latency_s and notice_lag_s ("how late polling noticed") ran to the end of
+    the result read that follows the poll, so its wait at a binding rate limit (a token:
+    1.25 s at 48/min) or a slow answer (inline images) counted as polling lag. Here each
+    result answer takes 0.3 s: every row's lag was the emulator's + 0.3 s."""
+    slow_s = 0.3
+
+    @web.middleware
+    async def slow_results(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path.startswith("/v2/requests/") and not request.path.endswith("/status"):
+            await asyncio.sleep(slow_s)
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    config = SimConfig(time_scale=0.002, retention_s=1e6, image_size=(16, 16), seed=3)
+    async with SimServer(config, middlewares=[slow_results]) as server:
+        options = sim_run_options(url_manifest(tmp_path, 6), server, api_key, model="instantid")
+        result = await arun(options)
+        rows = results_by_id(options.out).values()
+        jobs = {r["id"]: server.emulator.jobs.get(r["request_id"]) for r in rows}
+
+    assert result.exit_code == 0, result.text()
+    for row in rows:
+        job = jobs[row["id"]]
+        assert job is not None
+        assert job.first_seen_done is not None
+        # The poll's answer left the emulator at first_seen_done: a few ms of travel.
+        assert row["notice_lag_s"] == pytest.approx(job.first_seen_done - job.done_at, abs=0.1)
+        assert row["latency_s"] == pytest.approx(job.first_seen_done - job.submitted_at, abs=0.1)
