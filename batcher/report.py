@@ -20,7 +20,7 @@ from batcher.checkpoint import CHECKPOINT, RESULTS_META, RESULTS_STALE, Checkpoi
 from batcher.errors import UsageError, group_reasons
 from batcher.report_chart import CHART, CHART_HINT, write_chart
 from batcher.report_text import format_report
-from batcher.results import RESULTS
+from batcher.results import RESULTS, SCHEMA
 
 QUANTILES = (0.5, 0.9, 0.95, 0.99)
 # Bucket widths, seconds: the smallest giving at most _MAX_BUCKETS buckets is used, so a
@@ -150,7 +150,25 @@ def read_results(out_dir: Path) -> tuple[Path, pa.Table]:
         table = pq.read_table(path, columns=[n for n in names if n in _COLUMNS])
     except (OSError, pa.ArrowException) as exc:
         raise UsageError(f"{path}: not a readable Parquet file ({exc})") from None
-    return path, table
+    return path, _as_written(path, table)
+
+
+def _as_written(path: Path, table: pa.Table) -> pa.Table:
+    """``table`` with the column types batcher writes (a file saved again by another tool
+    may hold whole numbers as floats, or dictionary-encoded text); UsageError naming the
+    first column that cannot be read as such."""
+    for i, name in enumerate(table.column_names):
+        column, wanted = table.column(i), SCHEMA.field(name).type
+        if column.type == wanted:
+            continue
+        try:
+            table = table.set_column(i, name, column.cast(wanted))
+        except pa.ArrowException:
+            raise UsageError(
+                f"{path}: column {name} holds {column.type}, not {wanted}: not a batcher "
+                "results file"
+            ) from None
+    return table
 
 
 def build_report(path: Path, table: pa.Table) -> Report:

@@ -229,6 +229,33 @@ def test_missing_or_unreadable_file(tmp_path: Path) -> None:
         report_main(tmp_path)
 
 
+def test_a_column_of_another_type_is_a_clear_error_or_read_as_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: a traceback (ArrowNotImplementedError: "Function 'quantile' has no kernel
+    matching input types (string)") for a table whose columns are not batcher's types.
+    A table saved again by another tool (whole numbers as floats, text dictionary-
+    encoded, timestamps without a zone) is read as batcher wrote it."""
+    pq.write_table(pa.table({"status": ["COMPLETED"], "latency_s": ["fast"]}), tmp_path / RESULTS)
+    with pytest.raises(UsageError) as info:
+        report_main(tmp_path)
+    assert str(info.value) == (
+        f"{tmp_path / RESULTS}: column latency_s holds string, not double: not a batcher "
+        "results file"
+    )
+    resaved = pa.table({
+        "status": pa.array(["COMPLETED", "FAILED"]).dictionary_encode(),
+        "attempts": [1.0, 2.0], "polls": [2.0, 3.0], "latency_s": [4, 5],
+        "completed_at": pa.array([T0.replace(tzinfo=None), None], pa.timestamp("ns")),
+    })  # fmt: skip
+    pq.write_table(resaved, tmp_path / RESULTS)
+    assert report_main(tmp_path, chart=False) == 0
+    text = capsys.readouterr().out
+    assert "completed 1, failed 1, invalid 0" in text
+    assert "throughput: 1 completions, the last at 2024-05-01 12:00:00 UTC" in text
+    assert "API requests: 9 (3 submits + 5 polls + 1 results)" in text
+
+
 def test_accepts_the_parquet_file_itself(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert report_main(run_dir / RESULTS, chart=False) == 0
     assert "completed 200" in capsys.readouterr().out
