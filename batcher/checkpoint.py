@@ -78,6 +78,12 @@ _MIGRATIONS = (
     "ALTER TABLE jobs ADD COLUMN download_retries INTEGER NOT NULL DEFAULT 0;",
     # 5: the row is no longer in the manifest (kept: it was sent): never sent again.
     "ALTER TABLE jobs ADD COLUMN removed INTEGER NOT NULL DEFAULT 0;",
+    # 6: result reads (GET /v2/requests/{id}) of each row, for `batcher report`'s request
+    # total: a job's result may be read more than once (fresh links, a read that got no
+    # usable answer, a stop before its images were saved), or by a row that then FAILED.
+    # Rows read before it count one read, as the report assumed then.
+    "ALTER TABLE jobs ADD COLUMN result_reads INTEGER NOT NULL DEFAULT 0; "
+    "UPDATE jobs SET result_reads = 1 WHERE completed_at IS NOT NULL;",
 )
 
 

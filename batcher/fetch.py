@@ -68,7 +68,7 @@ async def fetch_one(
         reschedule(flight)
         return
     job = flight.job
-    seen = ctx.now()
+    seen = ctx.now() if flight.seen_done_mono is None else flight.seen_done_mono
     raw_metrics = body.get("metrics")
     metrics: dict[str, Any] = raw_metrics if isinstance(raw_metrics, dict) else {}
     latency = seen - flight.submitted_mono

@@ -45,6 +45,9 @@ class Flight:
     outputs: list[str] | None = None
     #: The result was read again in this run for fresh links, after the links refused.
     asked_links: bool = False
+    #: Loop time of the status answer that first said COMPLETED: when polling saw the
+    #: job done (the result read after it may wait its turn at the rate limit).
+    seen_done_mono: float | None = None
 
     @classmethod
     def start(

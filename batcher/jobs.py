@@ -87,7 +87,7 @@ COLUMNS = frozenset({
     "state", "error", "request_id", "status_url", "response_url", "attempts", "retries",
     "unknown_submits", "polls", "submitted_at", "started_at", "completed_at", "latency_s",
     "notice_lag_s", "inference_time", "metrics", "outputs", "width", "height", "bytes",
-    "sha256", "warnings", "rate_limited", "output_urls", "download_retries",
+    "sha256", "warnings", "rate_limited", "output_urls", "download_retries", "result_reads",
 })  # fmt: skip
 
 

@@ -273,8 +273,7 @@ class RunContext:
         flight (and `batcher report`'s request total with them)."""
         self.counters.api_requests[endpoint] += 1 + stats.retries + stats.rate_limited
         counts = {"retries": stats.retries, "rate_limited": stats.rate_limited}
-        if endpoint == "status":
-            counts["polls"] = 1
+        counts["polls" if endpoint == "status" else "result_reads"] = 1
         await self.checkpoint.update(job.id, counts=counts)
 
     async def count_download_retries(self, job: Job, retries: int) -> None:

@@ -148,6 +148,8 @@ class Poller:
                 flight.clock(now), flight.last_gap, reported=reported
             )
             ctx.saw(flight, "COMPLETED")
+            if flight.seen_done_mono is None:
+                flight.seen_done_mono = now
             await handoff.send(self._to_fetch, flight)
             return
         await settle_not_ok(ctx, flight, reply, self._schedule)

@@ -20,7 +20,7 @@ from batcher.checkpoint import CHECKPOINT, RESULTS_META, RESULTS_STALE, Checkpoi
 from batcher.errors import UsageError, group_reasons
 from batcher.report_chart import CHART, CHART_HINT, write_chart
 from batcher.report_text import format_report
-from batcher.results import RESULTS
+from batcher.results import RESULTS, SCHEMA
 
 QUANTILES = (0.5, 0.9, 0.95, 0.99)
 # Bucket widths, seconds: the smallest giving at most _MAX_BUCKETS buckets is used, so a
@@ -35,12 +35,16 @@ _RATE_LIMITED = "rate_limited"
 # Image downloads repeated, counted apart from `retries` since checkpoint migration 4;
 # before it, `retries` counted them too.
 _DOWNLOAD_RETRIES = "download_retries"
+# Result reads, counted per row since checkpoint migration 6; before it, the report
+# took one per completed row (a read for fresh links, or by a row that then FAILED, went
+# uncounted).
+_RESULT_READS = "result_reads"
 _QUEUE_TIME = r'"queue_time"\s*:\s*(?P<v>-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)'
 # The columns the report reads; images, params and hashes are left on disk.
 _COLUMNS = (
     "status", "error", "attempts", "retries", "unknown_submits", "submitted_at", "completed_at",
     "latency_s", "notice_lag_s", "inference_time", "metrics", "polls", _RATE_LIMITED,
-    _DOWNLOAD_RETRIES,
+    _DOWNLOAD_RETRIES, _RESULT_READS,
 )  # fmt: skip
 _LATENCIES = (
     ("queue_time", "queue time (server)"),
@@ -94,6 +98,7 @@ class Report:
     latency: dict[str, Spread]
     polls: tuple[float, Spread] | None
     notice_lag: tuple[float, Spread] | None
+    #: (submits, status polls, result reads) over every row.
     requests: tuple[int, int, int] | None
     retries: int | None
     unknown_submits: int | None
@@ -145,7 +150,25 @@ def read_results(out_dir: Path) -> tuple[Path, pa.Table]:
         table = pq.read_table(path, columns=[n for n in names if n in _COLUMNS])
     except (OSError, pa.ArrowException) as exc:
         raise UsageError(f"{path}: not a readable Parquet file ({exc})") from None
-    return path, table
+    return path, _as_written(path, table)
+
+
+def _as_written(path: Path, table: pa.Table) -> pa.Table:
+    """``table`` with the column types batcher writes (a file saved again by another tool
+    may hold whole numbers as floats, or dictionary-encoded text); UsageError naming the
+    first column that cannot be read as such."""
+    for i, name in enumerate(table.column_names):
+        column, wanted = table.column(i), SCHEMA.field(name).type
+        if column.type == wanted:
+            continue
+        try:
+            table = table.set_column(i, name, column.cast(wanted))
+        except pa.ArrowException:
+            raise UsageError(
+                f"{path}: column {name} holds {column.type}, not {wanted}: not a batcher "
+                "results file"
+            ) from None
+    return table
 
 
 def build_report(path: Path, table: pa.Table) -> Report:
@@ -163,9 +186,10 @@ def build_report(path: Path, table: pa.Table) -> Report:
     polls = _col(done, "polls")
     attempts = _col(table, "attempts")
     all_polls = _col(table, "polls")
+    reads = _optional_sum(table, _RESULT_READS)
     requests = None
     if attempts is not None and all_polls is not None:
-        requests = (_sum(attempts), _sum(all_polls), done.num_rows)
+        requests = (_sum(attempts), _sum(all_polls), done.num_rows if reads is None else reads)
     e2e = _col(done, "latency_s")
     return Report(
         path=path,

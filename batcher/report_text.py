@@ -83,7 +83,8 @@ def _requests_line(report: Report, first: tuple[int, int, int]) -> str:
     else:
         missing.append("a 429")
     total = report.api_requests or 0
-    per_job = f": {total / results:.2f} per completed job" if results else ""
+    completed = report.counts.get("COMPLETED", 0)
+    per_job = f": {total / completed:.2f} per completed job" if completed else ""
     # An older results.parquet lacks a count: say what the total leaves out, or holds.
     caveats = []
     if missing:

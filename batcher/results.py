@@ -41,6 +41,7 @@ SCHEMA = pa.schema([
     ("inference_time", pa.float64()),
     ("metrics", pa.string()),
     ("polls", pa.int64()),
+    ("result_reads", pa.int64()),
     ("outputs", pa.list_(pa.string())),
     ("width", pa.int64()),
     ("height", pa.int64()),
@@ -53,8 +54,8 @@ SCHEMA = pa.schema([
 _SOURCE = (
     "id", "number", "model", "state", "error", "request_id", "attempts", "retries",
     "download_retries", "unknown_submits", "rate_limited", "submitted_at", "completed_at",
-    "latency_s", "notice_lag_s", "inference_time", "metrics", "polls", "outputs", "width",
-    "height", "bytes", "sha256", "params", "warnings",
+    "latency_s", "notice_lag_s", "inference_time", "metrics", "polls", "result_reads",
+    "outputs", "width", "height", "bytes", "sha256", "params", "warnings",
 )  # fmt: skip
 
 

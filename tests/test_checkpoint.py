@@ -356,6 +356,27 @@ async def test_a_checkpoint_from_before_saved_output_urls_gains_the_column(
     assert after.output_urls == '["https://cdn/x.png?sig=s"]'
 
 
+async def test_a_checkpoint_from_before_result_reads_counts_one_per_result_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows whose result was read (it set completed_at) count one read, as `batcher
+    report` assumed before the column; the new reads add to it."""
+    path = tmp_path / "c.sqlite"
+    with monkeypatch.context() as patch:  # a file written by schema version 5
+        patch.setattr(checkpoint_module, "_MIGRATIONS", checkpoint_module._MIGRATIONS[:5])
+        async with Checkpoint(path) as cp:
+            await cp.add_rows([_row(1), _row(2), _row(3)])
+            await cp.update("r1", state=COMPLETED, completed_at=1.0)
+            await cp.update("r2", state=SUBMITTED, completed_at=1.0, output_urls=["u"])
+
+    async with Checkpoint(path) as cp:  # resumed by this version
+        await cp.update("r2", counts={"result_reads": 1})
+
+    assert _read(path, "SELECT id, result_reads FROM jobs ORDER BY id") == [
+        ("r1", 1), ("r2", 2), ("r3", 0),
+    ]  # fmt: skip
+
+
 async def test_a_failed_row_reopened_forgets_its_old_jobs_output_urls(cp: Checkpoint) -> None:
     """--retry-failed submits a new job: a resume must never download the old one's."""
     await cp.add_rows([_row(1)])

@@ -3,6 +3,7 @@ without matplotlib."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -16,6 +17,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from aiohttp import web
+from conftest import StartSim, results_by_id, sim_run_options, url_manifest
 from PIL import Image
 
 from batcher.checkpoint import CHECKPOINT, RESULTS_FRESH, RESULTS_META, RESULTS_STALE
@@ -23,11 +26,15 @@ from batcher.errors import UsageError, reason_key
 from batcher.pipeline import Counters
 from batcher.progress import summarize
 from batcher.report import CHART, CHART_HINT, build_report, read_results, report_main
+from batcher.report_text import format_report
 from batcher.results import RESULTS, SCHEMA
+from batcher.run import arun
+from batcher.sim import SimConfig, SimServer
 
-#: results.parquet as batcher wrote it before the per-row 429 count (rate_limited).
-# A results.parquet from before the 429 and download counts.
-OLD_SCHEMA = pa.schema([f for f in SCHEMA if f.name not in ("rate_limited", "download_retries")])
+#: A results.parquet from before the 429, download and result read counts.
+OLD_SCHEMA = pa.schema(
+    [f for f in SCHEMA if f.name not in ("rate_limited", "download_retries", "result_reads")]
+)
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 UUID = "{:08x}-1234-4abc-8def-0123456789ab"
@@ -220,6 +227,33 @@ def test_missing_or_unreadable_file(tmp_path: Path) -> None:
     pq.write_table(pa.table({"x": [1]}), tmp_path / RESULTS)
     with pytest.raises(UsageError, match="not a batcher results file"):
         report_main(tmp_path)
+
+
+def test_a_column_of_another_type_is_a_clear_error_or_read_as_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: a traceback (ArrowNotImplementedError: "Function 'quantile' has no kernel
+    matching input types (string)") for a table whose columns are not batcher's types.
+    A table saved again by another tool (whole numbers as floats, text dictionary-
+    encoded, timestamps without a zone) is read as batcher wrote it."""
+    pq.write_table(pa.table({"status": ["COMPLETED"], "latency_s": ["fast"]}), tmp_path / RESULTS)
+    with pytest.raises(UsageError) as info:
+        report_main(tmp_path)
+    assert str(info.value) == (
+        f"{tmp_path / RESULTS}: column latency_s holds string, not double: not a batcher "
+        "results file"
+    )
+    resaved = pa.table({
+        "status": pa.array(["COMPLETED", "FAILED"]).dictionary_encode(),
+        "attempts": [1.0, 2.0], "polls": [2.0, 3.0], "latency_s": [4, 5],
+        "completed_at": pa.array([T0.replace(tzinfo=None), None], pa.timestamp("ns")),
+    })  # fmt: skip
+    pq.write_table(resaved, tmp_path / RESULTS)
+    assert report_main(tmp_path, chart=False) == 0
+    text = capsys.readouterr().out
+    assert "completed 1, failed 1, invalid 0" in text
+    assert "throughput: 1 completions, the last at 2024-05-01 12:00:00 UTC" in text
+    assert "API requests: 9 (3 submits + 5 polls + 1 results)" in text
 
 
 def test_accepts_the_parquet_file_itself(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -439,7 +473,7 @@ def test_repeated_image_downloads_are_counted_apart_from_api_requests(
     their repeats are a line of their own, never in the API request total."""
     rows = [{"id": str(i), "row": i, "status": "COMPLETED", "attempts": 1, "polls": 2,
              "retries": 1 if i == 0 else 0, "download_retries": 3, "rate_limited": 0,
-             "submitted_at": T0, "completed_at": T0 + timedelta(seconds=10 + i),
+             "result_reads": 1, "submitted_at": T0, "completed_at": T0 + timedelta(seconds=10 + i),
              "latency_s": 10.0} for i in range(4)]  # fmt: skip
     out = write(tmp_path, rows)
     report = build_report(*read_results(out))
@@ -498,3 +532,63 @@ def test_a_folder_at_the_results_name_is_named_as_a_folder(tmp_path: Path) -> No
     with pytest.raises(UsageError) as info:
         report_main(fifo.parent)
     assert str(info.value) == f"{fifo}: is not a regular file (a pipe or a device?)"
+
+
+def _api_requests_seen(server: SimServer) -> int:
+    """API requests the emulator answered or dropped (image downloads are not API requests)."""
+    requests = server.stats()["requests"]
+    return sum(n for endpoint, by in requests.items() if endpoint != "output" for n in by.values())
+
+
+async def test_every_result_read_is_counted_not_one_per_completed_row(
+    tmp_path: Path, sim: StartSim, api_key: str
+) -> None:
+    """Before: the report took one result read per COMPLETED row. Links that refuse (a
+    CDN without the file yet) make the run read the result again for fresh links: 10
+    rows, 20 result reads at the emulator, "API requests: 31" for its 41."""
+    server = await sim(time_scale=0.002, output_delay_s=100.0, image_size=(16, 16), seed=3)
+    options = sim_run_options(url_manifest(tmp_path, 10), server, api_key, model="instantid")
+
+    result = await arun(options)
+
+    assert result.exit_code == 0, result.text()
+    reads = sum(server.stats()["requests"]["result"].values())
+    assert reads > 10  # some results were read again
+    report = build_report(*read_results(options.out))
+    assert report.requests is not None
+    assert report.requests[2] == reads
+    assert report.api_requests == _api_requests_seen(server)
+    assert f": {report.api_requests / 10:.2f} per completed job" in format_report(report)
+
+
+async def test_notice_lag_ends_at_the_poll_that_saw_the_job_done_not_at_its_result(
+    tmp_path: Path, api_key: str
+) -> None:
+    """Before: latency_s and notice_lag_s ("how late polling noticed") ran to the end of
+    the result read that follows the poll, so its wait at a binding rate limit (a token:
+    1.25 s at 48/min) or a slow answer (inline images) counted as polling lag. Here each
+    result answer takes 0.3 s: every row's lag was the emulator's + 0.3 s."""
+    slow_s = 0.3
+
+    @web.middleware
+    async def slow_results(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path.startswith("/v2/requests/") and not request.path.endswith("/status"):
+            await asyncio.sleep(slow_s)
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    config = SimConfig(time_scale=0.002, retention_s=1e6, image_size=(16, 16), seed=3)
+    async with SimServer(config, middlewares=[slow_results]) as server:
+        options = sim_run_options(url_manifest(tmp_path, 6), server, api_key, model="instantid")
+        result = await arun(options)
+        rows = results_by_id(options.out).values()
+        jobs = {r["id"]: server.emulator.jobs.get(r["request_id"]) for r in rows}
+
+    assert result.exit_code == 0, result.text()
+    for row in rows:
+        job = jobs[row["id"]]
+        assert job is not None
+        assert job.first_seen_done is not None
+        # The poll's answer left the emulator at first_seen_done: a few ms of travel.
+        assert row["notice_lag_s"] == pytest.approx(job.first_seen_done - job.done_at, abs=0.1)
+        assert row["latency_s"] == pytest.approx(job.first_seen_done - job.submitted_at, abs=0.1)
