@@ -208,3 +208,21 @@ def test_a_number_where_a_style_name_goes_warns_saying_so() -> None:
     assert [str(p) for p in strict.errors] == [
         "output_format=1 is a number where a name is expected (one of png, jpg, webp)"
     ]
+
+
+def test_spaces_around_a_name_from_a_list_are_not_part_of_it() -> None:
+    """A hand-written CSV puts a space after its commas. Numbers and booleans were read
+    stripped, names were not: output_format=" png" was refused although the page lists
+    "png", and style=" Watercolor" was sent with its space, as a style the page lacks."""
+    iy = validate(
+        get_model("infinite-you"),
+        {"id_image": "https://x", "output_format": " png", "model_version": "sim_stage1 "},
+    )
+    assert iy.ok, iy.message()
+    assert (iy.params["output_format"], iy.params["model_version"]) == ("png", "sim_stage1")
+    iid = validate(get_model("instantid"), {**IID, "style": " Watercolor", "prompt": " p "})
+    assert (iid.params["style"], iid.warnings) == ("Watercolor", ())
+    assert iid.params["prompt"] == " p "  # free text is sent as written
+    unlisted = validate(get_model("instantid"), {**IID, "style": "Watercolour "})
+    assert unlisted.params["style"] == "Watercolour"
+    assert str(unlisted.warnings[0]).endswith('sent anyway as "Watercolour", the server decides')

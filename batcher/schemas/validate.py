@@ -185,7 +185,9 @@ def _to_str(value: object, spec: ParamSpec) -> str:
     text = str(value)
     if spec.is_image and not text.strip():
         raise _Bad("is empty")
-    return text
+    # A name from a list (" png" after a CSV comma) is read like a number: stripped. Free
+    # text (a prompt) is sent as written.
+    return text.strip() if spec.enum is not None else text
 
 
 def coerce(value: object, spec: ParamSpec) -> object:
