@@ -168,7 +168,8 @@ def _to_number(value: object) -> float | int:
 def _to_bool(value: object) -> bool:
     if isinstance(value, bool):
         return value
-    if isinstance(value, int) and value in (0, 1):
+    # 1.0 as an integer reads it: pandas makes an integer column with a gap float.
+    if isinstance(value, int | float) and value in (0, 1):
         return bool(value)
     if isinstance(value, str):
         text = value.strip().lower()
@@ -176,6 +177,8 @@ def _to_bool(value: object) -> bool:
             return True
         if text in _FALSE:
             return False
+        if _NUMBER.fullmatch(text) and float(text) in (0, 1):
+            return bool(float(text))
     raise _Bad("is not a boolean (use true or false)")
 
 
