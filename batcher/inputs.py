@@ -2,7 +2,7 @@
 
 A manifest value is one of:
 
-- an ``http(s)`` URL: sent unchanged (Segmind fetches it);
+- an ``http(s)`` URL: sent unchanged but for spaces around it (Segmind fetches it);
 - a ``data:`` URL or bare base64 image data ("inline"): decoded and checked like a
   file, then sent unchanged, byte for byte. A data URL must be ``;base64``. Bare
   base64 is known by an image signature, or by being too long to be a path;
@@ -95,6 +95,13 @@ class _Pending:
     problem: str | None = None
 
 
+def _unspaced(value: str) -> str:
+    """A URL without the spaces around it (a CSV's, after a comma: no URL ends in one);
+    anything else as given, since a file name may hold them."""
+    head = value[:64].lstrip()  # not the whole value: inline data can be megabytes
+    return value.strip() if is_url(head) or _OTHER_URL.match(head) else value
+
+
 def _kind(value: str) -> Kind:
     if is_url(value):
         return "url"
@@ -161,6 +168,7 @@ class ImageInputs:
         """
         if not value.strip():
             raise InputError(f"{param}: empty value")
+        value = _unspaced(value)
         kind = _kind(value)
         if kind == "url":
             try:
@@ -219,6 +227,7 @@ class ImageInputs:
         image (of the text itself if it does not decode). ``param`` is accepted so the
         call mirrors :meth:`resolve`; the reference does not depend on it.
         """
+        value = _unspaced(value)
         kind = _kind(value)
         if kind == "path":
             return "file:" + value

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 BATCH = 2000
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-#: INVALID rows named on the terminal by a run; the rest are counted (all are in results).
+#: INVALID rows, and rows sent with a warning, named on the terminal by a run; the rest
+#: are counted (all are in results).
 SHOWN_INVALID = 10
 #: Rows named by the refusal of rows sent before under another id (the rest are counted).
 SHOWN_RENAMED = 5
@@ -44,9 +45,15 @@ class Checked:
     warnings: tuple[str, ...]
 
     def message(self) -> str:
-        # Manifest values (a path, an id) reach the terminal: never a raw ESC or NUL.
-        text = "; ".join(self.errors)
-        return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+        return _printable("; ".join(self.errors))
+
+    def warning(self) -> str:
+        return _printable("; ".join(self.warnings))
+
+
+def _printable(text: str) -> str:
+    # Manifest values (a path, an id) reach the terminal: never a raw ESC or NUL.
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 async def check_row(row: ManifestRow, inputs: ImageInputs) -> Checked:
@@ -93,16 +100,22 @@ async def load(
     await checkpoint.start_listing()
     changed: list[tuple[str, int]] = []
     invalid: list[str] = []
-    total = invalid_count = 0
+    warned: list[str] = []  # rows sent all the same (an unlisted style): the user must see
+    total = invalid_count = warned_count = 0
     async for checked in check_rows(rows, inputs):
         if should_stop is not None and should_stop():
             raise Interrupted(f"stopped while reading {manifest} (row {total}): nothing was sent")
         total += len(checked)
         for c in checked:
+            where = f"row {c.row.number} (id {show(c.row.id)})"
             if c.errors:
                 invalid_count += 1
                 if len(invalid) < SHOWN_INVALID:
-                    invalid.append(f"row {c.row.number} (id {show(c.row.id)}): {c.message()}")
+                    invalid.append(f"{where}: {c.message()}")
+            elif c.warnings:
+                warned_count += 1
+                if len(warned) < SHOWN_INVALID:
+                    warned.append(f"{where}: {c.warning()}")
         new = [
             NewRow(
                 id=c.row.id,
@@ -149,6 +162,13 @@ async def load(
     if invalid_count > len(invalid):
         log.warning(
             "%d more INVALID rows; every reason is in results.parquet", invalid_count - len(invalid)
+        )
+    for line in warned:
+        log.warning("sent with a warning: %s", line)
+    if warned_count > len(warned):
+        log.warning(
+            "%d more rows sent with a warning; every warning is in results.parquet",
+            warned_count - len(warned),
         )
     return total
 

@@ -87,6 +87,21 @@ async def test_passthrough(tmp_path: Path, value: str) -> None:
     assert inputs.reads == 0
 
 
+@pytest.mark.parametrize(
+    "value", [" https://example.com/face.png", "https://example.com/face.png \t", "\nHTTPS://x/y"]
+)
+async def test_spaces_around_a_url_are_not_sent(tmp_path: Path, value: str) -> None:
+    """A URL holds no spaces at its ends: a hand-written CSV puts one after its commas.
+    Before, " https://..." was taken for a file ("file not found (looked in .../ https:/
+    example.com/face.png)") and "https://... " was sent with its space, for Segmind to
+    fetch a URL that is not the image's."""
+    inputs = ImageInputs(tmp_path)
+    assert await inputs.resolve("face_image", value) == value.strip()
+    assert inputs.reference("face_image", value) == value.strip()
+    with pytest.raises(InputError, match=r"^face_image=ftp://x/y.png: unsupported URL scheme"):
+        await inputs.resolve("face_image", " ftp://x/y.png")
+
+
 # --- inline data -------------------------------------------------------------
 
 

@@ -656,6 +656,23 @@ def test_unknown_column_suggests_the_closest_parameter(tmp_path: Path) -> None:
     )
 
 
+def test_a_jsonl_key_no_model_takes_is_named_with_the_row_that_first_gives_it(
+    tmp_path: Path,
+) -> None:
+    """A JSON Lines key is a column of the lines that give it: before, a typo on one line
+    of a million was named without saying which line ('unknown column "seeed"')."""
+    rows: list[dict[str, object]] = [{"prompt": "p", "face_image": FACE} for _ in range(60)]
+    rows[56]["seeed"] = 3
+    rows[58]["seeed"] = 4
+    rows[59]["colour"] = "red"
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n\n" for r in rows), encoding="utf-8")
+    assert scan_error(path) == (
+        f'{path}: unknown columns "seeed" first on row 57 (did you mean "seed"?), "colour" '
+        "first on row 60; columns must be parameter names of instantid, or id, model"
+    )
+
+
 def test_an_id_column_spelt_in_capitals_is_named(tmp_path: Path) -> None:
     """Before, "ID" (or "Prompt") was an unknown column with no suggestion: the id column
     was never among them, and "ID" is not close to "id" letter for letter."""
@@ -672,7 +689,7 @@ def test_unknown_columns_are_judged_against_every_used_model(tmp_path: Path) -> 
         {"model": "infinite-you", "id_image": FACE, "colour": "red"},
     ]
     message = scan_error(write(tmp_path, "m.jsonl", rows))
-    assert 'unknown column "colour";' in message
+    assert 'unknown column "colour" first on row 2;' in message
     assert "num_steps" not in message  # a parameter of infinite-you, which a row uses
     assert "parameter names of infinite-you, instantid" in message
 

@@ -208,3 +208,37 @@ def test_a_number_where_a_style_name_goes_warns_saying_so() -> None:
     assert [str(p) for p in strict.errors] == [
         "output_format=1 is a number where a name is expected (one of png, jpg, webp)"
     ]
+
+
+def test_spaces_around_a_name_from_a_list_are_not_part_of_it() -> None:
+    """A hand-written CSV puts a space after its commas. Numbers and booleans were read
+    stripped, names were not: output_format=" png" was refused although the page lists
+    "png", and style=" Watercolor" was sent with its space, as a style the page lacks."""
+    iy = validate(
+        get_model("infinite-you"),
+        {"id_image": "https://x", "output_format": " png", "model_version": "sim_stage1 "},
+    )
+    assert iy.ok, iy.message()
+    assert (iy.params["output_format"], iy.params["model_version"]) == ("png", "sim_stage1")
+    iid = validate(get_model("instantid"), {**IID, "style": " Watercolor", "prompt": " p "})
+    assert (iid.params["style"], iid.warnings) == ("Watercolor", ())
+    assert iid.params["prompt"] == " p "  # free text is sent as written
+    unlisted = validate(get_model("instantid"), {**IID, "style": "Watercolour "})
+    assert unlisted.params["style"] == "Watercolour"
+    assert str(unlisted.warnings[0]).endswith('sent anyway as "Watercolour", the server decides')
+
+
+def test_a_boolean_written_as_a_whole_number_reads_like_an_integer_does() -> None:
+    """An integer column with a gap is float in pandas (1.0), so Parquet holds 1.0 and
+    CSV "1.0"; samples=2.0 was read as 2, but enhance_face_region=1.0 was refused."""
+    given = {"enhance_face_region": 1.0, "base64": "0.0"}
+    result = validate(get_model("instantid"), {**IID, **given})
+    assert result.ok, result.message()
+    assert (result.params["enhance_face_region"], result.params["base64"]) == (True, False)
+    iy = validate(get_model("infinite-you"), {"id_image": "https://x", "enable_realism": "1.0"})
+    assert iy.params["enable_realism"] is True
+    bad = validate(get_model("instantid"), {**IID, "base64": 0.5, "enhance_face_region": "2"})
+    assert [str(p) for p in bad.errors] == [
+        "base64=0.5 is not a boolean (use true or false)",
+        "enhance_face_region=2 is not a boolean (use true or false)",
+    ]

@@ -104,7 +104,7 @@ def _scan(
         problems.append(f"{text} {had} no model; fill the model cell or pass --model")
     used = tuple(sorted(per_model))
     if used:
-        column_problems = _column_problems(columns, [known[m] for m in used], per_model)
+        column_problems = _column_problems(source.columns, [known[m] for m in used], per_model)
         if column_problems and unknown_models:
             # A misspelt model's columns are unknown to the models spelt right: say the
             # typo first, or the message blames a column that is fine.
@@ -225,14 +225,18 @@ def _duplicates(
 
 
 def _column_problems(
-    columns: tuple[str, ...], models: list[ModelSpec], per_model: Mapping[str, int]
+    columns: Mapping[str, int], models: list[ModelSpec], per_model: Mapping[str, int]
 ) -> list[str]:
+    """Unknown and missing columns. ``columns`` maps each to the row that first gives it
+    (0: the header's): a JSONL key may be in one line of a million, so that row is named."""
     problems: list[str] = []
     allowed = {name for m in models for name in m.params}
     unknown = [c for c in columns if c not in allowed and c not in ("id", "model")]
     if unknown:
         choices = allowed | {"id", "model"}
-        named = ", ".join(f"{quoted(c)}{did_you_mean(c, choices)}" for c in unknown[:SHOWN])
+        named = ", ".join(
+            f"{quoted(c)}{_first_on(columns[c])}{did_you_mean(c, choices)}" for c in unknown[:SHOWN]
+        )
         more = f" and {len(unknown) - SHOWN} more" if len(unknown) > SHOWN else ""
         problems.append(
             f"unknown column{_s(unknown)} {named}{more}; columns must be parameter names "
@@ -248,6 +252,10 @@ def _column_problems(
                 f"(used by {n} row{'' if n == 1 else 's'})"
             )
     return problems
+
+
+def _first_on(row: int) -> str:
+    return f" first on row {row}" if row else ""
 
 
 def _rows_text(numbers: list[int], total: int) -> str:

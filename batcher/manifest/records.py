@@ -53,7 +53,8 @@ class Source:
     """An open manifest: its columns (JSONL adds them while streaming) and its records."""
 
     format: str
-    columns: dict[str, None]
+    #: Each column, with the row that first gives it: 0 for a header's (CSV, Parquet).
+    columns: dict[str, int]
     records: Iterator[Record]
 
 
@@ -64,7 +65,7 @@ def open_source(path: Path, batch_rows: int) -> Source:
         raise ManifestError(f"{path}: unknown manifest type {kind}; use {', '.join(FORMATS)}")
     if not regular_file(path).st_size:
         raise ManifestError(f"{path}: the file is empty")
-    columns: dict[str, None] = {}
+    columns: dict[str, int] = {}
     try:
         if fmt == "csv":
             columns = _unique_columns(path, _csv_header(path))
@@ -111,8 +112,8 @@ def _guarded(path: Path, fmt: str, records: Iterator[Record]) -> Iterator[Record
         raise _unreadable(path, fmt, exc) from None
 
 
-def _unique_columns(path: Path, names: list[str]) -> dict[str, None]:
-    columns = dict.fromkeys(names)
+def _unique_columns(path: Path, names: list[str]) -> dict[str, int]:
+    columns = dict.fromkeys(names, 0)
     if len(columns) < len(names):
         twice = next(n for n in columns if names.count(n) > 1)
         raise ManifestError(f"{path}: column {quoted(twice)} appears more than once")
@@ -248,15 +249,18 @@ def _batch_records(batch: object, batch_rows: int) -> Iterator[Record]:
         yield from batch.slice(start, batch_rows).to_pylist()  # type: ignore[attr-defined]
 
 
-def _jsonl_records(path: Path, columns: dict[str, None]) -> Iterator[Record]:
-    """Line by line (pyarrow.json reads whole files); adds each key seen to columns."""
+def _jsonl_records(path: Path, columns: dict[str, int]) -> Iterator[Record]:
+    """Line by line (pyarrow.json reads whole files); adds each key seen to columns, with
+    the number of the first row that gives it."""
+    number = 0
     with path.open("rb") as f:
         for line_no, raw in enumerate(f, 1):
             line = raw.removeprefix(codecs.BOM_UTF8) if line_no == 1 else raw
             if line.strip():
+                number += 1
                 record = _json_record(line, line_no)
                 if isinstance(record, dict):
-                    columns.update(dict.fromkeys(record))
+                    columns.update({k: number for k in record if k not in columns})
                 yield record
 
 

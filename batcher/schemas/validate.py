@@ -168,7 +168,8 @@ def _to_number(value: object) -> float | int:
 def _to_bool(value: object) -> bool:
     if isinstance(value, bool):
         return value
-    if isinstance(value, int) and value in (0, 1):
+    # 1.0 as an integer reads it: pandas makes an integer column with a gap float.
+    if isinstance(value, int | float) and value in (0, 1):
         return bool(value)
     if isinstance(value, str):
         text = value.strip().lower()
@@ -176,6 +177,8 @@ def _to_bool(value: object) -> bool:
             return True
         if text in _FALSE:
             return False
+        if _NUMBER.fullmatch(text) and float(text) in (0, 1):
+            return bool(float(text))
     raise _Bad("is not a boolean (use true or false)")
 
 
@@ -185,7 +188,9 @@ def _to_str(value: object, spec: ParamSpec) -> str:
     text = str(value)
     if spec.is_image and not text.strip():
         raise _Bad("is empty")
-    return text
+    # A name from a list (" png" after a CSV comma) is read like a number: stripped. Free
+    # text (a prompt) is sent as written.
+    return text.strip() if spec.enum is not None else text
 
 
 def coerce(value: object, spec: ParamSpec) -> object:
