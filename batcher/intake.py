@@ -22,7 +22,7 @@ from batcher.errors import Interrupted, ManifestError
 from batcher.inputs import ImageInputs, InputError
 from batcher.jobs import INVALID, PENDING, NewRow
 from batcher.manifest import ManifestRow, read_rows
-from batcher.schemas import get_model, show, validate
+from batcher.schemas import get_model, registry, show, validate
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +157,7 @@ async def load(
             if failed
             else "",
         )
+    await _warn_repeated(checkpoint)
     for line in invalid:
         log.warning("INVALID, not sent: %s", line)
     if invalid_count > len(invalid):
@@ -180,6 +181,35 @@ _BY_NUMBER = (
     "out above them moves every row below onto another's number. Put rows back where they "
     "were and add new ones at the end (or give every row an id)"
 )
+
+
+async def _warn_repeated(checkpoint: Checkpoint) -> None:
+    """Say which rows to send repeat another, seed included: each is billed for an image
+    the other gives too. Sent all the same: a benchmark may want exactly that."""
+    seeds = {slug: s for slug, m in registry().items() if (s := m.seed_when_absent) is not None}
+    count, shown = await checkpoint.repeated(seeds, SHOWN_RENAMED)
+    if count:
+        log.warning("%s", _repeated_message(count, shown, seeds))
+
+
+def _repeated_message(
+    count: int, shown: list[tuple[str, int, str, int]], seeds: dict[str, int]
+) -> str:
+    """The warning for ``count`` rows alike in every parameter to an earlier row, with a
+    fixed seed (``shown``: as Checkpoint.repeated gives them)."""
+    listed = "; ".join(
+        f"row {n} (id {show(i)}) = row {first_n} (id {show(first)})"
+        for i, n, first, first_n in shown
+    )
+    more = f"; and {count - len(shown)} more" if count > len(shown) else ""
+    fixed = ", ".join(f"{slug}'s is {seed}" for slug, seed in sorted(seeds.items()) if seed >= 0)
+    defaults = f"; a model's default seed is not random: {fixed}" if fixed else ""
+    return (
+        f"{count} rows repeat an earlier row in every parameter, the seed included (the "
+        f"row's own, or the model's default when it gives none{defaults}): each is billed "
+        f"and gives the same image as the earlier row: {listed}{more}. Sent all the same; "
+        "give each row its own seed to get different images"
+    )
 
 
 def _renamed_message(manifest: str, count: int, shown: list[tuple[str, int, str, str]]) -> str:

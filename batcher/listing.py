@@ -5,7 +5,7 @@ want. :class:`batcher.checkpoint.Checkpoint` is the one user."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from batcher.group_commit import GroupCommitDb, transaction
@@ -158,6 +158,43 @@ class ManifestListing(GroupCommitDb):
                 db.execute("DROP TABLE temp.gone")
 
         result: tuple[int, list[tuple[str, int, str, str]]] = await self._call(find)
+        return result
+
+    async def repeated(
+        self, seeds: Mapping[str, int], limit: int
+    ) -> tuple[int, list[tuple[str, int, str, int]]]:
+        """Rows to send that repeat an earlier row to send, model and parameters alike,
+        with a seed >= 0: the one given, or else the model's in ``seeds`` (slug: seed the
+        server uses when none is given, -1 for a random one). Each is billed and gives the
+        same image. Their count, and up to ``limit`` of them as (id, number, id of the
+        first row alike, its number)."""
+        alike = (
+            "SELECT id, number, FIRST_VALUE(id) OVER w AS first_id, "
+            "FIRST_VALUE(number) OVER w AS first_number FROM jobs "
+            "WHERE state = ? AND model = ? AND COALESCE(json_extract(params, '$.seed'), ?) >= 0 "
+            "WINDOW w AS (PARTITION BY params ORDER BY number)"
+        )
+
+        def find() -> tuple[int, list[tuple[str, int, str, int]]]:
+            db = self._conn
+            count, shown = 0, list[tuple[str, int, str, int]]()
+            for model, seed in seeds.items():
+                db.execute("DROP TABLE IF EXISTS temp.alike")
+                db.execute(
+                    f"CREATE TEMP TABLE alike AS SELECT * FROM ({alike}) "
+                    "WHERE number != first_number",
+                    (PENDING, model, seed),
+                )
+                try:
+                    count += db.execute("SELECT COUNT(*) FROM temp.alike").fetchone()[0]
+                    shown += db.execute(
+                        "SELECT * FROM temp.alike ORDER BY number LIMIT ?", (limit,)
+                    ).fetchall()
+                finally:
+                    db.execute("DROP TABLE temp.alike")
+            return count, sorted(shown, key=lambda row: row[1])[:limit]
+
+        result: tuple[int, list[tuple[str, int, str, int]]] = await self._call(find)
         return result
 
     async def discard_listing(self) -> None:

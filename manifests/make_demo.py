@@ -78,6 +78,9 @@ def main() -> None:
                     "id_image": names[n % 4],
                     "width": 384,
                     "height": 384,
+                    # InfiniteYou's default seed is fixed (6255): rows alike but for it
+                    # would each be billed for one same image.
+                    "seed": 8000 + n,
                 }
             else:
                 row = {

@@ -74,6 +74,18 @@ class ModelSpec:
         return tuple(name for name, p in self.params.items() if p.is_image)
 
     @property
+    def seed_when_absent(self) -> int | None:
+        """The seed the server draws a job's image with when the job gives none: -1 when
+        that is a random one (the pages' -1, or null, "for randomness"), None when the
+        model takes no ``seed``. A seed >= 0 makes the image a function of the
+        parameters: two jobs alike in them are billed twice for one image."""
+        spec = self.params.get("seed")
+        if spec is None:
+            return None
+        default = spec.default
+        return default if isinstance(default, int) and default >= 0 else -1
+
+    @property
     def required_params(self) -> tuple[str, ...]:
         return tuple(name for name, p in self.params.items() if p.required)
 
