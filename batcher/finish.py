@@ -3,6 +3,7 @@ and the summary read, without a failure here hiding the reason a run stopped."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
 import stat
@@ -51,7 +52,9 @@ async def finish(ctx: RunContext, elapsed_s: float, *, stopping: bool) -> End:
         )
     try:
         results = await anyio.to_thread.run_sync(
-            write_results, cp, options.out, options.manifest.parent
+            functools.partial(
+                write_results, cp, options.out, options.manifest.parent, time_scale=options.scale
+            )
         )
     except OSError as exc:  # e.g. a folder at results.parquet, a full disk
         if not stopping:
@@ -99,7 +102,14 @@ async def _checkpoint_summary(ctx: RunContext, elapsed_s: float) -> Summary | No
         log.warning("no summary: the checkpoint could not be read (%s)", exc)
         return None
     return await anyio.to_thread.run_sync(
-        summarize, table, ctx.counters, ctx.gate.limited, elapsed_s
+        functools.partial(
+            summarize,
+            table,
+            ctx.counters,
+            ctx.gate.limited,
+            elapsed_s,
+            time_scale=ctx.options.scale,
+        )
     )
 
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from batcher.errors import group_reasons
 from batcher.pipeline import Counters, RunContext
-from batcher.results import SUMMARY_COLUMNS
+from batcher.results import SUMMARY_COLUMNS, scale_note, time_scale_of
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,8 @@ class Summary:
     polls_fell_behind: bool = False
     #: Jobs FAILED and submitted again this run, by reason (most first).
     resubmitted_failed: dict[str, int] = field(default_factory=dict)
+    #: The run's time scale: its durations are this x the service's (see results.scale_note).
+    time_scale: float = 1.0
 
     def text(self) -> str:
         c = self.counts
@@ -149,6 +151,7 @@ class Summary:
             f"rows: {sum(c.values())}  completed: {c.get('COMPLETED', 0)}  "
             f"failed: {c.get('FAILED', 0)}  invalid: {c.get('INVALID', 0)}  "
             f"not finished: {sum(n for s, n in c.items() if s not in _TERMINAL)}",
+            *filter(None, [scale_note(self.time_scale)]),
             f"this run: {self.completed_this_run} completed in {self.elapsed_s:.1f} s "
             f"({rate * 60:.1f} jobs/min), {self.api_requests} API requests "
             f"({per_job:.2f} per completed job), {self.rate_limited} answered 429",
@@ -201,10 +204,15 @@ def time_left(seconds: float) -> str:
 
 
 def summarize(
-    results: Path | pa.Table, counters: Counters, rate_limited: int, elapsed_s: float
+    results: Path | pa.Table,
+    counters: Counters,
+    rate_limited: int,
+    elapsed_s: float,
+    *,
+    time_scale: float | None = None,
 ) -> Summary:
     """Figures from results.parquet (or a table of its SUMMARY_COLUMNS) and the run's
-    counters. Blocking: use a worker thread."""
+    counters; ``time_scale`` None: the file's own. Blocking: use a worker thread."""
     if isinstance(results, pa.Table):
         table = results
     else:
@@ -233,6 +241,7 @@ def summarize(
         poll_late=c.poll_lateness.percentiles(),
         polls_fell_behind=c.poll_lateness.fell_behind,
         resubmitted_failed=dict(c.resubmitted_failed.most_common()),
+        time_scale=time_scale_of(table.schema) if time_scale is None else time_scale,
     )
 
 

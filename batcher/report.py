@@ -20,7 +20,7 @@ from batcher.checkpoint import CHECKPOINT, RESULTS_META, RESULTS_STALE, Checkpoi
 from batcher.errors import UsageError, group_reasons
 from batcher.report_chart import CHART, CHART_HINT, write_chart
 from batcher.report_text import format_report
-from batcher.results import RESULTS, SCHEMA
+from batcher.results import RESULTS, SCHEMA, time_scale_of
 
 QUANTILES = (0.5, 0.9, 0.95, 0.99)
 # Bucket widths, seconds: the smallest giving at most _MAX_BUCKETS buckets is used, so a
@@ -106,6 +106,8 @@ class Report:
     #: None: a results.parquet from before downloads were counted apart (``retries``
     #: holds them too, and the API request total may be over by as many).
     download_retries: int | None
+    #: The run's time scale (results.time_scale_of): 1 against the real API.
+    time_scale: float = 1.0
     # End-to-end latencies of completed rows for the chart's histogram, a pyarrow array.
     latency_values: Any = field(default=None, repr=False)
 
@@ -205,6 +207,7 @@ def build_report(path: Path, table: pa.Table) -> Report:
         unknown_submits=_optional_sum(table, "unknown_submits"),
         rate_limited=_optional_sum(table, _RATE_LIMITED),
         download_retries=_optional_sum(table, _DOWNLOAD_RETRIES),
+        time_scale=time_scale_of(table.schema),
         latency_values=None if e2e is None else pc.drop_null(e2e),
     )
 

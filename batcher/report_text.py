@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from batcher.results import scale_note
+
 if TYPE_CHECKING:  # report.py imports this module to print what it measured
     from batcher.report import Report, Throughput
 
@@ -23,6 +25,8 @@ def format_report(report: Report) -> str:
         f"completed {c.get('COMPLETED', 0)}, failed {c.get('FAILED', 0)}, "
         f"invalid {c.get('INVALID', 0)}" + (f", not finished {unfinished}" if unfinished else ""),
     ]
+    if (note := scale_note(report.time_scale)) is not None:
+        lines.append(note)
     if report.failed_reasons:
         lines.append("failed by reason:")
         shown = report.failed_reasons[:_TOP_REASONS]

@@ -8,6 +8,7 @@ complete and valid, whenever and however the run ends.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,9 @@ from batcher.inputs import ImageInputs
 from batcher.schemas import registry
 
 RESULTS = "results.parquet"
+#: The file's schema metadata key for the time scale of the run that wrote it: its
+#: durations are wall seconds, ``time_scale`` x the service's (1 against the real API).
+TIME_SCALE_KEY = b"batcher.time_scale"
 
 _TS = pa.timestamp("us", tz="UTC")
 SCHEMA = pa.schema([
@@ -78,8 +82,11 @@ def _params_for_results(
     return text
 
 
-def write_results(checkpoint: Checkpoint, out: Path, manifest_dir: Path) -> Path:
-    """Write ``out/results.parquet`` atomically. Blocking: call from a worker thread.
+def write_results(
+    checkpoint: Checkpoint, out: Path, manifest_dir: Path, *, time_scale: float = 1.0
+) -> Path:
+    """Write ``out/results.parquet`` atomically, its ``time_scale`` in the schema's
+    metadata. Blocking: call from a worker thread.
 
     First deletes the temporary files of results.parquet a killed run left, of any age:
     the caller holds the run's ``.lock``, so no other process is writing this file (and
@@ -88,7 +95,8 @@ def write_results(checkpoint: Checkpoint, out: Path, manifest_dir: Path) -> Path
     remove_abandoned(out, RESULTS, min_age_s=0)
     inputs = ImageInputs(manifest_dir)
     image_params = {slug: m.image_params for slug, m in registry().items()}
-    with replacing(final) as f, pq.ParquetWriter(f, SCHEMA) as writer:
+    schema = SCHEMA.with_metadata({TIME_SCALE_KEY: repr(float(time_scale)).encode()})
+    with replacing(final) as f, pq.ParquetWriter(f, schema) as writer:
         for chunk in checkpoint.iter_rows_blocking(_SOURCE):
             cols = list(zip(*chunk, strict=True))
             data = dict(zip(_SOURCE, cols, strict=True))
@@ -102,10 +110,31 @@ def write_results(checkpoint: Checkpoint, out: Path, manifest_dir: Path) -> Path
             data["status"] = data.pop("state")
             data["row"] = data.pop("number")
             table = pa.table(
-                {f.name: pa.array(data[f.name], type=f.type) for f in SCHEMA}, schema=SCHEMA
+                {f.name: pa.array(data[f.name], type=f.type) for f in SCHEMA}, schema=schema
             )
             writer.write_table(table)
     return final
+
+
+def time_scale_of(schema: pa.Schema) -> float:
+    """The time scale a results table was written at (1.0 when it does not say: a file
+    of an older batcher, or saved again by another tool)."""
+    raw = (schema.metadata or {}).get(TIME_SCALE_KEY)
+    try:
+        scale = float(raw) if raw is not None else 1.0
+    except ValueError:
+        return 1.0
+    return scale if math.isfinite(scale) and scale > 0 else 1.0
+
+
+def scale_note(time_scale: float) -> str | None:
+    """A line saying a table's durations and rates are not the service's (None at 1)."""
+    if time_scale == 1.0:
+        return None
+    return (
+        f"emulated at time scale {time_scale:g}: job durations here are {time_scale:g} x "
+        f"the real service's, and rates {1 / time_scale:g} x"
+    )
 
 
 #: The columns a run's summary reads (batcher.progress.summarize).

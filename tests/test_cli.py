@@ -372,7 +372,7 @@ async def test_a_refused_key_exits_2_with_one_clear_line_and_a_resumable_folder(
     assert server.stats()["accepted"] == 0
 
 
-def _no_space(*args: Any) -> Any:
+def _no_space(*args: Any, **kwargs: Any) -> Any:
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 

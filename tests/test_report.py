@@ -27,7 +27,7 @@ from batcher.pipeline import Counters
 from batcher.progress import summarize
 from batcher.report import CHART, CHART_HINT, build_report, read_results, report_main
 from batcher.report_text import format_report
-from batcher.results import RESULTS, SCHEMA
+from batcher.results import RESULTS, SCHEMA, TIME_SCALE_KEY, time_scale_of
 from batcher.run import arun
 from batcher.sim import SimConfig, SimServer
 
@@ -592,3 +592,34 @@ async def test_notice_lag_ends_at_the_poll_that_saw_the_job_done_not_at_its_resu
         # The poll's answer left the emulator at first_seen_done: a few ms of travel.
         assert row["notice_lag_s"] == pytest.approx(job.first_seen_done - job.done_at, abs=0.1)
         assert row["latency_s"] == pytest.approx(job.first_seen_done - job.submitted_at, abs=0.1)
+
+
+async def test_a_time_scaled_run_says_its_durations_are_not_the_services(
+    tmp_path: Path, sim: StartSim, api_key: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before, `batcher run --simulate` and `batcher report` of its folder gave InstantID
+    an inference_time of 0.07 s and 1,500 jobs/min, with no word that the emulator ran
+    100 x faster than the service: a newcomer's first figures were wrong by 100 x."""
+    server = await sim(time_scale=0.01, latency_median_s={"instantid": 0.5}, image_size=(8, 8))
+    options = sim_run_options(url_manifest(tmp_path, 3), server, api_key, model="instantid")
+
+    result = await arun(options)
+
+    assert result.exit_code == 0, result.text()
+    note = "emulated at time scale 0.01: job durations here are 0.01 x the real service's, and "
+    note += "rates 100 x"
+    assert result.summary is not None
+    assert result.summary.text().splitlines()[1] == note
+    assert report_main(options.out, chart=False) == 0
+    assert capsys.readouterr().out.splitlines()[2] == note
+
+
+def test_a_table_at_the_services_pace_or_of_another_tool_has_no_scale_note(
+    run_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert time_scale_of(pq.read_schema(run_dir / RESULTS)) == 1.0  # written by pyarrow here
+    assert report_main(run_dir, chart=False) == 0
+    assert "time scale" not in capsys.readouterr().out
+    for junk in (b"", b"x", b"nan", b"-1", b"0"):
+        assert time_scale_of(SCHEMA.with_metadata({TIME_SCALE_KEY: junk})) == 1.0
+    assert time_scale_of(SCHEMA.with_metadata({TIME_SCALE_KEY: b"0.25"})) == 0.25

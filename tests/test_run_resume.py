@@ -747,7 +747,7 @@ async def test_an_unwritable_images_folder_stops_resumably_and_nothing_is_paid_t
 # -- a full disk: results.parquet failing too never hides why the run stopped ------------
 
 
-def _no_space(*args: Any) -> Any:
+def _no_space(*args: Any, **kwargs: Any) -> Any:
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
