@@ -510,6 +510,24 @@ def test_when_the_limit_binds_a_job_takes_about_one_status_poll(
     assert slack_lag < lag < median  # later, but within one median of completion
 
 
+@pytest.mark.parametrize(("median", "sigma", "max_polls"), [(163.0, 0.25, 1.2), (163.0, 0.5, 1.3)])
+def test_when_the_limit_binds_the_first_poll_waits_for_nearly_every_job(
+    median: float, sigma: float, max_polls: float
+) -> None:
+    """Rate-bound, a poll that finds the job still running is a job's worth of budget
+    lost, and a later notice costs nothing while slots are free: the first poll comes
+    after all but a few jobs are done. At the 90th percentile an InfiniteYou job as
+    spread as sigma 0.5 took 1.59 status polls (3.59 requests a job: 13.4 jobs a period
+    at 48/min); at the 94th, 1.29 (14.6), its lag ~1.1 median; at sigma 0.25, 1.34 ->
+    1.18, still noticed within half a median (test_pressure_thins_polls_in_simulation)."""
+    cfg = PollConfig()
+    model = _trained(median, sigma, cfg)
+    latencies = _lognormal(median, sigma, 5_000, seed=7)
+    polls, _ = expected_polls(model, cfg, latencies, pressure=1.0)
+    assert polls <= max_polls, polls
+    assert first_poll_time(model, cfg, pressure=1.0) >= model.quantile(0.94) * 0.999
+
+
 def test_first_poll_quantile_follows_the_pressure() -> None:
     cfg = PollConfig()
     assert first_poll_quantile(cfg, 0.0) == cfg.first_quantile
