@@ -106,6 +106,9 @@ class Report:
     #: None: a results.parquet from before downloads were counted apart (``retries``
     #: holds them too, and the API request total may be over by as many).
     download_retries: int | None
+    #: False: a results.parquet from before result reads were counted (one per completed
+    #: row is assumed: a result read again after a stop or a refused link is not in it).
+    result_reads_counted: bool = True
     #: The run's time scale (results.time_scale_of): 1 against the real API.
     time_scale: float = 1.0
     # End-to-end latencies of completed rows for the chart's histogram, a pyarrow array.
@@ -207,6 +210,7 @@ def build_report(path: Path, table: pa.Table) -> Report:
         unknown_submits=_optional_sum(table, "unknown_submits"),
         rate_limited=_optional_sum(table, _RATE_LIMITED),
         download_retries=_optional_sum(table, _DOWNLOAD_RETRIES),
+        result_reads_counted=reads is not None,
         time_scale=time_scale_of(table.schema),
         latency_values=None if e2e is None else pc.drop_null(e2e),
     )

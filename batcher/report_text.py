@@ -98,6 +98,11 @@ def _requests_line(report: Report, first: tuple[int, int, int]) -> str:
             "the repeats may include image downloads (a results.parquet from an earlier "
             "batcher counted them together)"
         )
+    if not report.result_reads_counted:
+        caveats.append(
+            "results counted as one per completed job (a results.parquet from an earlier "
+            "batcher did not count them)"
+        )
     return f"API requests: {total} ({', '.join(parts)}){per_job}" + "".join(
         f", {c}" for c in caveats
     )

@@ -159,7 +159,8 @@ def test_text_report_numbers(run_dir: Path, capsys: pytest.CaptureFixture[str]) 
         f"{retries} repeated after a 5xx or a lost connection): "
         f"{total / 200:.2f} per completed job, not counting requests repeated after a 429, "
         "the repeats may include image downloads (a results.parquet from an earlier batcher "
-        "counted them together)\n"
+        "counted them together), results counted as one per completed job (a "
+        "results.parquet from an earlier batcher did not count them)\n"
         "unknown submit outcomes 1\n" in text
     )
 
