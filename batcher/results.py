@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,9 @@ SCHEMA = pa.schema([
     ("completed_at", _TS),
     ("latency_s", pa.float64()),
     ("notice_lag_s", pa.float64()),
+    #: Completion seen by a later run than the submit (checkpoint migration 7): latency_s
+    #: and notice_lag_s include the stop. Absent from older files; false for older rows.
+    ("spans_stop", pa.bool_()),
     ("inference_time", pa.float64()),
     ("metrics", pa.string()),
     ("polls", pa.int64()),
@@ -58,8 +62,8 @@ SCHEMA = pa.schema([
 _SOURCE = (
     "id", "number", "model", "state", "error", "request_id", "attempts", "retries",
     "download_retries", "unknown_submits", "rate_limited", "submitted_at", "completed_at",
-    "latency_s", "notice_lag_s", "inference_time", "metrics", "polls", "result_reads",
-    "outputs", "width", "height", "bytes", "sha256", "params", "warnings",
+    "latency_s", "notice_lag_s", "spans_stop", "inference_time", "metrics", "polls",
+    "result_reads", "outputs", "width", "height", "bytes", "sha256", "params", "warnings",
 )  # fmt: skip
 
 
@@ -109,9 +113,7 @@ def write_results(
             data["completed_at"] = tuple(_us(t) for t in data["completed_at"])
             data["status"] = data.pop("state")
             data["row"] = data.pop("number")
-            table = pa.table(
-                {f.name: pa.array(data[f.name], type=f.type) for f in SCHEMA}, schema=schema
-            )
+            table = pa.table({f.name: _array(data[f.name], f.type) for f in SCHEMA}, schema=schema)
             writer.write_table(table)
     return final
 
@@ -149,9 +151,16 @@ def summary_table(checkpoint: Checkpoint) -> pa.Table:
     tables = []
     for chunk in checkpoint.iter_rows_blocking(source):
         cols = zip(*chunk, strict=True)
-        arrays = [pa.array(col, type=f.type) for col, f in zip(cols, schema, strict=True)]
+        arrays = [_array(col, f.type) for col, f in zip(cols, schema, strict=True)]
         tables.append(pa.Table.from_arrays(arrays, schema=schema))
     return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def _array(values: Sequence[Any], type_: pa.DataType) -> pa.Array:
+    """A column of checkpoint values as ``type_``; SQLite keeps booleans as 0 and 1."""
+    if type_ == pa.bool_():
+        return pa.array(values, type=pa.int64()).cast(type_)
+    return pa.array(values, type=type_)
 
 
 def _us(epoch: float | None) -> int | None:
