@@ -39,12 +39,15 @@ _DOWNLOAD_RETRIES = "download_retries"
 # took one per completed row (a read for fresh links, or by a row that then FAILED, went
 # uncounted).
 _RESULT_READS = "result_reads"
+# Completions seen by a later run than their submit (checkpoint migration 7): their
+# latency_s and notice_lag_s include the stop. An older file cannot tell: all kept.
+_SPANS_STOP = "spans_stop"
 _QUEUE_TIME = r'"queue_time"\s*:\s*(?P<v>-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)'
 # The columns the report reads; images, params and hashes are left on disk.
 _COLUMNS = (
     "status", "error", "attempts", "retries", "unknown_submits", "submitted_at", "completed_at",
     "latency_s", "notice_lag_s", "inference_time", "metrics", "polls", _RATE_LIMITED,
-    _DOWNLOAD_RETRIES, _RESULT_READS,
+    _DOWNLOAD_RETRIES, _RESULT_READS, _SPANS_STOP,
 )  # fmt: skip
 _LATENCIES = (
     ("queue_time", "queue time (server)"),
@@ -108,6 +111,9 @@ class Report:
     download_retries: int | None
     #: The run's time scale (results.time_scale_of): 1 against the real API.
     time_scale: float = 1.0
+    #: Completed rows whose latency_s and notice_lag_s span a stop, left out of those
+    #: figures and the histogram (0 for a table from before the column: it cannot tell).
+    spanning: int = 0
     # End-to-end latencies of completed rows for the chart's histogram, a pyarrow array.
     latency_values: Any = field(default=None, repr=False)
 
@@ -180,10 +186,14 @@ def build_report(path: Path, table: pa.Table) -> Report:
     counts = dict(zip(*(found.field(f).to_pylist() for f in ("values", "counts")), strict=True))
     done = table.filter(pc.equal(status, "COMPLETED"))
     failed = table.filter(pc.equal(status, "FAILED"))
+    timed, spanning = _without_stops(done)
+    e2e = _col(timed, "latency_s")
+    # The server's times do not count a stop of the client's: every completed row.
+    values = {"queue_time": _queue_times(done), "inference_time": _col(done, "inference_time")}
     latency = {
         label: s
         for name, label in _LATENCIES
-        if (s := _spread(_queue_times(done) if name == "queue_time" else _col(done, name)))
+        if (s := _spread(e2e if name == "latency_s" else values[name]))
     }
     polls = _col(done, "polls")
     attempts = _col(table, "attempts")
@@ -192,7 +202,6 @@ def build_report(path: Path, table: pa.Table) -> Report:
     requests = None
     if attempts is not None and all_polls is not None:
         requests = (_sum(attempts), _sum(all_polls), done.num_rows if reads is None else reads)
-    e2e = _col(done, "latency_s")
     return Report(
         path=path,
         rows=table.num_rows,
@@ -201,13 +210,14 @@ def build_report(path: Path, table: pa.Table) -> Report:
         throughput=_throughput(table, done),
         latency=latency,
         polls=_mean_spread(polls),
-        notice_lag=_mean_spread(_col(done, "notice_lag_s")),
+        notice_lag=_mean_spread(_col(timed, "notice_lag_s")),
         requests=requests,
         retries=_optional_sum(table, "retries"),
         unknown_submits=_optional_sum(table, "unknown_submits"),
         rate_limited=_optional_sum(table, _RATE_LIMITED),
         download_retries=_optional_sum(table, _DOWNLOAD_RETRIES),
         time_scale=time_scale_of(table.schema),
+        spanning=spanning,
         latency_values=None if e2e is None else pc.drop_null(e2e),
     )
 
@@ -265,6 +275,15 @@ def _spread(values: Any) -> Spread | None:
 def _mean_spread(values: Any) -> tuple[float, Spread] | None:
     spread = _spread(values)
     return None if spread is None else (float(pc.mean(values).as_py()), spread)
+
+
+def _without_stops(done: pa.Table) -> tuple[pa.Table, int]:
+    """The completed rows whose latencies do not span a stop, and how many do."""
+    column = _col(done, _SPANS_STOP)
+    if column is None:  # a table from before the column: it cannot tell
+        return done, 0
+    spans = pc.fill_null(column, False)
+    return done.filter(pc.invert(spans)), _sum(spans.cast(pa.int64()))
 
 
 def _queue_times(done: pa.Table) -> Any:

@@ -139,6 +139,21 @@ def scale_note(time_scale: float) -> str | None:
     )
 
 
+def stop_note(spanning: int) -> str | None:
+    """A line saying ``spanning`` completed rows' latencies are left out (None at 0)."""
+    if not spanning:
+        return None
+    rows, their = (
+        ("1 completed job was", "its")
+        if spanning == 1
+        else (f"{spanning} completed jobs were", "their")
+    )
+    return (
+        f"{rows} submitted before a stop and seen done after it: {their} latency_s and "
+        "notice_lag_s include the stop and are left out of those figures"
+    )
+
+
 #: The columns a run's summary reads (batcher.progress.summarize).
 SUMMARY_COLUMNS = ("status", "error", "latency_s", "inference_time", "unknown_submits")
 
