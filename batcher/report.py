@@ -20,7 +20,7 @@ from batcher.checkpoint import CHECKPOINT, RESULTS_META, RESULTS_STALE, Checkpoi
 from batcher.errors import UsageError, group_reasons
 from batcher.report_chart import CHART, CHART_HINT, write_chart
 from batcher.report_text import format_report
-from batcher.results import RESULTS, SCHEMA, time_scale_of
+from batcher.results import RESULTS, SCHEMA, SPANS_STOP, time_scale_of, without_stops
 
 QUANTILES = (0.5, 0.9, 0.95, 0.99)
 # Bucket widths, seconds: the smallest giving at most _MAX_BUCKETS buckets is used, so a
@@ -39,15 +39,12 @@ _DOWNLOAD_RETRIES = "download_retries"
 # took one per completed row (a read for fresh links, or by a row that then FAILED, went
 # uncounted).
 _RESULT_READS = "result_reads"
-# Completions seen by a later run than their submit (checkpoint migration 7): their
-# latency_s and notice_lag_s include the stop. An older file cannot tell: all kept.
-_SPANS_STOP = "spans_stop"
 _QUEUE_TIME = r'"queue_time"\s*:\s*(?P<v>-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)'
 # The columns the report reads; images, params and hashes are left on disk.
 _COLUMNS = (
     "status", "error", "attempts", "retries", "unknown_submits", "submitted_at", "completed_at",
     "latency_s", "notice_lag_s", "inference_time", "metrics", "polls", _RATE_LIMITED,
-    _DOWNLOAD_RETRIES, _RESULT_READS, _SPANS_STOP,
+    _DOWNLOAD_RETRIES, _RESULT_READS, SPANS_STOP,
 )  # fmt: skip
 _LATENCIES = (
     ("queue_time", "queue time (server)"),
@@ -186,7 +183,7 @@ def build_report(path: Path, table: pa.Table) -> Report:
     counts = dict(zip(*(found.field(f).to_pylist() for f in ("values", "counts")), strict=True))
     done = table.filter(pc.equal(status, "COMPLETED"))
     failed = table.filter(pc.equal(status, "FAILED"))
-    timed, spanning = _without_stops(done)
+    timed, spanning = without_stops(done)
     e2e = _col(timed, "latency_s")
     # The server's times do not count a stop of the client's: every completed row.
     values = {"queue_time": _queue_times(done), "inference_time": _col(done, "inference_time")}
@@ -275,15 +272,6 @@ def _spread(values: Any) -> Spread | None:
 def _mean_spread(values: Any) -> tuple[float, Spread] | None:
     spread = _spread(values)
     return None if spread is None else (float(pc.mean(values).as_py()), spread)
-
-
-def _without_stops(done: pa.Table) -> tuple[pa.Table, int]:
-    """The completed rows whose latencies do not span a stop, and how many do."""
-    column = _col(done, _SPANS_STOP)
-    if column is None:  # a table from before the column: it cannot tell
-        return done, 0
-    spans = pc.fill_null(column, False)
-    return done.filter(pc.invert(spans)), _sum(spans.cast(pa.int64()))
 
 
 def _queue_times(done: pa.Table) -> Any:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batcher.atomic import remove_abandoned, replacing
@@ -25,6 +26,10 @@ RESULTS = "results.parquet"
 #: The file's schema metadata key for the time scale of the run that wrote it: its
 #: durations are wall seconds, ``time_scale`` x the service's (1 against the real API).
 TIME_SCALE_KEY = b"batcher.time_scale"
+
+#: The column saying a row's completion was seen by a later run than its submit: its
+#: latency_s and notice_lag_s include the stop (see checkpoint migration 7).
+SPANS_STOP = "spans_stop"
 
 _TS = pa.timestamp("us", tz="UTC")
 SCHEMA = pa.schema([
@@ -45,7 +50,7 @@ SCHEMA = pa.schema([
     ("notice_lag_s", pa.float64()),
     #: Completion seen by a later run than the submit (checkpoint migration 7): latency_s
     #: and notice_lag_s include the stop. Absent from older files; false for older rows.
-    ("spans_stop", pa.bool_()),
+    (SPANS_STOP, pa.bool_()),
     ("inference_time", pa.float64()),
     ("metrics", pa.string()),
     ("polls", pa.int64()),
@@ -139,6 +144,15 @@ def scale_note(time_scale: float) -> str | None:
     )
 
 
+def without_stops(table: pa.Table) -> tuple[pa.Table, int]:
+    """The rows of ``table`` whose latencies do not span a stop, and how many do. A table
+    from before the column cannot tell: all its rows are kept."""
+    if SPANS_STOP not in table.column_names:
+        return table, 0
+    spans = pc.fill_null(table.column(SPANS_STOP), False)
+    return table.filter(pc.invert(spans)), int(pc.sum(spans.cast(pa.int64())).as_py() or 0)
+
+
 def stop_note(spanning: int) -> str | None:
     """A line saying ``spanning`` completed rows' latencies are left out (None at 0)."""
     if not spanning:
@@ -155,7 +169,9 @@ def stop_note(spanning: int) -> str | None:
 
 
 #: The columns a run's summary reads (batcher.progress.summarize).
-SUMMARY_COLUMNS = ("status", "error", "latency_s", "inference_time", "unknown_submits")
+SUMMARY_COLUMNS = (
+    "status", "error", "latency_s", "inference_time", "unknown_submits", SPANS_STOP,
+)  # fmt: skip
 
 
 def summary_table(checkpoint: Checkpoint) -> pa.Table:

@@ -27,7 +27,7 @@ from batcher.pipeline import Counters
 from batcher.progress import summarize
 from batcher.report import CHART, CHART_HINT, build_report, read_results, report_main
 from batcher.report_text import format_report
-from batcher.results import RESULTS, SCHEMA, TIME_SCALE_KEY, time_scale_of
+from batcher.results import RESULTS, SCHEMA, SUMMARY_COLUMNS, TIME_SCALE_KEY, time_scale_of
 from batcher.run import arun
 from batcher.sim import SimConfig, SimServer
 
@@ -233,6 +233,40 @@ def test_a_table_from_before_spans_stop_reports_every_latency_and_no_note(
     assert figures(text, "end-to-end latency_s")[-1] == 8 * 3600.0
     assert "stop" not in text
     assert build_report(*read_results(out)).spanning == 0
+
+
+def test_the_run_summary_leaves_latencies_that_span_a_stop_out_and_says_so(
+    tmp_path: Path,
+) -> None:
+    """Before: the summary's p50/p95 took the 8-hour latency in. An older file (no
+    column) keeps it, and says nothing of stops."""
+    rows = spanning_rows()
+    kept = [r["latency_s"] for r in rows if r.get("latency_s") and not r.get("spans_stop")]
+    cuts = statistics.quantiles(kept, n=100, method="inclusive")
+    inference = sum(r.get("inference_time") or 0.0 for r in rows)  # the night's too
+
+    summary = summarize(write(tmp_path / "new", rows) / RESULTS, Counters(), 0, 1.0)
+    old = summarize(write(tmp_path / "old", rows, OLD_SCHEMA) / RESULTS, Counters(), 0, 1.0)
+
+    assert (summary.latency_p50, summary.latency_p95) == pytest.approx((cuts[49], cuts[94]))
+    assert summary.inference_total_s == pytest.approx(inference)
+    lines = summary.text().splitlines()
+    assert lines[lines.index(STOP_NOTE) - 1].startswith("latency p50 ")
+    assert old.spanning == 0
+    assert old.latency_p95 is not None
+    assert old.latency_p95 > cuts[94]
+    assert "stop" not in old.text()
+
+
+def test_a_summary_whose_every_latency_spans_a_stop_still_gives_the_inference_time() -> None:
+    table = pa.table(
+        {"status": ["COMPLETED"], "error": [None], "latency_s": [28800.0],
+         "inference_time": [11.0], "unknown_submits": [0], "spans_stop": [True]},
+        schema=pa.schema([SCHEMA.field(name) for name in SUMMARY_COLUMNS]),
+    )  # fmt: skip
+    summary = summarize(table, Counters(), 0, 1.0)
+    assert summary.latency_p50 is None
+    assert summary.text().splitlines()[-2:] == ["total inference_time 11.0 s", STOP_NOTE]
 
 
 def test_report_object_matches_independent_percentiles(run_dir: Path) -> None:

@@ -35,6 +35,7 @@ from batcher.image_writer import ImageWriter
 from batcher.inputs import ImageInputs
 from batcher.intake import BATCH, load
 from batcher.options import RunOptions
+from batcher.report import build_report, read_results
 from batcher.results import SUMMARY_COLUMNS, summary_table
 from batcher.run import EXIT_FAILED_ROWS, EXIT_OK, EXIT_STOPPED, arun
 from batcher.schedule import PollConfig
@@ -170,6 +171,10 @@ async def test_a_job_left_in_flight_and_seen_done_after_the_stop_is_marked_as_sp
     assert {r["status"] for r in final.values()} == {"COMPLETED"}
     assert {i for i, r in final.items() if r["spans_stop"]} == left
     assert {r["spans_stop"] for r in final.values()} == {True, False}
+    assert second.summary is not None
+    assert second.summary.spanning == len(left)
+    assert "submitted before a stop and seen done after it" in second.summary.text()
+    assert build_report(*read_results(options.out)).spanning == len(left)
 
 
 async def test_rows_taken_out_of_the_manifest_before_they_were_sent_are_not_sent(
