@@ -84,6 +84,11 @@ _MIGRATIONS = (
     # Rows read before it count one read, as the report assumed then.
     "ALTER TABLE jobs ADD COLUMN result_reads INTEGER NOT NULL DEFAULT 0; "
     "UPDATE jobs SET result_reads = 1 WHERE completed_at IS NOT NULL;",
+    # 7: the row's completion was seen by a later run than the one that submitted it: its
+    # latency_s and notice_lag_s include the time batcher was stopped, and `batcher
+    # report` leaves them out of its latency figures. Rows completed before it read 0:
+    # an older checkpoint cannot know which of its latencies span a stop.
+    "ALTER TABLE jobs ADD COLUMN spans_stop INTEGER NOT NULL DEFAULT 0;",
 )
 
 

@@ -79,6 +79,8 @@ async def fetch_one(
         "notice_lag_s": None if total is None else max(0.0, latency - total),
         "inference_time": metric(metrics, "inference_time"),
         "metrics": metrics,
+        # Submitted by an earlier run: latency_s and notice_lag_s include the stop.
+        "spans_stop": flight.resumed,
     }
     try:
         items = output_items(body.get("output"))

@@ -48,6 +48,9 @@ class Flight:
     #: Loop time of the status answer that first said COMPLETED: when polling saw the
     #: job done (the result read after it may wait its turn at the rate limit).
     seen_done_mono: float | None = None
+    #: Re-created by a later run than the one that submitted it (batcher.resume): its
+    #: latency clock runs across the time batcher was stopped.
+    resumed: bool = False
 
     @classmethod
     def start(
@@ -60,16 +63,18 @@ class Flight:
         submitted_wall: float,
         now_wall: float,
         now_mono: float,
+        resumed: bool = False,
     ) -> Flight:
         """A job submitted at ``submitted_wall`` (epoch seconds), seen from the clocks'
-        readings now. A submit time ahead of now (the wall clock was stepped back since)
-        counts as now."""
+        readings now; ``resumed``: by an earlier run. A submit time ahead of now (the wall
+        clock was stepped back since) counts as now."""
         return cls(
             job=job,
             request_id=request_id,
             urls=_compact_urls(request_id, status_url, response_url),
             submitted_wall=submitted_wall,
             submitted_mono=now_mono - max(0.0, now_wall - submitted_wall),
+            resumed=resumed,
         )
 
     @property

@@ -88,6 +88,7 @@ COLUMNS = frozenset({
     "unknown_submits", "polls", "submitted_at", "started_at", "completed_at", "latency_s",
     "notice_lag_s", "inference_time", "metrics", "outputs", "width", "height", "bytes",
     "sha256", "warnings", "rate_limited", "output_urls", "download_retries", "result_reads",
+    "spans_stop",
 })  # fmt: skip
 
 

@@ -18,7 +18,14 @@ from tqdm import tqdm
 
 from batcher.errors import group_reasons
 from batcher.pipeline import Counters, RunContext
-from batcher.results import SUMMARY_COLUMNS, scale_note, time_scale_of
+from batcher.results import (
+    SPANS_STOP,
+    SUMMARY_COLUMNS,
+    scale_note,
+    stop_note,
+    time_scale_of,
+    without_stops,
+)
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +149,8 @@ class Summary:
     resubmitted_failed: dict[str, int] = field(default_factory=dict)
     #: The run's time scale: its durations are this x the service's (see results.scale_note).
     time_scale: float = 1.0
+    #: Completed jobs whose latency spans a stop, left out of the latency figures.
+    spanning: int = 0
 
     def text(self) -> str:
         c = self.counts
@@ -161,6 +170,9 @@ class Summary:
                 f"latency p50 {self.latency_p50:.2f} s, p95 {self.latency_p95:.2f} s; "
                 f"total inference_time {self.inference_total_s:.1f} s"
             )
+        elif self.spanning:  # every latency was left out; the server's time was not
+            lines.append(f"total inference_time {self.inference_total_s:.1f} s")
+        lines += filter(None, [stop_note(self.spanning)])
         if self.poll_late is not None:
             p50, p90 = self.poll_late
             lines.append(
@@ -213,14 +225,13 @@ def summarize(
 ) -> Summary:
     """Figures from results.parquet (or a table of its SUMMARY_COLUMNS) and the run's
     counters; ``time_scale`` None: the file's own. Blocking: use a worker thread."""
-    if isinstance(results, pa.Table):
-        table = results
-    else:
-        table = pq.read_table(results, columns=list(SUMMARY_COLUMNS))
+    table = results if isinstance(results, pa.Table) else _read_summary_columns(results)
     counts = {str(k): int(v) for k, v in zip(*_value_counts(table.column("status")), strict=True)}
     failed = table.filter(pc.equal(table.column("status"), "FAILED"))
     reasons = dict(group_reasons(failed.column("error").to_pylist()))
-    latency = table.column("latency_s").drop_null()
+    timed, _ = without_stops(table)
+    _, spanning = without_stops(table.filter(pc.equal(table.column("status"), "COMPLETED")))
+    latency = timed.column("latency_s").drop_null()
     p50 = p95 = None
     if len(latency):
         p50, p95 = (float(x) for x in pc.quantile(latency, q=[0.5, 0.95]).to_pylist())
@@ -242,6 +253,15 @@ def summarize(
         polls_fell_behind=c.poll_lateness.fell_behind,
         resubmitted_failed=dict(c.resubmitted_failed.most_common()),
         time_scale=time_scale_of(table.schema) if time_scale is None else time_scale,
+        spanning=spanning,
+    )
+
+
+def _read_summary_columns(path: Path) -> pa.Table:
+    """results.parquet's SUMMARY_COLUMNS; an older file may lack spans_stop. Blocking."""
+    names = set(pq.read_schema(path).names)
+    return pq.read_table(
+        path, columns=[c for c in SUMMARY_COLUMNS if c in names or c != SPANS_STOP]
     )
 
 

@@ -20,7 +20,7 @@ from batcher.checkpoint import CHECKPOINT, RESULTS_META, RESULTS_STALE, Checkpoi
 from batcher.errors import UsageError, group_reasons
 from batcher.report_chart import CHART, CHART_HINT, write_chart
 from batcher.report_text import format_report
-from batcher.results import RESULTS, SCHEMA, time_scale_of
+from batcher.results import RESULTS, SCHEMA, SPANS_STOP, time_scale_of, without_stops
 
 QUANTILES = (0.5, 0.9, 0.95, 0.99)
 # Bucket widths, seconds: the smallest giving at most _MAX_BUCKETS buckets is used, so a
@@ -44,7 +44,7 @@ _QUEUE_TIME = r'"queue_time"\s*:\s*(?P<v>-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)'
 _COLUMNS = (
     "status", "error", "attempts", "retries", "unknown_submits", "submitted_at", "completed_at",
     "latency_s", "notice_lag_s", "inference_time", "metrics", "polls", _RATE_LIMITED,
-    _DOWNLOAD_RETRIES, _RESULT_READS,
+    _DOWNLOAD_RETRIES, _RESULT_READS, SPANS_STOP,
 )  # fmt: skip
 _LATENCIES = (
     ("queue_time", "queue time (server)"),
@@ -111,6 +111,9 @@ class Report:
     result_reads_counted: bool = True
     #: The run's time scale (results.time_scale_of): 1 against the real API.
     time_scale: float = 1.0
+    #: Completed rows whose latency_s and notice_lag_s span a stop, left out of those
+    #: figures and the histogram (0 for a table from before the column: it cannot tell).
+    spanning: int = 0
     # End-to-end latencies of completed rows for the chart's histogram, a pyarrow array.
     latency_values: Any = field(default=None, repr=False)
 
@@ -183,10 +186,14 @@ def build_report(path: Path, table: pa.Table) -> Report:
     counts = dict(zip(*(found.field(f).to_pylist() for f in ("values", "counts")), strict=True))
     done = table.filter(pc.equal(status, "COMPLETED"))
     failed = table.filter(pc.equal(status, "FAILED"))
+    timed, spanning = without_stops(done)
+    e2e = _col(timed, "latency_s")
+    # The server's times do not count a stop of the client's: every completed row.
+    values = {"queue_time": _queue_times(done), "inference_time": _col(done, "inference_time")}
     latency = {
         label: s
         for name, label in _LATENCIES
-        if (s := _spread(_queue_times(done) if name == "queue_time" else _col(done, name)))
+        if (s := _spread(e2e if name == "latency_s" else values[name]))
     }
     polls = _col(done, "polls")
     attempts = _col(table, "attempts")
@@ -195,7 +202,6 @@ def build_report(path: Path, table: pa.Table) -> Report:
     requests = None
     if attempts is not None and all_polls is not None:
         requests = (_sum(attempts), _sum(all_polls), done.num_rows if reads is None else reads)
-    e2e = _col(done, "latency_s")
     return Report(
         path=path,
         rows=table.num_rows,
@@ -204,7 +210,7 @@ def build_report(path: Path, table: pa.Table) -> Report:
         throughput=_throughput(table, done),
         latency=latency,
         polls=_mean_spread(polls),
-        notice_lag=_mean_spread(_col(done, "notice_lag_s")),
+        notice_lag=_mean_spread(_col(timed, "notice_lag_s")),
         requests=requests,
         retries=_optional_sum(table, "retries"),
         unknown_submits=_optional_sum(table, "unknown_submits"),
@@ -212,6 +218,7 @@ def build_report(path: Path, table: pa.Table) -> Report:
         download_retries=_optional_sum(table, _DOWNLOAD_RETRIES),
         result_reads_counted=reads is not None,
         time_scale=time_scale_of(table.schema),
+        spanning=spanning,
         latency_values=None if e2e is None else pc.drop_null(e2e),
     )
 

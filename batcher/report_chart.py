@@ -69,7 +69,8 @@ def write_chart(report: Report, path: Path) -> Path | None:
         bottom.yaxis.get_major_locator().set_params(integer=True)
     bottom.set_xlabel("submit to completion seen, s")
     bottom.set_ylabel("completed jobs")
-    bottom.set_title("End-to-end latency")
+    left_out = f" ({report.spanning} seen done after a stop left out)" if report.spanning else ""
+    bottom.set_title(f"End-to-end latency{left_out}")
     try:
         remove_abandoned(path.parent, path.name)
         with replacing(path) as f:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from batcher.results import scale_note
+from batcher.results import scale_note, stop_note
 
 if TYPE_CHECKING:  # report.py imports this module to print what it measured
     from batcher.report import Report, Throughput
@@ -50,6 +50,8 @@ def format_report(report: Report) -> str:
             f"notice_lag_s (completion seen minus server total_time): "
             f"mean {mean:.2f} s, p95 {s.p95:.2f} s"
         )
+    if (note := stop_note(report.spanning)) is not None:
+        lines.append(note)
     if report.requests:
         lines.append(_requests_line(report, report.requests))
     if report.download_retries:

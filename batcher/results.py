@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batcher.atomic import remove_abandoned, replacing
@@ -24,6 +26,10 @@ RESULTS = "results.parquet"
 #: The file's schema metadata key for the time scale of the run that wrote it: its
 #: durations are wall seconds, ``time_scale`` x the service's (1 against the real API).
 TIME_SCALE_KEY = b"batcher.time_scale"
+
+#: The column saying a row's completion was seen by a later run than its submit: its
+#: latency_s and notice_lag_s include the stop (see checkpoint migration 7).
+SPANS_STOP = "spans_stop"
 
 _TS = pa.timestamp("us", tz="UTC")
 SCHEMA = pa.schema([
@@ -42,6 +48,9 @@ SCHEMA = pa.schema([
     ("completed_at", _TS),
     ("latency_s", pa.float64()),
     ("notice_lag_s", pa.float64()),
+    #: Completion seen by a later run than the submit (checkpoint migration 7): latency_s
+    #: and notice_lag_s include the stop. Absent from older files; false for older rows.
+    (SPANS_STOP, pa.bool_()),
     ("inference_time", pa.float64()),
     ("metrics", pa.string()),
     ("polls", pa.int64()),
@@ -58,8 +67,8 @@ SCHEMA = pa.schema([
 _SOURCE = (
     "id", "number", "model", "state", "error", "request_id", "attempts", "retries",
     "download_retries", "unknown_submits", "rate_limited", "submitted_at", "completed_at",
-    "latency_s", "notice_lag_s", "inference_time", "metrics", "polls", "result_reads",
-    "outputs", "width", "height", "bytes", "sha256", "params", "warnings",
+    "latency_s", "notice_lag_s", "spans_stop", "inference_time", "metrics", "polls",
+    "result_reads", "outputs", "width", "height", "bytes", "sha256", "params", "warnings",
 )  # fmt: skip
 
 
@@ -109,9 +118,7 @@ def write_results(
             data["completed_at"] = tuple(_us(t) for t in data["completed_at"])
             data["status"] = data.pop("state")
             data["row"] = data.pop("number")
-            table = pa.table(
-                {f.name: pa.array(data[f.name], type=f.type) for f in SCHEMA}, schema=schema
-            )
+            table = pa.table({f.name: _array(data[f.name], f.type) for f in SCHEMA}, schema=schema)
             writer.write_table(table)
     return final
 
@@ -137,8 +144,34 @@ def scale_note(time_scale: float) -> str | None:
     )
 
 
+def without_stops(table: pa.Table) -> tuple[pa.Table, int]:
+    """The rows of ``table`` whose latencies do not span a stop, and how many do. A table
+    from before the column cannot tell: all its rows are kept."""
+    if SPANS_STOP not in table.column_names:
+        return table, 0
+    spans = pc.fill_null(table.column(SPANS_STOP), False)
+    return table.filter(pc.invert(spans)), int(pc.sum(spans.cast(pa.int64())).as_py() or 0)
+
+
+def stop_note(spanning: int) -> str | None:
+    """A line saying ``spanning`` completed rows' latencies are left out (None at 0)."""
+    if not spanning:
+        return None
+    rows, their = (
+        ("1 completed job was", "its")
+        if spanning == 1
+        else (f"{spanning} completed jobs were", "their")
+    )
+    return (
+        f"{rows} submitted before a stop and seen done after it: {their} latency_s and "
+        "notice_lag_s include the stop and are left out of those figures"
+    )
+
+
 #: The columns a run's summary reads (batcher.progress.summarize).
-SUMMARY_COLUMNS = ("status", "error", "latency_s", "inference_time", "unknown_submits")
+SUMMARY_COLUMNS = (
+    "status", "error", "latency_s", "inference_time", "unknown_submits", SPANS_STOP,
+)  # fmt: skip
 
 
 def summary_table(checkpoint: Checkpoint) -> pa.Table:
@@ -149,9 +182,16 @@ def summary_table(checkpoint: Checkpoint) -> pa.Table:
     tables = []
     for chunk in checkpoint.iter_rows_blocking(source):
         cols = zip(*chunk, strict=True)
-        arrays = [pa.array(col, type=f.type) for col, f in zip(cols, schema, strict=True)]
+        arrays = [_array(col, f.type) for col, f in zip(cols, schema, strict=True)]
         tables.append(pa.Table.from_arrays(arrays, schema=schema))
     return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def _array(values: Sequence[Any], type_: pa.DataType) -> pa.Array:
+    """A column of checkpoint values as ``type_``; SQLite keeps booleans as 0 and 1."""
+    if type_ == pa.bool_():
+        return pa.array(values, type=pa.int64()).cast(type_)
+    return pa.array(values, type=type_)
 
 
 def _us(epoch: float | None) -> int | None:

@@ -53,6 +53,7 @@ async def resume(ctx: RunContext, poller: Poller, redownloads: Redownloads) -> N
             submitted_wall=job.submitted_at or now_wall,
             now_wall=now_wall,
             now_mono=now,
+            resumed=True,
         )
         if job.output_urls:  # COMPLETED, billed: its images are due, from its saved links
             flight.outputs = json.loads(job.output_urls)

@@ -4,6 +4,7 @@ ordered schema migrations."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -322,14 +323,23 @@ async def test_flush_commits_the_writes_of_cancelled_writers(cp: Checkpoint) -> 
     ]
 
 
+@contextlib.asynccontextmanager
+async def _as_version(
+    path: Path, version: int, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Checkpoint]:
+    """The checkpoint at ``path`` opened by a batcher whose schema stopped at ``version``."""
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint_module, "_MIGRATIONS", checkpoint_module._MIGRATIONS[:version])
+        async with Checkpoint(path) as cp:
+            yield cp
+
+
 async def test_a_checkpoint_from_before_the_429_count_gains_the_column(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "c.sqlite"
-    with monkeypatch.context() as patch:  # a file written by the first schema version
-        patch.setattr(checkpoint_module, "_MIGRATIONS", checkpoint_module._MIGRATIONS[:1])
-        async with Checkpoint(path) as cp:
-            await cp.add_rows([_row(1)])
+    async with _as_version(path, 1, monkeypatch) as cp:
+        await cp.add_rows([_row(1)])
 
     async with Checkpoint(path) as cp:  # resumed by this version
         await cp.increment("r1", "rate_limited", 2)
@@ -341,11 +351,9 @@ async def test_a_checkpoint_from_before_saved_output_urls_gains_the_column(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "c.sqlite"
-    with monkeypatch.context() as patch:  # a file written by schema version 2
-        patch.setattr(checkpoint_module, "_MIGRATIONS", checkpoint_module._MIGRATIONS[:2])
-        async with Checkpoint(path) as cp:
-            await cp.add_rows([_row(1)])
-            await cp.update("r1", state=SUBMITTED, request_id="q1")
+    async with _as_version(path, 2, monkeypatch) as cp:
+        await cp.add_rows([_row(1)])
+        await cp.update("r1", state=SUBMITTED, request_id="q1")
 
     async with Checkpoint(path) as cp:  # resumed by this version
         (before,) = await cp.jobs_in([SUBMITTED])
@@ -362,12 +370,10 @@ async def test_a_checkpoint_from_before_result_reads_counts_one_per_result_read(
     """Rows whose result was read (it set completed_at) count one read, as `batcher
     report` assumed before the column; the new reads add to it."""
     path = tmp_path / "c.sqlite"
-    with monkeypatch.context() as patch:  # a file written by schema version 5
-        patch.setattr(checkpoint_module, "_MIGRATIONS", checkpoint_module._MIGRATIONS[:5])
-        async with Checkpoint(path) as cp:
-            await cp.add_rows([_row(1), _row(2), _row(3)])
-            await cp.update("r1", state=COMPLETED, completed_at=1.0)
-            await cp.update("r2", state=SUBMITTED, completed_at=1.0, output_urls=["u"])
+    async with _as_version(path, 5, monkeypatch) as cp:
+        await cp.add_rows([_row(1), _row(2), _row(3)])
+        await cp.update("r1", state=COMPLETED, completed_at=1.0)
+        await cp.update("r2", state=SUBMITTED, completed_at=1.0, output_urls=["u"])
 
     async with Checkpoint(path) as cp:  # resumed by this version
         await cp.update("r2", counts={"result_reads": 1})
@@ -375,6 +381,21 @@ async def test_a_checkpoint_from_before_result_reads_counts_one_per_result_read(
     assert _read(path, "SELECT id, result_reads FROM jobs ORDER BY id") == [
         ("r1", 1), ("r2", 2), ("r3", 0),
     ]  # fmt: skip
+
+
+async def test_a_checkpoint_from_before_spans_stop_reads_every_row_as_not_spanning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An older file cannot tell which completions a stop came between: 0 for all rows."""
+    path = tmp_path / "c.sqlite"
+    async with _as_version(path, 6, monkeypatch) as cp:
+        await cp.add_rows([_row(1), _row(2)])
+        await cp.update("r1", state=COMPLETED, completed_at=1.0, latency_s=9.0)
+
+    async with Checkpoint(path) as cp:  # resumed by this version
+        await cp.update("r2", state=COMPLETED, latency_s=8.0, spans_stop=True)
+
+    assert _read(path, "SELECT id, spans_stop FROM jobs ORDER BY id") == [("r1", 0), ("r2", 1)]
 
 
 async def test_a_failed_row_reopened_forgets_its_old_jobs_output_urls(cp: Checkpoint) -> None:

@@ -27,14 +27,15 @@ from batcher.pipeline import Counters
 from batcher.progress import summarize
 from batcher.report import CHART, CHART_HINT, build_report, read_results, report_main
 from batcher.report_text import format_report
-from batcher.results import RESULTS, SCHEMA, TIME_SCALE_KEY, time_scale_of
+from batcher.results import RESULTS, SCHEMA, SUMMARY_COLUMNS, TIME_SCALE_KEY, time_scale_of
 from batcher.run import arun
 from batcher.sim import SimConfig, SimServer
 
-#: A results.parquet from before the 429, download and result read counts.
-OLD_SCHEMA = pa.schema(
-    [f for f in SCHEMA if f.name not in ("rate_limited", "download_retries", "result_reads")]
-)
+#: A results.parquet from before the 429, download and result read counts and spans_stop.
+OLD_SCHEMA = pa.schema([
+    f for f in SCHEMA
+    if f.name not in ("rate_limited", "download_retries", "result_reads", "spans_stop")
+])  # fmt: skip
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 UUID = "{:08x}-1234-4abc-8def-0123456789ab"
@@ -163,6 +164,110 @@ def test_text_report_numbers(run_dir: Path, capsys: pytest.CaptureFixture[str]) 
         "results.parquet from an earlier batcher did not count them)\n"
         "unknown submit outcomes 1\n" in text
     )
+    assert "stop" not in text  # an older file: no word of stops it cannot tell
+
+
+#: The note of a table whose completed rows include one seen done after a stop.
+STOP_NOTE = (
+    "1 completed job was submitted before a stop and seen done after it: its latency_s and "
+    "notice_lag_s include the stop and are left out of those figures"
+)
+
+
+def spanning_rows() -> list[dict[str, Any]]:
+    """run_rows() and a job submitted before an 8-hour stop, seen done after it, and a
+    FAILED one that a resumed run saw fail."""
+    night = 8 * 3600.0
+    return [
+        *run_rows(),
+        {"id": "night", "row": 4000, "status": "COMPLETED", "attempts": 1, "polls": 3,
+         "submitted_at": T0, "completed_at": T0 + timedelta(seconds=594),
+         "latency_s": night, "notice_lag_s": night - 20.0, "inference_time": 11.0,
+         "metrics": json.dumps({"queue_time": 9.0, "inference_time": 11.0}),
+         "outputs": ["n.png"], "spans_stop": True},
+        {"id": "night-failed", "row": 4001, "status": "FAILED", "error": "NSFW",
+         "attempts": 1, "polls": 2, "submitted_at": T0, "spans_stop": True},
+    ]  # fmt: skip
+
+
+def test_latencies_that_span_a_stop_are_left_out_of_the_latency_figures_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: one job seen done 8 hours after its submit (the run was stopped overnight)
+    set the max and moved p99 of the end-to-end latency and notice lag by hours. The
+    server's times (queue, inference) and every count keep it."""
+    rows = spanning_rows()
+    kept = [r for r in rows if r["status"] == "COMPLETED" and not r.get("spans_stop")]
+    done = [r for r in rows if r["status"] == "COMPLETED"]
+    out = write(tmp_path / "run", rows)
+
+    assert report_main(out, chart=False) == 0
+    text = capsys.readouterr().out
+    assert "completed 201, failed 7" in text
+    n, *printed = figures(text, "end-to-end latency_s")
+    assert (n, printed) == (200, pytest.approx(pct([r["latency_s"] for r in kept]), abs=0.0051))
+    lags = [r["notice_lag_s"] for r in kept]
+    assert f"mean {statistics.fmean(lags):.2f} s, p95 {pct(lags)[2]:.2f} s\n{STOP_NOTE}\n" in text
+    n, *printed = figures(text, "inference_time (server)")
+    assert (n, printed) == (
+        201,
+        pytest.approx(pct([r["inference_time"] for r in done]), abs=0.0051),
+    )
+    assert figures(text, "queue time (server)")[0] == 181  # 180 of run_rows(), and its own
+    assert "throughput: 201 completions" in text
+    report = build_report(*read_results(out))
+    assert report.spanning == 1
+    assert sorted(report.latency_values.to_pylist()) == sorted(r["latency_s"] for r in kept)
+    assert report_main(out) == 0  # the chart, its histogram without the row, draws
+
+
+def test_a_table_from_before_spans_stop_reports_every_latency_and_no_note(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A results.parquet of an older batcher cannot tell which latencies span a stop:
+    each is kept, and nothing is said about stops."""
+    out = write(tmp_path / "run", spanning_rows(), OLD_SCHEMA)
+
+    assert report_main(out, chart=False) == 0
+    text = capsys.readouterr().out
+    assert figures(text, "end-to-end latency_s")[0] == 201
+    assert figures(text, "end-to-end latency_s")[-1] == 8 * 3600.0
+    assert "stop" not in text
+    assert build_report(*read_results(out)).spanning == 0
+
+
+def test_the_run_summary_leaves_latencies_that_span_a_stop_out_and_says_so(
+    tmp_path: Path,
+) -> None:
+    """Before: the summary's p50/p95 took the 8-hour latency in. An older file (no
+    column) keeps it, and says nothing of stops."""
+    rows = spanning_rows()
+    kept = [r["latency_s"] for r in rows if r.get("latency_s") and not r.get("spans_stop")]
+    cuts = statistics.quantiles(kept, n=100, method="inclusive")
+    inference = sum(r.get("inference_time") or 0.0 for r in rows)  # the night's too
+
+    summary = summarize(write(tmp_path / "new", rows) / RESULTS, Counters(), 0, 1.0)
+    old = summarize(write(tmp_path / "old", rows, OLD_SCHEMA) / RESULTS, Counters(), 0, 1.0)
+
+    assert (summary.latency_p50, summary.latency_p95) == pytest.approx((cuts[49], cuts[94]))
+    assert summary.inference_total_s == pytest.approx(inference)
+    lines = summary.text().splitlines()
+    assert lines[lines.index(STOP_NOTE) - 1].startswith("latency p50 ")
+    assert old.spanning == 0
+    assert old.latency_p95 is not None
+    assert old.latency_p95 > cuts[94]
+    assert "stop" not in old.text()
+
+
+def test_a_summary_whose_every_latency_spans_a_stop_still_gives_the_inference_time() -> None:
+    table = pa.table(
+        {"status": ["COMPLETED"], "error": [None], "latency_s": [28800.0],
+         "inference_time": [11.0], "unknown_submits": [0], "spans_stop": [True]},
+        schema=pa.schema([SCHEMA.field(name) for name in SUMMARY_COLUMNS]),
+    )  # fmt: skip
+    summary = summarize(table, Counters(), 0, 1.0)
+    assert summary.latency_p50 is None
+    assert summary.text().splitlines()[-2:] == ["total inference_time 11.0 s", STOP_NOTE]
 
 
 def test_report_object_matches_independent_percentiles(run_dir: Path) -> None:

@@ -35,6 +35,7 @@ from batcher.image_writer import ImageWriter
 from batcher.inputs import ImageInputs
 from batcher.intake import BATCH, load
 from batcher.options import RunOptions
+from batcher.report import build_report, read_results
 from batcher.results import SUMMARY_COLUMNS, summary_table
 from batcher.run import EXIT_FAILED_ROWS, EXIT_OK, EXIT_STOPPED, arun
 from batcher.schedule import PollConfig
@@ -150,6 +151,32 @@ async def test_an_interrupted_run_resumes_without_paying_twice_and_a_third_run_d
     assert _results(options.out) == final
 
 
+async def test_a_job_left_in_flight_and_seen_done_after_the_stop_is_marked_as_spanning_it(
+    tmp_path: Path, sim: Any
+) -> None:
+    """Its latency_s counts the time batcher was stopped (hours, after a night): the row
+    says so. Rows submitted and seen done by one run (either run) do not, nor a job whose
+    completion the first run saw before its images were saved."""
+    options, _, first = await _stopped_midway(tmp_path, sim)
+    assert first.exit_code == EXIT_STOPPED
+    at_stop = _results(options.out)
+    left = {i for i, r in at_stop.items() if r["status"] == "SUBMITTED" and r["latency_s"] is None}
+    assert left
+    assert not any(r["spans_stop"] for r in at_stop.values())
+
+    second = await arun(options)
+
+    assert second.exit_code == EXIT_OK, second.text()
+    final = _results(options.out)
+    assert {r["status"] for r in final.values()} == {"COMPLETED"}
+    assert {i for i, r in final.items() if r["spans_stop"]} == left
+    assert {r["spans_stop"] for r in final.values()} == {True, False}
+    assert second.summary is not None
+    assert second.summary.spanning == len(left)
+    assert "submitted before a stop and seen done after it" in second.summary.text()
+    assert build_report(*read_results(options.out)).spanning == len(left)
+
+
 async def test_rows_taken_out_of_the_manifest_before_they_were_sent_are_not_sent(
     tmp_path: Path, sim: Any
 ) -> None:
@@ -251,6 +278,7 @@ async def test_a_result_that_expired_while_stopped_is_submitted_again_and_comple
     for row_id, old_request in waiting.items():
         assert final[row_id]["request_id"] != old_request
         assert final[row_id]["attempts"] == 2
+        assert final[row_id]["spans_stop"] is False  # submitted again: a submit of this run
     stats = server.stats()
     assert stats["accepted"] == len(final) + len(waiting)  # each expired job paid again
     assert stats["paid_twice"] == len(waiting)
