@@ -196,28 +196,43 @@ class Checkpoint(ManifestListing):
     # -- reading work ------------------------------------------------------------------------
 
     async def jobs_in(
-        self, states: Sequence[str], *, after: tuple[int, str] = (-1, ""), limit: int = 1000
+        self,
+        states: Sequence[str],
+        *,
+        after: tuple[int, str] = (-1, ""),
+        limit: int = 1000,
+        model: str | None = None,
     ) -> list[Job]:
-        """Rows in the given states, in manifest order, after ``after`` = (number, id).
+        """Rows in the given states (of ``model`` only, if given), in manifest order,
+        after ``after`` = (number, id).
 
         Order and cursor are (number, id): rows added by an edited manifest take their
         line number in it, which a row kept from the earlier version may share, so a
         cursor on the number alone would skip one of them at a page boundary.
         """
         marks = ",".join("?" * len(states))
+        of_model = "" if model is None else "AND model = ? "
         sql = (
-            f"SELECT {JOB_COLUMNS} FROM jobs WHERE state IN ({marks}) "
+            f"SELECT {JOB_COLUMNS} FROM jobs WHERE state IN ({marks}) {of_model}"
             "AND number >= ? AND (number > ? OR id > ?) ORDER BY number, id LIMIT ?"
         )
         number, row_id = after
+        params = (*states, *([] if model is None else [model]), number, number, row_id, limit)
 
         def get() -> list[Job]:
-            return [
-                job_from_row(r)
-                for r in self._conn.execute(sql, (*states, number, number, row_id, limit))
-            ]
+            return [job_from_row(r) for r in self._conn.execute(sql, params)]
 
         result: list[Job] = await self._call(get)
+        return result
+
+    async def models_in(self, state: str) -> list[str]:
+        """The models of the rows in ``state``, sorted."""
+
+        def get() -> list[str]:
+            sql = "SELECT DISTINCT model FROM jobs WHERE state = ? ORDER BY model"
+            return [model for (model,) in self._conn.execute(sql, (state,))]
+
+        result: list[str] = await self._call(get)
         return result
 
     async def counts(self) -> dict[str, int]:

@@ -116,6 +116,7 @@ class RunContext:
         #: through the feeder's pages: requeued, they are PENDING in the checkpoint *and*
         #: in ``requeued``, and read from both they would be submitted (and paid) twice.
         self.resumed: set[str] = set()
+        #: Wakes the feeder: a job requeued, a slot freed, a held model's queue moved, a stop.
         self.requeue_signal = asyncio.Event()
         self.stop_submitting = asyncio.Event()
         #: The feeder has returned: no new job will be taken for submit.
@@ -189,27 +190,31 @@ class RunContext:
         (see batcher.admission); False if submitting stops meanwhile."""
         model = job.model
         while not self.stop_submitting.is_set():
-            service_s = self.latency[model].median
-            waiting = self.queue.waiting(model)
-            if may_submit(
-                waiting=waiting,
-                parallel=self.queue.parallel(model, self.now(), service_s),
-                service_s=service_s,
-                horizon_s=self.poll.deadline_s,
-            ):
+            if self.admissible(model):
                 self.queue.reserve(job.id, model, self.now())
                 return True
             if model not in self._held:
                 self._held.add(model)
                 log.info(
-                    "%s: %d jobs wait in the service's queue; new submits wait too, so that "
-                    "each job can finish within its result's retention",
+                    "%s: %d jobs wait in the service's queue; its new submits wait too, so "
+                    "that each job can finish within its result's retention (rows of other "
+                    "models go on)",
                     model,
-                    waiting,
+                    self.queue.waiting(model),
                 )
             self._queue_changed.clear()
             await self._queue_changed.wait()
         return False
+
+    def admissible(self, model: str) -> bool:
+        """Whether the service's queue for ``model`` has room for one more job now."""
+        service_s = self.latency[model].median
+        return may_submit(
+            waiting=self.queue.waiting(model),
+            parallel=self.queue.parallel(model, self.now(), service_s),
+            service_s=service_s,
+            horizon_s=self.poll.deadline_s,
+        )
 
     def tracked(self, flight: Flight) -> None:
         """A submitted job is in flight (polled from now on): it waits at the service."""
@@ -228,6 +233,7 @@ class RunContext:
         self.queue.moved(flight.job.model, flight.state, state, self.now())
         flight.state = state
         self._queue_changed.set()
+        self.requeue_signal.set()  # the feeder may wait for a held model's queue to move
 
     def set_aside(self, job: Job) -> None:
         """Leave a job in flight to the next run, its row as the checkpoint has it: this

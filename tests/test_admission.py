@@ -8,6 +8,7 @@ expire in the queue, be paid again, and expire again.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -125,3 +126,52 @@ async def test_a_service_running_one_job_at_a_time_gets_no_more_than_it_can_fini
     metrics = [json.loads(r["metrics"]) for r in table]
     took = [(m["queue_time"] + m["inference_time"]) / scale for m in metrics]
     assert max(took) < 0.75 * 3600, max(took)
+
+
+async def test_a_model_held_by_its_full_queue_does_not_hold_up_the_rows_of_another(
+    tmp_path: Path, sim: Any
+) -> None:
+    """InfiniteYou rows first, more than its queue may hold; InstantID rows behind them.
+    With two submit workers, the old feeder gave both of them InfiniteYou rows to wait
+    on, and no InstantID row was sent until InfiniteYou jobs had finished."""
+    iy_rows, iid_rows, scale = 16, 10, 0.002  # 163 s jobs one at a time: 11 may wait
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(
+        "id,model,prompt,id_image,face_image\n"
+        + "".join(
+            f"iy{n:02d},infinite-you,portrait {n},https://example.com/face.jpg,\n"
+            for n in range(iy_rows)
+        )
+        + "".join(
+            f"iid{n:02d},instantid,portrait {n},,https://example.com/face.jpg\n"
+            for n in range(iid_rows)
+        ),
+        encoding="utf-8",
+    )
+    server = await sim(
+        time_scale=scale, capacity=1, latency_sigma=0.05, image_size=(32, 32), seed=5
+    )
+    options = RunOptions(
+        manifest=manifest,
+        out=tmp_path / "out",
+        base_url=server.base_url,
+        time_scale=scale,
+        rate=RateConfig(requests=100_000, period_s=1.0),
+        api_key=KEY,
+        progress=False,
+    )
+    result = await arun(dataclasses.replace(options, submit_concurrency=2))
+
+    assert result.exit_code == EXIT_OK, result.text()
+    stats = server.stats()
+    assert (stats["accepted"], stats["paid_twice"]) == (iy_rows + iid_rows, 0)
+    table = pq.read_table(tmp_path / "out" / "results.parquet").to_pylist()
+    assert {r["status"] for r in table} == {"COMPLETED"}
+    iy = [r for r in table if r["model"] == "infinite-you"]
+    iid = [r for r in table if r["model"] == "instantid"]
+    # The queue held InfiniteYou rows back (11 waiting and 1 seen running went before
+    # the first finished; unheld, the run would have sent all 16 at once)...
+    first_done = min(r["completed_at"] for r in iy)
+    assert sum(r["submitted_at"] > first_done for r in iy) >= iy_rows - 12
+    # ...and every InstantID row went before any InfiniteYou job finished.
+    assert max(r["submitted_at"] for r in iid) < first_done

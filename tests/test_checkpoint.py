@@ -147,6 +147,21 @@ async def test_pages_read_every_row_once_when_row_numbers_repeat(cp: Checkpoint)
     assert sorted(seen) == sorted(r.id for r in kept + added)  # none skipped, none twice
 
 
+async def test_pages_of_one_model_skip_the_rows_of_others(cp: Checkpoint) -> None:
+    """The feeder reads each model's rows apart (a model held by its queue must not hold
+    up the others): pages of one model, in manifest order, and the models pending."""
+    rows = [
+        replace(_row(n), model="infinite-you" if n % 3 == 0 else "instantid") for n in range(1, 10)
+    ]
+    await cp.add_rows([*rows, replace(_row(10, state=INVALID), model="other")])
+    await cp.update("r6", state=SUBMITTED)
+    assert await cp.models_in(PENDING) == ["infinite-you", "instantid"]
+    assert [j.id for j in await cp.jobs_in([PENDING], model="infinite-you")] == ["r3", "r9"]
+    page = await cp.jobs_in([PENDING], model="instantid", after=(2, "r2"), limit=3)
+    assert [j.id for j in page] == ["r4", "r5", "r7"]
+    assert [j.model for j in page] == ["instantid"] * 3
+
+
 async def test_rows_not_listed_by_the_manifest_loaded_again_go_unless_they_were_sent(
     cp: Checkpoint,
 ) -> None:
