@@ -65,6 +65,10 @@ class QueueWatch:
             self._since.setdefault(model, now)
             self._counts[model, WAITING] += 1
 
+    def holds(self, job_id: str) -> bool:
+        """Whether the job has a place reserved."""
+        return job_id in self._reserved
+
     def unreserve(self, job_id: str) -> None:
         """The admitted job became a flight (which counts itself), or was not sent."""
         model = self._reserved.pop(job_id, None)

@@ -3,12 +3,15 @@ first), into the bounded stream the submit workers take them from (submit.py).
 
 Each model's rows are read apart, and the next row fed is the first in manifest order
 among the models the service's queue has room for (batcher.admission): a model held
-because its queue is full does not hold up the rows of the others behind it."""
+because its queue is full does not hold up the rows of the others behind it. Requeued
+jobs wait for room the same way (they go first among the models that have it), and the
+feeder takes each job's place in its queue as it hands it over: a worker never waits
+in admission, and so never holds a slot for a held model."""
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Set
 
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
@@ -32,28 +35,35 @@ async def feed(ctx: RunContext, send: MemoryObjectSendStream[Job]) -> None:
         ctx.requeue_signal.set()
 
 
-class _Rows:
-    """One model's PENDING rows, read a page at a time in manifest order."""
+class _Model:
+    """One model's work: its jobs handed back to be sent again, and its PENDING rows,
+    read a page at a time in manifest order."""
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, *, rows: bool = True) -> None:
         self.model = model
+        #: Handed back (requeued), with the order they came in: they go before new rows.
+        self.again: deque[tuple[int, Job]] = deque()
         self.page: deque[Job] = deque()
         self._after = (-1, "")
-        self._exhausted = False
+        # A model first met among requeued jobs had no PENDING rows when the feed began:
+        # the rows it has now are those jobs, which must not be read (and sent) twice.
+        self._exhausted = not rows
 
     @property
     def done(self) -> bool:
-        return self._exhausted and not self.page
+        return self._exhausted and not self.page and not self.again
 
-    async def fill(self, checkpoint: Checkpoint) -> None:
-        """Read the next page if this one is used up."""
-        if self.page or self._exhausted:
-            return
-        page = await checkpoint.jobs_in([PENDING], after=self._after, limit=_PAGE, model=self.model)
-        self._exhausted = not page
-        if page:
-            self._after = (page[-1].number, page[-1].id)
-            self.page.extend(page)
+    async def fill(self, checkpoint: Checkpoint, resumed: Set[str]) -> None:
+        """Read the next page if this one is used up. Rows in ``resumed`` are left out:
+        requeued by this run, they are in (or went through) ``RunContext.requeued``."""
+        while not self.page and not self._exhausted:
+            page = await checkpoint.jobs_in(
+                [PENDING], after=self._after, limit=_PAGE, model=self.model
+            )
+            self._exhausted = not page
+            if page:
+                self._after = (page[-1].number, page[-1].id)
+                self.page.extend(job for job in page if job.id not in resumed)
 
 
 def first_in_order(heads: Iterable[Job]) -> Job | None:
@@ -61,41 +71,68 @@ def first_in_order(heads: Iterable[Job]) -> Job | None:
     return min(heads, key=lambda job: (job.number, job.id), default=None)
 
 
-async def _next_row(
-    ctx: RunContext, rows: list[_Rows], admissible: Callable[[str], bool]
-) -> Job | None:
-    """The next row to feed among the models with room, or None if there is none now."""
-    ready = [r for r in rows if not r.done and admissible(r.model)]
-    for r in ready:
-        await r.fill(ctx.checkpoint)
-    job = first_in_order(r.page[0] for r in ready if r.page)
-    if job is not None:
-        next(r for r in ready if r.model == job.model).page.popleft()
-    return job
+class _Work:
+    """What is left to feed, by model, and the choice of the next job."""
+
+    def __init__(self, models: Iterable[str]) -> None:
+        self.models = {model: _Model(model) for model in models}
+        self._handed_back = 0
+
+    @property
+    def done(self) -> bool:
+        return all(m.done for m in self.models.values())
+
+    def take_requeued(self, requeued: deque[Job]) -> None:
+        """Sort the jobs handed back since the last look by model."""
+        while requeued:
+            job = requeued.popleft()
+            model = self.models.get(job.model)
+            if model is None:
+                model = self.models[job.model] = _Model(job.model, rows=False)
+            self._handed_back += 1
+            model.again.append((self._handed_back, job))
+
+    async def fill(self, checkpoint: Checkpoint, resumed: Set[str]) -> None:
+        """Every model's next page, where its last one is used up."""
+        for model in self.models.values():
+            await model.fill(checkpoint, resumed)
+
+    def next(self, admissible: Callable[[str], bool]) -> Job | None:
+        """The next job among the models with room (the first handed back, else the
+        first row in manifest order), taken out; None if there is none now."""
+        ready = [m for m in self.models.values() if not m.done and admissible(m.model)]
+        again = [m for m in ready if m.again]
+        if again:
+            return min(again, key=lambda m: m.again[0][0]).again.popleft()[1]
+        job = first_in_order(m.page[0] for m in ready if m.page)
+        if job is not None:
+            self.models[job.model].page.popleft()
+        return job
 
 
 async def _feed(ctx: RunContext, send: MemoryObjectSendStream[Job]) -> None:
-    rows = [_Rows(model) for model in await ctx.checkpoint.models_in(PENDING)]
+    work = _Work(await ctx.checkpoint.models_in(PENDING))
     async with send:
         while not ctx.stop_submitting.is_set():
-            # Cleared before looking, so that what moves meanwhile ends the wait below.
+            await work.fill(ctx.checkpoint, ctx.resumed)
+            # Cleared after the last wait of a look and before it looks: anything that
+            # moves from here on ends the wait below (the run's watcher, which clears
+            # the same event, can only run once this task waits).
             ctx.requeue_signal.clear()
-            job: Job | None = None
-            if ctx.requeued:
-                job = ctx.requeued.popleft()
-            else:
-                job = await _next_row(ctx, rows, ctx.admissible)
-                if job is not None and job.id in ctx.resumed:
-                    continue  # requeued by this run: it is in (or went through) `requeued`
+            work.take_requeued(ctx.requeued)
+            job = work.next(ctx.admissible)
             if job is None:
-                if all(r.done for r in rows) and ctx.active == 0:
+                if work.done and ctx.active == 0:
                     return  # nothing pending, nothing in flight: nothing can be requeued
-                # Rows left only of models whose queue is full, or jobs in flight that
-                # may be requeued: wait for either to move. The run's watcher clears the
-                # same event; the timeout bounds a wake-up it took.
+                # Jobs left only of models whose queue is full, or jobs in flight that may
+                # be requeued: wait for either to move. The timeout bounds a wake-up missed.
                 with anyio.move_on_after(_RECHECK_S):
                     await ctx.requeue_signal.wait()
                 continue
+            # The job's place in its model's queue is taken here, before the hand-off,
+            # not by the worker that takes it: idle workers take several jobs before any
+            # of them runs, and each would have been given a place seen free for one.
+            ctx.reserve(job)
             # Counted at the hand-off, not when the worker runs: until then the job would be
             # in no count, and `active == 0` above could end the feed under a job that is
             # about to be submitted (and maybe requeued, with no feeder left to take it).

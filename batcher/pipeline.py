@@ -187,34 +187,43 @@ class RunContext:
 
     async def admit(self, job: Job) -> bool:
         """Wait until the service's queue has room for one more job of the row's model
-        (see batcher.admission); False if submitting stops meanwhile."""
+        (see batcher.admission); False if submitting stops meanwhile. A job the feeder
+        took a place for (every job it hands over) is admitted at once."""
         model = job.model
         while not self.stop_submitting.is_set():
-            if self.admissible(model):
-                self.queue.reserve(job.id, model, self.now())
+            if self.queue.holds(job.id) or self.admissible(model):
+                self.reserve(job)
                 return True
-            if model not in self._held:
-                self._held.add(model)
-                log.info(
-                    "%s: %d jobs wait in the service's queue; its new submits wait too, so "
-                    "that each job can finish within its result's retention (rows of other "
-                    "models go on)",
-                    model,
-                    self.queue.waiting(model),
-                )
             self._queue_changed.clear()
             await self._queue_changed.wait()
         return False
 
+    def reserve(self, job: Job) -> None:
+        """Take a place in the queue of the row's model for its job (the feeder does, as
+        it hands the job over; see batcher.feed), until the job is in flight or released."""
+        self.queue.reserve(job.id, job.model, self.now())
+
     def admissible(self, model: str) -> bool:
         """Whether the service's queue for ``model`` has room for one more job now."""
         service_s = self.latency[model].median
-        return may_submit(
-            waiting=self.queue.waiting(model),
+        waiting = self.queue.waiting(model)
+        if may_submit(
+            waiting=waiting,
             parallel=self.queue.parallel(model, self.now(), service_s),
             service_s=service_s,
             horizon_s=self.poll.deadline_s,
-        )
+        ):
+            return True
+        if model not in self._held:
+            self._held.add(model)
+            log.info(
+                "%s: %d jobs wait in the service's queue; its new submits wait too, so "
+                "that each job can finish within its result's retention (rows of other "
+                "models go on)",
+                model,
+                waiting,
+            )
+        return False
 
     def tracked(self, flight: Flight) -> None:
         """A submitted job is in flight (polled from now on): it waits at the service."""
