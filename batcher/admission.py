@@ -43,7 +43,8 @@ class QueueWatch:
 
     Flights carry their own state (``Flight.state``); this keeps the counts in step
     through :meth:`moved`, and counts jobs admitted but not yet answered by their submit
-    (``reserve``/``unreserve``), so that concurrent submit workers cannot overshoot.
+    (``reserve``/``unreserve``, taken by the feeder at each hand-off), so that jobs handed
+    to submit workers but not yet sent cannot overshoot.
     """
 
     def __init__(self) -> None:
@@ -64,10 +65,6 @@ class QueueWatch:
             self._reserved[job_id] = model
             self._since.setdefault(model, now)
             self._counts[model, WAITING] += 1
-
-    def holds(self, job_id: str) -> bool:
-        """Whether the job has a place reserved."""
-        return job_id in self._reserved
 
     def unreserve(self, job_id: str) -> None:
         """The admitted job became a flight (which counts itself), or was not sent."""

@@ -127,7 +127,6 @@ class RunContext:
         self.flights: dict[str, Flight] = {}
         #: Per model, jobs waiting in the service's queue and running (see admission).
         self.queue = QueueWatch()
-        self._queue_changed = asyncio.Event()
         self._held: set[str] = set()  # models whose queue has held a submit (logged once)
         #: Warned that the API named status/result URLs on another host (once a run).
         self.warned_foreign_urls = False
@@ -181,22 +180,8 @@ class RunContext:
         if flight is not None:
             self.queue.moved(flight.job.model, flight.state, None, self.now())
         self.queue.unreserve(job_id)
-        self._queue_changed.set()
         self.active -= 1
         self.release_slot()
-
-    async def admit(self, job: Job) -> bool:
-        """Wait until the service's queue has room for one more job of the row's model
-        (see batcher.admission); False if submitting stops meanwhile. A job the feeder
-        took a place for (every job it hands over) is admitted at once."""
-        model = job.model
-        while not self.stop_submitting.is_set():
-            if self.queue.holds(job.id) or self.admissible(model):
-                self.reserve(job)
-                return True
-            self._queue_changed.clear()
-            await self._queue_changed.wait()
-        return False
 
     def reserve(self, job: Job) -> None:
         """Take a place in the queue of the row's model for its job (the feeder does, as
@@ -241,7 +226,6 @@ class RunContext:
             return
         self.queue.moved(flight.job.model, flight.state, state, self.now())
         flight.state = state
-        self._queue_changed.set()
         self.requeue_signal.set()  # the feeder may wait for a held model's queue to move
 
     def set_aside(self, job: Job) -> None:
@@ -257,11 +241,9 @@ class RunContext:
         self._halt_submits()
 
     def _halt_submits(self) -> None:
-        """No new submit from now on; the feeder and the workers held by the queue wake
-        to see it."""
+        """No new submit from now on; the feeder wakes to see it."""
         self.stop_submitting.set()
         self.requeue_signal.set()
-        self._queue_changed.set()
 
     def record_stop(self, error: BatcherError) -> None:
         """``error`` stops the run: kept (the first one) to be raised once the stages

@@ -259,10 +259,9 @@ def summarize(
 
 def _read_summary_columns(path: Path) -> pa.Table:
     """results.parquet's SUMMARY_COLUMNS; an older file may lack spans_stop. Blocking."""
-    names = set(pq.read_schema(path).names)
-    return pq.read_table(
-        path, columns=[c for c in SUMMARY_COLUMNS if c in names or c != SPANS_STOP]
-    )
+    with pq.ParquetFile(path) as file:
+        names = set(file.schema_arrow.names)
+        return file.read(columns=[c for c in SUMMARY_COLUMNS if c in names or c != SPANS_STOP])
 
 
 def _value_counts(column: object) -> tuple[list[str], list[int]]:

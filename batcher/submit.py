@@ -49,7 +49,7 @@ async def work(
             except anyio.EndOfStream:
                 ctx.release_slot()
                 return
-            if ctx.stop_submitting.is_set() or not await ctx.admit(job):
+            if ctx.stop_submitting.is_set():  # its place in the queue is the feeder's
                 await ctx.unsubmitted(job)
                 continue
             await submit_one(ctx, job, track)

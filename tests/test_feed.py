@@ -47,11 +47,10 @@ def _context(tmp_path: Path, cp: Checkpoint) -> RunContext:
 
 
 async def _worker(ctx: RunContext, receive: MemoryObjectReceiveStream[Job], got: list[Job]) -> None:
-    """As batcher.submit.work, up to the submit: the admitted job stays in its queue."""
+    """As batcher.submit.work, up to the submit: the job keeps the place the feeder took."""
     async with receive:
         async for job in receive:
             got.append(job)
-            await ctx.admit(job)
 
 
 async def _fed(tmp_path: Path, cp: Checkpoint, ctx: RunContext, workers: int) -> list[Job]:
