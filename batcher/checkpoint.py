@@ -225,14 +225,18 @@ class Checkpoint(ManifestListing):
         result: list[Job] = await self._call(get)
         return result
 
-    async def models_in(self, state: str) -> list[str]:
-        """The models of the rows in ``state``, sorted."""
+    async def models_in(self, states: Sequence[str]) -> dict[str, int]:
+        """How many rows each model has in ``states``, by model name in sorted order."""
+        marks = ",".join("?" * len(states))
+        sql = (
+            f"SELECT model, COUNT(*) FROM jobs WHERE state IN ({marks}) "
+            "GROUP BY model ORDER BY model"
+        )
 
-        def get() -> list[str]:
-            sql = "SELECT DISTINCT model FROM jobs WHERE state = ? ORDER BY model"
-            return [model for (model,) in self._conn.execute(sql, (state,))]
+        def get() -> dict[str, int]:
+            return {model: n for model, n in self._conn.execute(sql, tuple(states))}
 
-        result: list[str] = await self._call(get)
+        result: dict[str, int] = await self._call(get)
         return result
 
     async def counts(self) -> dict[str, int]:

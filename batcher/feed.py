@@ -111,7 +111,7 @@ class _Work:
 
 
 async def _feed(ctx: RunContext, send: MemoryObjectSendStream[Job]) -> None:
-    work = _Work(await ctx.checkpoint.models_in(PENDING))
+    work = _Work(list(await ctx.checkpoint.models_in([PENDING])))
     async with send:
         while not ctx.stop_submitting.is_set():
             await work.fill(ctx.checkpoint, ctx.resumed)

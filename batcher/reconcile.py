@@ -8,11 +8,14 @@ from collections.abc import Callable
 import anyio
 
 from batcher.checkpoint import RESULTS_META, RESULTS_STALE, Checkpoint
+from batcher.errors import UsageError
 from batcher.inputs import ImageInputs
 from batcher.intake import load
+from batcher.jobs import PENDING, SUBMITTED, SUBMITTING
 from batcher.manifest import scan
 from batcher.options import RunOptions
 from batcher.preflight import manifest_identity
+from batcher.schemas import registry
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,29 @@ async def reconcile(
                 "be billed) are not sent again; add --resubmit-unknown to send them too",
                 kept,
             )
+
+
+async def refuse_unknown_models(cp: Checkpoint) -> None:
+    """Raise UsageError, before anything is sent, when rows still to be sent or fetched
+    are of a model batcher does not know now: one read from a folder of
+    BATCHER_MODEL_DIRS when they were taken, and that folder is gone from it since."""
+    known = registry()
+    unfinished = await cp.models_in([PENDING, SUBMITTING, SUBMITTED])
+    missing = {model: n for model, n in unfinished.items() if model not in known}
+    if not missing:
+        return
+    in_flight = await cp.models_in([SUBMITTING, SUBMITTED])
+    told = "; ".join(
+        f"{n} unfinished rows of model {model!r} ({in_flight.get(model, 0)} of them submitted)"
+        for model, n in missing.items()
+    )
+    which = "a model" if len(missing) == 1 else "models"
+    raise UsageError(
+        f"the checkpoint holds {told}: {which} batcher does not know now (known: "
+        f"{', '.join(sorted(known))}). Model files beyond the built-in ones come from the "
+        "folders in BATCHER_MODEL_DIRS: set it as it was when those rows were taken, and "
+        "run again. Nothing was sent"
+    )
 
 
 # results.parquet is "fresh" when it was written after the checkpoint's last change: a

@@ -44,7 +44,12 @@ from batcher.pipeline import RunContext
 from batcher.poll import Poller
 from batcher.preflight import api_key, check_service, lock
 from batcher.progress import Progress, Summary
-from batcher.reconcile import mark_results_stale, reconcile, scan_manifest
+from batcher.reconcile import (
+    mark_results_stale,
+    reconcile,
+    refuse_unknown_models,
+    scan_manifest,
+)
 from batcher.redownload import Redownloads
 from batcher.results import RESULTS
 from batcher.resume import resume
@@ -117,6 +122,7 @@ async def arun(options: RunOptions, *, interrupted: asyncio.Event | None = None)
                 await check_service(cp, options)
                 inputs = ImageInputs(options.manifest.parent)
                 await reconcile(cp, options, inputs, scanned=scanned, stop=stop)
+                await refuse_unknown_models(cp)
                 return await _work(options, cp, inputs, key, interrupted)
     except Interrupted as exc:  # Ctrl-C while the manifest was read: seconds, not minutes
         reason = f"interrupted: {exc}. Run the same command again to start"

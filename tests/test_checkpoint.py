@@ -149,13 +149,16 @@ async def test_pages_read_every_row_once_when_row_numbers_repeat(cp: Checkpoint)
 
 async def test_pages_of_one_model_skip_the_rows_of_others(cp: Checkpoint) -> None:
     """The feeder reads each model's rows apart (a model held by its queue must not hold
-    up the others): pages of one model, in manifest order, and the models pending."""
+    up the others): pages of one model, in manifest order, and the models pending (a run
+    checks them against the models it knows)."""
     rows = [
         replace(_row(n), model="infinite-you" if n % 3 == 0 else "instantid") for n in range(1, 10)
     ]
     await cp.add_rows([*rows, replace(_row(10, state=INVALID), model="other")])
     await cp.update("r6", state=SUBMITTED)
-    assert await cp.models_in(PENDING) == ["infinite-you", "instantid"]
+    assert await cp.models_in([PENDING]) == {"infinite-you": 2, "instantid": 6}
+    assert await cp.models_in([PENDING, SUBMITTED, INVALID]) == {
+        "infinite-you": 3, "instantid": 6, "other": 1}  # fmt: skip
     assert [j.id for j in await cp.jobs_in([PENDING], model="infinite-you")] == ["r3", "r9"]
     page = await cp.jobs_in([PENDING], model="instantid", after=(2, "r2"), limit=3)
     assert [j.id for j in page] == ["r4", "r5", "r7"]

@@ -9,6 +9,7 @@ import asyncio
 import csv
 import dataclasses
 import errno
+import json
 import logging
 import os
 import re
@@ -26,6 +27,7 @@ from PIL import Image
 import batcher.finish as finish_module
 import batcher.reconcile as reconcile_module
 import batcher.run as run_module
+import batcher.schemas as schemas_module
 from batcher.backoff import RetryConfig
 from batcher.checkpoint import RESULTS_FRESH, Checkpoint
 from batcher.client import ApiClient, Reply, TransportError
@@ -1318,3 +1320,53 @@ async def test_a_stopped_run_keeps_the_polls_of_the_jobs_it_leaves_in_flight(
     saved = sum(r["polls"] for r in rows.values())
     # Missing at most the polls the stop cut off on the wire: one a job in flight.
     assert seen - 4 <= saved <= seen, (saved, seen)
+
+
+async def test_unfinished_rows_of_a_model_no_longer_known_stop_the_run_with_what_to_do(
+    tmp_path: Path, sim: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model from a file in BATCHER_MODEL_DIRS: a run stopped with its jobs in flight and
+    rows not yet sent, resumed without that folder. Before: a KeyError traceback (the poll
+    schedule and the feeder look the model up). Now the run stops before sending anything,
+    says which model and how many rows, and resumes once the folder is back."""
+    spec = json.loads((Path(schemas_module.__file__).parent / "instantid.json").read_text())
+    spec["slug"] = "toy-id"
+    spec["latency"]["median_s"] = 400.0
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "toy-id.json").write_text(json.dumps(spec))
+    monkeypatch.setenv("BATCHER_MODEL_DIRS", str(models))
+    manifest = _csv(
+        tmp_path,
+        "id,model,prompt,face_image\n"
+        + "".join(f"t{n},toy-id,portrait {n},face.png\n" for n in range(40)),
+    )
+    server = await sim(time_scale=SCALE, image_size=(64, 64))
+    options = _options(manifest, server, max_in_flight=4)
+    first = await _stopped_at(options, "SUBMITTED", 2)
+    assert first.exit_code == EXIT_STOPPED
+    before = {r["id"]: r["status"] for r in _results(options.out).values()}
+    submitted = sum(state == "SUBMITTED" for state in before.values())
+    assert submitted >= 2
+    assert "PENDING" in before.values()
+    posts = _count(server, "submit", "200")
+
+    monkeypatch.delenv("BATCHER_MODEL_DIRS")
+    with pytest.raises(UsageError) as refused:
+        await arun(options)
+    message = str(refused.value)
+    unfinished = sum(state != "COMPLETED" for state in before.values())
+    assert f"{unfinished} unfinished rows of model 'toy-id' ({submitted} of them submitted)" in (
+        message
+    )
+    assert "BATCHER_MODEL_DIRS: set it as it was when those rows were taken" in message
+    assert _count(server, "submit", "200") == posts
+    async with Checkpoint(options.out / "checkpoint.sqlite") as cp:
+        counts = await cp.counts()
+    assert counts.get("COMPLETED", 0) + unfinished == 40
+
+    monkeypatch.setenv("BATCHER_MODEL_DIRS", str(models))
+    done = await arun(options)
+    assert done.exit_code == EXIT_OK
+    assert {r["status"] for r in _results(options.out).values()} == {"COMPLETED"}
+    assert _count(server, "submit", "200") == 40  # none sent twice
