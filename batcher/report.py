@@ -29,6 +29,9 @@ _BUCKET_S = (
     1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400,
 )  # fmt: skip
 _MAX_BUCKETS = 24
+#: The share of the time from the first submit with no job in flight from which the
+#: report also gives the rate over the rest: a stop between runs, not start-up gaps.
+IDLE_SHOWN = 0.05
 # The per-row count of 429 answers; a results.parquet written before it existed has no
 # such column, and the line is left out rather than shown as 0.
 _RATE_LIMITED = "rate_limited"
@@ -74,6 +77,10 @@ class Throughput:
     counts: tuple[int, ...]
     first_submit_s: float | None
     last_s: float
+    #: Seconds from the first submit to the last completion with no job in flight (a
+    #: stop between runs, or a wait): jobs whose latency spans a stop do not count as in
+    #: flight, and a job without both times is not seen.
+    idle_s: float = 0.0
 
     def per_minute(self, count: int) -> float:
         return count * 60 / self.bucket_s
@@ -84,6 +91,18 @@ class Throughput:
         if self.first_submit_s is None or self.last_s <= self.first_submit_s:
             return None
         return sum(self.counts) * 60 / (self.last_s - self.first_submit_s)
+
+    @property
+    def busy_per_minute(self) -> float | None:
+        """Completions per minute over the time jobs were in flight, when that leaves out
+        at least IDLE_SHOWN of the time from the first submit (a stop, mostly)."""
+        if self.first_submit_s is None:
+            return None
+        span_s = self.last_s - self.first_submit_s
+        busy_s = span_s - self.idle_s
+        if busy_s <= 0 or self.idle_s < IDLE_SHOWN * span_s:
+            return None
+        return sum(self.counts) * 60 / busy_s
 
 
 @dataclass(frozen=True)
@@ -318,7 +337,36 @@ def _throughput(table: pa.Table, done: pa.Table) -> Throughput | None:
         counts[i] = n
     submitted = _col(table, "submitted_at")
     submits = None if submitted is None else pc.min(_epoch_us(submitted)).as_py()
+    idle_s = 0.0
+    if submits is not None:
+        idle_s = uncovered(_in_flight_us(without_stops(table)[0]), submits, last_us) / 1e6
     return Throughput(
         start_us / 1e6, bucket_s, tuple(counts),
-        None if submits is None else submits / 1e6, last_us / 1e6,
+        None if submits is None else submits / 1e6, last_us / 1e6, idle_s,
     )  # fmt: skip
+
+
+def _in_flight_us(table: pa.Table) -> list[tuple[int, int]]:
+    """Each row's (submitted_at, completed_at) in epoch microseconds, where it has both."""
+    if "submitted_at" not in table.column_names or "completed_at" not in table.column_names:
+        return []
+    submitted, completed = table.column("submitted_at"), table.column("completed_at")
+    both = table.filter(pc.and_(pc.is_valid(submitted), pc.is_valid(completed)))
+    starts = _epoch_us(both.column("submitted_at")).to_pylist()
+    ends = _epoch_us(both.column("completed_at")).to_pylist()
+    return list(zip(starts, ends, strict=True))
+
+
+def uncovered(spans: list[tuple[int, int]], start: int, end: int) -> int:
+    """The length of ``[start, end]`` covered by none of ``spans`` (same unit)."""
+    idle = 0
+    reached = start
+    for begin, finish in sorted(spans):
+        if finish <= reached:
+            continue
+        if begin > reached:
+            idle += min(begin, end) - reached
+        reached = finish
+        if reached >= end:
+            return idle
+    return idle + max(0, end - reached)

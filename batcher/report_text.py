@@ -116,6 +116,13 @@ def _throughput_lines(t: Throughput | None) -> list[str]:
     total = sum(t.counts)
     overall = t.overall_per_minute
     since = "" if overall is None else f", {overall:.1f}/min from the first submit"
+    busy = t.busy_per_minute
+    if busy is not None and t.first_submit_s is not None:
+        in_flight = t.last_s - t.first_submit_s - t.idle_s
+        since += (
+            f" ({busy:.1f}/min over the {duration(in_flight)} with jobs in flight; "
+            f"the other {duration(t.idle_s)} had none: a stop between runs, or a wait)"
+        )
     end = datetime.fromtimestamp(t.last_s, UTC).strftime("%Y-%m-%d %H:%M:%S")
     lines = [f"throughput: {total} completions, the last at {end} UTC{since}",
              f"  completions per minute in {bucket_width(t.bucket_s)} buckets (UTC):"]  # fmt: skip
@@ -127,6 +134,13 @@ def _throughput_lines(t: Throughput | None) -> list[str]:
         bar = "#" * round(30 * n / peak)
         lines.append(f"  {label}  {n:>6}  {t.per_minute(n):>8.1f}/min  {bar}")
     return lines
+
+
+def duration(seconds: float) -> str:
+    """A length of time to a few figures: 45 s, 12.5 min, 8.0 h."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def bucket_width(seconds: int) -> str:

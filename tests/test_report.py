@@ -25,7 +25,14 @@ from batcher.checkpoint import CHECKPOINT, RESULTS_FRESH, RESULTS_META, RESULTS_
 from batcher.errors import UsageError, reason_key
 from batcher.pipeline import Counters
 from batcher.progress import summarize
-from batcher.report import CHART, CHART_HINT, build_report, read_results, report_main
+from batcher.report import (
+    CHART,
+    CHART_HINT,
+    build_report,
+    read_results,
+    report_main,
+    uncovered,
+)
 from batcher.report_text import format_report
 from batcher.results import RESULTS, SCHEMA, SUMMARY_COLUMNS, TIME_SCALE_KEY, time_scale_of
 from batcher.run import arun
@@ -729,3 +736,62 @@ def test_a_table_at_the_services_pace_or_of_another_tool_has_no_scale_note(
     for junk in (b"", b"x", b"nan", b"-1", b"0"):
         assert time_scale_of(SCHEMA.with_metadata({TIME_SCALE_KEY: junk})) == 1.0
     assert time_scale_of(SCHEMA.with_metadata({TIME_SCALE_KEY: b"0.25"})) == 0.25
+
+
+def test_uncovered_time_is_the_time_no_span_covers() -> None:
+    assert uncovered([], 0, 10) == 10
+    assert uncovered([(2, 4), (3, 6), (8, 9)], 0, 10) == 2 + 2 + 1
+    assert uncovered([(5, 7), (0, 6)], 0, 10) == 3  # unsorted, overlapping
+    assert uncovered([(-5, 1), (9, 20)], 0, 10) == 8  # spans past either end
+    assert uncovered([(1, 2)], 0, 1) == 1  # a span after the end
+    assert uncovered([(0, 10), (2, 3)], 0, 10) == 0
+
+
+def test_throughput_over_the_time_jobs_were_in_flight_leaves_out_a_stop(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """run_rows() (10 minutes), an 8-hour stop, then 60 jobs in 10 minutes, and a job
+    submitted before the stop and seen done after it (its span is the stop itself, not
+    time the run worked). Before: only 200-odd completions over 8 h 20 min."""
+    night = timedelta(hours=8)
+    resumed = T0 + timedelta(seconds=594) + night
+    later = [{
+        "id": f"r{k}", "row": 5000 + k, "status": "COMPLETED", "attempts": 1, "polls": 2,
+        "submitted_at": resumed + timedelta(seconds=10 * k),
+        "completed_at": resumed + timedelta(seconds=10 * k + 20), "latency_s": 20.0,
+    } for k in range(60)]  # fmt: skip
+    spanning = {"id": "night", "row": 4000, "status": "COMPLETED", "attempts": 1,
+                "submitted_at": T0 + timedelta(seconds=500), "completed_at": resumed,
+                "latency_s": night.total_seconds(), "spans_stop": True}  # fmt: skip
+    rows = [*run_rows(), *later, spanning]
+    out = write(tmp_path / "run", rows)
+
+    report = build_report(*read_results(out))
+    t = report.throughput
+    assert t is not None
+    first = min(r["submitted_at"] for r in rows if r.get("submitted_at"))
+    last = resumed + timedelta(seconds=610)
+    first_run_end = T0 + timedelta(seconds=594)  # its last completion
+    idle = (resumed - first_run_end).total_seconds()
+    assert t.idle_s == pytest.approx(idle)
+    completions = 200 + 60 + 1
+    busy = (last - first).total_seconds() - idle
+    assert t.busy_per_minute == pytest.approx(completions * 60 / busy)
+    assert report_main(out, chart=False) == 0
+    text = capsys.readouterr().out
+    overall = completions * 60 / (last - first).total_seconds()
+    assert (
+        f"{overall:.1f}/min from the first submit ({completions * 60 / busy:.1f}/min over the "
+        f"{busy / 60:.1f} min with jobs in flight; the other {idle / 3600:.1f} h had none: a "
+        "stop between runs, or a wait)" in text
+    )
+
+
+def test_a_run_without_a_stop_gives_one_rate() -> None:
+    """Start-up and short waits (under 5% of the time) are not worth a second figure."""
+    rows = run_rows()
+    report = build_report(Path("r"), pa.Table.from_pylist(
+        [{f.name: r.get(f.name) for f in SCHEMA} for r in rows], schema=SCHEMA))  # fmt: skip
+    assert report.throughput is not None
+    assert report.throughput.busy_per_minute is None
+    assert "with jobs in flight" not in format_report(report)

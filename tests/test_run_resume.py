@@ -38,6 +38,7 @@ from batcher.inputs import ImageInputs
 from batcher.intake import BATCH, load
 from batcher.options import RunOptions
 from batcher.report import build_report, read_results
+from batcher.report_text import format_report
 from batcher.results import SUMMARY_COLUMNS, summary_table
 from batcher.run import EXIT_FAILED_ROWS, EXIT_OK, EXIT_STOPPED, arun
 from batcher.schedule import PollConfig
@@ -165,6 +166,8 @@ async def test_a_job_left_in_flight_and_seen_done_after_the_stop_is_marked_as_sp
     left = {i for i, r in at_stop.items() if r["status"] == "SUBMITTED" and r["latency_s"] is None}
     assert left
     assert not any(r["spans_stop"] for r in at_stop.values())
+    pause_s = 1.0
+    await asyncio.sleep(pause_s)  # a stop between the runs: no job in flight
 
     second = await arun(options)
 
@@ -176,7 +179,17 @@ async def test_a_job_left_in_flight_and_seen_done_after_the_stop_is_marked_as_sp
     assert second.summary is not None
     assert second.summary.spanning == len(left)
     assert "submitted before a stop and seen done after it" in second.summary.text()
-    assert build_report(*read_results(options.out)).spanning == len(left)
+    report = build_report(*read_results(options.out))
+    assert report.spanning == len(left)
+    # Throughput over the time jobs were in flight leaves out the stop (before: only the
+    # rate from the first submit, stop included).
+    assert report.throughput is not None
+    assert report.throughput.idle_s >= pause_s
+    assert report.throughput.first_submit_s is not None
+    in_flight_s = report.throughput.last_s - report.throughput.first_submit_s - pause_s
+    assert report.throughput.busy_per_minute is not None
+    assert report.throughput.busy_per_minute >= len(final) * 60 / in_flight_s
+    assert "/min over the " in format_report(report)
 
 
 async def test_rows_taken_out_of_the_manifest_before_they_were_sent_are_not_sent(
