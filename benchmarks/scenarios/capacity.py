@@ -21,7 +21,9 @@ from benchmarks.common import (
     Outcome,
     Table,
     Target,
+    busy_share,
     emulator,
+    machine_ticks,
     ratio,
     rnd,
     run_client,
@@ -64,15 +66,19 @@ def _one(
 ) -> dict[str, Any]:
     with emulator(*SIM_ARGS) as emu:
         cpu0 = emu.cpu_s()
+        ticks0 = machine_ticks()
         report = run_client(
             mode,
             {**cfg, "base_url": emu.base_url},
             timeout_s=cfg.get("timeout_s", 900),
             prefix=prefix,
         )
+        ticks1 = machine_ticks()
         cpu1 = emu.cpu_s()
         stats = emu.stats()
     report["emulator_cpu_s"] = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
+    # The client's start-up and exit are in the window too: a few tenths of a second.
+    report["machine_busy"] = busy_share(ticks0, ticks1)
     report["emulator_requests"] = stats["requests"]
     return report
 
@@ -100,6 +106,7 @@ def _row(label: str, report: dict[str, Any], n: int, ceiling: float | None) -> l
         rnd(1e3 * _workers_s(threads) / n, 2) if threads else None,
         rnd(1e3 * emu_cpu / n, 2) if emu_cpu else None,
         rnd(report.get("process", {}).get("max_rss_mb"), 0),
+        None if report.get("machine_busy") is None else f"{100 * report['machine_busy']:.0f}%",
     ]
 
 
@@ -164,6 +171,7 @@ def run(ctx: Context) -> Outcome:
             "of which other threads",
             "emulator CPU ms/job",
             "peak RSS MB",
+            "machine busy (all cores)",
         ],
     )
     for r in range(rounds):
@@ -208,6 +216,7 @@ def run(ctx: Context) -> Outcome:
             "of which other threads",
             "emulator CPU ms/job",
             "peak RSS MB",
+            "machine busy (all cores)",
         ],
     )
     variants.rows.append(_row("batcher as shipped (median round)", _median(mine), n, bare_jps))
@@ -264,6 +273,30 @@ def _cpu_note(bare: dict[str, Any], mine: dict[str, Any], n: int) -> str:
         f"{cores} cores for client and emulator together: batcher's worker threads (image "
         "verify and write, SQLite) take CPU from the emulator's process as much as from "
         "its own event loop, where the bare loop has no thread but the loop."
+        + _bound_note(bare, mine, n)
+    )
+
+
+def _bound_note(bare: dict[str, Any], mine: dict[str, Any], n: int) -> str:
+    """What the CPU per job predicts when the machine's cores are the limit: the ratio of
+    client + emulator CPU per job, beside the ratio measured."""
+    per_job = []
+    for report in (bare, mine):
+        client, emu = report.get("cpu_s"), report.get("emulator_cpu_s")
+        if client is None or emu is None:
+            return ""
+        per_job.append(1e3 * (client + emu) / n)
+    busy = [r.get("machine_busy") for r in (bare, mine)]
+    shown = (
+        ""
+        if None in busy
+        else f"; the machine's cores were {100 * busy[0]:.0f}% and {100 * busy[1]:.0f}% busy"
+    )
+    return (
+        f" Client and emulator together: {per_job[0]:.2f} ms of CPU per job with the bare "
+        f"loop, {per_job[1]:.2f} ms with batcher: with the cores the limit, batcher would "
+        f"run at {per_job[0] / per_job[1]:.2f} x the bare loop; measured "
+        f"{ratio(_jobs_per_s(mine), _jobs_per_s(bare)) or 0:.2f} x{shown}."
     )
 
 
