@@ -229,8 +229,10 @@ def summarize(
     counts = {str(k): int(v) for k, v in zip(*_value_counts(table.column("status")), strict=True)}
     failed = table.filter(pc.equal(table.column("status"), "FAILED"))
     reasons = dict(group_reasons(failed.column("error").to_pylist()))
-    timed, _ = without_stops(table)
-    _, spanning = without_stops(table.filter(pc.equal(table.column("status"), "COMPLETED")))
+    # Over COMPLETED rows, as `batcher report`: a FAILED job's time to its failure is
+    # not how long a job takes.
+    done = table.filter(pc.equal(table.column("status"), "COMPLETED"))
+    timed, spanning = without_stops(done)
     latency = timed.column("latency_s").drop_null()
     p50 = p95 = None
     if len(latency):

@@ -795,3 +795,25 @@ def test_a_run_without_a_stop_gives_one_rate() -> None:
     assert report.throughput is not None
     assert report.throughput.busy_per_minute is None
     assert "with jobs in flight" not in format_report(report)
+
+
+def test_the_run_summary_and_the_report_take_latency_over_the_same_completed_rows(
+    tmp_path: Path,
+) -> None:
+    """Before: the summary's p50/p95 took every row with a latency_s, so a job that failed
+    at the service after 15 minutes (its time to the failure recorded) moved the
+    summary's p95 and not the report's."""
+    failed_late = [{
+        "id": f"late{k}", "row": 6000 + k, "status": "FAILED", "error": "FAILED (422): NSFW",
+        "attempts": 1, "polls": 9, "submitted_at": T0, "completed_at": T0 + timedelta(seconds=900),
+        "latency_s": 900.0,
+    } for k in range(20)]  # fmt: skip
+    out = write(tmp_path / "run", [*run_rows(), *failed_late])
+    done = [r["latency_s"] for r in run_rows() if r["status"] == "COMPLETED"]
+    cuts = statistics.quantiles(done, n=100, method="inclusive")
+
+    summary = summarize(out / RESULTS, Counters(), 0, 1.0)
+    report = build_report(*read_results(out)).latency["end-to-end latency_s"]
+
+    assert (summary.latency_p50, summary.latency_p95) == pytest.approx((cuts[49], cuts[94]))
+    assert (summary.latency_p50, summary.latency_p95) == pytest.approx((report.p50, report.p95))
