@@ -8,7 +8,7 @@ from collections.abc import Callable
 import anyio
 
 from batcher.checkpoint import RESULTS_META, RESULTS_STALE, Checkpoint
-from batcher.errors import UsageError
+from batcher.errors import ManifestError, UsageError
 from batcher.inputs import ImageInputs
 from batcher.intake import load
 from batcher.jobs import PENDING, SUBMITTED, SUBMITTING
@@ -41,7 +41,13 @@ async def reconcile(
     counts = await cp.counts()
     if await cp.get_meta("manifest") != identity or counts.get("INVALID", 0):
         if not scanned:
-            await scan_manifest(options, stop)
+            try:
+                await scan_manifest(options, stop)
+            except ManifestError:
+                # Rows of a model gone from BATCHER_MODEL_DIRS fail the scan as "not a
+                # known model": the checkpoint's own rows say what to do instead.
+                await refuse_unknown_models(cp, resubmit_unknown=options.resubmit_unknown)
+                raise
         # A manifest refused here (rows changed) leaves the checkpoint as it was; one
         # interrupted keeps the rows read so far, and no identity is recorded meanwhile:
         # the next run reads its manifest again, and drops those rows if they are not in
@@ -82,18 +88,22 @@ async def reconcile(
             )
 
 
-async def refuse_unknown_models(cp: Checkpoint) -> None:
+async def refuse_unknown_models(cp: Checkpoint, *, resubmit_unknown: bool) -> None:
     """Raise UsageError, before anything is sent, when rows still to be sent or fetched
     are of a model batcher does not know now: one read from a folder of
-    BATCHER_MODEL_DIRS when they were taken, and that folder is gone from it since."""
+    BATCHER_MODEL_DIRS when they were taken, and that folder is gone from it since.
+    (Rows left SUBMITTING end FAILED, outcome unknown, with no need of their model,
+    unless ``resubmit_unknown`` sends them again.)"""
     known = registry()
-    unfinished = await cp.models_in([PENDING, SUBMITTING, SUBMITTED])
+    states = [PENDING, SUBMITTED, *([SUBMITTING] if resubmit_unknown else [])]
+    unfinished = await cp.models_in(states)
     missing = {model: n for model, n in unfinished.items() if model not in known}
     if not missing:
         return
-    in_flight = await cp.models_in([SUBMITTING, SUBMITTED])
+    in_flight = await cp.models_in([SUBMITTED])
     told = "; ".join(
-        f"{n} unfinished rows of model {model!r} ({in_flight.get(model, 0)} of them submitted)"
+        f"{n} unfinished rows of model {model!r} ({in_flight.get(model, 0)} of them in "
+        "flight at the service)"
         for model, n in missing.items()
     )
     which = "a model" if len(missing) == 1 else "models"

@@ -122,7 +122,7 @@ async def arun(options: RunOptions, *, interrupted: asyncio.Event | None = None)
                 await check_service(cp, options)
                 inputs = ImageInputs(options.manifest.parent)
                 await reconcile(cp, options, inputs, scanned=scanned, stop=stop)
-                await refuse_unknown_models(cp)
+                await refuse_unknown_models(cp, resubmit_unknown=options.resubmit_unknown)
                 return await _work(options, cp, inputs, key, interrupted)
     except Interrupted as exc:  # Ctrl-C while the manifest was read: seconds, not minutes
         reason = f"interrupted: {exc}. Run the same command again to start"
