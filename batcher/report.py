@@ -81,6 +81,8 @@ class Throughput:
     #: stop between runs, or a wait): jobs whose latency spans a stop do not count as in
     #: flight, and a job without both times is not seen.
     idle_s: float = 0.0
+    #: Completions of jobs that do not span a stop: those the in-flight time is of.
+    busy_count: int = 0
 
     def per_minute(self, count: int) -> float:
         return count * 60 / self.bucket_s
@@ -95,14 +97,15 @@ class Throughput:
     @property
     def busy_per_minute(self) -> float | None:
         """Completions per minute over the time jobs were in flight, when that leaves out
-        at least IDLE_SHOWN of the time from the first submit (a stop, mostly)."""
+        at least IDLE_SHOWN of the time from the first submit (a stop, mostly). Jobs that
+        span a stop are left out of both: their time is the stop's."""
         if self.first_submit_s is None:
             return None
         span_s = self.last_s - self.first_submit_s
         busy_s = span_s - self.idle_s
         if busy_s <= 0 or self.idle_s < IDLE_SHOWN * span_s:
             return None
-        return sum(self.counts) * 60 / busy_s
+        return self.busy_count * 60 / busy_s
 
 
 @dataclass(frozen=True)
@@ -343,6 +346,7 @@ def _throughput(table: pa.Table, done: pa.Table) -> Throughput | None:
     return Throughput(
         start_us / 1e6, bucket_s, tuple(counts),
         None if submits is None else submits / 1e6, last_us / 1e6, idle_s,
+        without_stops(done)[0].num_rows,
     )  # fmt: skip
 
 
@@ -358,15 +362,18 @@ def _in_flight_us(table: pa.Table) -> list[tuple[int, int]]:
 
 
 def uncovered(spans: list[tuple[int, int]], start: int, end: int) -> int:
-    """The length of ``[start, end]`` covered by none of ``spans`` (same unit)."""
+    """The length of ``[start, end]`` covered by none of ``spans`` (same unit); a span
+    that ends before it begins covers nothing."""
+    if end <= start:
+        return 0
     idle = 0
     reached = start
     for begin, finish in sorted(spans):
-        if finish <= reached:
+        if finish <= max(begin, reached):
             continue
         if begin > reached:
             idle += min(begin, end) - reached
         reached = finish
         if reached >= end:
             return idle
-    return idle + max(0, end - reached)
+    return idle + end - reached

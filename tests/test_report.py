@@ -745,6 +745,8 @@ def test_uncovered_time_is_the_time_no_span_covers() -> None:
     assert uncovered([(-5, 1), (9, 20)], 0, 10) == 8  # spans past either end
     assert uncovered([(1, 2)], 0, 1) == 1  # a span after the end
     assert uncovered([(0, 10), (2, 3)], 0, 10) == 0
+    assert uncovered([(10, 5), (12, 20)], 0, 20) == 12  # a span ending before it begins
+    assert uncovered([(1, 2)], 10, 5) == 0  # an empty window
 
 
 def test_throughput_over_the_time_jobs_were_in_flight_leaves_out_a_stop(
@@ -776,12 +778,13 @@ def test_throughput_over_the_time_jobs_were_in_flight_leaves_out_a_stop(
     assert t.idle_s == pytest.approx(idle)
     completions = 200 + 60 + 1
     busy = (last - first).total_seconds() - idle
-    assert t.busy_per_minute == pytest.approx(completions * 60 / busy)
+    in_flight = 200 + 60  # the spanning job's time is the stop's: left out of both
+    assert t.busy_per_minute == pytest.approx(in_flight * 60 / busy)
     assert report_main(out, chart=False) == 0
     text = capsys.readouterr().out
     overall = completions * 60 / (last - first).total_seconds()
     assert (
-        f"{overall:.1f}/min from the first submit ({completions * 60 / busy:.1f}/min over the "
+        f"{overall:.1f}/min from the first submit ({in_flight * 60 / busy:.1f}/min over the "
         f"{busy / 60:.1f} min with jobs in flight; the other {idle / 3600:.1f} h had none: a "
         "stop between runs, or a wait)" in text
     )
