@@ -286,17 +286,21 @@ def _bound_note(bare: dict[str, Any], mine: dict[str, Any], n: int) -> str:
         if client is None or emu is None:
             return ""
         per_job.append(1e3 * (client + emu) / n)
+    if not per_job[1]:
+        return ""
     busy = [r.get("machine_busy") for r in (bare, mine)]
-    shown = (
-        ""
-        if None in busy
-        else f"; the machine's cores were {100 * busy[0]:.0f}% and {100 * busy[1]:.0f}% busy"
-    )
+    measured = ratio(_jobs_per_s(mine), _jobs_per_s(bare))
+    shown = "" if measured is None else f"; measured {measured:.2f} x"
+    if None not in busy:
+        # The whole machine over the client's whole life (start-up and exit included).
+        shown += (
+            f"; all cores were {100 * busy[0]:.0f}% and {100 * busy[1]:.0f}% busy "
+            "(whole machine, from each client's start to its exit)"
+        )
     return (
         f" Client and emulator together: {per_job[0]:.2f} ms of CPU per job with the bare "
         f"loop, {per_job[1]:.2f} ms with batcher: with the cores the limit, batcher would "
-        f"run at {per_job[0] / per_job[1]:.2f} x the bare loop; measured "
-        f"{ratio(_jobs_per_s(mine), _jobs_per_s(bare)) or 0:.2f} x{shown}."
+        f"run at {per_job[0] / per_job[1]:.2f} x the bare loop{shown}."
     )
 
 
