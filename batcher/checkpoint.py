@@ -239,6 +239,27 @@ class Checkpoint(ManifestListing):
         result: dict[str, int] = await self._call(get)
         return result
 
+    async def models_of_work(self, *, retry_failed: bool, resubmit_unknown: bool) -> dict[str, int]:
+        """How many rows of each model a run would send or fetch: PENDING and SUBMITTED;
+        FAILED rows of a known reason if ``retry_failed``; rows left SUBMITTING and FAILED
+        rows of an unknown outcome if ``resubmit_unknown`` (never rows taken out of the
+        manifest). Read before any of them is reopened."""
+        work = ["state IN ('PENDING', 'SUBMITTED')"]
+        if resubmit_unknown:
+            work += [
+                "(state = 'SUBMITTING' AND NOT removed)",
+                f"(state = 'FAILED' AND NOT removed AND ({UNKNOWN_OUTCOME_SQL}))",
+            ]
+        if retry_failed:
+            work.append(f"(state = 'FAILED' AND NOT removed AND NOT ({UNKNOWN_OUTCOME_SQL}))")
+        sql = f"SELECT model, COUNT(*) FROM jobs WHERE {' OR '.join(work)} GROUP BY model"
+
+        def get() -> dict[str, int]:
+            return {model: n for model, n in self._conn.execute(sql)}
+
+        result: dict[str, int] = await self._call(get)
+        return result
+
     async def counts(self) -> dict[str, int]:
         def get() -> dict[str, int]:
             sql = "SELECT state, COUNT(*) FROM jobs GROUP BY state"

@@ -8,10 +8,10 @@ from collections.abc import Callable
 import anyio
 
 from batcher.checkpoint import RESULTS_META, RESULTS_STALE, Checkpoint
-from batcher.errors import ManifestError, UsageError
+from batcher.errors import UsageError
 from batcher.inputs import ImageInputs
 from batcher.intake import load
-from batcher.jobs import PENDING, SUBMITTED, SUBMITTING
+from batcher.jobs import SUBMITTED
 from batcher.manifest import scan
 from batcher.options import RunOptions
 from batcher.preflight import manifest_identity
@@ -37,17 +37,15 @@ async def reconcile(
 ) -> None:
     """Bring the checkpoint up to the manifest: rows read again only if it changed (or
     some are INVALID, and might be fixed now); FAILED rows reopened if asked."""
+    # First, while the checkpoint is as the last run left it: its rows of a model gone
+    # from BATCHER_MODEL_DIRS would fail a scan of the manifest (as "not a known model")
+    # or the run, and must not be reopened by a run that stops at once.
+    await refuse_unknown_models(cp, options)
     identity = await anyio.to_thread.run_sync(manifest_identity, options.manifest, options.model)
     counts = await cp.counts()
     if await cp.get_meta("manifest") != identity or counts.get("INVALID", 0):
         if not scanned:
-            try:
-                await scan_manifest(options, stop)
-            except ManifestError:
-                # Rows of a model gone from BATCHER_MODEL_DIRS fail the scan as "not a
-                # known model": the checkpoint's own rows say what to do instead.
-                await refuse_unknown_models(cp, resubmit_unknown=options.resubmit_unknown)
-                raise
+            await scan_manifest(options, stop)
         # A manifest refused here (rows changed) leaves the checkpoint as it was; one
         # interrupted keeps the rows read so far, and no identity is recorded meanwhile:
         # the next run reads its manifest again, and drops those rows if they are not in
@@ -88,22 +86,22 @@ async def reconcile(
             )
 
 
-async def refuse_unknown_models(cp: Checkpoint, *, resubmit_unknown: bool) -> None:
-    """Raise UsageError, before anything is sent, when rows still to be sent or fetched
-    are of a model batcher does not know now: one read from a folder of
-    BATCHER_MODEL_DIRS when they were taken, and that folder is gone from it since.
-    (Rows left SUBMITTING end FAILED, outcome unknown, with no need of their model,
-    unless ``resubmit_unknown`` sends them again.)"""
+async def refuse_unknown_models(cp: Checkpoint, options: RunOptions) -> None:
+    """Raise UsageError, before anything is sent or changed, when rows this run would
+    send or fetch (see :meth:`Checkpoint.models_of_work`) are of a model batcher does not
+    know now: one read from a folder of BATCHER_MODEL_DIRS when they were taken, and
+    that folder is gone from it since."""
     known = registry()
-    states = [PENDING, SUBMITTED, *([SUBMITTING] if resubmit_unknown else [])]
-    unfinished = await cp.models_in(states)
-    missing = {model: n for model, n in unfinished.items() if model not in known}
+    work = await cp.models_of_work(
+        retry_failed=options.retry_failed, resubmit_unknown=options.resubmit_unknown
+    )
+    missing = {model: n for model, n in sorted(work.items()) if model not in known}
     if not missing:
         return
     in_flight = await cp.models_in([SUBMITTED])
     told = "; ".join(
-        f"{n} unfinished rows of model {model!r} ({in_flight.get(model, 0)} of them in "
-        "flight at the service)"
+        f"{n} rows of model {model!r} still to send or fetch ({in_flight.get(model, 0)} of "
+        "them in flight at the service)"
         for model, n in missing.items()
     )
     which = "a model" if len(missing) == 1 else "models"
@@ -111,7 +109,7 @@ async def refuse_unknown_models(cp: Checkpoint, *, resubmit_unknown: bool) -> No
         f"the checkpoint holds {told}: {which} batcher does not know now (known: "
         f"{', '.join(sorted(known))}). Model files beyond the built-in ones come from the "
         "folders in BATCHER_MODEL_DIRS: set it as it was when those rows were taken, and "
-        "run again. Nothing was sent"
+        "run again. Nothing was sent or changed"
     )
 
 

@@ -47,7 +47,6 @@ from batcher.progress import Progress, Summary
 from batcher.reconcile import (
     mark_results_stale,
     reconcile,
-    refuse_unknown_models,
     scan_manifest,
 )
 from batcher.redownload import Redownloads
@@ -122,7 +121,6 @@ async def arun(options: RunOptions, *, interrupted: asyncio.Event | None = None)
                 await check_service(cp, options)
                 inputs = ImageInputs(options.manifest.parent)
                 await reconcile(cp, options, inputs, scanned=scanned, stop=stop)
-                await refuse_unknown_models(cp, resubmit_unknown=options.resubmit_unknown)
                 return await _work(options, cp, inputs, key, interrupted)
     except Interrupted as exc:  # Ctrl-C while the manifest was read: seconds, not minutes
         reason = f"interrupted: {exc}. Run the same command again to start"

@@ -165,6 +165,29 @@ async def test_pages_of_one_model_skip_the_rows_of_others(cp: Checkpoint) -> Non
     assert [j.model for j in page] == ["instantid"] * 3
 
 
+async def test_the_rows_a_run_would_work_on_by_model_follow_its_flags(cp: Checkpoint) -> None:
+    """What a run checks against the models it knows before it changes anything: rows
+    left SUBMITTING end FAILED unless --resubmit-unknown; FAILED rows count only when a
+    flag would reopen them; rows taken out of the manifest never."""
+    models = ["a", "a", "b", "b", "c", "c", "d"]
+    await cp.add_rows([replace(_row(n), model=m) for n, m in enumerate(models, start=1)])
+    await cp.update("r1", state=SUBMITTED)
+    await cp.update("r3", state=SUBMITTING)
+    await cp.update("r4", state=FAILED, error="HTTP 400: bad seed")
+    await cp.update("r5", state=FAILED, error=UNKNOWN_OUTCOME, unknown_submits=1)
+    await cp.update("r6", state=SUBMITTING)
+    await cp.update("r7", state=COMPLETED)
+    with contextlib.closing(sqlite3.connect(cp.path)) as db, db:  # taken out of the manifest
+        db.execute("UPDATE jobs SET removed=1 WHERE id='r6'")
+
+    assert await cp.models_of_work(retry_failed=False, resubmit_unknown=False) == {"a": 2}
+    assert await cp.models_of_work(retry_failed=True, resubmit_unknown=False) == {"a": 2, "b": 1}
+    assert await cp.models_of_work(retry_failed=False, resubmit_unknown=True) == {
+        "a": 2, "b": 1, "c": 1}  # fmt: skip
+    assert await cp.models_of_work(retry_failed=True, resubmit_unknown=True) == {
+        "a": 2, "b": 2, "c": 1}  # fmt: skip
+
+
 async def test_rows_not_listed_by_the_manifest_loaded_again_go_unless_they_were_sent(
     cp: Checkpoint,
 ) -> None:
