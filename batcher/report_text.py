@@ -119,8 +119,10 @@ def _throughput_lines(t: Throughput | None) -> list[str]:
     busy = t.busy_per_minute
     if busy is not None and t.first_submit_s is not None:
         in_flight = t.last_s - t.first_submit_s - t.idle_s
+        spanning = total - t.busy_count
+        left_out = f", {spanning} spanning a stop left out" if spanning else ""
         since += (
-            f" ({busy:.1f}/min over the {duration(in_flight)} with jobs in flight; "
+            f" ({busy:.1f}/min over the {duration(in_flight)} with jobs in flight{left_out}; "
             f"the other {duration(t.idle_s)} had none: a stop between runs, or a wait)"
         )
     end = datetime.fromtimestamp(t.last_s, UTC).strftime("%Y-%m-%d %H:%M:%S")

@@ -746,7 +746,7 @@ def test_uncovered_time_is_the_time_no_span_covers() -> None:
     assert uncovered([(1, 2)], 0, 1) == 1  # a span after the end
     assert uncovered([(0, 10), (2, 3)], 0, 10) == 0
     assert uncovered([(10, 5), (12, 20)], 0, 20) == 12  # a span ending before it begins
-    assert uncovered([(1, 2)], 10, 5) == 0  # an empty window
+    assert uncovered([(11, 12)], 10, 5) == 0  # an empty window (was -5)
 
 
 def test_throughput_over_the_time_jobs_were_in_flight_leaves_out_a_stop(
@@ -785,8 +785,8 @@ def test_throughput_over_the_time_jobs_were_in_flight_leaves_out_a_stop(
     overall = completions * 60 / (last - first).total_seconds()
     assert (
         f"{overall:.1f}/min from the first submit ({in_flight * 60 / busy:.1f}/min over the "
-        f"{busy / 60:.1f} min with jobs in flight; the other {idle / 3600:.1f} h had none: a "
-        "stop between runs, or a wait)" in text
+        f"{busy / 60:.1f} min with jobs in flight, 1 spanning a stop left out; the other "
+        f"{idle / 3600:.1f} h had none: a stop between runs, or a wait)" in text
     )
 
 
