@@ -77,10 +77,17 @@ def _params_for_results(
 ) -> str:
     """The parameters as sent, image values shortened to a reference."""
     params: dict[str, Any] = json.loads(raw)
+    changed = False
     for name in image_params.get(model, ()):
         value = params.get(name)
         if isinstance(value, str):
-            params[name] = inputs.reference(name, value)
+            shown = inputs.reference(name, value)
+            changed = changed or shown != value
+            params[name] = shown
+    if not changed and "\\u" not in raw:
+        # The checkpoint's text is json.dumps(sort_keys=True) of these very values, and
+        # with no \u escape in it, ensure_ascii=False would write it the same.
+        return raw
     text = json.dumps(params, sort_keys=True, ensure_ascii=False)
     try:
         text.encode("utf-8")

@@ -23,6 +23,7 @@ from PIL import Image
 
 from batcher.checkpoint import CHECKPOINT, RESULTS_FRESH, RESULTS_META, RESULTS_STALE
 from batcher.errors import UsageError, reason_key
+from batcher.inputs import ImageInputs
 from batcher.pipeline import Counters
 from batcher.progress import summarize
 from batcher.report import (
@@ -34,8 +35,16 @@ from batcher.report import (
     uncovered,
 )
 from batcher.report_text import format_report
-from batcher.results import RESULTS, SCHEMA, SUMMARY_COLUMNS, TIME_SCALE_KEY, time_scale_of
+from batcher.results import (
+    RESULTS,
+    SCHEMA,
+    SUMMARY_COLUMNS,
+    TIME_SCALE_KEY,
+    _params_for_results,
+    time_scale_of,
+)
 from batcher.run import arun
+from batcher.schemas import get_model
 from batcher.sim import SimConfig, SimServer
 
 #: A results.parquet from before the 429, download and result read counts and spans_stop.
@@ -820,3 +829,38 @@ def test_the_run_summary_and_the_report_take_latency_over_the_same_completed_row
 
     assert (summary.latency_p50, summary.latency_p95) == pytest.approx((cuts[49], cuts[94]))
     assert (summary.latency_p50, summary.latency_p95) == pytest.approx((report.p50, report.p95))
+
+
+def test_params_in_results_are_the_full_rewrite_of_the_checkpoint_text(tmp_path: Path) -> None:
+    """results.parquet's params column returns the checkpoint's text as it is when there
+    is nothing to shorten and no escape to undo (a round of JSON per row saved); every
+    case is what decoding and encoding again gives."""
+    (tmp_path / "face.png").write_bytes(b"not read: a path is only named")
+    inline = "data:image/png;base64," + "iVBORw0KGgo" * 4
+    cases = [
+        {"prompt": "a portrait", "face_image": "https://x.example/f.jpg", "seed": 7},
+        {"prompt": "café, naïve", "face_image": "https://x.example/f.jpg"},
+        {"prompt": 'tab\there, quote " and back\\slash \\u0041', "face_image": "https://x/f"},
+        {"prompt": "p", "face_image": "face.png", "guidance_scale": 0.1 + 0.2},
+        {"prompt": "p", "face_image": inline},
+        {"prompt": "p", "face_image": "https://x.example/" + "a" * 300},
+        {"prompt": "\udce9 lone surrogate", "face_image": "https://x/f"},
+        {"prompt": "p", "face_image": None, "nan": float("nan")},
+    ]
+    images = {"instantid": get_model("instantid").image_params}
+    for params in cases:
+        raw = json.dumps(params, sort_keys=True)  # as the checkpoint keeps them
+        inputs = ImageInputs(tmp_path)
+        decoded = json.loads(raw)
+        for name in images["instantid"]:
+            if isinstance(decoded.get(name), str):
+                decoded[name] = inputs.reference(name, decoded[name])
+        try:
+            expected = json.dumps(decoded, sort_keys=True, ensure_ascii=False)
+            expected.encode("utf-8")
+        except UnicodeEncodeError:
+            expected = json.dumps(decoded, sort_keys=True)
+        shown = _params_for_results(raw, "instantid", ImageInputs(tmp_path), images)
+        assert shown == expected, params
+    same = json.dumps(cases[0], sort_keys=True)
+    assert _params_for_results(same, "instantid", ImageInputs(tmp_path), images) is same
