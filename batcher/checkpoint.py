@@ -227,35 +227,25 @@ class Checkpoint(ManifestListing):
 
     async def models_in(self, states: Sequence[str]) -> dict[str, int]:
         """How many rows each model has in ``states``, by model name in sorted order."""
-        marks = ",".join("?" * len(states))
-        sql = (
-            f"SELECT model, COUNT(*) FROM jobs WHERE state IN ({marks}) "
-            "GROUP BY model ORDER BY model"
-        )
-
-        def get() -> dict[str, int]:
-            return {model: n for model, n in self._conn.execute(sql, tuple(states))}
-
-        result: dict[str, int] = await self._call(get)
-        return result
+        return await self._count_by_model(f"state IN ({','.join('?' * len(states))})", states)
 
     async def models_of_work(self, *, retry_failed: bool, resubmit_unknown: bool) -> dict[str, int]:
         """How many rows of each model a run would send or fetch: PENDING and SUBMITTED;
-        FAILED rows of a known reason if ``retry_failed``; rows left SUBMITTING and FAILED
-        rows of an unknown outcome if ``resubmit_unknown`` (never rows taken out of the
-        manifest). Read before any of them is reopened."""
+        the FAILED rows :meth:`reopen_failed` would reopen with these flags; rows left
+        SUBMITTING if ``resubmit_unknown`` (never rows taken out of the manifest). Read
+        before any of them is reopened."""
         work = ["state IN ('PENDING', 'SUBMITTED')"]
         if resubmit_unknown:
-            work += [
-                "(state = 'SUBMITTING' AND NOT removed)",
-                f"(state = 'FAILED' AND NOT removed AND ({UNKNOWN_OUTCOME_SQL}))",
-            ]
-        if retry_failed:
-            work.append(f"(state = 'FAILED' AND NOT removed AND NOT ({UNKNOWN_OUTCOME_SQL}))")
-        sql = f"SELECT model, COUNT(*) FROM jobs WHERE {' OR '.join(work)} GROUP BY model"
+            work.append("(state = 'SUBMITTING' AND NOT removed)")
+        if reopened := _reopened(known=retry_failed, unknown=resubmit_unknown):
+            work.append(f"(state = 'FAILED' AND NOT removed AND ({reopened}))")
+        return await self._count_by_model(" OR ".join(work), ())
+
+    async def _count_by_model(self, where: str, params: Sequence[Any]) -> dict[str, int]:
+        sql = f"SELECT model, COUNT(*) FROM jobs WHERE {where} GROUP BY model ORDER BY model"
 
         def get() -> dict[str, int]:
-            return {model: n for model, n in self._conn.execute(sql)}
+            return {model: n for model, n in self._conn.execute(sql, tuple(params))}
 
         result: dict[str, int] = await self._call(get)
         return result
@@ -286,9 +276,7 @@ class Checkpoint(ManifestListing):
         that failed for a known reason (``known``), those whose submit outcome is unknown,
         so that they may exist and be billed already (``unknown``). Returns how many were
         reopened, and how many FAILED rows of an unknown outcome stay FAILED."""
-        chosen = [f"NOT ({UNKNOWN_OUTCOME_SQL})"] if known else []
-        chosen += [f"({UNKNOWN_OUTCOME_SQL})"] if unknown else []
-        where = " OR ".join(chosen)
+        where = _reopened(known=known, unknown=unknown)
 
         def run() -> tuple[int, int]:
             db = self._conn
@@ -348,3 +336,11 @@ class Checkpoint(ManifestListing):
                 yield chunk
         finally:
             db.close()
+
+
+def _reopened(*, known: bool, unknown: bool) -> str:
+    """The condition on a FAILED row that --retry-failed (``known``) and
+    --resubmit-unknown (``unknown``) reopen ('' for neither)."""
+    chosen = [f"NOT ({UNKNOWN_OUTCOME_SQL})"] if known else []
+    chosen += [f"({UNKNOWN_OUTCOME_SQL})"] if unknown else []
+    return " OR ".join(chosen)

@@ -95,7 +95,7 @@ async def refuse_unknown_models(cp: Checkpoint, options: RunOptions) -> None:
     work = await cp.models_of_work(
         retry_failed=options.retry_failed, resubmit_unknown=options.resubmit_unknown
     )
-    missing = {model: n for model, n in sorted(work.items()) if model not in known}
+    missing = {model: n for model, n in work.items() if model not in known}
     if not missing:
         return
     in_flight = await cp.models_in([SUBMITTED])

@@ -95,15 +95,19 @@ class Throughput:
         return sum(self.counts) * 60 / (self.last_s - self.first_submit_s)
 
     @property
+    def busy_s(self) -> float | None:
+        """Seconds from the first submit to the last completion with a job in flight."""
+        return (
+            None if self.first_submit_s is None else self.last_s - self.first_submit_s - self.idle_s
+        )
+
+    @property
     def busy_per_minute(self) -> float | None:
         """Completions per minute over the time jobs were in flight, when that leaves out
         at least IDLE_SHOWN of the time from the first submit (a stop, mostly). Jobs that
         span a stop are left out of both: their time is the stop's."""
-        if self.first_submit_s is None:
-            return None
-        span_s = self.last_s - self.first_submit_s
-        busy_s = span_s - self.idle_s
-        if busy_s <= 0 or self.idle_s < IDLE_SHOWN * span_s:
+        busy_s = self.busy_s
+        if busy_s is None or busy_s <= 0 or self.idle_s < IDLE_SHOWN * (busy_s + self.idle_s):
             return None
         return self.busy_count * 60 / busy_s
 
@@ -229,7 +233,7 @@ def build_report(path: Path, table: pa.Table) -> Report:
         rows=table.num_rows,
         counts={str(k): int(n) for k, n in counts.items()},
         failed_reasons=_reasons(_col(failed, "error")),
-        throughput=_throughput(table, done),
+        throughput=_throughput(table, done, timed.num_rows),
         latency=latency,
         polls=_mean_spread(polls),
         notice_lag=_mean_spread(_col(timed, "notice_lag_s")),
@@ -322,7 +326,8 @@ def _epoch_us(column: Any) -> Any:
     return pc.cast(pc.drop_null(column), pa.timestamp("us", tz="UTC")).cast(pa.int64())
 
 
-def _throughput(table: pa.Table, done: pa.Table) -> Throughput | None:
+def _throughput(table: pa.Table, done: pa.Table, busy_count: int) -> Throughput | None:
+    """``busy_count``: the completed rows that do not span a stop."""
     completed = _col(done, "completed_at")
     if completed is None or not len(us := _epoch_us(completed)):
         return None
@@ -345,8 +350,7 @@ def _throughput(table: pa.Table, done: pa.Table) -> Throughput | None:
         idle_s = uncovered(_in_flight_us(without_stops(table)[0]), submits, last_us) / 1e6
     return Throughput(
         start_us / 1e6, bucket_s, tuple(counts),
-        None if submits is None else submits / 1e6, last_us / 1e6, idle_s,
-        without_stops(done)[0].num_rows,
+        None if submits is None else submits / 1e6, last_us / 1e6, idle_s, busy_count,
     )  # fmt: skip
 
 

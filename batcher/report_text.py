@@ -116,13 +116,12 @@ def _throughput_lines(t: Throughput | None) -> list[str]:
     total = sum(t.counts)
     overall = t.overall_per_minute
     since = "" if overall is None else f", {overall:.1f}/min from the first submit"
-    busy = t.busy_per_minute
-    if busy is not None and t.first_submit_s is not None:
-        in_flight = t.last_s - t.first_submit_s - t.idle_s
+    busy, busy_s = t.busy_per_minute, t.busy_s
+    if busy is not None and busy_s is not None:
         spanning = total - t.busy_count
         left_out = f", {spanning} spanning a stop left out" if spanning else ""
         since += (
-            f" ({busy:.1f}/min over the {duration(in_flight)} with jobs in flight{left_out}; "
+            f" ({busy:.1f}/min over the {duration(busy_s)} with jobs in flight{left_out}; "
             f"the other {duration(t.idle_s)} had none: a stop between runs, or a wait)"
         )
     end = datetime.fromtimestamp(t.last_s, UTC).strftime("%Y-%m-%d %H:%M:%S")

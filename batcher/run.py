@@ -44,11 +44,7 @@ from batcher.pipeline import RunContext
 from batcher.poll import Poller
 from batcher.preflight import api_key, check_service, lock
 from batcher.progress import Progress, Summary
-from batcher.reconcile import (
-    mark_results_stale,
-    reconcile,
-    scan_manifest,
-)
+from batcher.reconcile import mark_results_stale, reconcile, scan_manifest
 from batcher.redownload import Redownloads
 from batcher.results import RESULTS
 from batcher.resume import resume
