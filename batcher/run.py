@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import random
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVarTuple, Unpack
@@ -24,6 +23,7 @@ import anyio
 
 from batcher.checkpoint import CHECKPOINT, RESULTS_FRESH, RESULTS_META, Checkpoint
 from batcher.client import ApiClient
+from batcher.collector import fewer_collections
 from batcher.errors import (
     ApiUnreachable,
     BatcherError,
@@ -84,27 +84,6 @@ class RunResult:
         return "\n".join(parts)
 
 
-#: Net allocations between two young-generation passes of the cyclic garbage collector
-#: while a run works (CPython's default: 700). Each request allocates and frees objects
-#: by the hundred; at 700 the collector ran ~0.2 times per request, 0.3-0.4 ms of the
-#: event loop's ~2.7 ms of CPU per job at full speed. At 10,000 it runs ~30 times less
-#: often: the objects a request leaves are freed by reference counting, not by it, and
-#: the few cycles wait a little longer (memory: benchmarks/, scale scenario).
-GC_YOUNG_THRESHOLD = 10_000
-
-
-@contextlib.contextmanager
-def _fewer_collections() -> Iterator[None]:
-    """The collector's young-generation threshold raised to GC_YOUNG_THRESHOLD for the
-    run, and set back as it was after it (batcher may run inside a larger program)."""
-    before = gc.get_threshold()
-    gc.set_threshold(max(before[0], GC_YOUNG_THRESHOLD), *before[1:])
-    try:
-        yield
-    finally:
-        gc.set_threshold(*before)
-
-
 @contextlib.asynccontextmanager
 async def _service(options: RunOptions) -> AsyncIterator[str]:
     """The base URL to talk to: the in-process emulator with --simulate, else the option."""
@@ -127,19 +106,22 @@ async def arun(options: RunOptions, *, interrupted: asyncio.Event | None = None)
     stop = interrupted.is_set if interrupted is not None else None
     scanned = False
     try:
-        if not (out / CHECKPOINT).exists():
-            await scan_manifest(options, stop)
-            scanned = True
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UsageError(f"--out {out}: cannot create the folder ({exc.strerror})") from None
-        with lock(out), _fewer_collections():
-            async with Checkpoint(out / CHECKPOINT) as cp:
-                await check_service(cp, options)
-                inputs = ImageInputs(options.manifest.parent)
-                await reconcile(cp, options, inputs, scanned=scanned, stop=stop)
-                return await _work(options, cp, inputs, key, interrupted)
+        with fewer_collections():
+            if not (out / CHECKPOINT).exists():
+                await scan_manifest(options, stop)
+                scanned = True
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise UsageError(
+                    f"--out {out}: cannot create the folder ({exc.strerror})"
+                ) from None
+            with lock(out):
+                async with Checkpoint(out / CHECKPOINT) as cp:
+                    await check_service(cp, options)
+                    inputs = ImageInputs(options.manifest.parent)
+                    await reconcile(cp, options, inputs, scanned=scanned, stop=stop)
+                    return await _work(options, cp, inputs, key, interrupted)
     except Interrupted as exc:  # Ctrl-C while the manifest was read: seconds, not minutes
         reason = f"interrupted: {exc}. Run the same command again to start"
         log.warning("%s", reason)

@@ -6,6 +6,7 @@ import asyncio
 import sys
 from pathlib import Path
 
+from batcher.collector import fewer_collections
 from batcher.inputs import ImageInputs
 from batcher.intake import check_rows
 from batcher.manifest import read_rows, scan
@@ -36,4 +37,5 @@ async def _check(manifest: Path, model: str | None, max_errors: int) -> int:
 
 def validate_manifest(manifest: Path, model: str | None, max_errors: int) -> int:
     """Print every problem of the manifest; the exit status says whether all rows are valid."""
-    return asyncio.run(_check(manifest, model, max_errors))
+    with fewer_collections():
+        return asyncio.run(_check(manifest, model, max_errors))

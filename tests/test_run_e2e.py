@@ -29,6 +29,7 @@ import batcher.client as client_module
 import batcher.fetch as fetch_module
 from batcher.backoff import RetryConfig
 from batcher.client import ApiClient, Reply, TransportError
+from batcher.collector import YOUNG_THRESHOLD
 from batcher.errors import ManifestError
 from batcher.gate import RateConfig
 from batcher.options import RunOptions
@@ -796,5 +797,5 @@ async def test_a_run_collects_cycles_less_often_and_sets_the_collector_back_afte
         gc.set_threshold(*before)
 
     assert result.exit_code == EXIT_OK, result.text()
-    assert seen == [(run_module.GC_YOUNG_THRESHOLD, 11, 12)]
+    assert seen == [(YOUNG_THRESHOLD, 11, 12)]
     assert after == (900, 11, 12)
