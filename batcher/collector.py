@@ -19,9 +19,11 @@ YOUNG_THRESHOLD = 10_000
 @contextlib.contextmanager
 def fewer_collections() -> Iterator[None]:
     """The young-generation threshold raised to YOUNG_THRESHOLD inside the block, and set
-    back as it was after it (batcher may run inside a larger program)."""
+    back as it was after it (batcher may run inside a larger program). A threshold of 0
+    (the program turned automatic collection off that way) stays 0."""
     before = gc.get_threshold()
-    gc.set_threshold(max(before[0], YOUNG_THRESHOLD), *before[1:])
+    young = max(before[0], YOUNG_THRESHOLD) if before[0] else 0
+    gc.set_threshold(young, *before[1:])
     try:
         yield
     finally:

@@ -38,11 +38,12 @@ def test_raised_inside_and_set_back_after_even_on_an_error() -> None:
 
 
 @pytest.mark.usefixtures("threshold")
-def test_a_higher_threshold_set_by_the_program_is_kept() -> None:
-    gc.set_threshold(YOUNG_THRESHOLD * 5, 10, 10)
+@pytest.mark.parametrize("young", [YOUNG_THRESHOLD * 5, 0], ids=["higher", "collection-off"])
+def test_a_higher_threshold_or_collection_off_set_by_the_program_is_kept(young: int) -> None:
+    gc.set_threshold(young, 10, 10)
     with fewer_collections():
-        assert gc.get_threshold() == (YOUNG_THRESHOLD * 5, 10, 10)
-    assert gc.get_threshold() == (YOUNG_THRESHOLD * 5, 10, 10)
+        assert gc.get_threshold() == (young, 10, 10)
+    assert gc.get_threshold() == (young, 10, 10)
 
 
 @pytest.mark.usefixtures("threshold")
