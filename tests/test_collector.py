@@ -5,11 +5,15 @@ from __future__ import annotations
 import gc
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from conftest import sim_run_options, url_manifest
 
+import batcher.run as run_module
 import batcher.validate_cmd as validate_cmd
 from batcher.collector import YOUNG_THRESHOLD, fewer_collections
+from batcher.run import EXIT_OK, arun
 
 
 @pytest.fixture
@@ -61,3 +65,28 @@ def test_validate_reads_the_manifest_under_it(
     assert validate_cmd.validate_manifest(tmp_path / "m.csv", None, 5) == 0
     assert seen == [(YOUNG_THRESHOLD, 10, 10)]
     assert gc.get_threshold() == (700, 10, 10)
+
+
+@pytest.mark.usefixtures("threshold")
+async def test_a_run_works_under_it_and_sets_the_collector_back_after(
+    tmp_path: Path, sim: Any, api_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Raised while the pipeline works (the collector was a seventh of the event loop's
+    CPU at full speed), restored after, for a program that runs batcher among other work."""
+    server = await sim(time_scale=0.002, image_size=(64, 64))
+    seen: list[tuple[int, ...]] = []
+    real_work = run_module._work
+
+    async def work(*args: Any) -> Any:
+        seen.append(gc.get_threshold())
+        return await real_work(*args)
+
+    monkeypatch.setattr(run_module, "_work", work)
+    gc.set_threshold(900, 11, 12)
+    options = sim_run_options(url_manifest(tmp_path, 3), server, api_key, model="instantid")
+
+    result = await arun(options)
+
+    assert result.exit_code == EXIT_OK, result.text()
+    assert seen == [(YOUNG_THRESHOLD, 11, 12)]
+    assert gc.get_threshold() == (900, 11, 12)

@@ -22,14 +22,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import url_manifest
 from PIL import Image
 
 import batcher.client as client_module
 import batcher.fetch as fetch_module
 from batcher.backoff import RetryConfig
 from batcher.client import ApiClient, Reply, TransportError
-from batcher.collector import YOUNG_THRESHOLD
 from batcher.errors import ManifestError
 from batcher.gate import RateConfig
 from batcher.options import RunOptions
@@ -766,36 +764,3 @@ async def test_every_request_is_counted_once_through_retries_and_resent_submits(
     # The emulator saw every request but the 502 and the lost one of each flaky row.
     assert result.summary is not None
     assert result.summary.api_requests == _requests(server.stats()) + 2 * 3
-
-
-async def test_a_run_collects_cycles_less_often_and_sets_the_collector_back_after(
-    tmp_path: Path, sim: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The young-generation threshold is raised while the pipeline works (the collector
-    was a seventh of the event loop's CPU at full speed) and restored after the run, for
-    a program that runs batcher among other work."""
-    import gc
-
-    import batcher.run as run_module
-
-    server = await sim(time_scale=SCALE, image_size=(64, 64))
-    seen: list[tuple[int, ...]] = []
-    real_work = run_module._work
-
-    async def work(*args: Any) -> Any:
-        seen.append(gc.get_threshold())
-        return await real_work(*args)
-
-    monkeypatch.setattr(run_module, "_work", work)
-    before = gc.get_threshold()
-    gc.set_threshold(900, 11, 12)
-    try:
-        manifest = url_manifest(tmp_path, 3)
-        result = await arun(_options(manifest, tmp_path / "out", server, model="instantid"))
-        after = gc.get_threshold()
-    finally:
-        gc.set_threshold(*before)
-
-    assert result.exit_code == EXIT_OK, result.text()
-    assert seen == [(YOUNG_THRESHOLD, 11, 12)]
-    assert after == (900, 11, 12)
