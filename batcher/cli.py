@@ -172,6 +172,7 @@ def _add_validate_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser
 def _cmd_validate(args: argparse.Namespace) -> int:
     from batcher.validate_cmd import validate_manifest
 
+    _setup_logging(quiet=False)  # a long manifest's "rows so far" lines
     return validate_manifest(args.manifest, args.model, args.max_errors)
 
 

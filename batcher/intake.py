@@ -91,11 +91,13 @@ async def load(
     *,
     reopen_known: bool = False,
     reopen_unknown: bool = False,
+    progress: Callable[[int], None] | None = None,
 ) -> int:
     """Record every row; returns how many were read. Raises ManifestError if rows changed,
     Interrupted when ``should_stop`` says so between batches (the rows recorded so far
     stay; the next run reads the manifest again). A FAILED row edited takes its new
-    version when it is to be sent again (see Checkpoint.add_rows)."""
+    version when it is to be sent again (see Checkpoint.add_rows). ``progress`` is told
+    the rows recorded so far after each batch."""
     rows = read_rows(manifest, default_model=default_model)
     await checkpoint.start_listing()
     changed: list[tuple[str, int]] = []
@@ -132,6 +134,8 @@ async def load(
         changed += await checkpoint.add_rows(
             new, reopen_known=reopen_known, reopen_unknown=reopen_unknown
         )
+        if progress is not None:
+            progress(total)
     if changed:
         await checkpoint.discard_listing()
         listed = ", ".join(f"row {n} (id {show(i)})" for i, n in changed[:5])

@@ -13,6 +13,7 @@ from batcher.inputs import ImageInputs
 from batcher.intake import load
 from batcher.jobs import SUBMITTED
 from batcher.manifest import scan
+from batcher.manifest.ticker import RowTicker
 from batcher.options import RunOptions
 from batcher.preflight import manifest_identity
 from batcher.schemas import registry
@@ -20,11 +21,16 @@ from batcher.schemas import registry
 log = logging.getLogger(__name__)
 
 
-async def scan_manifest(options: RunOptions, stop: Callable[[], bool] | None = None) -> None:
-    """Raise ManifestError for a manifest that cannot be run at all (nothing is sent)."""
-    await anyio.to_thread.run_sync(
-        lambda: scan(options.manifest, default_model=options.model, should_stop=stop)
+async def scan_manifest(options: RunOptions, stop: Callable[[], bool] | None = None) -> int:
+    """Raise ManifestError for a manifest that cannot be run at all (nothing is sent);
+    return its number of rows."""
+    ticker = RowTicker(f"reading {options.manifest.name}")
+    info = await anyio.to_thread.run_sync(
+        lambda: scan(
+            options.manifest, default_model=options.model, should_stop=stop, progress=ticker
+        )
     )
+    return info.rows
 
 
 async def reconcile(
@@ -32,11 +38,12 @@ async def reconcile(
     options: RunOptions,
     inputs: ImageInputs,
     *,
-    scanned: bool,
+    scanned: int | None,
     stop: Callable[[], bool] | None = None,
 ) -> None:
     """Bring the checkpoint up to the manifest: rows read again only if it changed (or
-    some are INVALID, and might be fixed now); FAILED rows reopened if asked."""
+    some are INVALID, and might be fixed now); FAILED rows reopened if asked. ``scanned``:
+    the manifest's rows when the caller has scanned it, else None."""
     # First, while the checkpoint is as the last run left it: its rows of a model gone
     # from BATCHER_MODEL_DIRS would fail a scan of the manifest (as "not a known model")
     # or the run, and must not be reopened by a run that stops at once.
@@ -44,8 +51,7 @@ async def reconcile(
     identity = await anyio.to_thread.run_sync(manifest_identity, options.manifest, options.model)
     counts = await cp.counts()
     if await cp.get_meta("manifest") != identity or counts.get("INVALID", 0):
-        if not scanned:
-            await scan_manifest(options, stop)
+        rows = scanned if scanned is not None else await scan_manifest(options, stop)
         # A manifest refused here (rows changed) leaves the checkpoint as it was; one
         # interrupted keeps the rows read so far, and no identity is recorded meanwhile:
         # the next run reads its manifest again, and drops those rows if they are not in
@@ -59,6 +65,7 @@ async def reconcile(
             stop,
             reopen_known=options.retry_failed,
             reopen_unknown=options.resubmit_unknown,
+            progress=RowTicker(f"checking the rows of {options.manifest.name}", total=rows),
         )
         await mark_results_stale(cp)
         await cp.set_meta("manifest", identity)

@@ -104,12 +104,11 @@ async def arun(options: RunOptions, *, interrupted: asyncio.Event | None = None)
     # the manifest it was made from needs no second scan (see reconcile).
     key = api_key(options)
     stop = interrupted.is_set if interrupted is not None else None
-    scanned = False
+    scanned: int | None = None  # the manifest's rows, once scanned
     try:
         with fewer_collections():
             if not (out / CHECKPOINT).exists():
-                await scan_manifest(options, stop)
-                scanned = True
+                scanned = await scan_manifest(options, stop)
             try:
                 out.mkdir(parents=True, exist_ok=True)
             except OSError as exc:

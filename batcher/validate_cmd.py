@@ -10,14 +10,19 @@ from batcher.collector import fewer_collections
 from batcher.inputs import ImageInputs
 from batcher.intake import check_rows
 from batcher.manifest import read_rows, scan
+from batcher.manifest.ticker import RowTicker
 from batcher.schemas import show
 
 
 async def _check(manifest: Path, model: str | None, max_errors: int) -> int:
-    info = await asyncio.to_thread(scan, manifest, default_model=model)
+    reading = RowTicker(f"reading {manifest.name}")
+    info = await asyncio.to_thread(lambda: scan(manifest, default_model=model, progress=reading))
     inputs = ImageInputs(manifest.parent)
-    invalid = warned = 0
+    checking = RowTicker(f"checking the rows of {manifest.name}", total=info.rows)
+    checked_rows = invalid = warned = 0
     async for batch in check_rows(read_rows(manifest, default_model=model), inputs):
+        checked_rows += len(batch)
+        checking(checked_rows)
         for checked in batch:
             where = f"row {checked.row.number} (id {show(checked.row.id)})"
             if checked.errors:

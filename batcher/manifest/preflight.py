@@ -24,7 +24,7 @@ from batcher.schemas import ModelSpec, did_you_mean, get_model, registry
 
 log = logging.getLogger(__name__)
 
-_STOP_EVERY = 4096  # rows between two looks at a scan's should_stop
+_STOP_EVERY = 4096  # rows between two looks at a scan's should_stop (and progress)
 _CANDIDATES = 64  # duplicated id hashes resolved to real ids by the second pass
 _EDGE = 64 << 10  # bytes hashed at each end of the file by fingerprint()
 
@@ -45,16 +45,18 @@ def scan(
     *,
     default_model: str | None,
     should_stop: Callable[[], bool] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> ManifestInfo:
     """Stream the whole manifest once and raise :class:`ManifestError` if it is unusable.
-    ``should_stop`` is asked every few thousand rows; True raises :class:`Interrupted`."""
+    ``should_stop`` is asked every few thousand rows; True raises :class:`Interrupted`.
+    ``progress`` is told the rows read so far as often (a :class:`RowTicker`)."""
     path = Path(path)
     if default_model is not None:
         get_model(default_model)
     known = registry()
     source = open_source(path, 4096)
     with _IdHashes() as hashes:
-        return _scan(path, source, default_model, known, hashes, should_stop)
+        return _scan(path, source, default_model, known, hashes, should_stop, progress)
 
 
 def _scan(
@@ -64,6 +66,7 @@ def _scan(
     known: Mapping[str, ModelSpec],
     hashes: _IdHashes,
     should_stop: Callable[[], bool] | None,
+    progress: Callable[[int], None] | None,
 ) -> ManifestInfo:
     per_model: dict[str, int] = {}
     no_model: list[int] = []  # the first few rows without a model, then their count
@@ -72,8 +75,11 @@ def _scan(
     unknown_model_count = 0
     first_problem = ""
     for number, record in enumerate(source.records, 1):
-        if should_stop is not None and not number % _STOP_EVERY and should_stop():
-            raise Interrupted(f"stopped while reading {path} (row {number}): nothing was sent")
+        if not number % _STOP_EVERY:
+            if should_stop is not None and should_stop():
+                raise Interrupted(f"stopped while reading {path} (row {number}): nothing was sent")
+            if progress is not None:
+                progress(number)
         row = to_row(number, record, default_model, known)
         hashes.add(_id_hash(row.id), number)
         if isinstance(record, dict) and row.model in known:
