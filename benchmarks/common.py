@@ -230,22 +230,38 @@ def _cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def machine_ticks() -> tuple[int, int] | None:
-    """Clock ticks of every CPU so far, (busy, total), from /proc/stat: idle and
-    iowait are not busy; steal is (the CPU was not ours to use)."""
+def machine_ticks() -> tuple[int, int, int] | None:
+    """Clock ticks of every CPU so far, (busy, stolen, total), from /proc/stat: idle and
+    iowait are not busy; steal is (the CPU was not ours to use), and is counted apart:
+    on a shared virtual machine the host takes a varying share, which slows a round."""
     try:
         fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     except (OSError, ValueError):
         return None
     total = sum(fields[:8])  # guest time is counted in user already
-    return total - fields[3] - fields[4], total
+    return total - fields[3] - fields[4], fields[7], total
 
 
-def busy_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+def busy_share(
+    before: tuple[int, int, int] | None, after: tuple[int, int, int] | None
+) -> float | None:
     """The share of all CPUs' time that was busy between two :func:`machine_ticks`."""
-    if before is None or after is None or after[1] <= before[1]:
+    return _tick_share(before, after, 0)
+
+
+def stolen_share(
+    before: tuple[int, int, int] | None, after: tuple[int, int, int] | None
+) -> float | None:
+    """The share of all CPUs' time the host took between two :func:`machine_ticks`."""
+    return _tick_share(before, after, 1)
+
+
+def _tick_share(
+    before: tuple[int, int, int] | None, after: tuple[int, int, int] | None, field: int
+) -> float | None:
+    if before is None or after is None or after[2] <= before[2]:
         return None
-    return (after[0] - before[0]) / (after[1] - before[1])
+    return (after[field] - before[field]) / (after[2] - before[2])
 
 
 def _rss_mb(pid: int) -> float | None:
@@ -333,6 +349,34 @@ def new_file_us(parent: Path, files: int = 200) -> float:
     for i in range(files):
         os.close(os.open(folder / f"p{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
     return 1e6 * (time.thread_time() - start) / files
+
+
+#: A new file costing more than this (us of CPU) means ext4 is scanning recently freed
+#: inodes: 8-26 us was measured on this machine when quiet, 87-400 after mass deletes.
+QUIET_NEW_FILE_US = 50.0
+#: ext4 passes over an inode freed less than 60 s ago, or 360 s while its inode table
+#: block is not yet written back (fs/ext4/ialloc.c, recently_deleted): no wait is longer.
+EXT4_RECENT_S = 360.0
+
+
+def wait_for_quiet_disk(
+    parent: Path, log: Callable[[str], None], *, limit_s: float = EXT4_RECENT_S
+) -> list[float]:
+    """Probe (:func:`new_file_us`) every 30 s until a new file costs at most
+    QUIET_NEW_FILE_US, for ``limit_s`` at most; every probe's figure. A previous
+    benchmark run's cleanup (a million-row checkpoint, 100,000 images) makes the next
+    minutes' creates several times dearer, which batcher pays per image and the bare
+    loop not at all: without this wait the first rounds measure that cleanup."""
+    probes = [new_file_us(parent)]
+    deadline = time.monotonic() + limit_s
+    while probes[-1] > QUIET_NEW_FILE_US and time.monotonic() < deadline:
+        log(
+            f"disk: a new file costs {probes[-1]:.0f} us of CPU (ext4 after a mass delete; "
+            f"{QUIET_NEW_FILE_US:.0f} us or less when quiet): waiting 30 s"
+        )
+        time.sleep(30.0)
+        probes.append(new_file_us(parent))
+    return probes
 
 
 # --- manifests --------------------------------------------------------------------------------
