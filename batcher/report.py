@@ -101,6 +101,16 @@ class Throughput:
             None if self.first_submit_s is None else self.last_s - self.first_submit_s - self.idle_s
         )
 
+    def covered_s(self, index: int) -> float:
+        """Seconds of bucket ``index`` within the run, from the first submit (when the
+        table has submit times) to the last completion: the first and last buckets are
+        partly outside it, so their counts read low."""
+        begin = self.start_s + index * self.bucket_s
+        end = min(begin + self.bucket_s, self.last_s)
+        if self.first_submit_s is not None:
+            begin = max(begin, self.first_submit_s)
+        return max(0.0, end - begin)
+
     @property
     def busy_per_minute(self) -> float | None:
         """Completions per minute over the time jobs were in flight, when that leaves out

@@ -133,7 +133,13 @@ def _throughput_lines(t: Throughput | None) -> list[str]:
         when = datetime.fromtimestamp(t.start_s + i * t.bucket_s, UTC)
         label = when.strftime("%m-%d %H:%M" if many_days else "%H:%M:%S")
         bar = "#" * round(30 * n / peak)
-        lines.append(f"  {label}  {n:>6}  {t.per_minute(n):>8.1f}/min  {bar}")
+        covered = t.covered_s(i)
+        partial = (
+            f"  (partial: {duration(covered)} of it in the run)"
+            if covered < t.bucket_s - 0.5
+            else ""
+        )
+        lines.append(f"  {label}  {n:>6}  {t.per_minute(n):>8.1f}/min  {bar}{partial}")
     return lines
 
 

@@ -502,6 +502,29 @@ def test_long_run_with_a_gap_keeps_empty_buckets(
     assert len(buckets) == 17  # 05-01 12:00 to 05-03 14:00:30 in 3 h buckets
 
 
+def test_the_first_and_last_buckets_say_how_much_of_them_the_run_covers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Buckets start on round times, so the first begins before the first submit and the
+    last ends after the last completion: their counts read low with nothing to say so,
+    and a benchmark's first minute looked slower than it was."""
+    # Submitted at 12:00:40; one completion a minute from 12:01:10 to 12:30:10: 2 min
+    # buckets from 12:00 to 12:32, the first with 80 s of run, the last with 10 s.
+    rows = [{"id": str(i), "status": "COMPLETED", "submitted_at": T0 + timedelta(seconds=40),
+             "completed_at": T0 + timedelta(seconds=70 + 60 * i), "latency_s": 30.0 + 60 * i}
+            for i in range(30)]  # fmt: skip
+    assert report_main(write(tmp_path, rows), chart=False) == 0
+    text = capsys.readouterr().out
+    assert "in 2 min buckets" in text
+    buckets = [ln for ln in text.splitlines() if ln.startswith("  12:")]
+    assert len(buckets) == 16
+    assert buckets[0].split()[:3] == ["12:00:00", "1", "0.5/min"]
+    assert buckets[0].endswith("  (partial: 80 s of it in the run)")
+    assert buckets[-1].split()[:3] == ["12:30:00", "1", "0.5/min"]
+    assert buckets[-1].endswith("  (partial: 10 s of it in the run)")
+    assert not any("partial" in b for b in buckets[1:-1])
+
+
 def _checkpoint_saying(folder: Path, results: str) -> None:
     """A checkpoint beside the table whose meta says the table is ``results``."""
     db = sqlite3.connect(folder / CHECKPOINT)
