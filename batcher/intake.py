@@ -75,11 +75,19 @@ async def check_row(row: ManifestRow, inputs: ImageInputs) -> Checked:
 
 
 async def check_rows(
-    rows: Iterator[ManifestRow], inputs: ImageInputs, batch: int = BATCH
+    rows: Iterator[ManifestRow],
+    inputs: ImageInputs,
+    batch: int = BATCH,
+    progress: Callable[[int], None] | None = None,
 ) -> AsyncIterator[list[Checked]]:
-    """Batches of checked rows, the manifest read in a worker thread."""
+    """Batches of checked rows, the manifest read in a worker thread. ``progress`` is
+    told the rows so far once the caller is done with each batch (has recorded it)."""
+    done = 0
     while chunk := await anyio.to_thread.run_sync(lambda: list(islice(rows, batch))):
         yield [await check_row(row, inputs) for row in chunk]
+        done += len(chunk)
+        if progress is not None:
+            progress(done)
 
 
 async def load(
@@ -104,7 +112,7 @@ async def load(
     invalid: list[str] = []
     warned: list[str] = []  # rows sent all the same (an unlisted style): the user must see
     total = invalid_count = warned_count = 0
-    async for checked in check_rows(rows, inputs):
+    async for checked in check_rows(rows, inputs, progress=progress):
         if should_stop is not None and should_stop():
             raise Interrupted(f"stopped while reading {manifest} (row {total}): nothing was sent")
         total += len(checked)
@@ -134,8 +142,6 @@ async def load(
         changed += await checkpoint.add_rows(
             new, reopen_known=reopen_known, reopen_unknown=reopen_unknown
         )
-        if progress is not None:
-            progress(total)
     if changed:
         await checkpoint.discard_listing()
         listed = ", ".join(f"row {n} (id {show(i)})" for i, n in changed[:5])

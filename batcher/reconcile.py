@@ -13,7 +13,7 @@ from batcher.inputs import ImageInputs
 from batcher.intake import load
 from batcher.jobs import SUBMITTED
 from batcher.manifest import scan
-from batcher.manifest.ticker import RowTicker
+from batcher.manifest.ticker import checking, reading
 from batcher.options import RunOptions
 from batcher.preflight import manifest_identity
 from batcher.schemas import registry
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 async def scan_manifest(options: RunOptions, stop: Callable[[], bool] | None = None) -> int:
     """Raise ManifestError for a manifest that cannot be run at all (nothing is sent);
     return its number of rows."""
-    ticker = RowTicker(f"reading {options.manifest.name}")
+    ticker = reading(options.manifest)
     info = await anyio.to_thread.run_sync(
         lambda: scan(
             options.manifest, default_model=options.model, should_stop=stop, progress=ticker
@@ -65,7 +65,7 @@ async def reconcile(
             stop,
             reopen_known=options.retry_failed,
             reopen_unknown=options.resubmit_unknown,
-            progress=RowTicker(f"checking the rows of {options.manifest.name}", total=rows),
+            progress=checking(options.manifest, rows),
         )
         await mark_results_stale(cp)
         await cp.set_meta("manifest", identity)

@@ -10,19 +10,17 @@ from batcher.collector import fewer_collections
 from batcher.inputs import ImageInputs
 from batcher.intake import check_rows
 from batcher.manifest import read_rows, scan
-from batcher.manifest.ticker import RowTicker
+from batcher.manifest.ticker import checking, reading
 from batcher.schemas import show
 
 
 async def _check(manifest: Path, model: str | None, max_errors: int) -> int:
-    reading = RowTicker(f"reading {manifest.name}")
-    info = await asyncio.to_thread(lambda: scan(manifest, default_model=model, progress=reading))
+    ticker = reading(manifest)
+    info = await asyncio.to_thread(lambda: scan(manifest, default_model=model, progress=ticker))
     inputs = ImageInputs(manifest.parent)
-    checking = RowTicker(f"checking the rows of {manifest.name}", total=info.rows)
-    checked_rows = invalid = warned = 0
-    async for batch in check_rows(read_rows(manifest, default_model=model), inputs):
-        checked_rows += len(batch)
-        checking(checked_rows)
+    invalid = warned = 0
+    rows = read_rows(manifest, default_model=model)
+    async for batch in check_rows(rows, inputs, progress=checking(manifest, info.rows)):
         for checked in batch:
             where = f"row {checked.row.number} (id {show(checked.row.id)})"
             if checked.errors:

@@ -230,7 +230,11 @@ def _cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def machine_ticks() -> tuple[int, int, int] | None:
+#: Clock ticks of every CPU so far: (busy, stolen, total); see :func:`machine_ticks`.
+Ticks = tuple[int, int, int]
+
+
+def machine_ticks() -> Ticks | None:
     """Clock ticks of every CPU so far, (busy, stolen, total), from /proc/stat: idle and
     iowait are not busy; steal is (the CPU was not ours to use), and is counted apart:
     on a shared virtual machine the host takes a varying share, which slows a round."""
@@ -242,23 +246,17 @@ def machine_ticks() -> tuple[int, int, int] | None:
     return total - fields[3] - fields[4], fields[7], total
 
 
-def busy_share(
-    before: tuple[int, int, int] | None, after: tuple[int, int, int] | None
-) -> float | None:
+def busy_share(before: Ticks | None, after: Ticks | None) -> float | None:
     """The share of all CPUs' time that was busy between two :func:`machine_ticks`."""
     return _tick_share(before, after, 0)
 
 
-def stolen_share(
-    before: tuple[int, int, int] | None, after: tuple[int, int, int] | None
-) -> float | None:
+def stolen_share(before: Ticks | None, after: Ticks | None) -> float | None:
     """The share of all CPUs' time the host took between two :func:`machine_ticks`."""
     return _tick_share(before, after, 1)
 
 
-def _tick_share(
-    before: tuple[int, int, int] | None, after: tuple[int, int, int] | None, field: int
-) -> float | None:
+def _tick_share(before: Ticks | None, after: Ticks | None, field: int) -> float | None:
     if before is None or after is None or after[2] <= before[2]:
         return None
     return (after[field] - before[field]) / (after[2] - before[2])

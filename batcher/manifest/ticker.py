@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -41,3 +42,13 @@ class RowTicker:
         self._next = now + self._every_s
         of = f" of {self._total:,}" if self._total is not None else ""
         log.info("%s: %s%s rows so far", self._what, f"{rows:,}", of)
+
+
+def reading(manifest: Path) -> RowTicker:
+    """The scan's ticker (``batcher run`` and ``batcher validate`` alike)."""
+    return RowTicker(f"reading {manifest.name}")
+
+
+def checking(manifest: Path, rows: int) -> RowTicker:
+    """The check's ticker, once the scan has counted the ``rows``."""
+    return RowTicker(f"checking the rows of {manifest.name}", total=rows)
