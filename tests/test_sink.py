@@ -319,6 +319,18 @@ def test_corrupt_bytes_rejected_and_nothing_written(tmp_path: Path, data: bytes)
     assert not images.exists() or list(images.iterdir()) == []
 
 
+def test_a_png_is_checked_whole_even_where_pillow_is_lenient(tmp_path: Path) -> None:
+    """Pillow decodes a PNG cut after its pixel data (no IEND) without a word; a
+    dataset should not keep it. Checked by batcher.pngcheck instead of a decode."""
+    cut = PNG[:-12]
+    with Image.open(io.BytesIO(cut)) as image:
+        image.load()  # Pillow: fine
+    with pytest.raises(CorruptImage) as info:
+        write_image(tmp_path, "r", 0, cut)
+    assert str(info.value) == "not a decodable image (PNG: cut short: no IEND chunk)"
+    assert list((tmp_path / "images").iterdir()) == []
+
+
 def test_corrupt_image_is_a_value_error() -> None:
     assert issubclass(CorruptImage, ValueError)
 
