@@ -19,7 +19,7 @@ from typing import Any
 
 from batcher.errors import BatcherError, CheckpointUnwritable, UsageError
 from batcher.group_commit import DISK_CODES
-from batcher.jobs import COLUMNS, JOB_COLUMNS, Job, job_from_row
+from batcher.jobs import COLUMNS, JOB_COLUMNS, NEW_ATTEMPT_SQL, Job, job_from_row
 from batcher.listing import UNKNOWN_OUTCOME_SQL, ManifestListing
 
 #: The checkpoint's file name in the output folder.
@@ -283,8 +283,9 @@ class Checkpoint(ManifestListing):
             reopened = 0
             if where:
                 reopened = db.execute(
-                    # The old job's output URLs go: the new job's images are its own.
-                    f"UPDATE jobs SET state='PENDING', error=NULL, output_urls=NULL "
+                    # The old job goes, with its output URLs and figures: the new job's
+                    # are its own. Its counts stay (the row's requests, all attempts).
+                    f"UPDATE jobs SET state='PENDING', error=NULL, {NEW_ATTEMPT_SQL} "
                     f"WHERE state='FAILED' AND NOT removed AND ({where})"
                 ).rowcount
             kept = db.execute(

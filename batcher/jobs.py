@@ -36,6 +36,18 @@ UNKNOWN_OUTCOME = (
 NO_JOB: dict[str, Any] = {
     "request_id": None, "status_url": None, "response_url": None, "output_urls": None,
 }  # fmt: skip
+#: The columns an attempt's answer fills (its result read, its images saved), cleared
+#: with NO_JOB when a row goes back to be sent again (requeued, reopened, edited): an
+#: attempt that then fails must not show the figures and images of the one before it.
+NO_OUTCOME: dict[str, Any] = {
+    "completed_at": None, "latency_s": None, "notice_lag_s": None, "inference_time": None,
+    "metrics": None, "spans_stop": 0, "outputs": None, "width": None, "height": None,
+    "bytes": None, "sha256": None,
+}  # fmt: skip
+#: A new attempt's start, as SQL assignments for a statement over many rows.
+NEW_ATTEMPT_SQL = ", ".join(
+    f"{name}={'NULL' if value is None else value}" for name, value in (NO_JOB | NO_OUTCOME).items()
+)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from batcher.group_commit import GroupCommitDb, transaction
-from batcher.jobs import FAILED, INVALID, PENDING, REMOVED, NewRow
+from batcher.jobs import FAILED, INVALID, NEW_ATTEMPT_SQL, PENDING, REMOVED, NewRow
 
 __all__ = ["UNKNOWN_OUTCOME_SQL", "ManifestListing"]
 
@@ -89,8 +89,7 @@ class ManifestListing(GroupCommitDb):
                 if edited:
                     db.executemany(
                         "UPDATE jobs SET number=?, model=?, digest=?, params=?, state=?, "
-                        "error=?, warnings=?, request_id=NULL, status_url=NULL, "
-                        "response_url=NULL, output_urls=NULL WHERE id=?",
+                        f"error=?, warnings=?, {NEW_ATTEMPT_SQL} WHERE id=?",
                         edited,
                     )
                 if self._listing:  # fresh: an id this folder did not know before

@@ -30,7 +30,7 @@ from batcher.flight import Flight
 from batcher.gate import RequestGate
 from batcher.image_writer import ImageWriter
 from batcher.inputs import ImageInputs
-from batcher.jobs import FAILED, NO_JOB, PENDING, REMOVED, Job
+from batcher.jobs import FAILED, NO_JOB, NO_OUTCOME, PENDING, REMOVED, Job
 from batcher.latency import LatencyModel
 from batcher.lateness import PollLateness
 from batcher.lost import LostStreak
@@ -293,7 +293,7 @@ class RunContext:
 
     async def requeue(self, job: Job) -> None:
         """Hand a job back to be submitted again (its old request is gone or failed)."""
-        await self.checkpoint.update(job.id, state=PENDING, **NO_JOB)
+        await self.checkpoint.update(job.id, state=PENDING, **NO_JOB, **NO_OUTCOME)
         self._release(job.id)
         self.requeued.append(job)
         self.requeue_signal.set()

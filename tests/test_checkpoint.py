@@ -10,7 +10,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -27,6 +27,8 @@ from batcher.jobs import (
     UNKNOWN_OUTCOME,
     NewRow,
 )
+from batcher.options import RunOptions
+from batcher.pipeline import RunContext
 
 
 def _row(n: int, *, digest: str = "d", state: str = PENDING, **params: Any) -> NewRow:
@@ -275,6 +277,58 @@ async def test_reopen_failed_both_ways_at_once(cp: Checkpoint) -> None:
     await cp.update("r1", state=FAILED, error="No face detected", request_id="q1")
     await cp.update("r2", state=FAILED, error=UNKNOWN_OUTCOME, unknown_submits=1)
     assert await cp.reopen_failed(known=True, unknown=True) == (2, 0)
+
+
+_ANSWERED = {
+    "request_id": "q1", "status_url": "http://h/s", "response_url": "http://h/r",
+    "output_urls": ["http://h/o.png"], "completed_at": 1.5, "latency_s": 9.0,
+    "notice_lag_s": 0.5, "inference_time": 7.0, "metrics": {"inference_time": 7.0},
+    "spans_stop": 1, "outputs": ["images/a.png"], "width": 8, "height": 8, "bytes": 99,
+    "sha256": "ab",
+}  # fmt: skip
+
+
+def _answered_columns(path: Path, row_id: str) -> dict[str, Any]:
+    names = list(_ANSWERED)
+    (values,) = _read(path, f"SELECT {', '.join(names)} FROM jobs WHERE id=?", row_id)
+    return {n: v for n, v in zip(names, values, strict=True) if v not in (None, 0)}
+
+
+async def test_a_reopened_row_keeps_its_counts_and_nothing_of_its_last_job(cp: Checkpoint) -> None:
+    await cp.add_rows([_row(1)])
+    await cp.update("r1", state=FAILED, error="images lost", counts={"polls": 3}, **_ANSWERED)
+    assert await cp.reopen_failed(known=True, unknown=False) == (1, 0)
+    assert _answered_columns(cp.path, "r1") == {}
+    assert _read(cp.path, "SELECT state, error, polls FROM jobs") == [(PENDING, None, 3)]
+
+
+async def test_an_edited_failed_row_sent_again_has_nothing_of_its_last_job(
+    cp: Checkpoint,
+) -> None:
+    await cp.add_rows([_row(1)])
+    await cp.update("r1", state=FAILED, error="images lost", **_ANSWERED)
+    edited = _row(1, digest="other", prompt="new")
+    assert await cp.add_rows([edited], reopen_known=True) == []
+    assert _answered_columns(cp.path, "r1") == {}
+    assert _read(cp.path, "SELECT state, digest FROM jobs") == [(PENDING, "other1")]
+
+
+async def test_a_requeued_row_has_nothing_of_its_last_job(tmp_path: Path, cp: Checkpoint) -> None:
+    """RunContext.requeue: the job is gone at the API; the row goes back to be sent."""
+    await cp.add_rows([_row(1)])
+    await cp.update("r1", state=SUBMITTED, counts={"polls": 2}, **_ANSWERED)
+    (job,) = await cp.jobs_in([SUBMITTED])
+    options = RunOptions(manifest=tmp_path / "m.csv", out=tmp_path / "out", api_key="sk-x")
+    nothing = cast(Any, None)  # no request is made
+    ctx = RunContext(
+        options=options, checkpoint=cp, api=nothing, downloads=nothing, gate=nothing,
+        inputs=nothing,
+    )  # fmt: skip
+    ctx.active = 1  # as the feeder counted it
+    await ctx.requeue(job)
+    assert _answered_columns(cp.path, "r1") == {}
+    assert _read(cp.path, "SELECT state, polls FROM jobs") == [(PENDING, 2)]
+    assert [j.id for j in ctx.requeued] == ["r1"]
 
 
 # -- manifest rows -----------------------------------------------------------------------------

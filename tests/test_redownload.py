@@ -199,6 +199,50 @@ async def test_a_row_whose_images_were_lost_is_submitted_afresh_by_retry_failed(
     assert request_id in json.loads(urls)[0]  # the new job's links, not the lost one's
 
 
+async def test_a_reopened_row_that_fails_again_shows_nothing_of_the_lost_job(
+    tmp_path: Path,
+) -> None:
+    """--retry-failed on a row whose images were lost, and the new job is refused (HTTP
+    400): the row is FAILED for the refusal, with none of the lost job's figures (before:
+    its completed_at, latency, inference_time and metrics stayed, as if this one had run)."""
+    gone = {"on": True}
+    refuse = {"on": False}
+
+    @web.middleware
+    async def submits(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.method == "POST" and refuse["on"]:
+            return web.json_response({"error": "Invalid face_image"}, status=400)
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    config = SimConfig(time_scale=SCALE, image_size=(16, 16))
+    async with SimServer(config, middlewares=[_outputs_answer(404, gone), submits]) as server:
+        options = _options(tmp_path, server, 1)
+        first = await asyncio.wait_for(arun(options), timeout=60)
+        assert first.exit_code == EXIT_FAILED_ROWS, first.text()
+        (lost,) = _rows(options.out)
+        assert lost["inference_time"] > 0
+        assert lost["completed_at"] is not None
+        refuse["on"] = True
+        again = dataclasses.replace(options, retry_failed=True)
+        second = await asyncio.wait_for(arun(again), timeout=60)
+    assert second.exit_code == EXIT_FAILED_ROWS, second.text()
+    (row,) = _rows(options.out)
+    assert row["status"] == "FAILED"
+    assert "Invalid face_image" in row["error"]
+    stale = {name: row[name] for name in _OUTCOME if row[name] not in (None, [], False)}
+    assert stale == {}
+    assert row["attempts"] == 2  # its counts are the row's, over both jobs
+    assert row["result_reads"] == lost["result_reads"]
+
+
+#: results.parquet's columns that a job's answer fills.
+_OUTCOME = (
+    "completed_at", "latency_s", "notice_lag_s", "inference_time", "metrics", "outputs",
+    "width", "height", "bytes", "sha256", "request_id",
+)  # fmt: skip
+
+
 def test_download_retries_back_off_to_a_cap_with_jitter_scaled_by_the_time_scale() -> None:
     cfg = DownloadRetry(base_s=5.0, cap_s=240.0)
     rng = random.Random(1)
