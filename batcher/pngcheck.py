@@ -154,15 +154,18 @@ def _chunks(data: bytes) -> Iterator[tuple[bytes, memoryview]]:
             raise BrokenPng("cut short: no IEND chunk")
         length, kind = _HEAD.unpack_from(data, pos)
         stop = pos + 8 + length
-        name = kind.decode("ascii", "backslashreplace")
         if length > _MAX_LENGTH or stop + 4 > end:
-            raise BrokenPng(f"cut short in a {name} chunk")
+            raise BrokenPng(f"cut short in a {_name(kind)} chunk")
         if zlib.crc32(view[pos + 4 : stop]) != _CRC.unpack_from(data, stop)[0]:
-            raise BrokenPng(f"a {name} chunk fails its CRC")
+            raise BrokenPng(f"a {_name(kind)} chunk fails its CRC")
         yield kind, view[pos + 8 : stop]
         if kind == b"IEND":
             return
         pos = stop + 4
+
+
+def _name(kind: bytes) -> str:
+    return kind.decode("ascii", "backslashreplace")
 
 
 class _FilterBytes:
