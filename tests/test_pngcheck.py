@@ -60,6 +60,15 @@ def pillow_png(mode: str, size: tuple[int, int], seed: int = 0, **params: object
     return out.getvalue()
 
 
+def _animated_png() -> bytes:
+    """APNG: the default image in IDAT, the other frames in fdAT chunks after it."""
+    frames = [Image.new("RGB", (20, 10), (60 * i, 0, 0)) for i in range(3)]
+    out = io.BytesIO()
+    frames[0].save(out, "PNG", save_all=True, append_images=frames[1:])
+    assert b"fdAT" in out.getvalue()
+    return out.getvalue()
+
+
 def pillow_decodes(data: bytes) -> bool:
     try:
         with Image.open(io.BytesIO(data)) as image:
@@ -87,6 +96,7 @@ VALID = {
     "palette": pillow_png("P", (10, 10)),
     "16-bit": pillow_png("I;16", (9, 9)),
     "one-pixel": pillow_png("RGB", (1, 1)),
+    "animated": _animated_png(),
 }
 
 
