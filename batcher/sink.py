@@ -205,14 +205,14 @@ def _identify(data: bytes) -> tuple[int, int, str]:
         with _open_header(data) as image:
             width, height = image.size
             fmt = image.format
-            oversized = width * height > MAX_PIXELS
-            if not oversized:
-                # A full decode: a cut or corrupt body fails here (verify() alone would
-                # pass a truncated JPEG, and a second pass costs as much again).
-                image.load()
+            _refuse_oversized(width, height)
+            # A full decode: a cut or corrupt body fails here (verify() alone would
+            # pass a truncated JPEG, and a second pass costs as much again).
+            image.load()
+    except CorruptImage:
+        raise
     except Exception as exc:
         raise CorruptImage(f"not a decodable image ({type(exc).__name__}: {exc})") from exc
-    _refuse_oversized(width, height)
     if fmt not in IMAGE_FORMATS:
         raise CorruptImage(f"unsupported image format {fmt!r}")
     return width, height, fmt

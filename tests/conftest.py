@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import socket
 import sqlite3
+import struct
 import time
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,9 @@ import aiohttp
 import pyarrow.parquet as pq
 import pytest
 
+from batcher.checkpoint import Checkpoint
 from batcher.options import RunOptions
+from batcher.pipeline import RunContext
 from batcher.run import RunResult, arun
 from batcher.sim import SimConfig, SimServer
 
@@ -125,6 +129,39 @@ class Api:
         """An output URL, with no key (outputs are public): status, bytes, Content-Type."""
         async with self.http.get(url) as resp:
             return resp.status, await resp.read(), resp.content_type
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk: length, type, data, CRC."""
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_of_zeros(width: int, height: int) -> bytes:
+    """A valid greyscale PNG of black pixels: well under 1 MB for 100+ megapixels."""
+    packer = zlib.compressobj(9)
+    row = bytes(width + 1)  # the filter byte, then the pixels
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", idat)
+        + png_chunk(b"IEND", b"")
+    )
+
+
+def offline_context(tmp_path: Path, cp: Checkpoint) -> RunContext:
+    """A RunContext on ``cp`` for stage code that makes no request."""
+    options = RunOptions(manifest=tmp_path / "m.csv", out=tmp_path / "out", api_key="sk-x")
+    nothing: Any = None
+    return RunContext(
+        options=options,
+        checkpoint=cp,
+        api=nothing,
+        downloads=nothing,
+        gate=nothing,
+        inputs=nothing,
+    )
 
 
 def in_checkpoint(out: Path, state: str) -> int:

@@ -10,9 +10,10 @@ import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
+from conftest import offline_context
 
 import batcher.checkpoint as checkpoint_module
 from batcher.checkpoint import Checkpoint
@@ -27,8 +28,6 @@ from batcher.jobs import (
     UNKNOWN_OUTCOME,
     NewRow,
 )
-from batcher.options import RunOptions
-from batcher.pipeline import RunContext
 
 
 def _row(n: int, *, digest: str = "d", state: str = PENDING, **params: Any) -> NewRow:
@@ -318,12 +317,7 @@ async def test_a_requeued_row_has_nothing_of_its_last_job(tmp_path: Path, cp: Ch
     await cp.add_rows([_row(1)])
     await cp.update("r1", state=SUBMITTED, counts={"polls": 2}, **_ANSWERED)
     (job,) = await cp.jobs_in([SUBMITTED])
-    options = RunOptions(manifest=tmp_path / "m.csv", out=tmp_path / "out", api_key="sk-x")
-    nothing = cast(Any, None)  # no request is made
-    ctx = RunContext(
-        options=options, checkpoint=cp, api=nothing, downloads=nothing, gate=nothing,
-        inputs=nothing,
-    )  # fmt: skip
+    ctx = offline_context(tmp_path, cp)
     ctx.active = 1  # as the feeder counted it
     await ctx.requeue(job)
     assert _answered_columns(cp.path, "r1") == {}

@@ -6,17 +6,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, cast
 
 import anyio
 import pytest
 from anyio.streams.memory import MemoryObjectReceiveStream
-from conftest import until
+from conftest import offline_context, until
 
 from batcher.checkpoint import Checkpoint
 from batcher.feed import feed
 from batcher.jobs import Job, NewRow
-from batcher.options import RunOptions
 from batcher.pipeline import RunContext
 
 #: InfiniteYou's 163 s jobs, one at a time: 11 may wait in its queue when a run starts.
@@ -31,19 +29,6 @@ def _row(n: int, model: str) -> NewRow:
 async def cp(tmp_path: Path) -> AsyncIterator[Checkpoint]:
     async with Checkpoint(tmp_path / "checkpoint.sqlite") as checkpoint:
         yield checkpoint
-
-
-def _context(tmp_path: Path, cp: Checkpoint) -> RunContext:
-    options = RunOptions(manifest=tmp_path / "m.csv", out=tmp_path / "out", api_key="sk-x")
-    nothing = cast(Any, None)  # no request is made
-    return RunContext(
-        options=options,
-        checkpoint=cp,
-        api=nothing,
-        downloads=nothing,
-        gate=nothing,
-        inputs=nothing,
-    )
 
 
 async def _worker(ctx: RunContext, receive: MemoryObjectReceiveStream[Job], got: list[Job]) -> None:
@@ -83,7 +68,7 @@ async def test_a_held_model_gets_no_more_rows_than_its_queue_has_room_for(
     await cp.add_rows(
         [_row(n, "infinite-you") for n in range(40)] + [_row(n, "instantid") for n in range(40, 45)]
     )
-    ctx = _context(tmp_path, cp)
+    ctx = offline_context(tmp_path, cp)
     got = await _fed(tmp_path, cp, ctx, workers=32)
     assert sum(j.model == "infinite-you" for j in got) == ROOM
     assert ctx.queue.waiting("infinite-you") == ROOM
@@ -98,7 +83,7 @@ async def test_jobs_requeued_for_a_held_model_do_not_hold_up_the_rows_of_another
     moved."""
     iy = [_row(n, "infinite-you") for n in range(16)]
     await cp.add_rows([*iy, *(_row(n, "instantid") for n in range(40, 45))])
-    ctx = _context(tmp_path, cp)
+    ctx = offline_context(tmp_path, cp)
     for job in await cp.jobs_in(["PENDING"], model="infinite-you"):
         ctx.resumed.add(job.id)  # as batcher.resume does, then requeue
         ctx.requeued.append(job)

@@ -15,6 +15,7 @@ from pathlib import Path
 import anyio
 import anyio.from_thread
 import pytest
+from conftest import png_chunk
 from PIL import Image
 
 import batcher.inputs as inputs_module
@@ -30,17 +31,12 @@ def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (16, 16), color: int =
 
 def png_header_only(width: int, height: int) -> bytes:
     """A tiny PNG that declares huge dimensions (a decompression bomb, cheaply)."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
-
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return (
         b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b""))
-        + chunk(b"IEND", b"")
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(b""))
+        + png_chunk(b"IEND", b"")
     )
 
 

@@ -10,14 +10,11 @@ import tracemalloc
 import zlib
 
 import pytest
+from conftest import png_chunk, png_of_zeros
 from PIL import Image
 
 import batcher.pngcheck
 from batcher.pngcheck import BrokenPng, PngHeader, check_png, png_header
-
-
-def chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def handmade(
@@ -38,9 +35,9 @@ def handmade(
     header = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, interlace)
     packed = zlib.compress(raw)
     size = -(-len(packed) // idat_pieces)
-    idats = b"".join(chunk(b"IDAT", packed[i : i + size]) for i in range(0, len(packed), size))
-    tail = chunk(b"IEND", b"") if end is None else end
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + before + idats + after + tail
+    idats = b"".join(png_chunk(b"IDAT", packed[i : i + size]) for i in range(0, len(packed), size))
+    tail = png_chunk(b"IEND", b"") if end is None else end
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + before + idats + after + tail
 
 
 def pillow_png(mode: str, size: tuple[int, int], seed: int = 0, **params: object) -> bytes:
@@ -108,7 +105,7 @@ def test_a_valid_png_passes_with_the_size_pillow_reads(data: bytes) -> None:
 
 def test_pixel_data_in_many_idat_chunks_with_other_chunks_around_and_bytes_after_iend() -> None:
     raw = b"".join(b"\x00" + bytes(range(i, i + 10)) for i in range(6))
-    text = chunk(b"tEXt", b"Comment\x00hello")
+    text = png_chunk(b"tEXt", b"Comment\x00hello")
     data = handmade(raw, width=10, height=6, idat_pieces=5, before=text, after=text)
     assert pillow_decodes(data + b"trailing")
     assert check(data + b"trailing").height == 6
@@ -156,8 +153,8 @@ def test_pixel_data_of_the_wrong_size_is_refused() -> None:
 def test_a_stream_that_does_not_inflate_is_refused() -> None:
     good = handmade(b"\x00" + bytes(8), width=8, height=1)
     header_end = 8 + 25
-    garbage = chunk(b"IDAT", b"\xff" * 20)
-    data = good[:header_end] + garbage + chunk(b"IEND", b"")
+    garbage = png_chunk(b"IDAT", b"\xff" * 20)
+    data = good[:header_end] + garbage + png_chunk(b"IEND", b"")
     assert _refusal(data).startswith("the pixel data does not inflate")
 
 
@@ -167,23 +164,23 @@ def test_pixel_data_split_by_another_chunk_is_refused() -> None:
     header = struct.pack(">IIBBBBB", 8, 4, 8, 0, 0, 0, 0)
     data = (
         b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", packed[:5])
-        + chunk(b"tEXt", b"a\x00b")
-        + chunk(b"IDAT", packed[5:])
-        + chunk(b"IEND", b"")
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", packed[:5])
+        + png_chunk(b"tEXt", b"a\x00b")
+        + png_chunk(b"IDAT", packed[5:])
+        + png_chunk(b"IEND", b"")
     )
     assert _refusal(data) == "IDAT chunks are not consecutive"
 
 
 def test_no_pixel_data_or_a_palette_image_without_its_palette_is_refused() -> None:
     header = struct.pack(">IIBBBBB", 8, 1, 8, 0, 0, 0, 0)
-    empty = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+    empty = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IEND", b"")
     assert _refusal(empty) == "no pixel data (IDAT chunk)"
     paletted = handmade(b"\x00" + bytes(8), width=8, height=1, colour=3)
     assert _refusal(paletted) == "a palette image without its palette (PLTE chunk)"
     with_palette = handmade(
-        b"\x00" + bytes(8), width=8, height=1, colour=3, before=chunk(b"PLTE", bytes(3))
+        b"\x00" + bytes(8), width=8, height=1, colour=3, before=png_chunk(b"PLTE", bytes(3))
     )
     assert check(with_palette).width == 8
 
@@ -201,13 +198,13 @@ def test_no_pixel_data_or_a_palette_image_without_its_palette_is_refused() -> No
 def test_a_header_out_of_the_specification_is_refused(
     fields: tuple[int, ...], message: str
 ) -> None:
-    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", *fields))
+    data = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", *fields))
     with pytest.raises(BrokenPng, match=message):
-        png_header(data + chunk(b"IEND", b""))
+        png_header(data + png_chunk(b"IEND", b""))
 
 
 def test_the_first_chunk_must_be_the_header() -> None:
-    data = b"\x89PNG\r\n\x1a\n" + chunk(b"tEXt", b"a\x00b") + chunk(b"IEND", b"")
+    data = b"\x89PNG\r\n\x1a\n" + png_chunk(b"tEXt", b"a\x00b") + png_chunk(b"IEND", b"")
     with pytest.raises(BrokenPng, match="first chunk is not a 13-byte IHDR"):
         png_header(data)
 
@@ -249,7 +246,7 @@ def test_filter_types_are_checked_across_pieces_of_any_size(
     monkeypatch.setattr(batcher.pngcheck, "_PIECE", piece)
     data = VALID[name]
     header = check(data)
-    raw = bytearray(zlib.decompress(b"".join(_idat_bodies(data))))
+    raw = bytearray(zlib.decompress(b"".join(c[8:-4] for k, c in _chunks_of(data) if k == b"IDAT")))
     _, last_width = header.rows()[-1]
     raw[len(raw) - last_width] = 9
     damaged = handmade(
@@ -259,42 +256,26 @@ def test_filter_types_are_checked_across_pieces_of_any_size(
         depth=header.bit_depth,
         colour=header.colour_type,
         interlace=int(header.interlaced),
-        before=_chunk_of(data, b"PLTE"),
+        before=b"".join(c for k, c in _chunks_of(data) if k == b"PLTE"),
     )
     assert _refusal(damaged) == "a scanline has an unknown filter type"
 
 
-def _idat_bodies(data: bytes) -> list[bytes]:
-    bodies, pos = [], 8
+def _chunks_of(data: bytes) -> list[tuple[bytes, bytes]]:
+    """Each chunk's type and whole bytes, in order."""
+    chunks, pos = [], 8
     while pos < len(data):
         (length,) = struct.unpack_from(">I", data, pos)
-        if data[pos + 4 : pos + 8] == b"IDAT":
-            bodies.append(data[pos + 8 : pos + 8 + length])
+        chunks.append((data[pos + 4 : pos + 8], data[pos : pos + 12 + length]))
         pos += 12 + length
-    return bodies
-
-
-def _chunk_of(data: bytes, kind: bytes) -> bytes:
-    pos = 8
-    while pos < len(data):
-        (length,) = struct.unpack_from(">I", data, pos)
-        if data[pos + 4 : pos + 8] == kind:
-            return data[pos : pos + 12 + length]
-        pos += 12 + length
-    return b""
+    return chunks
 
 
 def test_a_large_image_is_checked_in_little_memory() -> None:
     """A 6,000 x 6,000 greyscale image (36 MB of pixels, 35 KB on disk) checked with a
     peak of a few MB; Pillow's decode holds all 36 MB."""
     width = height = 6000
-    packer = zlib.compressobj(9)
-    row = bytes(width + 1)
-    packed = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    data = (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", packed) + chunk(b"IEND", b"")
-    )
+    data = png_of_zeros(width, height)
     tracemalloc.start()
     try:
         assert check(data).width == width

@@ -9,9 +9,7 @@ import hashlib
 import io
 import os
 import re
-import struct
 import warnings
-import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from conftest import png_of_zeros
 from PIL import Image
 
 import batcher.sink
@@ -348,22 +347,6 @@ def test_failed_write_keeps_old_file_and_cleans_part(
         write_image(tmp_path, "r", 0, image_bytes("PNG", (3, 3)))
     assert (tmp_path / saved.path).read_bytes() == PNG  # the old image survived intact
     assert list((tmp_path / "images").glob("*.part")) == []
-
-
-def png_of_zeros(width: int, height: int) -> bytes:
-    """A valid greyscale PNG of black pixels: well under 1 MB for 100+ megapixels."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = zlib.crc32(kind + data)
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-    packer = zlib.compressobj(9)
-    row = bytes(width + 1)  # the filter byte, then the pixels
-    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-    )
 
 
 @pytest.mark.parametrize(
