@@ -1,8 +1,9 @@
 """The run's source of truth: one SQLite file (WAL) in the output folder.
 
-Every state change of a job is written here before the next step happens to it
-(a request_id is durable before the job is polled). Writes from all stages are
-group-committed on one worker thread (:mod:`batcher.group_commit`), so the event loop
+Every state change of a job is written here, in order, and each one a next step depends
+on is durable before that step (a row is SUBMITTING on disk before its POST goes out);
+counts, and states no step waits for, are queued without waiting. Writes from all
+stages are group-committed on one worker thread (:mod:`batcher.group_commit`), so the event loop
 never blocks on disk and a thousand transitions cost one fsync, not a thousand. The
 rows' states and records are in :mod:`batcher.jobs`.
 """
@@ -300,11 +301,16 @@ class Checkpoint(ManifestListing):
     # -- transitions -------------------------------------------------------------------------
 
     async def update(
-        self, job_id: str, *, counts: Mapping[str, int] | None = None, **fields: Any
+        self,
+        job_id: str,
+        *,
+        counts: Mapping[str, int] | None = None,
+        wait: bool = True,
+        **fields: Any,
     ) -> None:
         """Set columns of one row, and add ``counts`` to its counters, in one statement
         (a state and the counts that go with it are never saved apart); durable when
-        this returns."""
+        this returns, or only queued with ``wait=False`` (see GroupCommitDb._write)."""
         for name in ("metrics", "outputs", "output_urls"):
             if name in fields and not isinstance(fields[name], str | None):
                 fields[name] = json.dumps(fields[name], sort_keys=True)
@@ -312,7 +318,9 @@ class Checkpoint(ManifestListing):
         if not fields and not added:
             return
         await self._write(
-            _update_sql(tuple(fields), tuple(added)), [*fields.values(), *added.values(), job_id]
+            _update_sql(tuple(fields), tuple(added)),
+            [*fields.values(), *added.values(), job_id],
+            wait=wait,
         )
 
     async def increment(self, job_id: str, column: str, by: int = 1) -> None:

@@ -91,7 +91,9 @@ async def fetch_one(
     if all(is_url(item) for item in items):
         # Billed, and the links outlive the result: saved before any download, so that
         # a download that fails, here or after a crash, is tried again from them alone.
-        await ctx.checkpoint.update(job.id, output_urls=items, **completion)
+        # Queued, not waited for: it commits before any later write of the row (its
+        # COMPLETED among them), and a crash before that reads the result again.
+        await ctx.checkpoint.update(job.id, output_urls=items, wait=False, **completion)
         await save_outputs(ctx, flight, redownloads)
         return
     await save_outputs(ctx, flight, redownloads, completion)

@@ -42,7 +42,11 @@ class GroupCommitDb(abc.ABC):
         self._name = name
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._db: sqlite3.Connection | None = None
-        self._pending: list[tuple[str, Sequence[Any], asyncio.Future[None]]] = []
+        #: Statements to commit, in order, each with its writer's future (None: nobody waits).
+        self._pending: list[tuple[str, Sequence[Any], asyncio.Future[None] | None]] = []
+        #: What a batch the file refused raised: its statements are lost, so every write
+        #: after it is refused too (a checkpoint behind its run must not go on).
+        self._failed: Exception | None = None
         self._wake = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
 
@@ -100,8 +104,20 @@ class GroupCommitDb(abc.ABC):
 
     # -- group-committed writes --------------------------------------------------------------
 
-    async def _write(self, sql: str, params: Sequence[Any]) -> None:
-        """Queue one statement; returns once it is committed with whatever else was queued."""
+    async def _write(self, sql: str, params: Sequence[Any], *, wait: bool = True) -> None:
+        """Queue one statement; returns once it is committed with whatever else was queued.
+
+        ``wait=False`` returns at once, without a turn of the loop: for writes nothing
+        depends on being on disk yet (counts, a state no step waits for). Such a write is
+        still committed in order with the others: a write waited for after it returns
+        only once it is committed too. Should its batch fail, the next write (or
+        :meth:`flush`) raises the error."""
+        if self._failed is not None:
+            raise self._failed.with_traceback(None)
+        if not wait:
+            self._pending.append((sql, params, None))
+            self._wake.set()
+            return
         future = asyncio.get_running_loop().create_future()
         self._pending.append((sql, params, future))
         self._wake.set()
@@ -122,17 +138,27 @@ class GroupCommitDb(abc.ABC):
         batch, self._pending = self._pending, []
         if not batch:
             return
+        if self._failed is not None:  # queued before the failure was known: lost with it
+            self._fail(batch, self._failed)
+            return
         try:
             await self._call(self._apply, [(sql, params) for sql, params, _ in batch])
         except Exception as exc:  # surface to every writer that waited on this batch
             error = self._unwritable(exc) if isinstance(exc, sqlite3.OperationalError) else exc
-            for *_, future in batch:
-                if not future.done():
-                    future.set_exception(error)
+            self._failed = error
+            self._fail(batch, error)
             return
         for *_, future in batch:
-            if not future.done():
+            if future is not None and not future.done():
                 future.set_result(None)
+
+    @staticmethod
+    def _fail(
+        batch: Sequence[tuple[str, Sequence[Any], asyncio.Future[None] | None]], error: Exception
+    ) -> None:
+        for *_, future in batch:
+            if future is not None and not future.done():
+                future.set_exception(error)
 
     def _apply(self, statements: Iterable[tuple[str, Sequence[Any]]]) -> None:
         with transaction(self._conn) as db:

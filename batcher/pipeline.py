@@ -267,11 +267,12 @@ class RunContext:
         """A status or result GET of the row is over: its requests, retries (after a 5xx
         or a lost connection) and 429s go into the row's counts at once, a poll with
         them, not when the job ends: a kill or a stop keeps the polls of the jobs in
-        flight (and `batcher report`'s request total with them)."""
+        flight (and `batcher report`'s request total with them). Queued, not waited for:
+        the next group commit, a few milliseconds on, holds them."""
         self.counters.api_requests[endpoint] += 1 + stats.retries + stats.rate_limited
         counts = {"retries": stats.retries, "rate_limited": stats.rate_limited}
         counts["polls" if endpoint == "status" else "result_reads"] = 1
-        await self.checkpoint.update(job.id, counts=counts)
+        await self.checkpoint.update(job.id, counts=counts, wait=False)
 
     async def count_download_retries(self, job: Job, retries: int) -> None:
         """Add ``retries`` image downloads of the row tried again (a cut body, a lost

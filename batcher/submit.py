@@ -130,7 +130,9 @@ async def _submit(ctx: RunContext, job: Job, track: Callable[[Flight], object]) 
                 raise storm
             return
         # The answer is recorded first: nothing may come between a request_id and the
-        # checkpoint, the row's retry and 429 counts included.
+        # checkpoint, the row's retry and 429 counts included. Queued, not waited for:
+        # no step needs it on disk (a crash before its commit leaves the row SUBMITTING,
+        # as one just after the POST would), and the row's later writes commit after it.
         # The job's clock starts when its POST went out, not when it began waiting for
         # the gate (rate-bound, submits wait longest): polls are timed from it.
         sent_at = sent[-1] if sent else time.time()
@@ -304,6 +306,7 @@ async def _settle(
             status_url=status_url,
             response_url=response_url,
             submitted_at=sent_at,
+            wait=False,
         )
         ctx.counters.submitted += 1
         track(

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +18,7 @@ from conftest import offline_context
 
 import batcher.checkpoint as checkpoint_module
 from batcher.checkpoint import Checkpoint
+from batcher.errors import CheckpointUnwritable
 from batcher.jobs import (
     COMPLETED,
     FAILED,
@@ -410,6 +412,78 @@ async def test_flush_commits_the_writes_of_cancelled_writers(cp: Checkpoint) -> 
         ("r1", SUBMITTED, "q1"),
         ("r2", COMPLETED, None),
     ]
+
+
+async def test_a_write_not_waited_for_is_queued_and_committed_in_order(cp: Checkpoint) -> None:
+    """``wait=False``: the caller goes on at once (no turn of the loop, so nothing is on
+    disk yet), and a write waited for after it returns only once it is committed too."""
+    await cp.add_rows([_row(1)])
+
+    await cp.update("r1", state=SUBMITTED, request_id="q1", wait=False)
+    await cp.update("r1", counts={"polls": 1}, wait=False)
+    assert _read(cp.path, "SELECT state, request_id, polls FROM jobs") == [(PENDING, None, 0)]
+
+    await cp.update("r1", state=COMPLETED, counts={"result_reads": 1})
+    assert _read(cp.path, "SELECT state, request_id, polls, result_reads FROM jobs") == [
+        (COMPLETED, "q1", 1, 1)
+    ]
+
+
+def _refuse_disk(self: Checkpoint, statements: Iterable[tuple[str, Sequence[Any]]]) -> None:
+    exc = sqlite3.OperationalError("database or disk is full")
+    exc.sqlite_errorcode = 13  # SQLITE_FULL
+    raise exc
+
+
+async def test_a_refused_commit_refuses_every_write_after_it(
+    cp: Checkpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch the disk refused is lost, a write nobody waited for with it: the next
+    write or flush raises the error (the run stops, resumable) rather than going on
+    with a checkpoint that is behind, even once the disk takes writes again."""
+    await cp.add_rows([_row(1), _row(2)])
+    with monkeypatch.context() as patch:
+        patch.setattr(Checkpoint, "_apply", _refuse_disk)
+        await cp.update("r1", counts={"polls": 1}, wait=False)  # nobody waits for it
+        with pytest.raises(CheckpointUnwritable, match="full"):
+            await cp.flush()
+
+    with pytest.raises(CheckpointUnwritable, match="full"):
+        await cp.update("r2", state=COMPLETED)
+    with pytest.raises(CheckpointUnwritable, match="full"):
+        await cp.update("r2", counts={"polls": 1}, wait=False)
+    assert _read(cp.path, "SELECT id, state, polls FROM jobs ORDER BY number") == [
+        ("r1", PENDING, 0),
+        ("r2", PENDING, 0),
+    ]
+
+
+async def test_writes_queued_before_a_refusal_was_known_are_not_applied_after_it(
+    cp: Checkpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Statements queued while the refused batch was being applied are lost with it:
+    applied later, they would stand on writes that never happened."""
+    await cp.add_rows([_row(1)])
+    loop = asyncio.get_running_loop()
+    refusing = asyncio.Event()
+    release = threading.Event()
+
+    def refuse_later(self: Checkpoint, statements: Iterable[tuple[str, Sequence[Any]]]) -> None:
+        loop.call_soon_threadsafe(refusing.set)  # on the checkpoint's worker thread
+        release.wait(5)
+        _refuse_disk(self, statements)
+
+    monkeypatch.setattr(Checkpoint, "_apply", refuse_later)
+    first = asyncio.create_task(cp.update("r1", state=SUBMITTED, request_id="q1"))
+    await refusing.wait()
+    await cp.update("r1", state=COMPLETED, wait=False)  # queued behind the doomed batch
+    monkeypatch.undo()
+    release.set()
+    with pytest.raises(CheckpointUnwritable):
+        await first
+    with pytest.raises(CheckpointUnwritable):
+        await cp.flush()
+    assert _read(cp.path, "SELECT state, request_id FROM jobs") == [(PENDING, None)]
 
 
 @contextlib.asynccontextmanager
