@@ -12,7 +12,6 @@ whatever the row id holds, and never maps two row ids to one name.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import functools
 import hashlib
@@ -143,30 +142,42 @@ async def download(session: aiohttp.ClientSession, url: str, limits: DownloadLim
         raise ValueError("download session carries x-api-key; output URLs need no key")
 
     shown = url.partition("?")[0]  # a signed URL's query is a credential: keep it out of errors
-    async with asyncio.timeout(limits.timeout_s):  # lighter than anyio's scope; run is asyncio
-        async with session.get(url) as response:
-            response.raise_for_status()
-            declared = response.content_length
-            if declared is not None and declared > limits.max_bytes:
-                raise DownloadTooLarge(
-                    f"{shown}: Content-Length {declared} is over the {limits.max_bytes} byte cap"
-                )
-            body = bytearray()
-            try:
-                async for chunk in response.content.iter_chunked(_CHUNK):
-                    body += chunk
-                    if len(body) > limits.max_bytes:
-                        raise DownloadTooLarge(
-                            f"{shown}: body passed the {limits.max_bytes} byte cap"
-                        )
-            except aiohttp.ClientPayloadError as exc:
-                raise IncompleteDownload(
-                    f"{shown}: body cut short after {len(body)} bytes"
-                ) from exc
-            # aiohttp checks the length itself; this guards a plain (not re-encoded) body.
-            encoded = "Content-Encoding" in response.headers
-            if declared is not None and not encoded and len(body) != declared:
-                raise IncompleteDownload(f"{shown}: got {len(body)} of {declared} bytes")
+    # aiohttp's own timer for the whole fetch (one timer, not one more beside the session's).
+    timeout = aiohttp.ClientTimeout(total=limits.timeout_s)
+    async with session.get(url, timeout=timeout) as response:
+        response.raise_for_status()
+        declared = response.content_length
+        if declared is not None and declared > limits.max_bytes:
+            raise DownloadTooLarge(
+                f"{shown}: Content-Length {declared} is over the {limits.max_bytes} byte cap"
+            )
+        encoded = "Content-Encoding" in response.headers
+        if declared is None or encoded:
+            return await _read_counted(response, limits.max_bytes, shown)
+        # A plain body of a declared length (under the cap): read whole, in one call.
+        try:
+            body = await response.read()
+        except aiohttp.ClientPayloadError as exc:
+            raise IncompleteDownload(
+                f"{shown}: body cut short (the connection ended before its {declared} bytes)"
+            ) from exc
+        # aiohttp checks the length itself; this guards it.
+        if len(body) != declared:
+            raise IncompleteDownload(f"{shown}: got {len(body)} of {declared} bytes")
+    return body
+
+
+async def _read_counted(response: aiohttp.ClientResponse, max_bytes: int, shown: str) -> bytes:
+    """A body of no declared length, or compressed: counted as it comes (decompressed),
+    up to ``max_bytes``."""
+    body = bytearray()
+    try:
+        async for chunk in response.content.iter_chunked(_CHUNK):
+            body += chunk
+            if len(body) > max_bytes:
+                raise DownloadTooLarge(f"{shown}: body passed the {max_bytes} byte cap")
+    except aiohttp.ClientPayloadError as exc:
+        raise IncompleteDownload(f"{shown}: body cut short after {len(body)} bytes") from exc
     return bytes(body)
 
 

@@ -451,6 +451,16 @@ async def server() -> AsyncIterator[tuple[TestServer, Recorder]]:
         request.transport.close()
         return response
 
+    async def truncated_chunked(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        await response.write(b"y" * 300)
+        await asyncio.sleep(0.05)  # the chunk reaches the client before the cut
+        assert request.transport is not None
+        request.transport.close()
+        return response
+
     async def slow(request: web.Request) -> web.Response:
         await recorder.release.wait()
         return web.Response(body=PNG)
@@ -463,6 +473,7 @@ async def server() -> AsyncIterator[tuple[TestServer, Recorder]]:
     app.router.add_get("/big-declared", big_declared)
     app.router.add_get("/big-chunked", big_chunked)
     app.router.add_get("/truncated", truncated)
+    app.router.add_get("/truncated-chunked", truncated_chunked)
     app.router.add_get("/slow", slow)
     app.router.add_get("/missing", missing)
     test_server = TestServer(app, host="127.0.0.1", port=0)
@@ -525,9 +536,21 @@ async def test_download_truncated_body(server: tuple[TestServer, Recorder]) -> N
     test_server, _ = server
     async with aiohttp.ClientSession() as session:
         url = str(test_server.make_url("/truncated")) + "?X-Amz-Signature=s3cr3t"
-        with pytest.raises(IncompleteDownload, match="cut short after 100 bytes") as caught:
+        with pytest.raises(
+            IncompleteDownload, match=r"cut short .*before its 1000 bytes"
+        ) as caught:
             await download(session, url, LIMITS)
     assert "s3cr3t" not in str(caught.value)  # a signed URL's query stays out of messages
+
+
+async def test_download_truncated_chunked_body(server: tuple[TestServer, Recorder]) -> None:
+    """No declared length: the body is counted as it comes, and a cut says how far it got."""
+    test_server, _ = server
+    async with aiohttp.ClientSession() as session:
+        url = str(test_server.make_url("/truncated-chunked")) + "?X-Amz-Signature=s3cr3t"
+        with pytest.raises(IncompleteDownload, match="cut short after 300 bytes") as caught:
+            await download(session, url, LIMITS)
+    assert "s3cr3t" not in str(caught.value)
 
 
 @pytest.mark.parametrize(
