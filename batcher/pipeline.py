@@ -78,6 +78,7 @@ class RunContext:
         inputs: ImageInputs,
         rng: random.Random | None = None,
     ) -> None:
+        self._loop = asyncio.get_running_loop()
         self.options = options
         self.out: Path = options.out
         self.checkpoint = checkpoint
@@ -139,7 +140,7 @@ class RunContext:
         self.lost_streak = LostStreak()
 
     def now(self) -> float:
-        return asyncio.get_running_loop().time()
+        return self._loop.time()
 
     def heard_from_api(self, status: int) -> None:
         """An HTTP answer came: the API is reachable (and working, for a 2xx)."""
