@@ -15,6 +15,9 @@ from typing import Any, Self
 #: full; and of a file it cannot open (a journal or WAL file, once the database is open).
 DISK_CODES = frozenset({8, 10, 13})
 _UNWRITABLE_CODES = DISK_CODES | {14}
+#: Statements queued, not yet taken by a commit, past which a write waits for its commit
+#: even when its caller would not: a disk that stalls holds up the writers, not the memory.
+MAX_QUEUED = 4096
 
 
 @contextlib.contextmanager
@@ -111,10 +114,11 @@ class GroupCommitDb(abc.ABC):
         depends on being on disk yet (counts, a state no step waits for). Such a write is
         still committed in order with the others: a write waited for after it returns
         only once it is committed too. Should its batch fail, the next write (or
-        :meth:`flush`) raises the error."""
+        :meth:`flush`) raises the error. Past MAX_QUEUED statements queued it waits all
+        the same."""
         if self._failed is not None:
             raise self._failed.with_traceback(None)
-        if not wait:
+        if not wait and len(self._pending) < MAX_QUEUED:
             self._pending.append((sql, params, None))
             self._wake.set()
             return

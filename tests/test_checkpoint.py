@@ -17,6 +17,7 @@ import pytest
 from conftest import offline_context
 
 import batcher.checkpoint as checkpoint_module
+import batcher.group_commit as group_commit
 from batcher.checkpoint import Checkpoint
 from batcher.errors import CheckpointUnwritable
 from batcher.jobs import (
@@ -427,6 +428,38 @@ async def test_a_write_not_waited_for_is_queued_and_committed_in_order(cp: Check
     assert _read(cp.path, "SELECT state, request_id, polls, result_reads FROM jobs") == [
         (COMPLETED, "q1", 1, 1)
     ]
+
+
+async def test_writes_not_waited_for_wait_once_too_many_are_queued(
+    cp: Checkpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk that stalls must not turn every count of a run into memory: past
+    MAX_QUEUED statements queued, a write waits for its commit whatever its caller says."""
+    monkeypatch.setattr(group_commit, "MAX_QUEUED", 3)
+    await cp.add_rows([_row(1)])
+    loop = asyncio.get_running_loop()
+    applying = asyncio.Event()
+    release = threading.Event()
+    apply = Checkpoint._apply
+
+    def stalled(self: Checkpoint, statements: Iterable[tuple[str, Sequence[Any]]]) -> None:
+        loop.call_soon_threadsafe(applying.set)
+        release.wait(5)
+        apply(self, statements)
+
+    monkeypatch.setattr(Checkpoint, "_apply", stalled)
+    first = asyncio.create_task(cp.update("r1", counts={"polls": 1}))
+    await applying.wait()  # the disk holds the first batch
+    for _ in range(3):
+        await cp.update("r1", counts={"polls": 1}, wait=False)  # queued, at once
+    fourth = asyncio.create_task(cp.update("r1", counts={"polls": 1}, wait=False))
+    await asyncio.sleep(0.05)
+    assert not fourth.done()  # three queued: this one waits for its commit
+
+    release.set()
+    async with asyncio.timeout(5):
+        await asyncio.gather(first, fourth)
+    assert _read(cp.path, "SELECT polls FROM jobs") == [(5,)]
 
 
 def _refuse_disk(self: Checkpoint, statements: Iterable[tuple[str, Sequence[Any]]]) -> None:
