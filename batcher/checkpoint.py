@@ -3,9 +3,9 @@
 Every state change of a job is written here, in order, and each one a next step depends
 on is durable before that step (a row is SUBMITTING on disk before its POST goes out);
 counts, and states no step waits for, are queued without waiting. Writes from all
-stages are group-committed on one worker thread (:mod:`batcher.group_commit`), so the event loop
-never blocks on disk and a thousand transitions cost one fsync, not a thousand. The
-rows' states and records are in :mod:`batcher.jobs`.
+stages are group-committed on one worker thread (:mod:`batcher.group_commit`), so the
+event loop never blocks on disk and a thousand transitions cost one fsync, not a
+thousand. The rows' states and records are in :mod:`batcher.jobs`.
 """
 
 from __future__ import annotations
