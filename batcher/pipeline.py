@@ -270,10 +270,15 @@ class RunContext:
         them, not when the job ends: a kill or a stop keeps the polls of the jobs in
         flight (and `batcher report`'s request total with them). Queued, not waited for:
         the next group commit, a few milliseconds on, holds them."""
+        await self.checkpoint.update(job.id, counts=self.tally_get(endpoint, stats), wait=False)
+
+    def tally_get(self, endpoint: str, stats: CallStats) -> dict[str, int]:
+        """Count a status or result GET in the run's totals; the row's counts for it, for
+        the caller to write at once (:meth:`count_get`) or in the row's next statement."""
         self.counters.api_requests[endpoint] += 1 + stats.retries + stats.rate_limited
         counts = {"retries": stats.retries, "rate_limited": stats.rate_limited}
         counts["polls" if endpoint == "status" else "result_reads"] = 1
-        await self.checkpoint.update(job.id, counts=counts, wait=False)
+        return counts
 
     async def count_download_retries(self, job: Job, retries: int) -> None:
         """Add ``retries`` image downloads of the row tried again (a cut body, a lost

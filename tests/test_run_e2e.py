@@ -15,7 +15,7 @@ import json
 import re
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from PIL import Image
 import batcher.client as client_module
 import batcher.fetch as fetch_module
 from batcher.backoff import RetryConfig
+from batcher.checkpoint import Checkpoint
 from batcher.client import ApiClient, Reply, TransportError
 from batcher.errors import ManifestError
 from batcher.gate import RateConfig
@@ -383,6 +384,36 @@ async def test_report_counts_exactly_the_api_requests_the_server_saw_and_downloa
     assert report.api_requests == _requests(stats)
     dropped_downloads = stats["requests"]["output"].get("dropped", 0)
     assert report.download_retries == cut + dropped_downloads
+
+
+async def test_a_result_reads_count_is_written_with_the_output_urls_not_apart(
+    tmp_path: Path, sim: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the way to COMPLETED, the result read's counts go in the same statement as the
+    job's output URLs (one statement a job fewer), and each row still counts its read."""
+    rows = [
+        {"id": f"r{n}", "model": "instantid", "prompt": f"p {n}", "face_image": "https://x/a.jpg"}
+        for n in range(8)
+    ]
+    manifest = _write_manifest(tmp_path / "jobs.csv", rows)
+    server = await sim(time_scale=SCALE, image_size=(64, 64), seed=3)
+    statements: list[str] = []
+    apply = Checkpoint._apply
+
+    def recording(self: Checkpoint, batch: Iterable[tuple[str, Sequence[Any]]]) -> None:
+        batch = list(batch)
+        statements.extend(sql for sql, _ in batch)
+        apply(self, batch)
+
+    monkeypatch.setattr(Checkpoint, "_apply", recording)
+
+    result = await arun(_options(manifest, tmp_path / "out", server))
+
+    assert result.exit_code == EXIT_OK
+    reads = [sql for sql in statements if "result_reads=result_reads+?" in sql]
+    assert len(reads) == len(rows)
+    assert all("output_urls=?" in sql for sql in reads), reads
+    assert [r["result_reads"] for r in _results(tmp_path / "out")] == [1] * len(rows)
 
 
 async def test_a_get_whose_connection_drops_is_sent_again_through_the_gate_and_counted(
