@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import aiohttp
 import anyio
@@ -61,16 +61,9 @@ async def fetch_one(
     counts = ctx.tally_get("result", stats)
     if not _completed(reply):
         await ctx.checkpoint.update(flight.job.id, counts=counts, wait=False)
-    if isinstance(reply, TransportError):  # the status said COMPLETED: poll, fetch again
-        await retry_later(ctx, flight, str(reply), reschedule)
+        await _not_completed(ctx, flight, reply, reschedule)
         return
     body = reply.body
-    if reply.outcome is not Outcome.OK:
-        await settle_not_ok(ctx, flight, reply, reschedule)
-        return
-    if body.get("status", "COMPLETED") != "COMPLETED":
-        reschedule(flight)
-        return
     job = flight.job
     seen = ctx.now() if flight.seen_done_mono is None else flight.seen_done_mono
     raw_metrics = body.get("metrics")
@@ -106,13 +99,25 @@ async def fetch_one(
     await save_outputs(ctx, flight, redownloads, completion)
 
 
-def _completed(reply: Reply | TransportError) -> bool:
+def _completed(reply: Reply | TransportError) -> TypeGuard[Reply]:
     """Whether a result GET answered COMPLETED (an answer without a status counts)."""
     return (
         not isinstance(reply, TransportError)
         and reply.outcome is Outcome.OK
         and reply.body.get("status", "COMPLETED") == "COMPLETED"
     )
+
+
+async def _not_completed(
+    ctx: RunContext, flight: Flight, reply: Reply | TransportError, reschedule: Reschedule
+) -> None:
+    """A result GET that did not answer COMPLETED: no answer, an error, or not done."""
+    if isinstance(reply, TransportError):  # the status said COMPLETED: poll, fetch again
+        await retry_later(ctx, flight, str(reply), reschedule)
+    elif reply.outcome is not Outcome.OK:
+        await settle_not_ok(ctx, flight, reply, reschedule)
+    else:
+        reschedule(flight)
 
 
 async def save_outputs(

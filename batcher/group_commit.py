@@ -142,26 +142,19 @@ class GroupCommitDb(abc.ABC):
         batch, self._pending = self._pending, []
         if not batch:
             return
-        if self._failed is not None:  # queued before the failure was known: lost with it
-            self._fail(batch, self._failed)
-            return
-        try:
-            await self._call(self._apply, [(sql, params) for sql, params, _ in batch])
-        except Exception as exc:  # surface to every writer that waited on this batch
-            error = self._unwritable(exc) if isinstance(exc, sqlite3.OperationalError) else exc
-            self._failed = error
-            self._fail(batch, error)
-            return
+        error = self._failed  # set: queued before the failure was known, lost with it
+        if error is None:
+            try:
+                await self._call(self._apply, [(sql, params) for sql, params, _ in batch])
+            except Exception as exc:  # surface to every writer that waited on this batch
+                error = self._unwritable(exc) if isinstance(exc, sqlite3.OperationalError) else exc
+                self._failed = error
         for *_, future in batch:
-            if future is not None and not future.done():
+            if future is None or future.done():
+                continue
+            if error is None:
                 future.set_result(None)
-
-    @staticmethod
-    def _fail(
-        batch: Sequence[tuple[str, Sequence[Any], asyncio.Future[None] | None]], error: Exception
-    ) -> None:
-        for *_, future in batch:
-            if future is not None and not future.done():
+            else:
                 future.set_exception(error)
 
     def _apply(self, statements: Iterable[tuple[str, Sequence[Any]]]) -> None:
