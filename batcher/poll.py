@@ -1,13 +1,18 @@
 """Poller pool: thousands of request_ids, each polled when its schedule says.
 
 One scheduler task keeps a heap of (due time, job); due polls run as tasks, at most
-``concurrency`` at once, each through the gate at poll priority. The next poll of a
+``concurrency`` at once, each through the gate at poll priority. They are asyncio's own
+tasks, in an ``asyncio.TaskGroup``: a task a poll, and anyio's ``start_soon`` costs ~60 us
+of CPU a task where ``create_task`` costs ~12 (one poll a job or more, at hundreds of
+jobs a second). The group gives what anyio's would: a poll's error ends the poller (and
+the run) with the others cancelled, and the poller cancelled cancels its polls. The next poll of a
 job comes from :func:`batcher.schedule.next_poll_delay`, fitted online to the
 latency seen so far for its model and thinned when the rate limit binds.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
@@ -75,7 +80,7 @@ class Poller:
         return delay
 
     async def run(self) -> None:
-        async with anyio.create_task_group() as tg:
+        async with asyncio.TaskGroup() as tg:
             while True:
                 due, flight = await self._due.next_due()
                 self._record_start(flight, due)
@@ -83,7 +88,7 @@ class Poller:
                 await self._limit.acquire()
                 if all_taken:
                     self._unblocked = self._ctx.now()
-                tg.start_soon(self._poll_guarded, flight)
+                tg.create_task(self._poll_guarded(flight))
 
     def _record_start(self, flight: Flight, due: float) -> None:
         """How late this poll starts: from its due time, or from when the poll slots
