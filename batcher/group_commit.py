@@ -52,6 +52,7 @@ class GroupCommitDb(abc.ABC):
         self._failed: Exception | None = None
         self._wake = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
+        self._closing = False
 
     @abc.abstractmethod
     def _open(self) -> None:
@@ -82,7 +83,11 @@ class GroupCommitDb(abc.ABC):
 
     async def close(self) -> None:
         if self._flusher is not None:
-            self._flusher.cancel()
+            # The flusher ends once the batch it is applying has its outcome: cancelled
+            # in the middle, that batch's refusal would go unrecorded, and the statements
+            # queued behind it would be applied on top of writes that never happened.
+            self._closing = True
+            self._wake.set()
             await asyncio.gather(self._flusher, return_exceptions=True)
             self._flusher = None
         await self._flush_once()  # whatever was queued when the flusher stopped
@@ -133,7 +138,7 @@ class GroupCommitDb(abc.ABC):
         await self._write("SELECT 1", ())  # batches commit in order: after it, all before it
 
     async def _flush_forever(self) -> None:
-        while True:
+        while not self._closing:
             await self._wake.wait()
             self._wake.clear()
             await self._flush_once()

@@ -519,6 +519,46 @@ async def test_writes_queued_before_a_refusal_was_known_are_not_applied_after_it
     assert _read(cp.path, "SELECT state, request_id FROM jobs") == [(PENDING, None)]
 
 
+async def test_closing_during_a_refused_batch_applies_nothing_queued_behind_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The end of a run (close) while a batch is being applied waits for its outcome:
+    cancelled in the middle, its refusal went unrecorded and close applied the
+    statements queued behind it on top of writes that never happened."""
+    cp = Checkpoint(tmp_path / "c.sqlite")
+    await cp.__aenter__()
+    await cp.add_rows([_row(1)])
+    loop = asyncio.get_running_loop()
+    refusing = asyncio.Event()
+    release = threading.Event()
+
+    def refuse_later(self: Checkpoint, statements: Iterable[tuple[str, Sequence[Any]]]) -> None:
+        loop.call_soon_threadsafe(refusing.set)  # on the checkpoint's worker thread
+        release.wait(5)
+        _refuse_disk(self, statements)
+
+    monkeypatch.setattr(Checkpoint, "_apply", refuse_later)
+    first = asyncio.create_task(cp.update("r1", state=SUBMITTED, request_id="q1"))
+    await refusing.wait()
+    await cp.update("r1", state=COMPLETED, wait=False)  # queued behind the doomed batch
+    monkeypatch.undo()
+    closing = asyncio.create_task(cp.close())
+    await asyncio.sleep(0.05)  # close is under way while the batch is still applied
+    release.set()
+    async with asyncio.timeout(5):
+        await closing
+        with pytest.raises(CheckpointUnwritable):
+            await first  # its writer hears the refusal
+    assert _read(cp.path, "SELECT state, request_id FROM jobs") == [(PENDING, None)]
+
+
+async def test_every_commit_is_synced_to_disk(cp: Checkpoint) -> None:
+    """synchronous=FULL: a commit outlives a power cut, not only a crash of batcher (a
+    SUBMITTING row lost that way would be sent, and paid for, again)."""
+    level = await cp._call(lambda: cp._conn.execute("PRAGMA synchronous").fetchone()[0])
+    assert level == 2  # FULL
+
+
 @contextlib.asynccontextmanager
 async def _as_version(
     path: Path, version: int, monkeypatch: pytest.MonkeyPatch
