@@ -298,6 +298,10 @@ async def _settle(
                 "%s/v2/requests/{id} instead (the API key is only sent to --base-url)",
                 ctx.api.base_url,
             )
+        # Queued, not waited for, while the run goes on: the group commit a few
+        # milliseconds on holds it. Once a stop has begun it is waited for, so that the
+        # row stays among ctx.submitting until its request_id is on disk: a second
+        # Ctrl-C (exit at once) then counts it among the rows it leaves "outcome unknown".
         await ctx.checkpoint.update(
             job.id,
             counts=counts,
@@ -306,7 +310,7 @@ async def _settle(
             status_url=status_url,
             response_url=response_url,
             submitted_at=sent_at,
-            wait=False,
+            wait=ctx.stop_submitting.is_set(),
         )
         ctx.counters.submitted += 1
         track(

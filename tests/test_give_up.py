@@ -12,7 +12,8 @@ import logging
 import re
 import signal
 import sqlite3
-from collections.abc import Awaitable, Callable
+import threading
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import batcher.client as client_module
 import batcher.interrupt as interrupt_module
 import batcher.run as run_module
 from batcher.backoff import RetryConfig
+from batcher.checkpoint import Checkpoint
 from batcher.client import ApiClient, Reply, TransportError
 from batcher.errors import AuthError
 from batcher.gate import RateConfig
@@ -570,3 +572,71 @@ async def test_a_row_waiting_to_retry_a_5xx_submit_is_pending_not_maybe_billed(
     assert result.exit_code == EXIT_STOPPED, result.text()
     assert in_checkpoint(out, "PENDING") == 2
     assert server.stats()["accepted"] == 0
+
+
+async def test_a_submit_answered_during_a_stop_counts_as_on_the_wire_until_saved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A POST answered during the first Ctrl-C's wait: its row stays among the rows a
+    second Ctrl-C (exit at once) names as "outcome unknown" until its request_id is on
+    disk. Before, the SUBMITTED write was only queued, the row left that count at once,
+    and a second Ctrl-C before the commit lost the request_id without a word."""
+    held = asyncio.Event()
+    answer = asyncio.Event()
+
+    async def submit(request: web.Request) -> web.Response:
+        held.set()
+        await answer.wait()
+        rid = "5b0f1c2e-0000-4e8b-9f3a-000000000001"
+        base = str(request.url.origin())
+        return web.json_response(
+            {
+                "request_id": rid,
+                "status": "QUEUED",
+                "status_url": f"{base}/v2/requests/{rid}/status",
+                "response_url": f"{base}/v2/requests/{rid}",
+            }
+        )
+
+    loop = asyncio.get_running_loop()
+    committing = asyncio.Event()
+    commit = threading.Event()
+    apply = Checkpoint._apply
+
+    def slow_submitted(self: Checkpoint, statements: Iterable[tuple[str, Sequence[Any]]]) -> None:
+        statements = list(statements)
+        if any("SUBMITTED" in params for _, params in statements):
+            loop.call_soon_threadsafe(committing.set)  # on the checkpoint's worker thread
+            commit.wait(10)
+        apply(self, statements)
+
+    async def status(request: web.Request) -> web.Response:
+        return web.json_response({"status": "QUEUED"})  # still at the service at the end
+
+    monkeypatch.setattr(Checkpoint, "_apply", slow_submitted)
+    app = web.Application()
+    app.router.add_post("/v2/instantid", submit)
+    app.router.add_get("/v2/requests/{rid}/status", status)
+    async with TestServer(app, host="127.0.0.1") as server:
+        options = _options(tmp_path, str(server.make_url("")).rstrip("/"), 0.001, 1)
+        interrupted = Interrupt()
+        task = asyncio.create_task(arun(options, interrupted=interrupted))
+        try:
+            await asyncio.wait_for(held.wait(), 30)
+            interrupted.on_signal(signal.SIGINT)  # the first Ctrl-C
+            run = interrupted.context
+            assert run is not None
+            await until(run.stop_submitting.is_set)
+            answer.set()  # the POST on the wire gets its answer during the stop's wait
+            await asyncio.wait_for(committing.wait(), 30)
+            assert run.submitting == {"g0"}  # what a second Ctrl-C would count now
+        finally:
+            commit.set()
+            answer.set()
+            result = await asyncio.wait_for(task, 30)
+
+    assert result.exit_code == EXIT_STOPPED, result.text()
+    assert _rows(options.out, "state, request_id") == [
+        ("SUBMITTED", "5b0f1c2e-0000-4e8b-9f3a-000000000001")
+    ]
+    assert not any("abandoned" in note for note in result.notes)
