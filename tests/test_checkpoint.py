@@ -491,11 +491,12 @@ async def test_a_refused_commit_refuses_every_write_after_it(
     ]
 
 
-async def test_writes_queued_before_a_refusal_was_known_are_not_applied_after_it(
+async def _a_doomed_batch(
     cp: Checkpoint, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Statements queued while the refused batch was being applied are lost with it:
-    applied later, they would stand on writes that never happened."""
+) -> tuple[asyncio.Task[None], threading.Event]:
+    """Row r1's SUBMITTED (its writer: the task returned) in a batch the disk refuses once
+    the event returned is set, held on the worker thread until then, and its COMPLETED
+    queued behind it, nobody waiting."""
     await cp.add_rows([_row(1)])
     loop = asyncio.get_running_loop()
     refusing = asyncio.Event()
@@ -511,6 +512,15 @@ async def test_writes_queued_before_a_refusal_was_known_are_not_applied_after_it
     await refusing.wait()
     await cp.update("r1", state=COMPLETED, wait=False)  # queued behind the doomed batch
     monkeypatch.undo()
+    return first, release
+
+
+async def test_writes_queued_before_a_refusal_was_known_are_not_applied_after_it(
+    cp: Checkpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Statements queued while the refused batch was being applied are lost with it:
+    applied later, they would stand on writes that never happened."""
+    first, release = await _a_doomed_batch(cp, monkeypatch)
     release.set()
     with pytest.raises(CheckpointUnwritable):
         await first
@@ -527,21 +537,7 @@ async def test_closing_during_a_refused_batch_applies_nothing_queued_behind_it(
     statements queued behind it on top of writes that never happened."""
     cp = Checkpoint(tmp_path / "c.sqlite")
     await cp.__aenter__()
-    await cp.add_rows([_row(1)])
-    loop = asyncio.get_running_loop()
-    refusing = asyncio.Event()
-    release = threading.Event()
-
-    def refuse_later(self: Checkpoint, statements: Iterable[tuple[str, Sequence[Any]]]) -> None:
-        loop.call_soon_threadsafe(refusing.set)  # on the checkpoint's worker thread
-        release.wait(5)
-        _refuse_disk(self, statements)
-
-    monkeypatch.setattr(Checkpoint, "_apply", refuse_later)
-    first = asyncio.create_task(cp.update("r1", state=SUBMITTED, request_id="q1"))
-    await refusing.wait()
-    await cp.update("r1", state=COMPLETED, wait=False)  # queued behind the doomed batch
-    monkeypatch.undo()
+    first, release = await _a_doomed_batch(cp, monkeypatch)
     closing = asyncio.create_task(cp.close())
     await asyncio.sleep(0.05)  # close is under way while the batch is still applied
     release.set()
