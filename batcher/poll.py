@@ -1,13 +1,14 @@
 """Poller pool: thousands of request_ids, each polled when its schedule says.
 
 One scheduler task keeps a heap of (due time, job); due polls run as tasks, at most
-``concurrency`` at once, each through the gate at poll priority. They are asyncio's own
-tasks, in an ``asyncio.TaskGroup``: a task a poll, and anyio's ``start_soon`` costs ~60 us
-of CPU a task where ``create_task`` costs ~12 (one poll a job or more, at hundreds of
-jobs a second). The group gives what anyio's would: a poll's error ends the poller (and
-the run) with the others cancelled, and the poller cancelled cancels its polls. The next poll of a
-job comes from :func:`batcher.schedule.next_poll_delay`, fitted online to the
-latency seen so far for its model and thinned when the rate limit binds.
+``concurrency`` at once, each through the gate at poll priority. The next poll of a job
+comes from :func:`batcher.schedule.next_poll_delay`, fitted online to the latency seen so
+far for its model and thinned when the rate limit binds.
+
+The polls are tasks of an ``asyncio.TaskGroup``, not anyio's: ``create_task`` costs ~12
+us of CPU where ``start_soon`` costs ~60, at a task a poll. The group gives what anyio's
+would: a poll's error ends the poller with the other polls cancelled, and the poller
+cancelled cancels its polls.
 """
 
 from __future__ import annotations

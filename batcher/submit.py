@@ -130,11 +130,10 @@ async def _submit(ctx: RunContext, job: Job, track: Callable[[Flight], object]) 
                 raise storm
             return
         # The answer is recorded first: nothing may come between a request_id and the
-        # checkpoint, the row's retry and 429 counts included. Queued, not waited for:
-        # no step needs it on disk (a crash before its commit leaves the row SUBMITTING,
-        # as one just after the POST would), and the row's later writes commit after it.
-        # The job's clock starts when its POST went out, not when it began waiting for
-        # the gate (rate-bound, submits wait longest): polls are timed from it.
+        # checkpoint, the row's retry and 429 counts included (see _settle for when the
+        # write is waited for). The job's clock starts when its POST went out, not when
+        # it began waiting for the gate (rate-bound, submits wait longest): polls are
+        # timed from it.
         sent_at = sent[-1] if sent else time.time()
         await _settle(ctx, job, result, sent_at, stats, counts, track, began)
         return
@@ -298,10 +297,11 @@ async def _settle(
                 "%s/v2/requests/{id} instead (the API key is only sent to --base-url)",
                 ctx.api.base_url,
             )
-        # Queued, not waited for, while the run goes on: the group commit a few
-        # milliseconds on holds it. Once a stop has begun it is waited for, so that the
-        # row stays among ctx.submitting until its request_id is on disk: a second
-        # Ctrl-C (exit at once) then counts it among the rows it leaves "outcome unknown".
+        # Queued, not waited for, while the run goes on: no step needs it on disk (a crash
+        # before its commit leaves the row SUBMITTING, as one just after the POST would),
+        # and the row's later writes commit after it. Once a stop has begun it is waited
+        # for, so that the row stays among ctx.submitting until its request_id is on
+        # disk: a second Ctrl-C (exit at once) then counts it as "outcome unknown".
         await ctx.checkpoint.update(
             job.id,
             counts=counts,

@@ -9,7 +9,15 @@ import sqlite3
 import struct
 import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +26,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from batcher.checkpoint import Checkpoint
+from batcher.flight import Flight
+from batcher.jobs import Job
 from batcher.options import RunOptions
 from batcher.pipeline import RunContext
 from batcher.run import RunResult, arun
@@ -147,6 +157,42 @@ def png_of_zeros(width: int, height: int) -> bytes:
         + png_chunk(b"IHDR", header)
         + png_chunk(b"IDAT", idat)
         + png_chunk(b"IEND", b"")
+    )
+
+
+Statements = list[tuple[str, Sequence[Any]]]
+
+
+def before_each_commit(monkeypatch: pytest.MonkeyPatch, hook: Callable[[Statements], None]) -> None:
+    """Call ``hook`` with each batch of statements, on the checkpoint's worker thread,
+    before the batch is applied (to record it, or to hold it there)."""
+    apply = Checkpoint._apply
+
+    def hooked(self: Checkpoint, statements: Iterable[tuple[str, Sequence[Any]]]) -> None:
+        batch = list(statements)
+        hook(batch)
+        apply(self, batch)
+
+    monkeypatch.setattr(Checkpoint, "_apply", hooked)
+
+
+def a_flight(
+    request_id: str, status_url: str, response_url: str, *, now_mono: float = 0.0
+) -> Flight:
+    """A job in flight, submitted at ``now_mono``; its row's id is its request_id."""
+    job = Job(
+        id=request_id, number=1, model="instantid", params_json="{}", state="SUBMITTED",
+        request_id=request_id, status_url=None, response_url=None, attempts=1,
+        unknown_submits=0, submitted_at=None,
+    )  # fmt: skip
+    return Flight.start(
+        job=job,
+        request_id=request_id,
+        status_url=status_url,
+        response_url=response_url,
+        submitted_wall=0.0,
+        now_wall=0.0,
+        now_mono=now_mono,
     )
 
 

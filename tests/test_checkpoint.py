@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import offline_context
+from conftest import Statements, before_each_commit, offline_context
 
 import batcher.checkpoint as checkpoint_module
 import batcher.group_commit as group_commit
@@ -68,14 +68,7 @@ async def test_concurrent_transitions_are_group_committed_and_durable_on_return(
 ) -> None:
     await cp.add_rows([_row(n) for n in range(300)])
     batches: list[int] = []
-    apply = Checkpoint._apply
-
-    def counting(self: Checkpoint, statements: Iterable[tuple[str, Sequence[Any]]]) -> None:
-        statements = list(statements)
-        batches.append(len(statements))
-        apply(self, statements)
-
-    monkeypatch.setattr(Checkpoint, "_apply", counting)
+    before_each_commit(monkeypatch, lambda statements: batches.append(len(statements)))
 
     await asyncio.gather(
         *(cp.update(f"r{n}", state=SUBMITTED, request_id=f"q{n}") for n in range(300))
@@ -440,14 +433,12 @@ async def test_writes_not_waited_for_wait_once_too_many_are_queued(
     loop = asyncio.get_running_loop()
     applying = asyncio.Event()
     release = threading.Event()
-    apply = Checkpoint._apply
 
-    def stalled(self: Checkpoint, statements: Iterable[tuple[str, Sequence[Any]]]) -> None:
+    def stalled(statements: Statements) -> None:
         loop.call_soon_threadsafe(applying.set)
         release.wait(5)
-        apply(self, statements)
 
-    monkeypatch.setattr(Checkpoint, "_apply", stalled)
+    before_each_commit(monkeypatch, stalled)
     first = asyncio.create_task(cp.update("r1", counts={"polls": 1}))
     await applying.wait()  # the disk holds the first batch
     for _ in range(3):

@@ -2,28 +2,7 @@
 
 from __future__ import annotations
 
-from batcher.flight import Flight
-from batcher.jobs import Job
-
-
-def _job(row_id: str) -> Job:
-    return Job(
-        id=row_id, number=1, model="instantid", params_json="{}", state="SUBMITTING",
-        request_id=None, status_url=None, response_url=None, attempts=1, unknown_submits=0,
-        submitted_at=None,
-    )  # fmt: skip
-
-
-def _flight(request_id: str, status_url: str, response_url: str) -> Flight:
-    return Flight.start(
-        job=_job(request_id),
-        request_id=request_id,
-        status_url=status_url,
-        response_url=response_url,
-        submitted_wall=0.0,
-        now_wall=0.0,
-        now_mono=0.0,
-    )
+from conftest import a_flight as _flight
 
 
 def test_standard_urls_share_one_prefix_and_read_back_exactly() -> None:

@@ -13,7 +13,7 @@ import re
 import signal
 import sqlite3
 import threading
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +21,12 @@ import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from conftest import in_checkpoint, until
+from conftest import Statements, before_each_commit, in_checkpoint, until
 
 import batcher.client as client_module
 import batcher.interrupt as interrupt_module
 import batcher.run as run_module
 from batcher.backoff import RetryConfig
-from batcher.checkpoint import Checkpoint
 from batcher.client import ApiClient, Reply, TransportError
 from batcher.errors import AuthError
 from batcher.gate import RateConfig
@@ -601,19 +600,16 @@ async def test_a_submit_answered_during_a_stop_counts_as_on_the_wire_until_saved
     loop = asyncio.get_running_loop()
     committing = asyncio.Event()
     commit = threading.Event()
-    apply = Checkpoint._apply
 
-    def slow_submitted(self: Checkpoint, statements: Iterable[tuple[str, Sequence[Any]]]) -> None:
-        statements = list(statements)
+    def slow_submitted(statements: Statements) -> None:
         if any("SUBMITTED" in params for _, params in statements):
             loop.call_soon_threadsafe(committing.set)  # on the checkpoint's worker thread
             commit.wait(10)
-        apply(self, statements)
 
     async def status(request: web.Request) -> web.Response:
         return web.json_response({"status": "QUEUED"})  # still at the service at the end
 
-    monkeypatch.setattr(Checkpoint, "_apply", slow_submitted)
+    before_each_commit(monkeypatch, slow_submitted)
     app = web.Application()
     app.router.add_post("/v2/instantid", submit)
     app.router.add_get("/v2/requests/{rid}/status", status)

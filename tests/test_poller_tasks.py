@@ -9,29 +9,16 @@ from typing import Any
 
 import anyio
 import pytest
+from conftest import a_flight
 
 from batcher.flight import Flight
-from batcher.jobs import Job
 from batcher.lateness import PollLateness
 from batcher.poll import Poller
 
 
 def _flight(row_id: str, now: float) -> Flight:
-    job = Job(
-        id=row_id, number=1, model="instantid", params_json="{}", state="SUBMITTED",
-        request_id=row_id, status_url=None, response_url=None, attempts=1, unknown_submits=0,
-        submitted_at=None,
-    )  # fmt: skip
     base = "http://127.0.0.1:9/v2/requests/"
-    return Flight.start(
-        job=job,
-        request_id=row_id,
-        status_url=f"{base}{row_id}/status",
-        response_url=f"{base}{row_id}",
-        submitted_wall=0.0,
-        now_wall=0.0,
-        now_mono=now,
-    )
+    return a_flight(row_id, f"{base}{row_id}/status", f"{base}{row_id}", now_mono=now)
 
 
 class Boom(Exception):

@@ -15,19 +15,19 @@ import json
 import re
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import before_each_commit
 from PIL import Image
 
 import batcher.client as client_module
 import batcher.fetch as fetch_module
 from batcher.backoff import RetryConfig
-from batcher.checkpoint import Checkpoint
 from batcher.client import ApiClient, Reply, TransportError
 from batcher.errors import ManifestError
 from batcher.gate import RateConfig
@@ -398,14 +398,7 @@ async def test_a_result_reads_count_is_written_with_the_output_urls_not_apart(
     manifest = _write_manifest(tmp_path / "jobs.csv", rows)
     server = await sim(time_scale=SCALE, image_size=(64, 64), seed=3)
     statements: list[str] = []
-    apply = Checkpoint._apply
-
-    def recording(self: Checkpoint, batch: Iterable[tuple[str, Sequence[Any]]]) -> None:
-        batch = list(batch)
-        statements.extend(sql for sql, _ in batch)
-        apply(self, batch)
-
-    monkeypatch.setattr(Checkpoint, "_apply", recording)
+    before_each_commit(monkeypatch, lambda batch: statements.extend(sql for sql, _ in batch))
 
     result = await arun(_options(manifest, tmp_path / "out", server))
 
