@@ -4,6 +4,7 @@ Python."""
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import TYPE_CHECKING
 
@@ -67,6 +68,7 @@ def _acklam(p: float) -> float:
     return num / (((((_B[0] * r + _B[1]) * r + _B[2]) * r + _B[3]) * r + _B[4]) * r + 1.0)
 
 
+@functools.lru_cache(maxsize=64)  # asked a job, mostly for the same few quantiles
 def normal_ppf(p: float) -> float:
     """The ``z`` with ``normal_cdf(z) == p``, for ``0 < p < 1``."""
     if not 0.0 < p < 1.0:
@@ -100,7 +102,7 @@ class LatencyModel:
     a thousand completions.
     """
 
-    __slots__ = ("_m2", "_mean", "_n", "_weight")
+    __slots__ = ("_m2", "_mean", "_median", "_n", "_sigma", "_weight")
 
     def __init__(self, median_s: float, sigma: float, cfg: PollConfig) -> None:
         if not (math.isfinite(median_s) and median_s > 0):
@@ -111,6 +113,12 @@ class LatencyModel:
         self._mean = math.log(median_s * cfg.time_scale)
         self._m2 = cfg.prior_weight * sigma * sigma
         self._n = 0
+        self._derive()
+
+    def _derive(self) -> None:
+        # Kept, not computed on each read: a poll's schedule reads sigma ~9 times.
+        self._sigma = max(math.sqrt(max(self._m2, 0.0) / self._weight), _SIGMA_FLOOR)
+        self._median = math.exp(self._mean)
 
     def __repr__(self) -> str:
         return f"LatencyModel(median={self.median:.4g}, sigma={self.sigma:.3f}, n={self._n})"
@@ -142,6 +150,7 @@ class LatencyModel:
         self._mean += delta / self._weight
         self._m2 += delta * (x - self._mean)
         self._n += 1
+        self._derive()
 
     @property
     def n(self) -> int:
@@ -156,20 +165,20 @@ class LatencyModel:
     @property
     def sigma(self) -> float:
         """Standard deviation of log-latency, floored at 0.05."""
-        return max(math.sqrt(max(self._m2, 0.0) / self._weight), _SIGMA_FLOOR)
+        return self._sigma
 
     @property
     def median(self) -> float:
         """Median latency in (time-scaled) seconds."""
-        return math.exp(self._mean)
+        return self._median
 
     def z(self, t: float) -> float:
         """Standard score of ``log t``."""
-        return (math.log(t) - self._mean) / self.sigma
+        return (math.log(t) - self._mean) / self._sigma
 
     def quantile(self, p: float) -> float:
         """The latency that a fraction ``p`` of jobs beats."""
-        return math.exp(self._mean + self.sigma * normal_ppf(p))
+        return math.exp(self._mean + self._sigma * normal_ppf(p))
 
     def survival(self, t: float) -> float:
         """``P(latency > t)``."""
@@ -179,4 +188,4 @@ class LatencyModel:
         """Chance per second of completing at ``t``, given it has not completed yet."""
         if t <= 0:
             return 0.0
-        return mills_inverse(self.z(t)) / (self.sigma * t)
+        return mills_inverse(self.z(t)) / (self._sigma * t)

@@ -215,8 +215,12 @@ def _optimal_first_z(level: float, sigma: float) -> float:
 def first_poll_time(model: LatencyModel, cfg: PollConfig, pressure: float = 0.0) -> float:
     """Seconds after submit of a job's first status poll (before the retention rules):
     :func:`optimal_first_poll`, never before the quantile :func:`first_poll_quantile`."""
+    return _first_poll_time(model, cfg, pressure, cost_ratio_for(model, cfg, pressure))
+
+
+def _first_poll_time(model: LatencyModel, cfg: PollConfig, pressure: float, ratio: float) -> float:
     floor = model.quantile(first_poll_quantile(cfg, pressure))
-    return max(floor, optimal_first_poll(model, cost_ratio_for(model, cfg, pressure)))
+    return max(floor, optimal_first_poll(model, ratio))
 
 
 def cost_ratio_for(model: LatencyModel, cfg: PollConfig, pressure: float = 0.0) -> float:
@@ -294,17 +298,19 @@ def next_poll_delay(
     # hair early, and a second poll a millisecond later would be a request wasted.
     deadline = cfg.deadline_s
     deadline_met = age >= deadline - lo
-    first = first_poll_time(model, cfg, pressure)
-    gap = _sqrt_rule_gap(elapsed, model, cost_ratio_for(model, cfg, pressure), lo, hi)
+    ratio = cost_ratio_for(model, cfg, pressure)
+    first = _first_poll_time(model, cfg, pressure, ratio)
     if elapsed < first and not deadline_met:
         # Not before the first quantile, nor sooner than the rule's own gap (a job
         # polled just before that quantile is not polled again at once). Both grow
-        # with the pressure, so the delay does too.
-        delay = max(first - elapsed, gap)
+        # with the pressure, so the delay does too. The gap is at most ``hi``: when the
+        # wait for the first poll is longer, the rule need not be worked out.
+        wait = first - elapsed
+        delay = wait if wait >= hi else max(wait, _sqrt_rule_gap(elapsed, model, ratio, lo, hi))
         if rng is not None:
             delay *= 1.0 + cfg.jitter * rng.random()
     else:
-        delay = gap
+        delay = _sqrt_rule_gap(elapsed, model, ratio, lo, hi)
         if rng is not None:
             delay = min(max(delay * rng.uniform(1.0 - cfg.jitter, 1.0 + cfg.jitter), lo), hi)
     if not deadline_met:

@@ -648,3 +648,34 @@ def test_instantid_first_poll_waits_past_the_quantile_floor() -> None:
     cfg = PollConfig()
     model = LatencyModel(*INSTANT_ID, cfg)
     assert first_poll_time(model, cfg) > 1.2 * model.quantile(cfg.first_quantile)
+
+
+@pytest.mark.parametrize("pressure", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize(
+    ("median", "sigma", "sides"),
+    [
+        (7.7, 0.35, {True, False}),
+        (163.0, 0.25, {True, False}),
+        (0.02, 0.8, {False}),  # the minimum gap outlasts the wait for the first poll
+    ],
+)
+def test_the_delay_is_the_first_poll_wait_or_the_rules_gap_whichever_is_longer(
+    median: float, sigma: float, sides: set[bool], pressure: float
+) -> None:
+    """Before the first poll the delay is max(wait, the square-root rule's gap), the gap
+    being skipped when the wait alone exceeds every gap: both sides of that shortcut."""
+    cfg = PollConfig()
+    model = LatencyModel(median, sigma, cfg)
+    first = first_poll_time(model, cfg, pressure)
+    lo = cfg.min_gap_s * cfg.time_scale
+    ratio = cost_ratio_for(model, cfg, pressure)
+    met = set()
+    for k in range(200):
+        elapsed = first * k / 200
+        hi = batcher.schedule._gap_bounds(model, cfg, pressure)[1]
+        gap = batcher.schedule._sqrt_rule_gap(elapsed, model, ratio, lo, hi)
+        expected = max(first - elapsed, gap)
+        got = next_poll_delay(elapsed=elapsed, model=model, cfg=cfg, pressure=pressure)
+        assert got == pytest.approx(expected, rel=1e-12)
+        met.add(first - elapsed >= hi)  # True: the wait alone decides
+    assert met == sides
