@@ -14,10 +14,9 @@ from collections import deque
 from collections.abc import Callable, Iterable, Set
 
 import anyio
-from anyio.streams.memory import MemoryObjectSendStream
 
-from batcher import handoff
 from batcher.checkpoint import Checkpoint
+from batcher.handoff import Channel
 from batcher.jobs import PENDING, Job
 from batcher.pipeline import RunContext
 
@@ -26,7 +25,7 @@ _PAGE = 512
 _RECHECK_S = 0.2
 
 
-async def feed(ctx: RunContext, send: MemoryObjectSendStream[Job]) -> None:
+async def feed(ctx: RunContext, send: Channel[Job]) -> None:
     """Send jobs to the workers until there is nothing left or submitting stops."""
     try:
         await _feed(ctx, send)
@@ -110,9 +109,9 @@ class _Work:
         return job
 
 
-async def _feed(ctx: RunContext, send: MemoryObjectSendStream[Job]) -> None:
+async def _feed(ctx: RunContext, send: Channel[Job]) -> None:
     work = _Work(list(await ctx.checkpoint.models_in([PENDING])))
-    async with send:
+    try:
         while not ctx.stop_submitting.is_set():
             await work.fill(ctx.checkpoint, ctx.resumed)
             # Cleared after the last wait of a look and before it looks: anything that
@@ -137,4 +136,6 @@ async def _feed(ctx: RunContext, send: MemoryObjectSendStream[Job]) -> None:
             # in no count, and `active == 0` above could end the feed under a job that is
             # about to be submitted (and maybe requeued, with no feeder left to take it).
             ctx.active += 1
-            await handoff.send(send, job)
+            await send.send(job)
+    finally:
+        send.close()  # the workers end once they have taken what is left

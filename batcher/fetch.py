@@ -16,14 +16,13 @@ from typing import Any, TypeGuard
 
 import aiohttp
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream
 
-from batcher import handoff
 from batcher.backoff import backoff_delay
 from batcher.client import Outcome, Reply, TransportError
 from batcher.errors import OutputUnwritable
 from batcher.flight import Flight
 from batcher.gate import Priority
+from batcher.handoff import Channel
 from batcher.imagedata import INLINE_ON_LOOP, decode_inline, is_url, output_items
 from batcher.jobs import Job
 from batcher.offload import run_sized
@@ -38,17 +37,16 @@ log = logging.getLogger(__name__)
 
 async def work(
     ctx: RunContext,
-    receive: MemoryObjectReceiveStream[Flight],
+    receive: Channel[Flight],
     reschedule: Reschedule,
     redownloads: Redownloads,
 ) -> None:
-    async with receive:
-        while True:
-            try:
-                flight = await handoff.receive(receive)
-            except anyio.EndOfStream:
-                return
-            await fetch_one(ctx, flight, reschedule, redownloads)
+    while True:
+        try:
+            flight = await receive.receive()
+        except anyio.EndOfStream:
+            return
+        await fetch_one(ctx, flight, reschedule, redownloads)
 
 
 async def fetch_one(

@@ -18,15 +18,14 @@ import logging
 from collections.abc import Callable
 
 import anyio
-from anyio.streams.memory import MemoryObjectSendStream
 
-from batcher import handoff
 from batcher.backoff import backoff_delay
 from batcher.client import Outcome, Reply, TransportError
 from batcher.due import DueHeap
 from batcher.errors import AuthError
 from batcher.flight import Flight
 from batcher.gate import Priority
+from batcher.handoff import Channel
 from batcher.lateness import WINDOW
 from batcher.pipeline import RunContext
 from batcher.retry import CallStats, call
@@ -44,7 +43,7 @@ class Poller:
     """Schedules and runs status polls; hands COMPLETED jobs to the fetch stream."""
 
     def __init__(
-        self, ctx: RunContext, to_fetch: MemoryObjectSendStream[Flight], *, concurrency: int = 256
+        self, ctx: RunContext, to_fetch: Channel[Flight], *, concurrency: int = 256
     ) -> None:
         self._ctx = ctx
         self._to_fetch = to_fetch
@@ -156,7 +155,7 @@ class Poller:
             ctx.saw(flight, "COMPLETED")
             if flight.seen_done_mono is None:
                 flight.seen_done_mono = now
-            await handoff.send(self._to_fetch, flight)
+            await self._to_fetch.send(flight)
             return
         await settle_not_ok(ctx, flight, reply, self._schedule)
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVarTuple, Unpack
+from typing import TypeVarTuple, Unpack
 
 import aiohttp
 import anyio
@@ -38,8 +38,10 @@ from batcher.fetch import work as fetch_work
 from batcher.finish import finish, summary_as_is
 from batcher.flight import Flight
 from batcher.gate import RequestGate
+from batcher.handoff import Channel
 from batcher.inputs import ImageInputs
 from batcher.interrupt import STOP_SIGNALS, Interrupt, abandoned_note, exit_at_once, wire_wait_s
+from batcher.jobs import Job
 from batcher.options import RunOptions
 from batcher.pipeline import RunContext
 from batcher.poll import Poller
@@ -225,9 +227,9 @@ def _exit_code(summary: Summary, stop_reason: str | None) -> int:
 async def _pipeline(
     ctx: RunContext, before: dict[str, int], interrupted: asyncio.Event | None
 ) -> None:
-    to_submit_send, to_submit = anyio.create_memory_object_stream[Any](0)
-    to_fetch_send, to_fetch = anyio.create_memory_object_stream[Flight](FETCH_WORKERS)
-    poller = Poller(ctx, to_fetch_send)
+    to_submit: Channel[Job] = Channel(0)
+    to_fetch: Channel[Flight] = Channel(FETCH_WORKERS)
+    poller = Poller(ctx, to_fetch)
     redownloads = Redownloads(ctx)
     progress = Progress(
         ctx,
@@ -235,29 +237,21 @@ async def _pipeline(
         enabled=ctx.options.progress,
         log_every_s=ctx.options.log_every_s,
     )
-    # The workers close their clones; these four ends are the run's to close, however it
-    # ends (an unclosed stream is a ResourceWarning, an error under the tests' settings).
     try:
-        with to_submit_send, to_submit, to_fetch_send, to_fetch:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(_stage, ctx, ctx.gate.serve)
-                tg.start_soon(_stage, ctx, ctx.images.run)
-                tg.start_soon(_stage, ctx, poller.run)
-                tg.start_soon(_stage, ctx, progress.run)
-                tg.start_soon(
-                    _stage, ctx, redownloads.run, lambda f: save_outputs(ctx, f, redownloads)
-                )
-                for _ in range(FETCH_WORKERS):
-                    tg.start_soon(
-                        _stage, ctx, fetch_work, ctx, to_fetch.clone(), poller.track, redownloads
-                    )
-                await resume(ctx, poller, redownloads)
-                tg.start_soon(_stage, ctx, feed, ctx, to_submit_send)
-                for _ in range(ctx.options.submit_concurrency):
-                    tg.start_soon(_stage, ctx, submit_work, ctx, to_submit.clone(), poller.track)
-                to_submit.close()
-                await _until_done(ctx, interrupted)
-                tg.cancel_scope.cancel()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_stage, ctx, ctx.gate.serve)
+            tg.start_soon(_stage, ctx, ctx.images.run)
+            tg.start_soon(_stage, ctx, poller.run)
+            tg.start_soon(_stage, ctx, progress.run)
+            tg.start_soon(_stage, ctx, redownloads.run, lambda f: save_outputs(ctx, f, redownloads))
+            for _ in range(FETCH_WORKERS):
+                tg.start_soon(_stage, ctx, fetch_work, ctx, to_fetch, poller.track, redownloads)
+            await resume(ctx, poller, redownloads)
+            tg.start_soon(_stage, ctx, feed, ctx, to_submit)
+            for _ in range(ctx.options.submit_concurrency):
+                tg.start_soon(_stage, ctx, submit_work, ctx, to_submit, poller.track)
+            await _until_done(ctx, interrupted)
+            tg.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         found = _first_batcher_error(group)
         if not isinstance(found, BatcherError) and ctx.stop_error is not None:

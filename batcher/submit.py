@@ -20,13 +20,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream
 
-from batcher import handoff
 from batcher.client import Outcome, Reply, TransportError, api_urls, encode_params
 from batcher.errors import ApiUnreachable, AuthError, ConnectionsLost, UnknownModel
 from batcher.flight import Flight
 from batcher.gate import Priority
+from batcher.handoff import Channel
 from batcher.inputs import InputError
 from batcher.jobs import NO_JOB, PENDING, SUBMITTED, SUBMITTING, UNKNOWN_OUTCOME, Job
 from batcher.lost import storm_reason
@@ -37,22 +36,19 @@ from batcher.schemas import get_model
 log = logging.getLogger(__name__)
 
 
-async def work(
-    ctx: RunContext, receive: MemoryObjectReceiveStream[Job], track: Callable[[Flight], object]
-) -> None:
+async def work(ctx: RunContext, receive: Channel[Job], track: Callable[[Flight], object]) -> None:
     """Take a slot, then a job, and submit it; the slot goes with the job."""
-    async with receive:
-        while True:
-            await ctx.acquire_slot()
-            try:
-                job = await handoff.receive(receive)
-            except anyio.EndOfStream:
-                ctx.release_slot()
-                return
-            if ctx.stop_submitting.is_set():  # its place in the queue is the feeder's
-                await ctx.unsubmitted(job)
-                continue
-            await submit_one(ctx, job, track)
+    while True:
+        await ctx.acquire_slot()
+        try:
+            job = await receive.receive()
+        except anyio.EndOfStream:
+            ctx.release_slot()
+            return
+        if ctx.stop_submitting.is_set():  # its place in the queue is the feeder's
+            await ctx.unsubmitted(job)
+            continue
+        await submit_one(ctx, job, track)
 
 
 async def _payload(ctx: RunContext, job: Job) -> dict[str, Any] | str:

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import anyio
 import pytest
-from anyio.streams.memory import MemoryObjectReceiveStream
 from conftest import offline_context, until
 
 from batcher.checkpoint import Checkpoint
 from batcher.feed import feed
+from batcher.handoff import Channel
 from batcher.jobs import Job, NewRow
 from batcher.pipeline import RunContext
 
@@ -31,31 +31,29 @@ async def cp(tmp_path: Path) -> AsyncIterator[Checkpoint]:
         yield checkpoint
 
 
-async def _worker(ctx: RunContext, receive: MemoryObjectReceiveStream[Job], got: list[Job]) -> None:
+async def _worker(ctx: RunContext, receive: Channel[Job], got: list[Job]) -> None:
     """As batcher.submit.work, up to the submit: the job keeps the place the feeder took."""
-    async with receive:
-        async for job in receive:
-            got.append(job)
+    while True:
+        try:
+            got.append(await receive.receive())
+        except anyio.EndOfStream:
+            return
 
 
 async def _fed(tmp_path: Path, cp: Checkpoint, ctx: RunContext, workers: int) -> list[Job]:
     """Jobs handed to ``workers`` stand-in workers once every instantid row is."""
     got: list[Job] = []
-    send, receive = anyio.create_memory_object_stream[Job](0)
-    clones = [receive.clone() for _ in range(workers)]
-    with send, receive:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(feed, ctx, send)
-            for clone in clones:
-                tg.start_soon(_worker, ctx, clone, got)
-            try:
-                await until(lambda: sum(j.model == "instantid" for j in got) == 5, timeout_s=3.0)
-                await anyio.sleep(0.05)  # anything more the feeder would hand out
-            finally:
-                ctx.stop("test over")
-                tg.cancel_scope.cancel()
-                for clone in clones:  # a worker cancelled before it began closes none
-                    clone.close()
+    channel: Channel[Job] = Channel(0)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(feed, ctx, channel)
+        for _ in range(workers):
+            tg.start_soon(_worker, ctx, channel, got)
+        try:
+            await until(lambda: sum(j.model == "instantid" for j in got) == 5, timeout_s=3.0)
+            await anyio.sleep(0.05)  # anything more the feeder would hand out
+        finally:
+            ctx.stop("test over")
+            tg.cancel_scope.cancel()
     return got
 
 
