@@ -41,11 +41,7 @@ async def work(
     reschedule: Reschedule,
     redownloads: Redownloads,
 ) -> None:
-    while True:
-        try:
-            flight = await receive.receive()
-        except anyio.EndOfStream:
-            return
+    async for flight in receive:
         await fetch_one(ctx, flight, reschedule, redownloads)
 
 

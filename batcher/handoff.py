@@ -74,18 +74,29 @@ class Channel(Generic[T]):
         self._senders.append((waiter, item))
         await waiter  # cancelled, the future is done: receivers pass the item over
 
+    def __aiter__(self) -> Channel[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        """``async for item in channel``: every item until the channel is closed and
+        drained."""
+        try:
+            return await self.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+
     async def receive(self) -> T:
         """The next item, waiting for one if there is none; ``anyio.EndOfStream`` once
         the channel is closed and drained."""
         if self._items:
             item = self._items.popleft()
-            self._admit_sender()
+            sender = self._live_sender()
+            if sender is not None:  # room came free in the buffer: its item takes it
+                self._items.append(sender[1])
             return item
-        while self._senders:  # a rendezvous (size 0), or a sender that lost its race
-            waiter, item = self._senders.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return item
+        sender = self._live_sender()  # a rendezvous (size 0)
+        if sender is not None:
+            return sender[1]
         if self._closed:
             raise anyio.EndOfStream
         receiver: asyncio.Future[T] = asyncio.get_running_loop().create_future()
@@ -105,14 +116,14 @@ class Channel(Generic[T]):
                 return True
         return False
 
-    def _admit_sender(self) -> None:
-        """Room came free in the buffer: the first waiting sender's item takes it."""
+    def _live_sender(self) -> tuple[asyncio.Future[None], T] | None:
+        """The first waiting sender not cancelled, released: its send is done."""
         while self._senders:
-            waiter, item = self._senders.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                self._items.append(item)
-                return
+            sender = self._senders.popleft()
+            if not sender[0].done():
+                sender[0].set_result(None)
+                return sender
+        return None
 
     def _give_back(self, item: T) -> None:
         if not self._to_receiver(item):

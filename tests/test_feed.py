@@ -33,11 +33,8 @@ async def cp(tmp_path: Path) -> AsyncIterator[Checkpoint]:
 
 async def _worker(ctx: RunContext, receive: Channel[Job], got: list[Job]) -> None:
     """As batcher.submit.work, up to the submit: the job keeps the place the feeder took."""
-    while True:
-        try:
-            got.append(await receive.receive())
-        except anyio.EndOfStream:
-            return
+    async for job in receive:
+        got.append(job)
 
 
 async def _fed(tmp_path: Path, cp: Checkpoint, ctx: RunContext, workers: int) -> list[Job]:

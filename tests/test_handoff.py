@@ -58,7 +58,7 @@ async def test_a_full_channel_waits_for_room_and_keeps_the_order() -> None:
     assert not second.done()  # no room: it waits
     assert await channel.receive() == 1  # makes room: the waiting item goes in behind
     await asyncio.wait_for(second, 5)
-    assert await channel.receive() == 2
+    assert await asyncio.wait_for(channel.receive(), 5) == 2
 
 
 async def test_a_rendezvous_send_waits_for_a_receiver() -> None:
@@ -75,12 +75,9 @@ async def test_receivers_wait_then_drain_then_end_when_closed() -> None:
     results: list[object] = []
 
     async def take_all() -> None:
-        while True:
-            try:
-                results.append(await channel.receive())
-            except anyio.EndOfStream:
-                results.append("end")
-                return
+        async for item in channel:
+            results.append(item)
+        results.append("end")
 
     waiting = asyncio.create_task(take_all())
     await asyncio.sleep(0.01)
@@ -154,11 +151,7 @@ async def test_many_workers_get_every_item_exactly_once() -> None:
     got: list[int] = []
 
     async def worker() -> None:
-        while True:
-            try:
-                item = await channel.receive()
-            except anyio.EndOfStream:
-                return
+        async for item in channel:
             got.append(item)
             await asyncio.sleep(0)
 
