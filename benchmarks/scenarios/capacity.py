@@ -79,6 +79,21 @@ VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
 )
 
 
+def client_config(manifest: Path, n: int) -> dict[str, Any]:
+    """What every client of a capacity round is given (batcher and the baselines alike):
+    the manifest's ``n`` rows all at once, no rate limit, 256 connections."""
+    return {
+        "manifest": str(manifest),
+        "model": "instantid",
+        "rate": "100000/s",
+        "time_scale": TIME_SCALE,
+        "max_in_flight": n,
+        "n": n,
+        "concurrency": n,
+        "connector_limit": 256,
+    }
+
+
 def _one(
     ctx: Context, mode: str, cfg: dict[str, Any], *, prefix: tuple[str, ...] = ()
 ) -> dict[str, Any]:
@@ -148,16 +163,7 @@ def run(ctx: Context) -> Outcome:
     rounds = 1 if ctx.quick else 5
     work = ctx.folder("capacity")
     manifest = write_manifest(work / "manifest.csv", n)
-    base = {
-        "manifest": str(manifest),
-        "model": "instantid",
-        "rate": "100000/s",
-        "time_scale": TIME_SCALE,
-        "max_in_flight": n,
-        "n": n,
-        "concurrency": n,
-        "connector_limit": 256,
-    }
+    base = client_config(manifest, n)
     outcome = Outcome(
         name="capacity",
         title="Client capacity (zero-latency emulator, no rate limit)",

@@ -1,0 +1,176 @@
+"""Paired A/B of batcher's client capacity between two source trees (a change against its
+parent), and a deterministic measure of the same: Python function calls per job::
+
+    .venv/bin/python -m benchmarks.ab --base /tmp/base --new . --rounds 7 --jobs 5000
+    .venv/bin/python -m benchmarks.ab --calls --new . --jobs 3000
+
+A round runs both trees once each, back to back and in alternating order, each on a
+fresh zero-latency emulator (the capacity scenario's), and the change is judged on the
+median of the rounds' ratios: a single pair swings by 0.2 with the machine's state.
+``--bare`` adds the bare aiohttp loop to every round, which gives each tree's x-bare
+figure as the capacity scenario reports it.
+
+``--calls`` runs one tree under cProfile (in-process: the emulator in its own process as
+usual) and prints the calls a job and the functions with the most own time. Calls a job
+do not drift with the machine, so a small cut shows there when jobs/s cannot see it.
+
+Each tree runs its own ``benchmarks.clients``; both must have it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pstats
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import PYTHON, child_env, emulator, run_measured, write_manifest
+from benchmarks.scenarios.capacity import SIM_ARGS, client_config
+
+
+def _config(manifest: Path, n: int, out: Path, base_url: str) -> dict[str, Any]:
+    return {
+        **client_config(manifest, n),
+        "out": str(out),
+        "base_url": base_url,
+        "results_figures": False,
+    }
+
+
+def _run(tree: Path, mode: str, cfg: dict[str, Any], prefix: list[str]) -> dict[str, Any]:
+    env = child_env()
+    env["PYTHONPATH"] = str(tree)
+    child = run_measured(
+        [*prefix, "-m", "benchmarks.clients", mode, json.dumps(cfg)],
+        timeout_s=900,
+        env=env,
+        cwd=tree,
+    )
+    if child.returncode != 0:
+        raise SystemExit(f"{mode} in {tree} failed ({child.returncode}):\n{child.stderr[-4000:]}")
+    report: dict[str, Any] = child.last_json()
+    report["process_cpu_s"] = child.user_s + child.sys_s
+    return report
+
+
+def _one(
+    tree: Path,
+    mode: str,
+    manifest: Path,
+    n: int,
+    work: Path,
+    prefix: list[str],
+    extra: dict[str, Any] | None = None,
+) -> float:
+    """jobs/s of one client run on its own fresh emulator; its CPU a job goes to stderr."""
+    with emulator(*SIM_ARGS) as emu:
+        cpu0 = emu.cpu_s() or 0.0
+        out = Path(tempfile.mkdtemp(dir=work))
+        cfg = {**_config(manifest, n, out, emu.base_url), **(extra or {})}
+        report = _run(tree, mode, cfg, prefix)
+        emu_cpu = (emu.cpu_s() or 0.0) - cpu0
+    done = report.get("completed", report.get("completed_this_run")) or 0
+    jps = float(done) / float(report["elapsed_s"])
+    print(
+        f"  {mode:7s} {tree}: {jps:6.1f} jobs/s, client {1e3 * report['process_cpu_s'] / n:.2f}"
+        f" + emulator {1e3 * emu_cpu / n:.2f} ms CPU a job",
+        file=sys.stderr,
+        flush=True,
+    )
+    return jps
+
+
+def ab(
+    base: Path,
+    new: Path,
+    rounds: int,
+    n: int,
+    bare: bool,
+    work: Path,
+    extra: dict[str, Any],
+) -> None:
+    manifest = write_manifest(work / "manifest.csv", n)
+    ratios: list[float] = []
+    x_bare: dict[str, list[float]] = {"base": [], "new": []}
+    for r in range(rounds):
+        print(f"round {r + 1}/{rounds}", file=sys.stderr, flush=True)
+        order = [("base", base), ("new", new)] if r % 2 == 0 else [("new", new), ("base", base)]
+        got: dict[str, float] = {}
+        for name, tree in order:
+            config = extra if name == "new" else None
+            got[name] = _one(tree, "batcher", manifest, n, work, [PYTHON], config)
+        ratios.append(got["new"] / got["base"])
+        if bare:
+            ceiling = _one(new, "bare", manifest, n, work, [PYTHON])
+            for name in got:
+                x_bare[name].append(got[name] / ceiling)
+        print(f"  new / base {ratios[-1]:.3f}", file=sys.stderr, flush=True)
+    summary = {
+        "rounds": rounds,
+        "jobs": n,
+        "new_over_base_median": statistics.median(ratios),
+        "new_over_base": [round(x, 3) for x in ratios],
+    }
+    for name, values in x_bare.items():
+        if values:
+            summary[f"{name}_x_bare_median"] = statistics.median(values)
+            summary[f"{name}_x_bare"] = [round(x, 3) for x in values]
+    print(json.dumps(summary))
+
+
+def calls(tree: Path, mode: str, n: int, top: int, work: Path) -> None:
+    manifest = write_manifest(work / "manifest.csv", n)
+    stats_file = work / "profile.pstats"
+    _one(tree, mode, manifest, n, work, [PYTHON, "-m", "cProfile", "-o", str(stats_file)])
+    stats = pstats.Stats(str(stats_file))
+    total = sum(cc for (cc, _nc, _tt, _ct, _callers) in stats.stats.values())  # type: ignore[attr-defined]
+    print(json.dumps({"mode": mode, "jobs": n, "calls_per_job": round(total / n, 1)}))
+    if top:
+        stats.sort_stats("tottime").print_stats(top)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--new", type=Path, default=Path.cwd(), help="tree with the change")
+    parser.add_argument("--base", type=Path, help="tree to compare against")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--jobs", type=int, default=5000)
+    parser.add_argument("--bare", action="store_true", help="the bare loop in every round too")
+    parser.add_argument(
+        "--new-config",
+        type=json.loads,
+        default={},
+        help="JSON: client settings for --new only (e.g. a worker count; --base may be --new)",
+    )
+    parser.add_argument("--calls", action="store_true", help="cProfile calls a job of --new")
+    parser.add_argument("--top", type=int, default=0, help="with --calls: functions to list")
+    parser.add_argument(
+        "--mode", choices=("batcher", "bare"), default="batcher", help="with --calls: the client"
+    )
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BATCHER_AB_TMP")) as tmp:
+        work = Path(tmp)
+        if args.calls:
+            calls(args.new.resolve(), args.mode, args.jobs, args.top, work)
+        elif args.base is None:
+            parser.error("--base is required for an A/B (or --calls)")
+        else:
+            ab(
+                args.base.resolve(),
+                args.new.resolve(),
+                args.rounds,
+                args.jobs,
+                args.bare,
+                work,
+                args.new_config,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
