@@ -66,8 +66,9 @@ def _one(
     work: Path,
     prefix: list[str],
     extra: dict[str, Any] | None = None,
-) -> float:
-    """jobs/s of one client run on its own fresh emulator; its CPU a job goes to stderr."""
+) -> tuple[float, float]:
+    """jobs/s of one client run on its own fresh emulator, and the CPU a job of client and
+    emulator together (ms); both go to stderr too."""
     with emulator(*SIM_ARGS) as emu:
         cpu0 = emu.cpu_s() or 0.0
         out = Path(tempfile.mkdtemp(dir=work))
@@ -82,7 +83,7 @@ def _one(
         file=sys.stderr,
         flush=True,
     )
-    return jps
+    return jps, 1e3 * (report["process_cpu_s"] + emu_cpu) / n
 
 
 def ab(
@@ -96,25 +97,34 @@ def ab(
 ) -> None:
     manifest = write_manifest(work / "manifest.csv", n)
     ratios: list[float] = []
+    cpu_ratios: list[float] = []
     x_bare: dict[str, list[float]] = {"base": [], "new": []}
     for r in range(rounds):
         print(f"round {r + 1}/{rounds}", file=sys.stderr, flush=True)
         order = [("base", base), ("new", new)] if r % 2 == 0 else [("new", new), ("base", base)]
-        got: dict[str, float] = {}
+        got: dict[str, tuple[float, float]] = {}
         for name, tree in order:
             config = extra if name == "new" else None
             got[name] = _one(tree, "batcher", manifest, n, work, [PYTHON], config)
-        ratios.append(got["new"] / got["base"])
+        ratios.append(got["new"][0] / got["base"][0])
+        cpu_ratios.append(got["new"][1] / got["base"][1])
         if bare:
-            ceiling = _one(new, "bare", manifest, n, work, [PYTHON])
-            for name in got:
-                x_bare[name].append(got[name] / ceiling)
-        print(f"  new / base {ratios[-1]:.3f}", file=sys.stderr, flush=True)
+            ceiling, _ = _one(new, "bare", manifest, n, work, [PYTHON])
+            for name, (jps, _cpu) in got.items():
+                x_bare[name].append(jps / ceiling)
+        print(
+            f"  new / base {ratios[-1]:.3f} jobs/s, {cpu_ratios[-1]:.3f} CPU a job",
+            file=sys.stderr,
+            flush=True,
+        )
     summary = {
         "rounds": rounds,
         "jobs": n,
         "new_over_base_median": statistics.median(ratios),
         "new_over_base": [round(x, 3) for x in ratios],
+        # client + emulator CPU a job: steadier than jobs/s, as the machine's state moves
+        "cpu_new_over_base_median": statistics.median(cpu_ratios),
+        "cpu_new_over_base": [round(x, 3) for x in cpu_ratios],
     }
     for name, values in x_bare.items():
         if values:

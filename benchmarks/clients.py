@@ -233,8 +233,17 @@ def _apply_ablations(names: list[str]) -> None:
             batcher.sink.write_all = write_all  # type: ignore[attr-defined]
         elif name == "verify_only":  # Pillow's full decode on the worker thread, no file
             batcher.image_writer.write_images = _records_without_files(verify=True)  # type: ignore[attr-defined]
-        elif name == "no_image_save":  # no Pillow verify, no file: the download only
+        elif name == "no_image_save":  # no check, no file: the download only
             batcher.image_writer.write_images = _records_without_files(verify=False)  # type: ignore[attr-defined]
+        elif name == "no_image_check":  # files written as shipped, the bytes not checked
+            batcher.sink._identify = lambda data: (64, 64, "PNG")  # type: ignore[attr-defined]
+        elif name == "no_image_files":  # bytes checked as shipped, no file made
+
+            def no_files(files: Any) -> list[None]:
+                return [None] * len(files)
+
+            batcher.sink.write_all = no_files  # type: ignore[attr-defined]
+            batcher.sink._fsync_dir = lambda folder: None  # type: ignore[attr-defined]
         elif name == "no_checkpoint_updates":  # row transitions are not written
 
             async def update(self: Checkpoint, job_id: str, **fields: Any) -> None:

@@ -71,6 +71,8 @@ VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("batcher, submit_concurrency=8 (API option; default 32)", {"submit_concurrency": 8}),
     ("what-if: image files written without fsync", {"ablations": ["no_fsync"]}),
     ("what-if: image verified (Pillow decode), no file", {"ablations": ["verify_only"]}),
+    ("what-if: image checked as shipped, no file made", {"ablations": ["no_image_files"]}),
+    ("what-if: image file made as shipped, bytes not checked", {"ablations": ["no_image_check"]}),
     ("what-if: no image verify/write (download only)", {"ablations": ["no_image_save"]}),
     (
         "what-if: no image save, no checkpoint row updates",
