@@ -29,33 +29,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import PYTHON, child_env, emulator, run_measured, write_manifest
-from benchmarks.scenarios.capacity import SIM_ARGS, client_config
-
-
-def _config(manifest: Path, n: int, out: Path, base_url: str) -> dict[str, Any]:
-    return {
-        **client_config(manifest, n),
-        "out": str(out),
-        "base_url": base_url,
-        "results_figures": False,
-    }
-
-
-def _run(tree: Path, mode: str, cfg: dict[str, Any], prefix: list[str]) -> dict[str, Any]:
-    env = child_env()
-    env["PYTHONPATH"] = str(tree)
-    child = run_measured(
-        [*prefix, "-m", "benchmarks.clients", mode, json.dumps(cfg)],
-        timeout_s=900,
-        env=env,
-        cwd=tree,
-    )
-    if child.returncode != 0:
-        raise SystemExit(f"{mode} in {tree} failed ({child.returncode}):\n{child.stderr[-4000:]}")
-    report: dict[str, Any] = child.last_json()
-    report["process_cpu_s"] = child.user_s + child.sys_s
-    return report
+from benchmarks.common import PYTHON, write_manifest
+from benchmarks.scenarios.capacity import client_config, jobs_per_s, measure
 
 
 def _one(
@@ -64,26 +39,24 @@ def _one(
     manifest: Path,
     n: int,
     work: Path,
-    prefix: list[str],
+    python: tuple[str, ...] = (PYTHON,),
     extra: dict[str, Any] | None = None,
 ) -> tuple[float, float]:
     """jobs/s of one client run on its own fresh emulator, and the CPU a job of client and
     emulator together (ms); both go to stderr too."""
-    with emulator(*SIM_ARGS) as emu:
-        cpu0 = emu.cpu_s() or 0.0
-        out = Path(tempfile.mkdtemp(dir=work))
-        cfg = {**_config(manifest, n, out, emu.base_url), **(extra or {})}
-        report = _run(tree, mode, cfg, prefix)
-        emu_cpu = (emu.cpu_s() or 0.0) - cpu0
-    done = report.get("completed", report.get("completed_this_run")) or 0
-    jps = float(done) / float(report["elapsed_s"])
+    out = Path(tempfile.mkdtemp(dir=work))
+    cfg = {**client_config(manifest, n), "out": str(out), "results_figures": False}
+    report = measure(mode, {**cfg, **(extra or {})}, python=python, root=tree)
+    jps = jobs_per_s(report) or 0.0
+    client_ms = 1e3 * report["process"]["cpu_s"] / n
+    emulator_ms = 1e3 * (report["emulator_cpu_s"] or 0.0) / n
     print(
-        f"  {mode:7s} {tree}: {jps:6.1f} jobs/s, client {1e3 * report['process_cpu_s'] / n:.2f}"
-        f" + emulator {1e3 * emu_cpu / n:.2f} ms CPU a job",
+        f"  {mode:7s} {tree}: {jps:6.1f} jobs/s, client {client_ms:.2f}"
+        f" + emulator {emulator_ms:.2f} ms CPU a job",
         file=sys.stderr,
         flush=True,
     )
-    return jps, 1e3 * (report["process_cpu_s"] + emu_cpu) / n
+    return jps, client_ms + emulator_ms
 
 
 def ab(
@@ -105,11 +78,11 @@ def ab(
         got: dict[str, tuple[float, float]] = {}
         for name, tree in order:
             config = extra if name == "new" else None
-            got[name] = _one(tree, "batcher", manifest, n, work, [PYTHON], config)
+            got[name] = _one(tree, "batcher", manifest, n, work, extra=config)
         ratios.append(got["new"][0] / got["base"][0])
         cpu_ratios.append(got["new"][1] / got["base"][1])
         if bare:
-            ceiling, _ = _one(new, "bare", manifest, n, work, [PYTHON])
+            ceiling, _ = _one(new, "bare", manifest, n, work)
             for name, (jps, _cpu) in got.items():
                 x_bare[name].append(jps / ceiling)
         print(
@@ -136,7 +109,7 @@ def ab(
 def calls(tree: Path, mode: str, n: int, top: int, work: Path) -> None:
     manifest = write_manifest(work / "manifest.csv", n)
     stats_file = work / "profile.pstats"
-    _one(tree, mode, manifest, n, work, [PYTHON, "-m", "cProfile", "-o", str(stats_file)])
+    _one(tree, mode, manifest, n, work, (PYTHON, "-m", "cProfile", "-o", str(stats_file)))
     stats = pstats.Stats(str(stats_file))
     total = sum(cc for (cc, _nc, _tt, _ct, _callers) in stats.stats.values())  # type: ignore[attr-defined]
     print(json.dumps({"mode": mode, "jobs": n, "calls_per_job": round(total / n, 1)}))

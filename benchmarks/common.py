@@ -35,11 +35,12 @@ FACE_URL = "https://example.com/face.jpg"
 _LISTENING = re.compile(r"listening on (http://127\.0\.0\.1:\d+)")
 
 
-def child_env() -> dict[str, str]:
-    """The environment of every child: this one, with the benchmark key and no real key."""
+def child_env(root: Path = ROOT) -> dict[str, str]:
+    """The environment of every child: this one, with the benchmark key and no real key,
+    importing batcher from ``root`` (this tree, or another one an A/B compares)."""
     env = {k: v for k, v in os.environ.items() if k != "SEGMIND_API_KEY"}
     env["SEGMIND_API_KEY"] = KEY
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
 
@@ -198,12 +199,17 @@ def run_client(
     timeout_s: float,
     watch: Callable[[float], bool] | None = None,
     prefix: Sequence[str] = (),
+    python: Sequence[str] = (PYTHON,),
+    root: Path = ROOT,
 ) -> dict[str, Any]:
-    """Run ``python -m benchmarks.clients MODE CONFIG`` (after ``prefix``, e.g. a profiler)
-    and return its report, with the child's own peak RSS and CPU added."""
+    """Run ``python -m benchmarks.clients MODE CONFIG`` (after ``prefix``, e.g. a profiler;
+    ``python`` may carry options, e.g. ``-m cProfile``) from the tree at ``root``, and
+    return its report, with the child's own peak RSS and CPU added."""
     child = run_measured(
-        [*prefix, PYTHON, "-m", "benchmarks.clients", mode, json.dumps(config)],
+        [*prefix, *python, "-m", "benchmarks.clients", mode, json.dumps(config)],
         timeout_s=timeout_s,
+        env=child_env(root),
+        cwd=root,
         watch=watch,
         dump_signal=signal.SIGUSR1 if mode == "batcher" and not prefix else None,
     )

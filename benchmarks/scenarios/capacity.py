@@ -19,7 +19,9 @@ from typing import Any
 
 from benchmarks.common import (
     EXT4_RECENT_S,
+    PYTHON,
     QUIET_NEW_FILE_US,
+    ROOT,
     Context,
     Outcome,
     Table,
@@ -96,9 +98,16 @@ def client_config(manifest: Path, n: int) -> dict[str, Any]:
     }
 
 
-def _one(
-    ctx: Context, mode: str, cfg: dict[str, Any], *, prefix: tuple[str, ...] = ()
+def measure(
+    mode: str,
+    cfg: dict[str, Any],
+    *,
+    prefix: tuple[str, ...] = (),
+    python: tuple[str, ...] = (PYTHON,),
+    root: Path = ROOT,
 ) -> dict[str, Any]:
+    """One client run (see :func:`benchmarks.common.run_client`) on a fresh emulator of
+    its own: its report, with the emulator's CPU and the machine's busy share added."""
     with emulator(*SIM_ARGS) as emu:
         cpu0 = emu.cpu_s()
         ticks0 = machine_ticks()
@@ -107,6 +116,8 @@ def _one(
             {**cfg, "base_url": emu.base_url},
             timeout_s=cfg.get("timeout_s", 900),
             prefix=prefix,
+            python=python,
+            root=root,
         )
         ticks1 = machine_ticks()
         cpu1 = emu.cpu_s()
@@ -119,23 +130,23 @@ def _one(
     return report
 
 
-def _batcher(ctx: Context, work: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+def _batcher(work: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     """A batcher run, with what a new file cost on its disk just before (it makes one per
     image; see :func:`benchmarks.common.new_file_us`)."""
     probe = new_file_us(work)
-    report = _one(ctx, "batcher", cfg)
+    report = measure("batcher", cfg)
     report["new_file_us"] = probe
     return report
 
 
-def _jobs_per_s(report: dict[str, Any]) -> float | None:
+def jobs_per_s(report: dict[str, Any]) -> float | None:
     done = report.get("completed", report.get("completed_this_run"))
     elapsed = report.get("elapsed_s")
     return done / elapsed if done and elapsed else None
 
 
 def _row(label: str, report: dict[str, Any], n: int, ceiling: float | None) -> list[Any]:
-    jps = _jobs_per_s(report)
+    jps = jobs_per_s(report)
     window = report.get("results", {}).get("window_s")
     pipeline = n / window if window else None
     emu_cpu = report.get("emulator_cpu_s")
@@ -187,15 +198,15 @@ def run(ctx: Context) -> Outcome:
         for mode in ("bare", "batcher") if r % 2 == 0 else ("batcher", "bare"):
             ctx.log(f"capacity round {r + 1}/{rounds}: {mode}, {n} jobs")
             if mode == "bare":
-                bare.append(_one(ctx, "bare", base))
+                bare.append(measure("bare", base))
             else:
-                mine.append(_batcher(ctx, work, {**base, "out": str(work / f"batcher-{r}")}))
+                mine.append(_batcher(work, {**base, "out": str(work / f"batcher-{r}")}))
     ctx.log(f"capacity: official SDK, 64 threads, {n} jobs")
-    sdk = _one(ctx, "sdk", {**base, "threads": 64})
+    sdk = measure("sdk", {**base, "threads": 64})
 
-    bare_jps = statistics.median(_jobs_per_s(b) or 0.0 for b in bare)
-    mine_jps = statistics.median(_jobs_per_s(b) or 0.0 for b in mine)
-    per_round = [ratio(_jobs_per_s(m), _jobs_per_s(b)) for m, b in zip(mine, bare, strict=True)]
+    bare_jps = statistics.median(jobs_per_s(b) or 0.0 for b in bare)
+    mine_jps = statistics.median(jobs_per_s(b) or 0.0 for b in mine)
+    per_round = [ratio(jobs_per_s(m), jobs_per_s(b)) for m, b in zip(mine, bare, strict=True)]
     paired = statistics.median(x for x in per_round if x is not None)
     table = Table(
         title=f"{n} jobs; jobs/s end to end (batcher: arun from start to return, intake and "
@@ -209,7 +220,7 @@ def run(ctx: Context) -> Outcome:
         ],
     )
     for r in range(rounds):
-        ceiling = _jobs_per_s(bare[r])
+        ceiling = jobs_per_s(bare[r])
         table.rows.append(_row(f"bare aiohttp loop (ceiling), round {r + 1}", bare[r], n, ceiling))
         table.rows.append(_row(f"batcher, round {r + 1}", mine[r], n, ceiling))
     table.rows.append(_row("official SDK run(), 64 threads", sdk, n, bare_jps))
@@ -247,8 +258,8 @@ def run(ctx: Context) -> Outcome:
         Target(
             what="batcher vs official SDK (64 threads)",
             target="(information)",
-            measured=f"{mine_jps:.0f} vs {_jobs_per_s(sdk) or 0:.0f} jobs/s = "
-            f"{ratio(mine_jps, _jobs_per_s(sdk)) or 0:.2f} x",
+            measured=f"{mine_jps:.0f} vs {jobs_per_s(sdk) or 0:.0f} jobs/s = "
+            f"{ratio(mine_jps, jobs_per_s(sdk)) or 0:.2f} x",
             ok=None,
         )
     )
@@ -263,7 +274,7 @@ def run(ctx: Context) -> Outcome:
     outcome.details["variants"] = {}
     for label, extra in VARIANTS:
         ctx.log(f"capacity: {label}")
-        report = _batcher(ctx, work, {**base, **extra, "out": str(work / f"v{time.time_ns()}")})
+        report = _batcher(work, {**base, **extra, "out": str(work / f"v{time.time_ns()}")})
         variants.rows.append(_row(label, report, n, bare_jps))
         outcome.details["variants"][label] = _slim(report)
     outcome.tables.append(variants)
@@ -272,12 +283,12 @@ def run(ctx: Context) -> Outcome:
         ctx.log("capacity: batcher under py-spy")
         raw = work / "py-spy-batcher.txt"
         spy = pyspy_record(ctx.pyspy, raw)
-        profiled = _one(ctx, "batcher", {**base, "out": str(work / "profiled")}, prefix=spy)
+        profiled = measure("batcher", {**base, "out": str(work / "profiled")}, prefix=spy)
         outcome.details["profile"] = summarize(raw, top=20)
-        outcome.details["profile"]["jobs_per_s_while_profiled"] = _jobs_per_s(profiled)
+        outcome.details["profile"]["jobs_per_s_while_profiled"] = jobs_per_s(profiled)
         raw_bare = work / "py-spy-bare.txt"
         spy_bare = pyspy_record(ctx.pyspy, raw_bare)
-        _one(ctx, "bare", base, prefix=spy_bare)
+        measure("bare", base, prefix=spy_bare)
         outcome.details["profile_bare"] = summarize(raw_bare, top=12)
 
     outcome.details.update(
@@ -329,7 +340,7 @@ def _bound_note(bare: dict[str, Any], mine: dict[str, Any], n: int) -> str:
     if not per_job[1]:
         return ""
     busy = [r.get("machine_busy") for r in (bare, mine)]
-    measured = ratio(_jobs_per_s(mine), _jobs_per_s(bare))
+    measured = ratio(jobs_per_s(mine), jobs_per_s(bare))
     shown = "" if measured is None else f"; measured {measured:.2f} x"
     if None not in busy:
         # The whole machine over the client's whole life (start-up and exit included).
@@ -345,7 +356,7 @@ def _bound_note(bare: dict[str, Any], mine: dict[str, Any], n: int) -> str:
 
 
 def _median(reports: list[dict[str, Any]]) -> dict[str, Any]:
-    ordered = sorted(reports, key=lambda r: _jobs_per_s(r) or 0.0)
+    ordered = sorted(reports, key=lambda r: jobs_per_s(r) or 0.0)
     return ordered[len(ordered) // 2]
 
 
