@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import PYTHON, write_manifest
+from benchmarks.common import PYTHON, new_file_us, wait_for_quiet_disk, write_manifest
 from benchmarks.scenarios.capacity import client_config, jobs_per_s, measure
 
 
@@ -69,11 +69,17 @@ def ab(
     extra: dict[str, Any],
 ) -> None:
     manifest = write_manifest(work / "manifest.csv", n)
+    # A previous A/B's cleanup (tens of thousands of image files) makes every new file
+    # many times dearer for minutes (ext4's recently_deleted): batcher pays that per image,
+    # a what-if without image files not at all. Its rounds would measure the cleanup.
+    waited = wait_for_quiet_disk(work, lambda line: print(line, file=sys.stderr, flush=True))
+    print(f"disk probes before the rounds: {[round(p) for p in waited]} us", file=sys.stderr)
     ratios: list[float] = []
     cpu_ratios: list[float] = []
     x_bare: dict[str, list[float]] = {"base": [], "new": []}
     for r in range(rounds):
-        print(f"round {r + 1}/{rounds}", file=sys.stderr, flush=True)
+        probe = new_file_us(work)
+        print(f"round {r + 1}/{rounds} (a new file: {probe:.0f} us)", file=sys.stderr, flush=True)
         order = [("base", base), ("new", new)] if r % 2 == 0 else [("new", new), ("base", base)]
         got: dict[str, tuple[float, float]] = {}
         for name, tree in order:
