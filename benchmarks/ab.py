@@ -29,8 +29,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import PYTHON, new_file_us, wait_for_quiet_disk, write_manifest
-from benchmarks.scenarios.capacity import client_config, jobs_per_s, measure
+from benchmarks.common import PYTHON, wait_for_quiet_disk, write_manifest
+from benchmarks.scenarios.capacity import client_config, jobs_per_s, measure, measure_batcher
 
 
 def _one(
@@ -46,13 +46,18 @@ def _one(
     emulator together (ms); both go to stderr too."""
     out = Path(tempfile.mkdtemp(dir=work))
     cfg = {**client_config(manifest, n), "out": str(out), "results_figures": False}
-    report = measure(mode, {**cfg, **(extra or {})}, python=python, root=tree)
+    cfg = {**cfg, **(extra or {})}
+    if mode == "batcher":
+        report = measure_batcher(work, cfg, python=python, root=tree)
+        disk = f", a new file {report['new_file_us']:.0f} us before"
+    else:
+        report, disk = measure(mode, cfg, python=python, root=tree), ""
     jps = jobs_per_s(report) or 0.0
     client_ms = 1e3 * report["process"]["cpu_s"] / n
     emulator_ms = 1e3 * (report["emulator_cpu_s"] or 0.0) / n
     print(
         f"  {mode:7s} {tree}: {jps:6.1f} jobs/s, client {client_ms:.2f}"
-        f" + emulator {emulator_ms:.2f} ms CPU a job",
+        f" + emulator {emulator_ms:.2f} ms CPU a job{disk}",
         file=sys.stderr,
         flush=True,
     )
@@ -78,8 +83,7 @@ def ab(
     cpu_ratios: list[float] = []
     x_bare: dict[str, list[float]] = {"base": [], "new": []}
     for r in range(rounds):
-        probe = new_file_us(work)
-        print(f"round {r + 1}/{rounds} (a new file: {probe:.0f} us)", file=sys.stderr, flush=True)
+        print(f"round {r + 1}/{rounds}", file=sys.stderr, flush=True)
         order = [("base", base), ("new", new)] if r % 2 == 0 else [("new", new), ("base", base)]
         got: dict[str, tuple[float, float]] = {}
         for name, tree in order:

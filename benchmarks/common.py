@@ -375,8 +375,12 @@ def wait_for_quiet_disk(
     Each probe follows a ``sync``: ext4 passes over a freed inode for as long as its
     inode table block is not written back, and here that lasted past 360 s of probes
     (369 us) until a sync (39 us at the next probe)."""
-    os.sync()
-    probes = [new_file_us(parent)]
+
+    def probe() -> float:
+        os.sync()
+        return new_file_us(parent)
+
+    probes = [probe()]
     deadline = time.monotonic() + limit_s
     while probes[-1] > QUIET_NEW_FILE_US and time.monotonic() < deadline:
         log(
@@ -384,8 +388,7 @@ def wait_for_quiet_disk(
             f"{QUIET_NEW_FILE_US:.0f} us or less when quiet): waiting 30 s"
         )
         time.sleep(30.0)
-        os.sync()
-        probes.append(new_file_us(parent))
+        probes.append(probe())
     return probes
 
 

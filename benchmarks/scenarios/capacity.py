@@ -130,11 +130,11 @@ def measure(
     return report
 
 
-def _batcher(work: Path, cfg: dict[str, Any]) -> dict[str, Any]:
-    """A batcher run, with what a new file cost on its disk just before (it makes one per
-    image; see :func:`benchmarks.common.new_file_us`)."""
+def measure_batcher(work: Path, cfg: dict[str, Any], **how: Any) -> dict[str, Any]:
+    """A batcher run (``how``: as :func:`measure` takes it), with what a new file cost on
+    its disk just before (it makes one per image; see :func:`benchmarks.common.new_file_us`)."""
     probe = new_file_us(work)
-    report = measure("batcher", cfg)
+    report = measure("batcher", cfg, **how)
     report["new_file_us"] = probe
     return report
 
@@ -200,7 +200,7 @@ def run(ctx: Context) -> Outcome:
             if mode == "bare":
                 bare.append(measure("bare", base))
             else:
-                mine.append(_batcher(work, {**base, "out": str(work / f"batcher-{r}")}))
+                mine.append(measure_batcher(work, {**base, "out": str(work / f"batcher-{r}")}))
     ctx.log(f"capacity: official SDK, 64 threads, {n} jobs")
     sdk = measure("sdk", {**base, "threads": 64})
 
@@ -274,7 +274,7 @@ def run(ctx: Context) -> Outcome:
     outcome.details["variants"] = {}
     for label, extra in VARIANTS:
         ctx.log(f"capacity: {label}")
-        report = _batcher(work, {**base, **extra, "out": str(work / f"v{time.time_ns()}")})
+        report = measure_batcher(work, {**base, **extra, "out": str(work / f"v{time.time_ns()}")})
         variants.rows.append(_row(label, report, n, bare_jps))
         outcome.details["variants"][label] = _slim(report)
     outcome.tables.append(variants)
